@@ -1,0 +1,38 @@
+# One-command set-up and runs. Everything lives in ./.venv; nothing is installed system-wide.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# MNIST root: $STN_DATA_DIR if set, else the shared copy beside the checkout, else ./data (downloaded).
+STN_DATA_DIR ?= $(abspath $(if $(wildcard ../shared/data/MNIST/raw/train-images-idx3-ubyte),../shared/data,data))
+export STN_DATA_DIR
+# The main job: a small ST-CNN on rotated MNIST with the CPU-sized schedule.
+RUN_ARGS ?= dataset=R model=st_cnn transformer=affine trainer=quick download=true
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint bench table clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/stn train $(RUN_ARGS)
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+bench: setup
+	$(BIN)/stn bench --quick
+
+table: setup
+	$(BIN)/stn reproduce-table --preset quick
+
+clean:
+	rm -rf $(VENV) runs wandb outputs .pytest_cache
