@@ -8,6 +8,9 @@ export STN_DATA_DIR
 # The main job: a small ST-CNN on rotated MNIST with the CPU-sized schedule.
 RUN_ARGS ?= dataset=R model=st_cnn transformer=affine trainer=quick download=true
 PYTEST_ARGS ?=
+# torch is installed first, on its own line, so its build can be chosen (pyproject only asks torch>=2.1).
+# 2.14.1 is the build tested here; e.g. `make setup TORCH_SPEC="torch torchvision"` takes the newest instead.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup run test lint bench table clean
 
@@ -15,7 +18,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
