@@ -8,7 +8,7 @@ Each command imports its module lazily so `stn --help` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -61,11 +61,15 @@ def train(
 
         typer.echo(to_yaml(config))
         return
-    from stn.train import TrainingError, fit
+    from stn.data import MNISTDataError
+    from stn.train import TrainingError, TrainingInterrupted, fit
 
     try:
         summary = fit(config)
-    except (TrainingError, ConfigError) as err:
+    except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
+        typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(stopped.exit_code) from None
+    except (TrainingError, ConfigError, MNISTDataError) as err:
         fail(str(err))
         return
     typer.echo(f"test error {summary['test_error']:.2f}% | run folder {summary['run_dir']}")
@@ -88,3 +92,173 @@ def data_preview(
         fail(str(err))
         return
     typer.echo(f"wrote {path}")
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+@app.command("reproduce-table")
+def reproduce_table(
+    overrides: Annotated[list[str] | None, typer.Argument(help=f"{OVERRIDES_HELP} (every cell)")] = None,
+    grid: Annotated[Path, typer.Option(help="The table as data: rows, columns, the paper's numbers.")] = Path(
+        "experiments/table1/grid.yaml"
+    ),
+    rows: Annotated[str | None, typer.Option(help='Row labels, e.g. "CNN,ST-CNN Aff" (default: all).')] = None,
+    columns: Annotated[str | None, typer.Option(help="Column labels, e.g. R,RTS (default: all).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean ± std per cell.")] = "0",
+    preset: Annotated[str, typer.Option(help="Trainer preset: smoke | quick | paper.")] = "quick",
+    executor: Annotated[str, typer.Option(help="local (processes here) | slurm | debug (in-process).")] = "local",
+    parallel: Annotated[int | None, typer.Option(help="Runs at once (local: 1; slurm: all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Table folder (runs/tables/<grid>-<preset>).")] = None,
+    slurm_partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    slurm_gpus: Annotated[int, typer.Option(help="GPUs per Slurm job.")] = 1,
+    slurm_cpus: Annotated[int | None, typer.Option(help="CPUs per Slurm job.")] = None,
+    slurm_time: Annotated[int, typer.Option(help="Minutes per job (Slurm limit; local timeout).")] = 24 * 60,
+) -> None:
+    """Run the paper's Table 1 grid (or another grid file) and report ours beside the paper.
+
+    Rerunning the same command resumes: finished cells are read back, half-finished ones continue from
+    their checkpoint. Writes table.md, results.csv/json and ours_vs_paper.png in the table folder.
+    """
+    from rich.console import Console
+
+    from stn.tables import SlurmOptions, TableError, load_grid, reproduce, rich_table
+
+    try:
+        seed_list = [int(s) for s in _csv(seeds) or []]
+    except ValueError:
+        fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. --seeds 0,1,2")
+        return
+    if parallel is not None and parallel < 1:
+        fail(f"--parallel {parallel} must be at least 1")
+    console = Console()
+    try:
+        report = reproduce(
+            grid,
+            rows=_csv(rows),
+            columns=_csv(columns),
+            seeds=seed_list,
+            preset=preset,
+            overrides=overrides or [],
+            executor=executor,
+            parallel=parallel,
+            out=out,
+            slurm=SlurmOptions(partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus, time_min=slurm_time),
+            log=lambda line: console.print(line, markup=False, highlight=False),
+        )
+    except TableError as err:
+        fail(str(err))
+        return
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    console.print(rich_table(load_grid(grid), report.cells))
+    stopped = f", {report.stopped} stopped early (rerun to continue)" if report.stopped else ""
+    console.print(
+        f"{report.ran} runs ran ({report.fresh} fresh, {report.resumed} resumed, {report.failed} failed"
+        f"{stopped}), {report.cached} already done. Table folder {report.table_dir} (table.md, "
+        f"results.csv, ours_vs_paper.png); W&B group {report.group}",
+        markup=False,
+        highlight=False,
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("models")
+def models(
+    overrides: Annotated[list[str] | None, typer.Argument(help=f"{OVERRIDES_HELP} (applied to every row)")] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", "-d", help="Dataset columns (repeatable); default: R RTS P E TC.")
+    ] = None,
+) -> None:
+    """Print every Table 1 model's parameter count and derived width per dataset."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stn.models import TABLE1_MODELS, parameter_table
+
+    datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
+    try:
+        rows = parameter_table(datasets, overrides or [])
+    except ConfigError as err:
+        fail(str(err))
+        return
+    table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "
+                        "ratio: count / its baseline's)")
+    table.add_column("model")
+    for name in datasets:
+        table.add_column(name, justify="right")
+    cells = {(row.model, row.dataset): row for row in rows}
+    for label, _ in TABLE1_MODELS:
+        line = [label]
+        for name in datasets:
+            row = cells[(label, name)]
+            unit = "u" if row.width_name == "fc_units" else "f"
+            line.append(f"{row.params:,} ({row.width}{unit}, {row.params / row.baseline_params:.3f})")
+        table.add_row(*line)
+    Console(width=200).print(table)
+
+
+@app.command("visualize")
+def visualize(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. <run folder>/checkpoints/last.pt")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("transformations.png"),
+    count: Annotated[int, typer.Option("--count", "-n", help="How many test digits to draw.")] = 8,
+    data_dir: Annotated[
+        str | None, typer.Option(help="MNIST root (default: $STN_DATA_DIR, else the checkpoint's data_dir).")
+    ] = None,
+) -> None:
+    """Draw test digits with the transformer's sampling grid T(G) and its output (the paper's Table 1, right)."""
+    from stn.data import MNISTDataError
+    from stn.visualize import VisualizeError, visualize_checkpoint
+
+    if count < 1:
+        fail(f"--count {count} must be at least 1")
+    try:
+        path = visualize_checkpoint(checkpoint, out, count=count, data_dir=data_dir)
+    except (VisualizeError, MNISTDataError) as err:
+        fail(str(err))
+        return
+    typer.echo(f"wrote {path}")
+
+
+@bench_app.command("data")
+def bench_data_command(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides (data_dir=... picks MNIST)."),
+    images: int = typer.Option(4096, "--images", "-n", help="Images per measurement (the reference's epoch size)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Batch size of both pipelines."),
+    workers: str = typer.Option("0,2", "--workers", help="DataLoader worker counts for the reference, comma-separated."),
+    datasets: str = typer.Option("plain,R,RTS,P,E,TC", "--datasets", help="Datasets to measure, comma-separated."),
+    threads: int = typer.Option(0, "--threads", help="torch intra-op threads while measuring (0: torch's default)."),
+) -> None:
+    """Distorted images/s: our batched generator vs per-image torchvision transforms in a DataLoader."""
+    import os
+    import time
+
+    config = load_config(overrides)
+    from stn.bench import bench_data, format_data_table
+    from stn.config import group_choices
+    from stn.data import MNISTDataError
+
+    names = tuple(name.strip() for name in datasets.split(",") if name.strip())
+    unknown = [name for name in names if name not in group_choices("dataset")]
+    if unknown or images <= 0 or batch_size <= 0:
+        fail(f"--datasets must name entries of {group_choices('dataset')} (got {unknown}); "
+             "--images and --batch-size must be positive")
+    try:
+        counts = tuple(int(count) for count in workers.split(","))
+    except ValueError:
+        fail(f"--workers={workers!r}: expected comma-separated integers such as 0,2")
+        return
+    start = time.perf_counter()
+    try:
+        rows = bench_data(config.data_dir, images=images, batch_size=batch_size, workers=counts, datasets=names,
+                          threads=threads or None)
+    except MNISTDataError as err:
+        fail(str(err))
+        return
+    typer.echo(format_data_table(rows, counts))
+    typer.echo(f"\n{images} images per measurement, batch {batch_size}; torch threads {threads or 'default'} "
+               f"of {os.cpu_count()} CPUs; wall time {time.perf_counter() - start:.1f} s")

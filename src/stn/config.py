@@ -8,7 +8,10 @@ here, at start-up, with a `ConfigError` naming the key, never after an hour of t
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -83,11 +86,14 @@ class TrainerConfig:
     amp: bool = True  # bf16 autocast, on CUDA only
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the model
-    eval_every: int = 10_000
-    log_every: int = 100
+    eval_every: int = 10_000  # evaluate on the test set every this many steps (and always at the end)
+    log_every: int = 100  # read the running loss back from the device (one sync) this often
     checkpoint_every: int = 5_000
     eval_batch_size: int = 1_000
-    resume: bool = False
+    resume: bool = False  # continue run_dir (or the newest run of this run_name) from its checkpoint
+    # End this invocation after this many steps, with a checkpoint and no summary (time-sliced jobs);
+    # continue later with trainer.resume=true. None = run to trainer.iterations.
+    stop_after: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,7 @@ def validate(cfg: Config) -> Config:
         "trainer.log_every": cfg.trainer.log_every,
         "trainer.eval_every": cfg.trainer.eval_every,
         "trainer.checkpoint_every": cfg.trainer.checkpoint_every,
+        "trainer.eval_batch_size": cfg.trainer.eval_batch_size,
         "dataset.size": cfg.dataset.size,
     }
     for key, value in positive.items():
@@ -187,6 +194,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={value} must be positive")
     if cfg.trainer.lr <= 0:
         raise ConfigError(f"trainer.lr={cfg.trainer.lr} must be positive")
+    if cfg.trainer.stop_after is not None and cfg.trainer.stop_after <= 0:
+        raise ConfigError(f"trainer.stop_after={cfg.trainer.stop_after} must be positive (or null)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.trainer.device):
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.dataset.size < 28:
         raise ConfigError(f"dataset.size={cfg.dataset.size} is smaller than an MNIST digit (28)")
     if not cfg.dataset.scale_min <= cfg.dataset.scale_max:
@@ -239,10 +250,45 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def schema_keys() -> list[str]:
+    """Every settable dotted key of `Config`, e.g. 'trainer.iterations', 'seed'."""
+    keys = []
+    for top in dataclasses.fields(Config):
+        section = top.default_factory if top.default_factory is not dataclasses.MISSING else None
+        if section is not None and dataclasses.is_dataclass(section):
+            keys += [f"{top.name}.{inner.name}" for inner in dataclasses.fields(section)]
+        else:
+            keys.append(top.name)
+    return keys
+
+
+def _explain_key(key: str) -> str:
+    """Why Hydra refused `key=...`: a typo (suggest the nearest keys) or a real key the group's YAML omits."""
+    keys = schema_keys()
+    if key in keys:
+        # Hydra only overrides keys the composed YAML holds; schema-only keys need '++' (add or override).
+        return f"{key} is a valid setting but its YAML group does not list it: write ++{key}=<value>"
+    section, _, leaf = key.rpartition(".")
+    if section in GROUPS:
+        names = [k.split(".", 1)[1] for k in keys if k.startswith(section + ".")]
+    else:
+        section, leaf = "", key
+        names = list(GROUPS) + [k for k in keys if "." not in k]
+    close = difflib.get_close_matches(leaf, names, n=2, cutoff=0.7)
+    where = f" in {section}" if section else ""
+    hint = f"did you mean {' or '.join(f'{section}.{c}' if section else c for c in close)}? " if close else ""
+    return f"unknown key {key!r}: {hint}valid keys{where}: {', '.join(names)}"
+
+
 def _explain(err: Exception) -> str:
     """One readable line from Hydra/OmegaConf errors, keeping the key they name."""
     text = str(err).strip()
     first = text.splitlines()[0] if text else type(err).__name__
+    unknown = re.match(r"Could not (?:override|append to) '([\w.]+)'", first) or re.match(
+        r"Key '(\w+)' not in 'Config'", first
+    )
+    if unknown:
+        return f"invalid configuration: {_explain_key(unknown.group(1))}"
     key = getattr(err, "full_key", None)
     if key and key not in first:
         first = f"{key}: {first}"

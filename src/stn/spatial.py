@@ -15,6 +15,9 @@ layout `torch.nn.functional.grid_sample` takes.
 - tps: theta (B, 2K) are the source positions (x, y) of K = k*k control points whose target positions
   lie on a regular k x k grid over [-1, 1]^2; the thin plate spline through them (Bookstein 1989,
   kernel U(r) = r^2 log r^2) maps every target point.
+
+`SpatialTransformer` puts the three parts together: localisation net -> regression layer (theta) ->
+grid generator -> sampler, with the regression layer initialised to the identity transform.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 ALIGN_CORNERS = False
 
@@ -87,6 +90,11 @@ def tps_control_points(grid: int, *, device=None, dtype=torch.float32) -> Tensor
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
 
 
+def _squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    # (N, 2), (K, 2) -> (N, K). Explicit differences, not cdist: cdist's matmul shortcut loses digits near 0.
+    return (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+
+
 def _tps_kernel(squared_distance: Tensor) -> Tensor:
     # U(r) = r^2 log r^2, with U(0) = 0 (its limit).
     return torch.where(
@@ -94,35 +102,51 @@ def _tps_kernel(squared_distance: Tensor) -> Tensor:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _tps_weights(grid: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(H*W, K): the linear map from source control points (K, 2) to the sampling grid (H*W, 2).
-
-    The TPS through control points P (targets) with values P' (sources) is f(x) = a + A x + sum_i w_i U(|x - P_i|),
-    where [w; a; A] solves L [w; a; A] = [P'; 0; 0], L = [[K, Q], [Q^T, 0]], K_ij = U(|P_i - P_j|), Q = [1, P].
-    Everything but P' is fixed, so f at the grid points is (basis @ L^-1[:, :K]) @ P': precompute that product.
-    Solved in float64 for accuracy, then cast.
-    """
+@functools.lru_cache(maxsize=8)
+def _tps_inverse(grid: int) -> Tensor:
+    """(K+3, K+3) float64: L^-1 of the spline system of the k x k target control points (`tps_weights`)."""
     control = tps_control_points(grid, dtype=torch.float64)  # (K, 2)
     k = control.shape[0]
-    kernel = _tps_kernel(torch.cdist(control, control).pow(2))
+    kernel = _tps_kernel(_squared_distance(control, control))
     affine_part = torch.cat([torch.ones(k, 1, dtype=torch.float64), control], dim=1)  # (K, 3)
     system = torch.zeros(k + 3, k + 3, dtype=torch.float64)
     system[:k, :k] = kernel
     system[:k, k:] = affine_part
     system[k:, :k] = affine_part.T
-    inverse = torch.linalg.inv(system)  # (K+3, K+3)
+    return torch.linalg.inv(system)
+
+
+def tps_weights(points: Tensor, grid: int) -> Tensor:
+    """(N, K) float64: the linear map from source control points (K, 2) to the sources of `points` (N, 2).
+
+    The TPS through control points P (targets) with values P' (sources) is
+    f(x) = a + A x + sum_i w_i U(|x - P_i|), where [w; a; A] solves L [w; a; A] = [P'; 0; 0],
+    L = [[K, Q], [Q^T, 0]], K_ij = U(|P_i - P_j|), Q = [1, P].
+    Everything but P' is fixed, so f(points) = (basis @ L^-1[:, :K]) @ P'. Solved in float64 for accuracy.
+    """
+    control = tps_control_points(grid, dtype=torch.float64)  # (K, 2)
+    points = points.detach().to(device="cpu", dtype=torch.float64)  # a fixed map: no gradient w.r.t. points
+    ones = torch.ones(len(points), 1, dtype=torch.float64)
+    basis = torch.cat([_tps_kernel(_squared_distance(points, control)), ones, points], dim=1)  # (N, K+3)
+    return basis @ _tps_inverse(grid)[:, : control.shape[0]]  # (N, K)
+
+
+@functools.lru_cache(maxsize=32)
+def _tps_grid_weights(grid: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`tps_weights` at the pixel centres of an H x W output grid, cast and cached: (H*W, K)."""
     points = target_points(height, width, dtype=torch.float64)  # (HW, 2)
-    basis = torch.cat(
-        [_tps_kernel(torch.cdist(points, control).pow(2)), torch.ones(len(points), 1, dtype=torch.float64), points],
-        dim=1,
-    )  # (HW, K+3)
-    return (basis @ inverse[:, :k]).to(device=device, dtype=dtype)  # (HW, K)
+    return tps_weights(points, grid).to(device=device, dtype=dtype)
+
+
+def tps_transform(theta: Tensor, points: Tensor, *, grid: int = 4) -> Tensor:
+    """theta (B, 2*k*k) source control points, target points (N, 2) -> their sources (B, N, 2)."""
+    weights = tps_weights(points, grid).to(device=theta.device, dtype=theta.dtype)  # (N, K)
+    return weights @ theta.reshape(-1, grid * grid, 2)
 
 
 def tps_grid(theta: Tensor, height: int, width: int, *, grid: int = 4) -> Tensor:
     """theta (B, 2*k*k) source control points -> grid (B, H, W, 2)."""
-    weights = _tps_weights(grid, height, width, theta.device, theta.dtype)  # (HW, K)
+    weights = _tps_grid_weights(grid, height, width, theta.device, theta.dtype)  # (HW, K)
     source = weights @ theta.reshape(-1, grid * grid, 2)  # (B, HW, 2)
     return source.reshape(-1, height, width, 2)
 
@@ -139,6 +163,60 @@ def make_grid(kind: str, theta: Tensor, height: int, width: int, *, tps_grid_siz
 
 
 def sample(images: Tensor, grid: Tensor) -> Tensor:
-    """Bilinear sampling V = U(T_theta(G)), zeros outside the input (the paper's eq. 5)."""
+    """Bilinear sampling V = U(T_theta(G)), zeros outside the input (the paper's eq. 5).
+
+    images (B, C, H, W), grid (B, H', W', 2) normalised (x_s, y_s) -> (B, C, H', W').
+    """
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
                          align_corners=ALIGN_CORNERS)
+
+
+class SpatialTransformer(nn.Module):
+    """Localisation net -> regression layer -> theta -> grid T_theta(G) -> bilinearly sampled output.
+
+    `localisation` maps the input (B, C, H, W) to features (B, `features`); the regression layer (a Linear
+    layer, zero weight, bias = the identity theta) turns them into theta (B, P), so the untrained module
+    returns its input. `output_size` (H', W') is the sampled grid's size; None keeps the input's size.
+    """
+
+    def __init__(
+        self,
+        localisation: nn.Module,
+        features: int,
+        kind: str,
+        *,
+        output_size: tuple[int, int] | None = None,
+        tps_grid: int = 4,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.tps_grid = tps_grid
+        self.output_size = output_size
+        self.localisation = localisation
+        self.regression = nn.Linear(features, num_params(kind, tps_grid=tps_grid))
+        self.reset_regression()
+
+    def reset_regression(self) -> None:
+        """Zero weight, identity bias: training starts from T_theta = identity, not from noise."""
+        identity = identity_params(self.kind, tps_grid=self.tps_grid)
+        with torch.no_grad():
+            self.regression.weight.zero_()
+            self.regression.bias.copy_(identity.to(self.regression.bias.device))
+
+    def transform(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, C, H, W) -> (output (B, C, H', W'), theta (B, P), grid (B, H', W', 2))."""
+        height, width = self.output_size or (x.shape[-2], x.shape[-1])
+        features = self.localisation(x)  # (B, features)
+        # theta, grid and sampling stay in float32 even under bf16 autocast: theta starts at the identity
+        # (entries near 1), and bf16's 8-bit mantissa would round away the small updates training makes.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            theta = self.regression(features.to(self.regression.weight.dtype))  # (B, P)
+            grid = make_grid(self.kind, theta, height, width, tps_grid_size=self.tps_grid)  # (B, H', W', 2)
+            out = sample(x.to(theta.dtype), grid)
+        return out, theta, grid
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.transform(x)[0]
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, output_size={self.output_size}, tps_grid={self.tps_grid}"

@@ -1,0 +1,587 @@
+"""Distorted MNIST (the paper's Appendix A): loading, batched distortion, training stream, fixed test set.
+
+Each distortion is one sampling grid that maps every point of the OUTPUT canvas to a point of the SOURCE
+28x28 digit (normalised coordinates, `align_corners=False`, see `stn.spatial`), so a whole batch is warped
+by a single `grid_sample`, on the digits' device, with no per-image Python loop. In pixel terms the
+forward map (digit -> canvas) of R, RTS, plain and TC is
+
+    canvas = centre_S + translation + scale * Rot(angle) (digit - centre_28)
+
+with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n - 1) / 2; P follows the
+scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px, and
+E follows it with a thin plate spline whose 4x4 control points sample the scaled digit at offsets drawn from
+N(0, tps_std) px. TC pastes the digit at a whole-pixel position of the 60x60 canvas and composes six 6x6
+patches of other digits with max(), so clutter never darkens a digit pixel.
+
+Every random draw comes from an explicit `torch.Generator`; the training stream derives one per (seed,
+epoch, batch index) and the test set one per (test_seed, chunk), so both are reproducible and resumable.
+Draws are reproducible per device type (a CUDA generator gives other numbers than a CPU one), which is
+why the test set is always generated on the CPU and then moved: CPU and GPU runs score the same digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stn.config import DATA_DIR_ENV, Config, DatasetConfig
+from stn.spatial import affine_grid, projective_grid, sample, tps_control_points, tps_grid
+
+DIGIT = 28  # side of an MNIST digit in pixels
+TEST_CHUNK = 1000  # test-set generation chunk: bounds memory, and makes a limited test set a prefix of the full one
+FIXED_CHUNK = 4096  # chunk for distorting the whole training set once (fixed_train)
+
+# name -> (bytes, md5) of the four uncompressed files torchvision's MNIST reads from <root>/MNIST/raw/
+MNIST_FILES: dict[str, tuple[int, str]] = {
+    "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": (60_008, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": (7_840_016, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (10_008, "27ae3e4e09519cfbb04c329615203637"),
+}
+
+
+class MNISTDataError(RuntimeError):
+    """MNIST is missing, truncated or corrupt; the message names the path, what was expected and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+_VERIFIED: dict[tuple[str, int, int], bool] = {}  # (path, size, mtime_ns) -> md5 matched
+_LOADED: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
+
+
+def _fix_hint(root: Path) -> str:
+    return (
+        f"Fix: point the data folder at a copy holding MNIST/raw/ with the four uncompressed files "
+        f"({DATA_DIR_ENV}=/path/to/folder, or the override data_dir=/path/to/folder), or pass download=true "
+        f"to let torchvision download them into {root / 'MNIST' / 'raw'} (needs internet)."
+    )
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _problems(raw: Path, check_md5: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(missing file names, descriptions of bad files). md5s are cached per (path, size, mtime)."""
+    missing, bad = [], []
+    for name, (size, md5) in MNIST_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        stat = path.stat()
+        if stat.st_size != size:
+            bad.append(f"{path} has {stat.st_size} bytes, expected {size} bytes (md5 {md5}): truncated or wrong file")
+            continue
+        if name not in check_md5:
+            continue
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _VERIFIED:
+            _VERIFIED[key] = _md5(path) == md5
+        if not _VERIFIED[key]:
+            bad.append(f"{path} has the right size ({size} bytes) but not the md5 {md5}: corrupt")
+    return missing, bad
+
+
+def load_mnist(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:
+    """MNIST digits uint8 (N, 28, 28) and labels int64 (N,), read from torchvision's layout <root>/MNIST/raw.
+
+    The four files are checked (presence and size; md5 of the requested split's two files) before
+    torchvision reads them, so a missing or damaged copy fails with one `MNISTDataError` that says what to do.
+    Loaded splits are cached in-process.
+    """
+    root = Path(root).expanduser().resolve()
+    cache_key = (str(root), train)
+    if cache_key in _LOADED:
+        return _LOADED[cache_key]
+    raw = root / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    split_files = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    missing, bad = _problems(raw, split_files)
+    if bad:
+        raise MNISTDataError(
+            "MNIST data is damaged:\n  " + "\n  ".join(bad)
+            + f"\nFix: delete the bad file(s) and rerun with download=true (needs internet), or point the data "
+            f"folder at a good copy ({DATA_DIR_ENV}=/path/to/folder or data_dir=/path/to/folder)."
+        )
+    if missing:
+        if not download:
+            gz = [name for name in missing if (raw / f"{name}.gz").is_file()]
+            note = f" ({len(gz)} of them are there as .gz: download=true extracts them offline)" if gz else ""
+            raise MNISTDataError(
+                f"MNIST not found under {root}: missing {', '.join(str(raw / n) for n in missing)}{note}. "
+                f"Expected the four uncompressed files {', '.join(MNIST_FILES)} in {raw}. " + _fix_hint(root)
+            )
+        _download(root)
+        missing, bad = _problems(raw, split_files)
+        if missing or bad:
+            raise MNISTDataError(
+                f"torchvision's download into {raw} finished but left the data incomplete "
+                f"(missing: {missing}; bad: {bad}). " + _fix_hint(root)
+            )
+    from torchvision.datasets import MNIST
+
+    try:
+        dataset = MNIST(str(root), train=train, download=False)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise MNISTDataError(f"torchvision could not read MNIST from {raw}: {err}. " + _fix_hint(root)) from None
+    digits = dataset.data.to(torch.uint8).contiguous()
+    labels = dataset.targets.to(torch.int64).contiguous()
+    if digits.shape[1:] != (DIGIT, DIGIT) or len(digits) != len(labels):
+        raise MNISTDataError(f"unexpected MNIST shapes in {raw}: digits {tuple(digits.shape)}, labels {tuple(labels.shape)}")
+    _LOADED[cache_key] = (digits, labels)
+    return digits, labels
+
+
+def _download(root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    try:
+        MNIST(str(root), train=True, download=True)
+    except Exception as err:  # noqa: BLE001 - any network/IO failure becomes one readable error
+        reason = " ".join(str(err).split())[:600]
+        raise MNISTDataError(
+            f"download=true: torchvision could not download MNIST into {root / 'MNIST' / 'raw'}: {reason}. "
+            f"Fix: check the internet connection, or copy the four uncompressed files there yourself and point "
+            f"{DATA_DIR_ENV}=/path/to/folder (or data_dir=...) at the folder holding MNIST/."
+        ) from None
+
+
+# -------------------------------------------------------------------------------------------- distortion
+
+
+def _check_dataset(cfg: DatasetConfig) -> None:
+    if cfg.corner_std > 0 and cfg.tps_std > 0:
+        raise ValueError(
+            f"dataset {cfg.name}: corner_std={cfg.corner_std} and tps_std={cfg.tps_std} are both set; "
+            "one sampling grid can be projective or thin-plate-spline, not both: set one of them to 0"
+        )
+    if cfg.translate and DIGIT * cfg.scale_max > cfg.size:
+        raise ValueError(
+            f"dataset {cfg.name}: a digit scaled by scale_max={cfg.scale_max} ({DIGIT * cfg.scale_max:.1f} px) "
+            f"does not fit the canvas size={cfg.size}: lower dataset.scale_max or raise dataset.size"
+        )
+    if cfg.clutter and not 0 < cfg.clutter_size <= min(DIGIT, cfg.size):
+        raise ValueError(f"dataset.clutter_size={cfg.clutter_size} must lie in [1, {min(DIGIT, cfg.size)}]")
+
+
+def _homography(source: Tensor, target: Tensor) -> Tensor:
+    """(B, 4, 2) point pairs -> (B, 3, 3) homographies H (H[2, 2] = 1) with H source ~ target (the 8x8 DLT)."""
+    x, y = source.unbind(-1)  # (B, 4) each
+    u, v = target.unbind(-1)
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)  # (B, 4, 8)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
+    h = torch.linalg.solve(torch.cat([rows_u, rows_v], dim=1), torch.cat([u, v], dim=1))  # (B, 8)
+    return torch.cat([h, one[:, :1]], dim=1).reshape(-1, 3, 3)
+
+
+def distortion_params(
+    size: int,
+    angle_deg: Tensor,
+    scale: Tensor,
+    translation: Tensor,
+    corner_offsets: Tensor | None = None,
+    tps_offsets: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The sampling grid's parameters for given distortions (deterministic; `distort` draws the inputs).
+
+    angle_deg, scale (B,); translation (B, 2) px (x, y) of the digit centre from the canvas centre;
+    corner_offsets (B, 4, 2) px for the corners (-1,-1), (1,-1), (1,1), (-1,1) of the canvas (projective);
+    tps_offsets (B, k*k, 2) px for the row-major k x k control points over the canvas (thin plate spline).
+    Returns these plus exactly one of source_affine (B, 6), source_projective (B, 8) or source_tps (B, 2k*k):
+    the `stn.spatial` theta of the grid mapping output canvas points to source digit points, i.e. what
+    undoes the distortion (the inverse map an ideal spatial transformer would predict).
+    """
+    work = torch.float64  # composed and solved in float64, cast to float32 for sampling
+    angle = torch.deg2rad(angle_deg.to(work))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    inv_scale = 1.0 / scale.to(work)
+    # Canvas-normalised q -> digit-normalised p = (1/s) Rot^T (q * S/28 - t / 14); Rot = [[c, s], [-s, c]].
+    rot_t = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (B, 2, 2)
+    linear = rot_t * inv_scale[:, None, None]  # (B, 2, 2)
+    shift = -(linear @ (translation.to(work) / (DIGIT / 2))[..., None])[..., 0]  # (B, 2)
+    affine = torch.cat([linear * (size / DIGIT), shift[..., None]], dim=2)  # (B, 2, 3)
+    params: dict[str, Tensor] = {
+        "angle_deg": angle_deg.float(),
+        "scale": scale.float(),
+        "translation": translation.float(),
+    }
+    if corner_offsets is not None:
+        corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=work,
+                               device=corner_offsets.device).expand(len(corner_offsets), 4, 2)
+        moved = corners + corner_offsets.to(work) * (2.0 / size)
+        inverse = _homography(moved, corners)  # output point -> pre-warp (scaled-digit) canvas point
+        affine3 = torch.cat([affine, torch.tensor([0.0, 0.0, 1.0], dtype=work, device=affine.device)
+                             .expand(len(affine), 1, 3)], dim=1)  # (B, 3, 3)
+        source = affine3 @ inverse
+        source = source / source[:, 2:, 2:]
+        params["corner_offsets"] = corner_offsets.float()
+        params["source_projective"] = source.reshape(-1, 9)[:, :8].float()
+    elif tps_offsets is not None:
+        k = math.isqrt(tps_offsets.shape[1])
+        control = tps_control_points(k, device=tps_offsets.device, dtype=work)  # (K, 2) output positions
+        pre_warp = control + tps_offsets.to(work) * (2.0 / size)  # (B, K, 2) where they sample from
+        # A TPS reproduces affine maps, so following it by the affine undo = a TPS on the mapped control points.
+        source = pre_warp @ affine[:, :, :2].transpose(1, 2) + affine[:, None, :, 2]
+        params["tps_offsets"] = tps_offsets.float()
+        params["source_tps"] = source.reshape(len(source), -1).float()
+    else:
+        params["source_affine"] = affine.reshape(-1, 6).float()
+    return params
+
+
+def source_grid(params: dict[str, Tensor], size: int) -> Tensor:
+    """The (B, S, S, 2) sampling grid described by a params dict (output canvas -> source digit)."""
+    if "source_projective" in params:
+        return projective_grid(params["source_projective"], size, size)
+    if "source_tps" in params:
+        k = math.isqrt(params["source_tps"].shape[1] // 2)
+        return tps_grid(params["source_tps"], size, size, grid=k)
+    return affine_grid(params["source_affine"], size, size)
+
+
+def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float,
+             device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=device) * (high - low) + low
+
+
+def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, device: torch.device,
+                    clutter_pool: int = 0) -> dict[str, Tensor]:
+    """Draw one batch of random distortions for `cfg`; `clutter_pool` = how many digits clutter may come from."""
+    _check_dataset(cfg)
+    size = cfg.size
+    angle = _uniform(generator, (batch,), -cfg.rotation, cfg.rotation, device) if cfg.rotation else \
+        torch.zeros(batch, device=device)
+    if cfg.scale_min != cfg.scale_max:
+        scale = _uniform(generator, (batch,), cfg.scale_min, cfg.scale_max, device)
+    else:
+        scale = torch.full((batch,), float(cfg.scale_min), device=device)
+    if not cfg.translate:
+        translation = torch.zeros(batch, 2, device=device)
+    elif cfg.rotation == 0 and cfg.scale_min == cfg.scale_max == 1:
+        # Unscaled, unrotated digits are placed at whole pixels: the paste is exact, with no resampling blur.
+        top_left = torch.randint(0, size - DIGIT + 1, (batch, 2), generator=generator, device=device)
+        translation = top_left.float() - (size - DIGIT) / 2
+    else:
+        # Uniform per axis over the positions that keep the scaled 28x28 box inside the canvas: |t| <= S/2 - 14 s.
+        # The box's inscribed disc then stays inside whatever the rotation (MNIST ink lies within that disc).
+        room = size / 2 - (DIGIT / 2) * scale  # (B,)
+        translation = (torch.rand(batch, 2, generator=generator, device=device) * 2 - 1) * room[:, None]
+    corners = tps = None
+    if cfg.corner_std > 0:
+        corners = torch.randn(batch, 4, 2, generator=generator, device=device) * cfg.corner_std
+    if cfg.tps_std > 0:
+        tps = torch.randn(batch, cfg.tps_grid ** 2, 2, generator=generator, device=device) * cfg.tps_std
+    params = distortion_params(size, angle, scale, translation, corners, tps)
+    if cfg.clutter:
+        if clutter_pool <= 0:
+            raise ValueError(f"dataset {cfg.name} has clutter={cfg.clutter} patches: pass clutter_source (digits)")
+        n, c = cfg.clutter, cfg.clutter_size
+        params["clutter_index"] = torch.randint(0, clutter_pool, (batch, n), generator=generator, device=device)
+        params["clutter_crop"] = torch.randint(0, DIGIT - c + 1, (batch, n, 2), generator=generator, device=device)
+        params["clutter_position"] = torch.randint(0, size - c + 1, (batch, n, 2), generator=generator, device=device)
+    return params
+
+
+def _as_float(digits: Tensor) -> Tensor:
+    """(B, 28, 28) uint8 or float in [0, 1] -> (B, 1, 28, 28) float32 in [0, 1]."""
+    if digits.dtype == torch.uint8:
+        return digits.unsqueeze(1).to(torch.float32).mul_(1.0 / 255.0)
+    return digits.unsqueeze(1).to(torch.float32)
+
+
+def _whole_pixel_shift(params: dict[str, Tensor], size: int) -> Tensor | None:
+    """(B, 2) integer top-left xy of the digit if the params are only whole-pixel translations, else None."""
+    if "source_affine" not in params or bool((params["angle_deg"] != 0).any() or (params["scale"] != 1).any()):
+        return None
+    top_left = params["translation"] + (size - DIGIT) / 2
+    rounded = top_left.round()
+    return rounded.long() if bool((top_left - rounded).abs().max() < 1e-4) else None
+
+
+def _patch_offsets(patch: int, width: int, device: torch.device) -> Tensor:
+    """(patch*patch,) flat offsets of a patch's pixels from its top-left pixel, in an image `width` wide."""
+    offsets = torch.arange(patch, device=device)
+    return (offsets[:, None] * width + offsets[None, :]).reshape(-1)
+
+
+def _clutter_pixels(source: Tensor, params: dict[str, Tensor], size: int, patch: int) -> tuple[Tensor, Tensor]:
+    """(B, n*c*c) flat canvas indices and float values of the clutter patches, for one scatter."""
+    index, crop, position = params["clutter_index"], params["clutter_crop"], params["clutter_position"]
+    batch, device = len(index), index.device
+    start = (index * DIGIT + crop[..., 1]) * DIGIT + crop[..., 0]  # (B, n) flat top-left in the source digits
+    values = source.reshape(-1)[start[..., None] + _patch_offsets(patch, DIGIT, device)]  # (B, n, c*c)
+    values = values.to(torch.float32).mul_(1.0 / 255.0) if source.dtype == torch.uint8 else values.float()
+    target = position[..., 1] * size + position[..., 0]  # (B, n) flat top-left in the canvas
+    flat = target[..., None] + _patch_offsets(patch, size, device)  # (B, n, c*c)
+    return flat.reshape(batch, -1), values.reshape(batch, -1)
+
+
+def apply_distortion(digits: Tensor, params: dict[str, Tensor], size: int,
+                     clutter_source: Tensor | None = None, clutter_size: int = 6) -> Tensor:
+    """Warp digits (B, 28, 28) by `params` into (B, 1, S, S) float32 images: one grid_sample, then clutter.
+
+    Whole-pixel translations (plain, TC) skip the sampler: bilinear sampling at integer offsets is an exact
+    copy, so the digit is written by a scatter instead and the clutter patches by a max-scatter over it.
+    """
+    batch = len(digits)
+    clutter = None
+    if "clutter_index" in params:
+        if clutter_source is None:
+            raise ValueError("these params include clutter: pass clutter_source (the split's digits)")
+        clutter = _clutter_pixels(clutter_source, params, size, clutter_size)
+    shift = _whole_pixel_shift(params, size)
+    if shift is not None and size == DIGIT and clutter is None:
+        return _as_float(digits)  # plain MNIST: nothing to move
+    if shift is not None:
+        target = (shift[:, 1] * size + shift[:, 0])[:, None] + _patch_offsets(DIGIT, size, digits.device)  # (B, 784)
+        canvas = torch.zeros(batch, size * size, device=digits.device)
+        canvas.scatter_(1, target, _as_float(digits).reshape(batch, -1))
+        if clutter is not None:  # amax with the canvas: clutter never darkens a digit pixel
+            canvas.scatter_reduce_(1, clutter[0], clutter[1], reduce="amax")
+        return canvas.reshape(batch, 1, size, size)
+    images = sample(_as_float(digits), source_grid(params, size))
+    if clutter is not None:
+        canvas = torch.zeros(batch, size * size, device=digits.device)
+        canvas.scatter_reduce_(1, clutter[0], clutter[1], reduce="amax")
+        images = torch.maximum(images, canvas.reshape(batch, 1, size, size))  # clutter never darkens the digit
+    return images
+
+
+def distort(digits: Tensor, cfg: DatasetConfig, generator: torch.Generator,
+            clutter_source: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distort a batch of digits (B, 28, 28) into images (B, 1, S, S) float32 in [0, 1], on digits.device.
+
+    Returns the images and the per-sample parameters (`distortion_params` plus, for TC, clutter_index
+    (B, n), clutter_crop (B, n, 2) xy in the source digit and clutter_position (B, n, 2) xy top-left in the canvas).
+    """
+    device = digits.device
+    if generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the digits are on {device}: use one device")
+    if digits.dim() != 3 or digits.shape[1:] != (DIGIT, DIGIT):
+        raise ValueError(f"digits must be (B, 28, 28), got {tuple(digits.shape)}")
+    pool = 0 if clutter_source is None else len(clutter_source)
+    params = draw_distortion(cfg, len(digits), generator, device, clutter_pool=pool)
+    images = apply_distortion(digits, params, cfg.size, clutter_source, cfg.clutter_size)
+    return images, params
+
+
+# ------------------------------------------------------------------------------------- stream and test set
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple, e.g. (seed, 'batch', epoch, index): independent streams, no shared state."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(device: torch.device, *parts: int | str) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+class TrainStream:
+    """Endless training batches: a fresh permutation per epoch, a fresh distortion per batch.
+
+    Batch b of epoch e depends only on (seed, e, b), so `state_dict()` = (epoch, position) is enough to resume
+    exactly. The last partial batch of an epoch is dropped (every step sees `batch_size` images). With
+    cfg.fixed_train the training set is distorted once up front and each epoch only reshuffles it.
+    Digits live on `device`, copied there once; the whole split stays there as the clutter source.
+    """
+
+    def __init__(self, digits: Tensor, labels: Tensor, cfg: DatasetConfig, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg, self.seed, self.device = cfg, int(seed), torch.device(device)
+        _check_dataset(cfg)
+        count = len(digits) if cfg.train_limit is None else min(cfg.train_limit, len(digits))
+        if count <= 0 or batch_size <= 0:
+            raise ValueError(f"need digits and a positive batch size (dataset.train_limit={cfg.train_limit}, "
+                             f"batch_size={batch_size}, {len(digits)} digits)")
+        all_digits = digits.to(self.device)
+        self.clutter_source = all_digits if cfg.clutter else None
+        self.digits, self.labels = all_digits[:count], labels[:count].to(self.device)
+        self.batch_size = min(batch_size, count)
+        self.batches_per_epoch = count // self.batch_size
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, Tensor] | None = None
+        self.fixed: Tensor | None = None
+        if cfg.fixed_train:
+            chunks = []
+            for start in range(0, count, FIXED_CHUNK):
+                generator = _generator(self.device, self.seed, "fixed", start // FIXED_CHUNK)
+                chunks.append(distort(self.digits[start:start + FIXED_CHUNK], cfg, generator, self.clutter_source)[0])
+            self.fixed = torch.cat(chunks)  # (N, 1, S, S), float32
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return self.next()
+
+    def _permutation(self) -> Tensor:
+        if self._order is None or self._order[0] != self.epoch:
+            generator = _generator(self.device, self.seed, "order", self.epoch)
+            self._order = (self.epoch, torch.randperm(len(self.digits), generator=generator, device=self.device))
+        return self._order[1]
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """The next (images (B, 1, S, S) float32, labels (B,) int64) on the stream's device."""
+        index = self._permutation()[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        if self.fixed is not None:
+            images = self.fixed[index]
+        else:
+            generator = _generator(self.device, self.seed, "batch", self.epoch, self.position)
+            images, _ = distort(self.digits[index], self.cfg, generator, self.clutter_source)
+        labels = self.labels[index]
+        self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return images, labels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "digits": len(self.digits),
+                "batch_size": self.batch_size, "dataset": self.cfg.name, "fixed_train": self.cfg.fixed_train}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` left off; refuses a state saved by a differently configured stream."""
+        mine = self.state_dict()
+        for key in ("seed", "digits", "batch_size", "dataset", "fixed_train"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"data stream state has {key}={state[key]!r} but this stream has {mine[key]!r}: "
+                                 "resume with the configuration the run was started with")
+        if not 0 <= int(state["position"]) < self.batches_per_epoch:
+            raise ValueError(f"data stream state position={state['position']} is outside [0, {self.batches_per_epoch})")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+@dataclass
+class TestSet:
+    """The fixed, distorted test split: images (N, 1, S, S) float32, labels (N,) int64, params per sample."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    images: Tensor
+    labels: Tensor
+    params: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self), batch_size):
+            yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+
+
+def make_test_set(digits: Tensor, labels: Tensor, cfg: DatasetConfig, device: torch.device | str = "cpu") -> TestSet:
+    """Distort the test digits, a pure function of cfg.test_seed (bytes identical on every call and machine).
+
+    Generated on the CPU in chunks of TEST_CHUNK with one generator per chunk, then moved to `device`;
+    with cfg.test_limit=n the set is the first n samples of the full set. Clutter comes from the whole split.
+    """
+    _check_dataset(cfg)
+    digits, labels = digits.cpu(), labels.cpu()
+    count = len(digits) if cfg.test_limit is None else min(cfg.test_limit, len(digits))
+    if count <= 0:
+        raise ValueError(f"dataset.test_limit={cfg.test_limit} leaves no test digits")
+    clutter = digits if cfg.clutter else None
+    images, params = [], []
+    for start in range(0, count, TEST_CHUNK):
+        generator = _generator(torch.device("cpu"), cfg.test_seed, "test", start // TEST_CHUNK)
+        chunk_images, chunk_params = distort(digits[start:start + TEST_CHUNK], cfg, generator, clutter)
+        images.append(chunk_images)
+        params.append(chunk_params)
+    device = torch.device(device)
+    return TestSet(
+        images=torch.cat(images)[:count].to(device),
+        labels=labels[:count].to(device),
+        params={key: torch.cat([p[key] for p in params])[:count].to(device) for key in params[0]},
+    )
+
+
+def build_data(cfg: Config, device: torch.device | str) -> tuple[TrainStream, TestSet]:
+    """Load MNIST from cfg.data_dir and build the training stream and the fixed test set on `device`."""
+    train_digits, train_labels = load_mnist(cfg.data_dir, train=True, download=cfg.download)
+    test_digits, test_labels = load_mnist(cfg.data_dir, train=False, download=cfg.download)
+    stream = TrainStream(train_digits, train_labels, cfg.dataset, cfg.trainer.batch_size, cfg.seed, device)
+    return stream, make_test_set(test_digits, test_labels, cfg.dataset, device)
+
+
+# ------------------------------------------------------------------------------------------------ preview
+
+PREVIEW_TILE = 112  # target tile side in pixels; digits are upscaled by round(PREVIEW_TILE / S)
+PREVIEW_LABEL = 22  # height of the label strip under each tile
+PREVIEW_GAP = 6
+PREVIEW_HEADER = 30
+
+
+def preview_layout(size: int, count: int) -> tuple[int, int, int, int]:
+    """(zoom, columns, rows, tile) of a preview grid of `count` S x S samples."""
+    zoom = max(1, round(PREVIEW_TILE / size))
+    columns = math.ceil(math.sqrt(count))
+    return zoom, columns, math.ceil(count / columns), size * zoom
+
+
+def draw_grid(images: Tensor, labels: Tensor, title: str) -> Any:
+    """A PIL image: samples upscaled (nearest, so pixels stay visible), framed, each label drawn below it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    count, size = len(images), images.shape[-1]
+    zoom, columns, rows, tile = preview_layout(size, count)
+    width = columns * (tile + PREVIEW_GAP) + PREVIEW_GAP
+    height = PREVIEW_HEADER + rows * (tile + PREVIEW_LABEL + PREVIEW_GAP) + PREVIEW_GAP
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=16)
+    draw.text((PREVIEW_GAP, 6), title, fill=(0, 0, 0), font=font)
+    pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    for i in range(count):
+        row, col = divmod(i, columns)
+        x = PREVIEW_GAP + col * (tile + PREVIEW_GAP)
+        y = PREVIEW_HEADER + row * (tile + PREVIEW_LABEL + PREVIEW_GAP)
+        digit = Image.fromarray(pixels[i], mode="L").resize((tile, tile), Image.NEAREST)
+        canvas.paste(digit.convert("RGB"), (x, y))
+        draw.rectangle((x - 1, y - 1, x + tile, y + tile), outline=(150, 150, 150))  # the canvas edge
+        draw.text((x + tile // 2, y + tile + PREVIEW_LABEL // 2), str(int(labels[i])), fill=(200, 0, 0),
+                  font=font, anchor="mm")
+    return canvas
+
+
+def preview(cfg: Config, out: Path, count: int = 64, split: str = "test") -> Path:
+    """Write a PNG grid of `count` distorted samples of `split` (test: the fixed test set; train: a first batch)."""
+    if split not in ("test", "train"):
+        raise ValueError(f"split={split!r}: expected 'test' or 'train'")
+    if count <= 0:
+        raise ValueError(f"count={count} must be positive")
+    dataset = cfg.dataset
+    digits, labels = load_mnist(cfg.data_dir, train=split == "train", download=cfg.download)
+    if split == "test":
+        test_set = make_test_set(digits, labels, dataclasses.replace(dataset, test_limit=count))
+        images, shown = test_set.images, test_set.labels
+    else:
+        stream = TrainStream(digits, labels, dataclasses.replace(dataset, fixed_train=False), count, cfg.seed)
+        images, shown = stream.next()
+    title = f"{dataset.name}: {len(images)} {split} samples, {dataset.size}x{dataset.size}"
+    title += f" (test_seed {dataset.test_seed})" if split == "test" else f" (seed {cfg.seed}, epoch 0)"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_grid(images, shown, title).save(out)
+    return out

@@ -1,0 +1,192 @@
+"""Weights & Biases, as an optional layer over the run folder's own metrics.jsonl and summary.json.
+
+One `with Tracker(cfg, run_dir) as tracker:` per run: the run is always finished on exit, so runs started in
+a loop never merge (lightning-hydra-template#289). W&B must never stop training: `logger.mode=online` with
+no API key falls back to offline (said once per process), and any exception from wandb (init, log, images,
+finish) is reported once and turns the tracker off for the rest of the run.
+
+Offline runs go where wandb puts them by default, `./wandb/offline-run-*` under the working directory (or
+$WANDB_DIR), so a later `wandb sync wandb/offline-run-*` finds them; `Tracker.info` (id, path, folder) ends up
+in summary.json. `logger.mode=disabled` never imports wandb and writes no wandb folder.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from torch import Tensor, nn
+
+from stn.config import Config, to_dict
+
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+_said: set[str] = set()  # messages already printed by this process (say each once)
+
+
+def say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(f"wandb: {message}", file=sys.stderr, flush=True)
+
+
+def has_wandb_credentials() -> bool:
+    """True when wandb can authenticate without a prompt: WANDB_API_KEY, an identity token, or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST)).netloc
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def image_pairs(model: nn.Module, images: Tensor) -> Tensor:
+    """Inputs beside what the model's first transformer makes of them: (B, H, 2W + 2) in [0, 1], on the CPU.
+
+    Baselines (no transformer) get the inputs alone, (B, H, W).
+    """
+    inputs = images[:, 0].float().cpu()  # (B, H, W)
+    if len(getattr(model, "transformers", ())) == 0:
+        return inputs
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        rectified, _grid = model.rectify(images)  # (B, C, H', W'), (B, H', W', 2)
+    model.train(was_training)
+    rectified = rectified[:, :1].float().cpu()
+    if rectified.shape[-2:] != inputs.shape[-2:]:  # a downsampling transformer: show it at the input's size
+        rectified = nn.functional.interpolate(rectified, size=inputs.shape[-2:], mode="nearest")
+    gap = torch.ones(inputs.shape[0], inputs.shape[1], 2)  # a white 2-pixel line between the two
+    return torch.cat([inputs, gap, rectified[:, 0]], dim=2).clamp(0, 1)
+
+
+def enlarge(images: Tensor, side: int = 96) -> Tensor:
+    """(B, H, W) -> (B, kH, kW) by pixel repetition, k = side // H, so 28-pixel digits stay legible in W&B."""
+    k = max(1, side // images.shape[1])
+    return images.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)
+
+
+class Tracker:
+    """A W&B run for one training run, or nothing at all; never raises out of its methods."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run: Any = None
+        self.mode = cfg.logger.mode
+
+    def __enter__(self) -> Tracker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    def start(self) -> None:
+        if self.mode == "disabled":
+            return
+        if self.mode == "online" and not has_wandb_credentials():
+            say_once(
+                "logger.mode=online but no API key (WANDB_API_KEY or a netrc entry): logging offline instead; "
+                "upload later with `wandb sync wandb/offline-run-*`"
+            )
+            self.mode = "offline"
+        cfg = self.cfg
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.logger.group,
+                name=cfg.run_name,
+                job_type="train",
+                tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
+                config=to_dict(cfg),
+                mode=self.mode,
+                # console="off": our progress bar is not W&B's business; silent: we print the one line that matters.
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as err:  # W&B must never stop training
+            self._give_up("init", err)
+
+    def _give_up(self, where: str, err: BaseException) -> None:
+        say_once(f"{where} failed ({type(err).__name__}: {err}); training continues without W&B for this run")
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # already reported; nothing more to do
+                pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(metrics, step=step)
+        except Exception as err:
+            self._give_up("log", err)
+
+    def log_images(self, model: nn.Module, images: Tensor, labels: Tensor, step: int) -> None:
+        """A few test inputs, each beside its rectified version (ST models), as W&B images."""
+        if self.run is None or len(images) == 0:
+            return
+        try:
+            import wandb
+
+            pairs = image_pairs(model, images)
+            key = "input_rectified" if pairs.shape[-1] > images.shape[-1] else "input"
+            pictures = [
+                wandb.Image((pair * 255).round().to(torch.uint8).numpy(), caption=f"label {int(label)}")
+                for pair, label in zip(enlarge(pairs), labels.tolist(), strict=True)
+            ]
+            self.run.log({key: pictures}, step=step)
+        except Exception as err:
+            self._give_up("image logging", err)
+
+    def set_summary(self, summary: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        except Exception as err:
+            self._give_up("summary", err)
+
+    @property
+    def info(self) -> dict[str, str] | None:
+        """Where this run lives in W&B (for summary.json), or None when W&B is off."""
+        if self.run is None:
+            return None
+        return {"mode": self.mode, "id": str(self.run.id), "path": str(self.run.path), "dir": _folder(self.run)}
+
+    def finish(self, exit_code: int = 0) -> None:
+        run, self.run = self.run, None
+        if run is None:
+            return
+        folder = _folder(run)
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as err:
+            say_once(f"finish failed ({type(err).__name__}: {err})")
+            return
+        if self.mode == "offline":
+            print(f"wandb: offline run saved; upload with `wandb sync {folder}`", file=sys.stderr, flush=True)
+
+
+def _folder(run: Any) -> str:
+    """The run's own folder (wandb/offline-run-*/): what `wandb sync` takes. run.dir is its files/ subfolder."""
+    return str(Path(run.dir).parent)

@@ -1,0 +1,197 @@
+"""Draw what a trained spatial transformer does, like the paper's Table 1 (right).
+
+For each test digit: the transformer's input with the sampling grid T_theta(G) drawn over it (in input pixel
+coordinates, via `spatial.norm_to_pixel`; the thick line is the sampled region's outer edge, the thin ones
+every few grid rows and columns through the sampling points), and below it the transformer's output
+(pooled as the classifier sees it), titled with the label and the model's prediction. For
+transformer.placement=features the "input" is the feature maps after the first conv block, drawn as their
+mean over channels.
+
+`draw_transformations(model, images, labels, out)` takes any batch; `visualize_checkpoint(path, out)` loads
+a training checkpoint (a dict with "model", a state_dict, and "config", from `stn.config.to_dict`) and
+draws the first digits of the configured fixed test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stn.config import DATA_DIR_ENV, Config, ConfigError, from_container
+from stn.models import DigitClassifier, build_model
+from stn.spatial import norm_to_pixel
+
+GRID_LINES = 7  # grid rows/columns drawn inside the outline
+TILE_INCHES = 1.7
+
+
+class VisualizeError(RuntimeError):
+    """A checkpoint that cannot be drawn; the message names the file and the fix."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[DigitClassifier, Config]:
+    """(the model in eval mode, on the CPU, with the checkpoint's weights; the config it was trained with)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VisualizeError(f"checkpoint {path} does not exist: pass a run's checkpoints/last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise VisualizeError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        found = sorted(state.keys()) if isinstance(state, dict) else type(state).__name__
+        raise VisualizeError(
+            f"{path} is not an stn training checkpoint: expected keys 'model' and 'config', found {found}"
+        )
+    try:
+        cfg = from_container(state["config"])
+    except ConfigError as err:
+        raise VisualizeError(f"{path}: its saved config does not validate: {err}") from None
+    if not cfg.model.name.startswith("st_"):
+        raise VisualizeError(
+            f"{path} holds model={cfg.model.name}, which has no spatial transformer to draw: "
+            "pass the checkpoint of an st_fcn or st_cnn run"
+        )
+    try:
+        model = build_model(cfg)
+    except ConfigError as err:
+        raise VisualizeError(f"{path}: cannot rebuild its model: {err}") from None
+    weights = state["model"]
+    prefix = "_orig_mod."  # torch.compile wraps the module; accept its state_dict keys too
+    if weights and all(key.startswith(prefix) for key in weights):
+        weights = {key[len(prefix) :]: value for key, value in weights.items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise VisualizeError(
+            f"{path}: its weights do not fit the model its config describes ({_first_line(err)[:300]})"
+        ) from None
+    return model.eval(), cfg
+
+
+def _image(tensor: Tensor) -> Any:
+    """(C, H, W) -> (H, W) numpy array to show: the only channel, or the mean over channels."""
+    return tensor.float().mean(0).cpu().numpy()
+
+
+def _to_edges(values: Any) -> Any:
+    """(H', W') coordinates of pixel centres -> (H'+2, W'+2), extended by half a pixel step on every side
+    (linear extrapolation: exact for affine maps), so the outline is the sampled region's outer edge."""
+    import numpy as np
+
+    for axis in (0, 1):
+        if values.shape[axis] < 2:
+            continue
+        first, second = np.take(values, [0], axis), np.take(values, [1], axis)
+        last, before = np.take(values, [-1], axis), np.take(values, [-2], axis)
+        values = np.concatenate([1.5 * first - 0.5 * second, values, 1.5 * last - 0.5 * before], axis=axis)
+    return values
+
+
+def _draw_grid(ax: Any, grid: Tensor, height: int, width: int) -> None:
+    """Draw grid (H', W', 2), normalised, over an image of height x width pixels."""
+    xs = norm_to_pixel(grid[..., 0].double(), width).cpu().numpy()  # (H', W') source pixel coordinates
+    ys = norm_to_pixel(grid[..., 1].double(), height).cpu().numpy()
+    rows, cols = xs.shape
+    for r in sorted({round(i * (rows - 1) / (GRID_LINES + 1)) for i in range(1, GRID_LINES + 1)}):
+        ax.plot(xs[r], ys[r], color="tab:orange", linewidth=0.5, alpha=0.8)
+    for c in sorted({round(i * (cols - 1) / (GRID_LINES + 1)) for i in range(1, GRID_LINES + 1)}):
+        ax.plot(xs[:, c], ys[:, c], color="tab:orange", linewidth=0.5, alpha=0.8)
+    ex, ey = _to_edges(xs), _to_edges(ys)
+    outline_x = [*ex[0], *ex[:, -1], *ex[-1, ::-1], *ex[::-1, 0]]
+    outline_y = [*ey[0], *ey[:, -1], *ey[-1, ::-1], *ey[::-1, 0]]
+    ax.plot(outline_x, outline_y, color="tab:red", linewidth=1.2)
+
+    # Show the whole sampled region, even where it leaves the image (the sampler reads zeros there).
+    # Limits: the image's own edges, pushed out (plus half a pixel) only where the region crosses them.
+    def limits(values: Any, size: int) -> tuple[float, float]:
+        low, high = float(values.min()), float(values.max())
+        slack = 1e-3  # float rounding of an outline that sits exactly on the image edge
+        return (-0.5 if low >= -0.5 - slack else low - 0.5), (
+            size - 0.5 if high <= size - 0.5 + slack else high + 0.5
+        )
+
+    x_low, x_high = limits(ex, width)
+    y_low, y_high = limits(ey, height)
+    ax.set_xlim(x_low, x_high)
+    ax.set_ylim(y_high, y_low)  # image rows grow downwards
+
+
+def draw_transformations(
+    model: DigitClassifier, images: Tensor, labels: Tensor, out: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """Write a PNG: per digit, the input with T_theta(G) over it, and the transformer's output below."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    if images.ndim != 4 or len(images) == 0 or len(images) != len(labels):
+        raise ValueError(
+            f"images must be (B, C, H, W) with B = len(labels) >= 1, got {tuple(images.shape)} "
+            f"and {len(labels)} labels"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        images = images.to(device)
+        trace = model.trace(images)
+        predictions = model(images).argmax(dim=1).cpu()
+    model.train(was_training)
+    count = len(images)
+    height, width = trace.source.shape[-2:]
+    figure = Figure(figsize=(TILE_INCHES * count, TILE_INCHES * 2 + 0.6), dpi=100)
+    axes = figure.subplots(2, count, squeeze=False)
+    source_name = "input" if trace.source.shape[1] == images.shape[1] else "feature maps (mean)"
+    for i in range(count):
+        top, bottom = axes[0, i], axes[1, i]
+        top.set_facecolor("0.85")  # grey: outside the input, where the sampler reads zeros
+        top.imshow(_image(trace.source[i]), cmap="gray", interpolation="nearest")
+        _draw_grid(top, trace.grid[i], height, width)
+        bottom.imshow(_image(trace.output[i]), cmap="gray", interpolation="nearest")
+        label, predicted = int(labels[i]), int(predictions[i])
+        top.set_title(
+            f"label {label} / pred {predicted}", fontsize=8, color="black" if label == predicted else "red"
+        )
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel(f"{source_name} + T(G)", fontsize=8)
+    axes[1, 0].set_ylabel("transformer output", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+def visualize_checkpoint(
+    path: str | os.PathLike, out: str | os.PathLike, *, count: int = 8, data_dir: str | None = None
+) -> Path:
+    """Draw the first `count` digits of the checkpoint's fixed test set. MNIST is read from `data_dir`,
+    else $STN_DATA_DIR, else the data_dir saved in the checkpoint's config."""
+    from stn.data import load_mnist, make_test_set
+
+    if count < 1:
+        raise ValueError(f"count={count} must be at least 1")
+    model, cfg = load_checkpoint(path)
+    root = data_dir or os.environ.get(DATA_DIR_ENV) or cfg.data_dir
+    digits, labels = load_mnist(root, train=False, download=cfg.download)
+    # With test_limit=n the test set is the first n samples of the full one: the digits evaluation scored.
+    test_set = make_test_set(digits, labels, dataclasses.replace(cfg.dataset, test_limit=count))
+    spec = cfg.transformer
+    title = (
+        f"{cfg.run_name}: {cfg.model.name} {spec.type} on {cfg.dataset.name} "
+        f"(placement={spec.placement}, parallel={spec.parallel}; first transformer shown)"
+    )
+    return draw_transformations(model, test_set.images, test_set.labels, out, title=title)

@@ -1,0 +1,367 @@
+"""`stn reproduce-table`: the grid as data, cell expansion, aggregation, resumable fan-out, outputs, W&B.
+
+Fast tests use a stand-in `fit` on submitit's in-process debug executor; the slow ones run the real
+`stn.train.fit` through the CLI (local executor = subprocesses, and debug for the resume case).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from stn.cli import app
+from stn.config import Config, to_yaml
+from stn.tables import (
+    PRESETS,
+    SlurmOptions,
+    TableError,
+    aggregate,
+    cell_name,
+    load_grid,
+    plan_jobs,
+    reproduce,
+    select_cells,
+    slurm_parameters,
+    summarise,
+)
+
+GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+# Small enough for seconds per cell on a CPU: smoke schedule (20 steps of 32), 512 train / 200 test digits.
+FAST = ["++dataset.train_limit=512", "++dataset.test_limit=200"]
+
+
+@pytest.fixture
+def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """MNIST from STN_DATA_DIR; cwd and W&B's folder inside tmp_path (the local executor's workers inherit both)."""
+    import os
+
+    data_dir = os.environ.get("STN_DATA_DIR")
+    if not data_dir or not (Path(data_dir) / "MNIST" / "raw").is_dir():
+        pytest.skip("set STN_DATA_DIR to an MNIST root (torchvision layout) to run real training")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------------- the grid
+
+
+def test_grid_holds_the_papers_table() -> None:
+    grid = load_grid(GRID)
+    assert list(grid.columns) == ["R", "RTS", "P", "E", "TC"]
+    assert len(grid.rows) == 8
+    # Table 1 (left): every row x R/RTS/P/E; TC only for FCN, CNN and one transformer each of ST-FCN/ST-CNN.
+    assert len(grid.cells) == 8 * 4 + 4
+    assert [row for row, column in grid.cells if column == "TC"] == ["FCN", "CNN", "ST-FCN Aff", "ST-CNN Aff"]
+    assert all(value is not None and 0 < value < 20 for value in grid.cells.values())
+    # Spot checks against the paper: the corners of Table 1 and the TC text.
+    assert grid.cells[("FCN", "R")] == 2.1
+    assert grid.cells[("ST-CNN TPS", "E")] == 1.1
+    assert grid.cells[("FCN", "TC")] == 13.2
+    assert grid.cells[("ST-CNN Aff", "TC")] == 1.7
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_cell_composes_a_valid_config(preset: str, tmp_path: Path) -> None:
+    grid = load_grid(GRID)
+    jobs = plan_jobs(grid, list(grid.cells), [0, 1], preset, [], tmp_path / "table", "g")
+    assert len(jobs) == 2 * len(grid.cells)
+    models = {"FCN": "fcn", "CNN": "cnn", "ST-FCN": "st_fcn", "ST-CNN": "st_cnn"}
+    transforms = {"Aff": "affine", "Proj": "projective", "TPS": "tps"}
+    for job in jobs:
+        cfg = job.config
+        assert isinstance(cfg, Config)
+        model, _, transform = job.row.partition(" ")
+        assert cfg.model.name == models[model]
+        assert cfg.transformer.type == (transforms[transform] if transform else "none")
+        assert cfg.dataset.name == job.column
+        assert cfg.trainer.name == preset and cfg.trainer.resume is True
+        assert cfg.seed == job.seed and cfg.logger.group == "g"
+        assert Path(cfg.run_dir) == (tmp_path / "table" / "cells" / job.cell / f"seed{job.seed}").resolve()
+    assert len({job.run_dir for job in jobs}) == len(jobs)  # no two runs share a folder
+
+
+def test_user_overrides_reach_every_cell_and_reserved_keys_are_refused(tmp_path: Path) -> None:
+    grid = load_grid(GRID)
+    cells = select_cells(grid, ["CNN", "ST-FCN TPS"], ["P"])
+    jobs = plan_jobs(grid, cells, [3], "quick", ["trainer.lr=0.05"], tmp_path, "g")
+    assert [job.config.trainer.lr for job in jobs] == [0.05, 0.05]
+    assert [job.config.trainer.iterations for job in jobs] == [3000, 3000]  # the preset's
+    for word, option in (("seed=1", "--seeds"), ("trainer=paper", "--preset"), ("run_dir=x", "--out")):
+        with pytest.raises(TableError, match=option):
+            plan_jobs(grid, cells, [0], "quick", [word], tmp_path, "g")
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    grid = load_grid(GRID)
+    with pytest.raises(TableError, match=r"unknown row 'ST-CNN Affine'.*valid rows: FCN, CNN, ST-FCN Aff"):
+        select_cells(grid, ["CNN", "ST-CNN Affine"], None)
+    with pytest.raises(TableError, match="unknown column 'X'.*valid columns: R, RTS, P, E, TC"):
+        select_cells(grid, None, ["R", "X"])
+    with pytest.raises(TableError, match="no cell"):
+        select_cells(grid, ["ST-CNN TPS"], ["TC"])  # the paper has no such cell
+    with pytest.raises(TableError, match="not found"):
+        load_grid(GRID.parent / "missing.yaml")
+
+
+def test_bad_grid_file_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: t\nrows: {A: [model=cnn]}\ncolumns: {R: [dataset=R]}\ncells: {A: {RTS: 1.0}}\n")
+    with pytest.raises(TableError, match=r"cells.A.RTS is not a column \(columns: R\)"):
+        load_grid(path)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["reproduce-table", "--grid", str(GRID), "--rows", "CNN,Nope"])
+    assert result.exit_code == 1 and "unknown row 'Nope'" in result.output and "ST-CNN TPS" in result.output
+    result = runner.invoke(app, ["reproduce-table", "--grid", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 1 and "grid file" in result.output and "not found" in result.output
+    result = runner.invoke(app, ["reproduce-table", "--grid", str(GRID), "--seeds", "0,a"])
+    assert result.exit_code == 1 and "--seeds" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def test_aggregate_is_mean_and_sample_std() -> None:
+    mean, std = aggregate([1.0, 2.0])
+    assert mean == pytest.approx(1.5)
+    assert std == pytest.approx(math.sqrt(((1.0 - 1.5) ** 2 + (2.0 - 1.5) ** 2) / (2 - 1)))  # 0.7071...
+    mean, std = aggregate([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and std == pytest.approx(0.2)
+    assert aggregate([1.25]) == (1.25, None)
+    assert aggregate([]) == (None, None)
+
+
+def test_summarise_two_seeds_from_per_seed_records() -> None:
+    grid = load_grid(GRID)
+    cells = [("CNN", "R"), ("ST-CNN Aff", "R"), ("FCN", "R")]
+
+    def run(row: str, seed: int, status: str, error: float | None = None) -> dict[str, Any]:
+        record = {"row": row, "column": "R", "seed": seed, "status": status}
+        return record | ({"test_error": error} if error is not None else {"error": "boom"})
+
+    runs = [run("CNN", 0, "done", 1.0), run("CNN", 1, "done", 1.6), run("ST-CNN Aff", 0, "done", 0.9),
+            run("ST-CNN Aff", 1, "failed"), run("FCN", 0, "pending"), run("FCN", 1, "pending")]  # fmt: skip
+    cnn, st_cnn, fcn = summarise(grid, cells, [0, 1], runs)
+    assert (cnn.mean, cnn.status) == (pytest.approx(1.3), "done")
+    assert cnn.std == pytest.approx(math.sqrt(0.18))  # ((1.0-1.3)^2 + (1.6-1.3)^2) / 1
+    assert cnn.diff == pytest.approx(1.3 - 1.2)  # the paper's CNN on R
+    assert (st_cnn.mean, st_cnn.std, st_cnn.status) == (0.9, None, "failed")
+    assert st_cnn.diff == pytest.approx(0.9 - 0.7)
+    assert (fcn.mean, fcn.diff, fcn.status) == (None, None, "pending")
+
+
+# --------------------------------------------------------------------- orchestration, with a stand-in fit
+
+
+def fake_fit(cfg: Config) -> dict[str, Any]:
+    """Writes what fit writes (config.yaml, summary.json); the error encodes model, dataset and seed."""
+    folder = Path(cfg.run_dir)
+    if cfg.model.name == "fcn" and cfg.seed == 1:
+        raise RuntimeError("stand-in failure")
+    table = folder.parents[2]
+    done_before = json.loads((table / "results.json").read_text())["runs"]
+    error = {"cnn": 1.0, "st_cnn": 0.5, "fcn": 2.0}[cfg.model.name] + 0.1 * cfg.seed
+    summary = {"test_error": error, "run_dir": str(folder), "steps": cfg.trainer.iterations,
+               "seen_done_before": sum(r["status"] == "done" for r in done_before)}  # fmt: skip
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_table_with_stand_in_fit_writes_after_each_cell_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "table"
+    kwargs: dict[str, Any] = dict(
+        rows=["CNN", "ST-CNN Aff", "FCN"], columns=["R"], seeds=[0, 1], preset="smoke",
+        overrides=["logger.mode=disabled"], executor="debug", out=out, fit_fn=fake_fit, log=lambda _: None,
+    )  # fmt: skip
+    report = reproduce(GRID, **kwargs)
+    assert (report.fresh, report.resumed, report.failed, report.cached) == (5, 0, 1, 0)
+    # results.json is rewritten after every finished run: the k-th run saw k-1 done runs before it.
+    seen = sorted(json.loads((Path(r["run_dir"]) / "summary.json").read_text())["seen_done_before"]
+                  for r in report.runs if r["status"] == "done")  # fmt: skip
+    assert seen == [0, 1, 2, 3, 4]
+    by_cell = {x.row: x for x in report.cells}
+    assert by_cell["CNN"].mean == pytest.approx(1.05) and by_cell["CNN"].std == pytest.approx(
+        math.sqrt(0.005)
+    )
+    assert by_cell["FCN"].status == "failed" and "stand-in failure" in by_cell["FCN"].failed[1]
+    table = (out / "table.md").read_text()
+    assert "| CNN | 1.05 ± 0.07 / 1.2 |" in table and "stand-in failure" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # The grid file's row order, whatever order --rows names them in.
+    assert [r["cell"] for r in rows] == [cell_name(row, "R") for row in ("FCN", "CNN", "ST-CNN Aff")]
+    assert float(rows[2]["ours_mean"]) == pytest.approx(0.55) and float(rows[2]["diff"]) == pytest.approx(
+        -0.15
+    )
+    assert (out / "ours_vs_paper.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Rerun: the five finished runs are read back, only the failed one runs again (and fails again).
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/summary.json")}
+    report = reproduce(GRID, **kwargs)
+    assert (report.cached, report.fresh, report.failed) == (5, 0, 1)
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/summary.json")}
+
+    # The same folder with another experiment's settings is refused, naming the difference.
+    with pytest.raises(TableError, match=r"trainer.iterations: 20 -> 40.*another --out"):
+        reproduce(GRID, **{**kwargs, "overrides": ["logger.mode=disabled", "trainer.iterations=40"]})
+
+
+def test_slurm_parameters_reach_the_sbatch_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import submitit
+    from submitit.slurm import slurm
+
+    # No Slurm here: pretend srun exists so submitit builds the executor, then render its sbatch file.
+    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor.update_parameters(
+        **slurm_parameters(SlurmOptions(partition="gpu", gpus=2, cpus=8, time_min=90), 4)
+    )
+    script = slurm._make_sbatch_string(
+        command="python -c pass", folder=tmp_path, **executor._executor.parameters
+    )
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=8", "--time=90"):
+        assert f"#SBATCH {line}\n" in script
+
+
+def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has Slurm")
+    with pytest.raises(TableError, match="needs a Slurm cluster.*--executor local"):
+        reproduce(GRID, rows=["CNN"], columns=["R"], preset="smoke", executor="slurm", out=tmp_path,
+                  fit_fn=fake_fit, log=lambda _: None)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- real training, the CLI
+
+
+def read_offline_run(folder: Path) -> dict[str, Any]:
+    """Group, job type and summary of an offline W&B run, from its transaction log (run-*.wandb).
+
+    The log is LevelDB-style: a 7-byte header, then 32 KiB blocks of records (crc32, length, type, data);
+    a protobuf `Record` may span blocks (types FIRST/MIDDLE/LAST) and blocks are padded at the end.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = next(folder.glob("run-*.wandb")).read_bytes()
+    block, pos, chunk, records = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        chunk += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            records.append(chunk)
+            chunk = b""
+    info: dict[str, Any] = {"summary": {}}
+    for data in records:
+        record = pb.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "run":
+            info.update(
+                group=record.run.run_group, job_type=record.run.job_type, name=record.run.display_name
+            )
+        elif record.WhichOneof("record_type") == "summary":
+            info["summary"].update(
+                {item.key: json.loads(item.value_json) for item in record.summary.update if item.key}
+            )
+    return info
+
+
+@pytest.mark.slow
+def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> None:
+    out = data_env / "table"
+    args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN,ST-CNN Aff", "--columns", "R",
+            "--preset", "smoke", "--executor", "local", "--parallel", "2", "--out", str(out), *FAST]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 runs ran (2 fresh, 0 resumed, 0 failed), 0 already done" in result.output
+
+    summaries = {
+        p.parent.parent.name: json.loads(p.read_text()) for p in out.glob("cells/*/seed0/summary.json")
+    }
+    assert set(summaries) == {"R_cnn", "R_st-cnn-aff"}
+    assert all(s["steps"] == 20 and s["dataset"] == "R" for s in summaries.values())
+    rows = {r["cell"]: r for r in csv.DictReader((out / "results.csv").open())}
+    for cell, paper in (("R_cnn", 1.2), ("R_st-cnn-aff", 0.7)):
+        ours = summaries[cell]["test_error"]
+        assert float(rows[cell]["ours_mean"]) == pytest.approx(ours, abs=1e-4)
+        assert float(rows[cell]["paper"]) == paper
+        assert float(rows[cell]["diff"]) == pytest.approx(ours - paper, abs=1e-4)
+        assert rows[cell]["status"] == "done" and rows[cell]["ours_std"] == ""  # one seed: no std
+    table = (out / "table.md").read_text()
+    assert f"| CNN | {summaries['R_cnn']['test_error']:.2f} / 1.2 |" in table
+    assert f"| ST-CNN Aff | {summaries['R_st-cnn-aff']['test_error']:.2f} / 0.7 |" in table
+
+    from PIL import Image
+
+    with Image.open(out / "ours_vs_paper.png") as image:
+        assert image.format == "PNG" and image.width > 300
+
+    # W&B (offline): the table run and both cells' runs share the group; the table holds the cells' errors.
+    runs = [read_offline_run(folder) for folder in (data_env / "wandb").glob("offline-run-*")]
+    in_group = [run for run in runs if run["group"] == "table"]
+    assert sorted(run["job_type"] for run in in_group) == ["table", "train", "train"]
+    table_run = next(run for run in in_group if run["job_type"] == "table")
+    for cell, summary in summaries.items():
+        assert table_run["summary"][f"test_error/{cell}"] == pytest.approx(summary["test_error"])
+    table_files = list((data_env / "wandb").glob("offline-run-*/files/media/table/results_*.table.json"))
+    assert len(table_files) == 1
+    logged = json.loads(table_files[0].read_text())
+    column = logged["columns"].index("ours_mean")
+    cells = {row[logged["columns"].index("cell")]: row[column] for row in logged["data"]}
+    assert cells == pytest.approx({cell: s["test_error"] for cell, s in summaries.items()})
+
+    # Rerun: nothing trains, nothing is rewritten, no new W&B run.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/summary.json")}
+    wandb_runs = set((data_env / "wandb").glob("offline-run-*"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "0 runs ran (0 fresh, 0 resumed, 0 failed), 2 already done" in result.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/summary.json")}
+    assert set((data_env / "wandb").glob("offline-run-*")) == wandb_runs
+
+
+@pytest.mark.slow
+def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) -> None:
+    from stn.train import TrainingInterrupted, fit
+
+    out = data_env / "table"
+    overrides = [*FAST, "logger.mode=disabled"]
+    # The cell's own config, stopped after 10 of its 20 steps: a checkpoint and no summary, as after a crash.
+    [job] = plan_jobs(load_grid(GRID), [("CNN", "R")], [0], "smoke", overrides, out, out.name)
+    with pytest.raises(TrainingInterrupted):
+        fit(dataclasses.replace(job.config, trainer=dataclasses.replace(job.config.trainer, stop_after=10)))
+    assert (job.run_dir / "checkpoints" / "last.pt").is_file() and not (job.run_dir / "summary.json").exists()
+
+    args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R", "--preset", "smoke",
+            "--executor", "debug", "--out", str(out), *overrides]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 runs ran (0 fresh, 1 resumed, 0 failed)" in result.output
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == 10 and summary["steps"] == 20
+    logged_steps = [
+        json.loads(line)["step"] for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged_steps == sorted(logged_steps) and logged_steps[-1] == 20  # one continuous history
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert float(row["ours_mean"]) == pytest.approx(summary["test_error"], abs=1e-4)

@@ -1,0 +1,320 @@
+"""stn.train: the run folder, the schedule, checkpoints and resuming (bit-exact on CPU), NaN handling,
+stopping, and (slow) short real runs that must learn.
+
+MNIST comes from $STN_DATA_DIR (conf/config.yaml reads it). Unit tests use tiny slices of it
+(dataset.train_limit / test_limit) and the smoke trainer; the slow tests train for real on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import stn.train as train_module
+from stn.config import Config, compose, from_container, to_dict
+from stn.data import TestSet, load_mnist, make_test_set
+from stn.models import build_model, count_parameters
+from stn.train import (
+    CHECKPOINT,
+    TrainingError,
+    TrainingInterrupted,
+    evaluate,
+    fit,
+    load_checkpoint,
+    newest_run_dir,
+    resolve_device,
+)
+
+SUMMARY_KEYS = {
+    "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
+    "device", "parameters", "torch_version", "dataset", "model", "transformer", "seed", "resumed_from",
+    "finished_at", "wandb",
+}  # fmt: skip
+CHECKPOINT_KEYS = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config", "clock"}
+
+
+def small(tmp_path: Path, *overrides: str) -> Config:
+    """A seconds-long CPU run on slices of real MNIST, W&B off, everything under tmp_path."""
+    return compose([
+        "trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}",
+        "++dataset.train_limit=512", "++dataset.test_limit=200", *overrides,
+    ])  # fmt: skip
+
+
+def with_trainer(cfg: Config, **changes: object) -> Config:
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **changes))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
+    cfg = small(tmp_path)
+    summary = fit(cfg)
+    run_dir = Path(summary["run_dir"])
+    # <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/
+    assert run_dir.parent.parent == tmp_path / "runs"
+    assert run_dir.name.endswith("-R-cnn") and len(run_dir.parent.name) == 10
+    assert set(summary) == SUMMARY_KEYS
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert summary["steps"] == cfg.trainer.iterations == 20
+    assert summary["device"] == "cpu" and summary["resumed_from"] is None and summary["wandb"] is None
+    assert 0.0 <= summary["test_error"] <= 100.0 and summary["images_per_s"] > 0
+    assert summary["parameters"] == count_parameters(build_model(cfg))
+    # config.yaml is the config as run: it validates back into the same Config, run_dir filled in.
+    saved = from_container(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+    assert saved == dataclasses.replace(cfg, run_dir=str(run_dir))
+    metrics = read_metrics(run_dir)
+    losses = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "test_error" in m]
+    assert [m["step"] for m in losses] == [5, 10, 15, 20]  # log_every=5
+    assert [m["step"] for m in evals] == [10, 20]  # eval_every=10, and the end
+    assert evals[-1]["test_error"] == summary["test_error"]
+    assert all(math.isfinite(m["loss"]) and m["images_per_s"] > 0 for m in losses)
+    state = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert set(state) == CHECKPOINT_KEYS
+    assert state["step"] == 20 and state["config"] == to_dict(dataclasses.replace(cfg, run_dir=str(run_dir)))
+    assert set(state["rng"]) == {"cpu", "cuda"} and isinstance(state["rng"]["cpu"], torch.Tensor)
+    assert not list(run_dir.rglob("*.tmp*"))  # atomic writes leave no temporaries behind
+
+
+def test_learning_rate_follows_step_decay(tmp_path: Path) -> None:
+    # lr(step) = lr * gamma ** (step // lr_step), checked from the logged values (StepLR stepped per iteration).
+    cfg = small(tmp_path, "trainer.iterations=12", "trainer.log_every=1", "trainer.lr_step=4",
+                "trainer.lr_gamma=0.5", "trainer.lr=0.02", "trainer.eval_every=100")
+    summary = fit(cfg)
+    logged = {m["step"]: m["lr"] for m in read_metrics(Path(summary["run_dir"])) if "lr" in m}
+    assert sorted(logged) == list(range(1, 13))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(0.02 * 0.5 ** (step // 4), rel=1e-12)
+
+
+class ConstantClassifier(nn.Module):
+    """Always predicts `label`: its error is the share of other labels, known in closed form."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(images.shape[0], 10) + self.weight
+        logits[:, self.label] = 1.0
+        return logits
+
+
+def test_evaluate_counts_misclassified_percent() -> None:
+    labels = torch.tensor([3, 3, 1, 3, 0, 9, 3])  # four 3s out of seven
+    test_set = TestSet(images=torch.zeros(7, 1, 28, 28), labels=labels, params={})
+    for batch_size in (1, 3, 7, 100):  # batching must not change the count
+        assert evaluate(ConstantClassifier(3), test_set, batch_size) == pytest.approx(100 * 3 / 7)
+    model = ConstantClassifier(5)
+    assert evaluate(model, test_set, 2) == 100.0
+    assert model.training  # left in train mode
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_resume_is_bit_exact_on_cpu(tmp_path: Path) -> None:
+    """N steps in one go == N/2 steps, stop, then a fresh fit() resuming for the rest: identical weights.
+
+    Tolerance: none (torch.equal) for the weights and the optimizer's momentum buffers. An ST model, so
+    the localisation net and the sampler are part of what must replay exactly; checkpoint_every=3 does not
+    divide the stop step, so the resume point is the stop's own checkpoint.
+    """
+    overrides = ("model=st_cnn", "transformer=affine", "trainer.iterations=12", "trainer.checkpoint_every=3",
+                 "trainer.eval_every=5", "trainer.log_every=2", "trainer.lr_step=5")
+    whole = fit(small(tmp_path, *overrides, f"run_dir={tmp_path / 'whole'}"))
+    split = small(tmp_path, *overrides, f"run_dir={tmp_path / 'split'}")
+    with pytest.raises(TrainingInterrupted, match="stopped at step 7/12") as stopped:
+        fit(with_trainer(split, stop_after=7))
+    assert stopped.value.step == 7 and stopped.value.exit_code == 0
+    assert not (tmp_path / "split" / "summary.json").exists()
+    assert load_checkpoint(tmp_path / "split" / CHECKPOINT, torch.device("cpu"))["step"] == 7
+    torch.manual_seed(12345)  # a "fresh process": the global RNG state must come from the checkpoint
+    resumed = fit(with_trainer(split, resume=True))
+    assert resumed["resumed_from"] == 7 and resumed["steps"] == 12
+    a = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, buffers in a["optimizer"]["state"].items():
+        assert torch.equal(buffers["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
+    assert a["stream"] == b["stream"] and a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 12
+    assert resumed["test_error"] == whole["test_error"]
+    # The resumed metrics continue the stopped ones: every step once, in order.
+    steps = [m["step"] for m in read_metrics(tmp_path / "split") if "loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def test_resume_of_a_finished_run_returns_its_summary(tmp_path: Path) -> None:
+    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+    first = fit(cfg)
+    checkpoint = tmp_path / "run" / CHECKPOINT
+    before = checkpoint.stat().st_mtime_ns
+    again = fit(with_trainer(cfg, resume=True))
+    assert again == first
+    assert checkpoint.stat().st_mtime_ns == before  # nothing was trained or written
+
+
+def test_resume_without_run_dir_picks_the_newest_run_of_that_name(tmp_path: Path) -> None:
+    cfg = small(tmp_path)
+    fit(small(tmp_path, "model=fcn"))  # another name: must not be picked
+    with pytest.raises(TrainingInterrupted) as stopped:
+        fit(with_trainer(cfg, stop_after=4))
+    assert newest_run_dir(tmp_path / "runs", cfg.run_name) == stopped.value.run_dir
+    summary = fit(with_trainer(cfg, resume=True))
+    assert Path(summary["run_dir"]) == stopped.value.run_dir and summary["resumed_from"] == 4
+
+
+def test_resume_into_an_empty_folder_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    summary = fit(with_trainer(small(tmp_path, f"run_dir={tmp_path / 'empty'}"), resume=True))
+    assert summary["resumed_from"] is None and summary["steps"] == 20
+    assert "starting fresh" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path: Path) -> None:
+    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+    fit(cfg)
+    with pytest.raises(TrainingError, match="already holds a run.*trainer.resume=true"):
+        fit(cfg)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [("dataset=RTS", "dataset.name"), ("model=fcn", "model.name"), ("trainer.lr=0.5", "trainer.lr")],
+)
+def test_resume_refuses_a_mismatched_checkpoint(tmp_path: Path, change: str, named: str) -> None:
+    run = f"run_dir={tmp_path / 'run'}"
+    with pytest.raises(TrainingInterrupted):
+        fit(with_trainer(small(tmp_path, run), stop_after=2))
+    with pytest.raises(TrainingError, match="different configuration") as err:
+        fit(with_trainer(small(tmp_path, run, change), resume=True))
+    assert str(tmp_path / "run" / CHECKPOINT) in str(err.value) and named in str(err.value)
+
+
+def test_resume_may_change_the_iterations(tmp_path: Path) -> None:
+    run = f"run_dir={tmp_path / 'run'}"
+    with pytest.raises(TrainingInterrupted):
+        fit(with_trainer(small(tmp_path, run), stop_after=5))
+    summary = fit(with_trainer(small(tmp_path, run, "trainer.iterations=8", "trainer.eval_every=4"), resume=True))
+    assert summary["steps"] == 8 and summary["resumed_from"] == 5
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path: Path) -> None:
+    run = f"run_dir={tmp_path / 'run'}"
+    with pytest.raises(TrainingInterrupted):
+        fit(with_trainer(small(tmp_path, run), stop_after=2))
+    path = tmp_path / "run" / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write without os.replace
+    with pytest.raises(TrainingError, match="unreadable") as err:
+        fit(with_trainer(small(tmp_path, run), resume=True))
+    assert str(path) in str(err.value)
+
+
+def test_a_diverging_run_stops_at_the_nan_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # A realistic path to NaN: a learning rate far too large, from the config.
+    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}", "trainer.lr=1e10", "trainer.checkpoint_every=1",
+                "trainer.log_every=4")
+    with pytest.raises(TrainingError, match=r"NaN/inf at step (\d+)") as err:
+        fit(cfg)
+    bad_step = int(err.value.args[0].split("NaN/inf at step ")[1].split()[0])
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT, torch.device("cpu"))
+    assert 0 < state["step"] < bad_step
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert f"(step {state['step']}) is kept" in str(err.value)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    # The logged losses stop before the NaN one.
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "run") if "loss" in m)
+
+
+def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step = train_module.train_step
+    calls = []
+
+    def step_then_ctrl_c(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C arrived during the third step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
+    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+    with pytest.raises(TrainingInterrupted, match="SIGINT") as stopped:
+        fit(cfg)
+    assert stopped.value.exit_code == 130 and stopped.value.step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert fit(with_trainer(cfg, resume=True))["resumed_from"] == 3
+
+
+def test_quiet_output_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fit(small(tmp_path))
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out  # no progress bar escape codes on a pipe
+    assert out.count("test error") == 2  # one line per evaluation
+
+
+# ---------------------------------------------------------------------------------------- real learning
+
+
+@pytest.mark.slow
+def test_cnn_learns_mnist(tmp_path: Path) -> None:
+    """300 steps of batch 128 on undistorted MNIST: far below the 90% of chance."""
+    cfg = compose([
+        "dataset=plain", "model=cnn", "trainer=quick", "trainer.device=cpu", "logger.mode=disabled",
+        f"run_dir={tmp_path / 'run'}", "trainer.iterations=300", "trainer.batch_size=128", "trainer.lr_step=200",
+        "trainer.eval_every=300", "trainer.checkpoint_every=300", "++dataset.test_limit=2000",
+    ])  # fmt: skip
+    summary = fit(cfg)
+    assert summary["test_error"] < 10.0, summary
+
+
+def rotation_degrees(matrices: torch.Tensor) -> torch.Tensor:
+    """The rotation angle of the similarity closest to each 2x2 linear part (B, 2, 2), in degrees."""
+    return torch.rad2deg(torch.atan2(matrices[:, 1, 0] - matrices[:, 0, 1], matrices[:, 0, 0] + matrices[:, 1, 1]))
+
+
+@pytest.mark.slow
+def test_st_cnn_learns_to_undo_the_rotation(tmp_path: Path) -> None:
+    """On R, the affine transformer's predicted rotation tracks the rotation that undoes each test digit.
+
+    The data's params give, per test digit, `source_affine`: the map from the canvas back to the upright
+    digit, i.e. what an ideal transformer would predict (up to a common canonical pose). We compare the
+    rotation angle of the predicted theta with that of source_affine: a strong positive correlation means
+    the transformer learned to rectify (an untrained one predicts the identity for everything: no correlation).
+    """
+    cfg = compose([
+        "dataset=R", "model=st_cnn", "transformer=affine", "trainer=quick", "trainer.device=cpu",
+        "logger.mode=disabled", f"run_dir={tmp_path / 'run'}", "trainer.iterations=600", "trainer.batch_size=128",
+        "trainer.lr_step=400", "trainer.eval_every=600", "trainer.checkpoint_every=600", "++dataset.test_limit=1000",
+    ])  # fmt: skip
+    summary = fit(cfg)
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["model"])
+    digits, labels = load_mnist(cfg.data_dir, train=False)
+    test_set = make_test_set(digits, labels, cfg.dataset)
+    with torch.no_grad():
+        theta = model.trace(test_set.images).theta.reshape(-1, 2, 3)  # (N, 2, 3)
+    predicted = rotation_degrees(theta[:, :, :2])
+    undo = rotation_degrees(test_set.params["source_affine"].reshape(-1, 2, 3)[:, :, :2])
+    correlation = torch.corrcoef(torch.stack([predicted, undo]))[0, 1]
+    assert correlation > 0.5, (float(correlation), summary["test_error"])
+    assert summary["test_error"] < 30.0
