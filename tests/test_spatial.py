@@ -240,3 +240,17 @@ def test_unknown_kind_is_rejected():
         identity_params("similarity")
     with pytest.raises(ValueError, match="unknown transform"):
         make_grid("similarity", torch.zeros(1, 4), 2, 2)
+
+
+def test_theta_grid_and_sampling_stay_float32_under_bf16_autocast():
+    torch.manual_seed(6)
+    transformer = SpatialTransformer(linear_localisation(1, 12), 8, "affine")
+    with torch.no_grad():  # a small update to the identity that bf16 (8-bit mantissa) would round away
+        transformer.regression.bias[0] += 1e-3
+    x = torch.rand(2, 1, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, theta, grid = transformer.transform(x)
+    assert theta.dtype == grid.dtype == out.dtype == torch.float32
+    assert theta[0, 0].item() == pytest.approx(1.001, abs=1e-6)
+    reference, _, _ = transformer.transform(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)

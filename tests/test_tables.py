@@ -7,7 +7,6 @@ Fast tests use a stand-in `fit` on submitit's in-process debug executor; the slo
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import struct
@@ -236,6 +235,17 @@ def test_slurm_parameters_reach_the_sbatch_file(monkeypatch: pytest.MonkeyPatch,
         assert f"#SBATCH {line}\n" in script
 
 
+def test_cell_task_requeues_itself_with_the_same_arguments(tmp_path: Path) -> None:
+    """submitit calls `checkpoint` on a time limit/preemption and resubmits what it returns: the same cell."""
+    from stn.tables import CellTask
+
+    [job] = plan_jobs(load_grid(GRID), [("CNN", "R")], [0], "smoke", [], tmp_path, "g")
+    task = CellTask()
+    again = task.checkpoint(job.config, 2, None)
+    assert again.function is task and again.args == (job.config, 2, None)
+    assert again.args[0].trainer.resume is True  # so the requeued run continues from its checkpoint
+
+
 def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
     import shutil
 
@@ -342,26 +352,25 @@ def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> Non
 
 @pytest.mark.slow
 def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) -> None:
-    from stn.train import TrainingInterrupted, fit
-
     out = data_env / "table"
-    overrides = [*FAST, "logger.mode=disabled"]
-    # The cell's own config, stopped after 10 of its 20 steps: a checkpoint and no summary, as after a crash.
-    [job] = plan_jobs(load_grid(GRID), [("CNN", "R")], [0], "smoke", overrides, out, out.name)
-    with pytest.raises(TrainingInterrupted):
-        fit(dataclasses.replace(job.config, trainer=dataclasses.replace(job.config.trainer, stop_after=10)))
-    assert (job.run_dir / "checkpoints" / "last.pt").is_file() and not (job.run_dir / "summary.json").exists()
-
     args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R", "--preset", "smoke",
-            "--executor", "debug", "--out", str(out), *overrides]  # fmt: skip
+            "--executor", "debug", "--out", str(out), *FAST, "logger.mode=disabled"]  # fmt: skip
+    run_dir = out / "cells" / "R_cnn" / "seed0"
+    # First call stops the cell after 10 of its 20 steps: a checkpoint and no summary, as after a crash.
+    result = CliRunner().invoke(app, [*args, "trainer.stop_after=10"])
+    assert result.exit_code == 0, result.output
+    assert "1 runs ran (0 fresh, 0 resumed, 0 failed, 1 stopped early" in result.output
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "summary.json").exists()
+    assert next(csv.DictReader((out / "results.csv").open()))["status"] == "pending"
+
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "1 runs ran (0 fresh, 1 resumed, 0 failed)" in result.output
-    summary = json.loads((job.run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == 10 and summary["steps"] == 20
-    logged_steps = [
-        json.loads(line)["step"] for line in (job.run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    logged_steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged_steps == sorted(logged_steps) and logged_steps[-1] == 20  # one continuous history
     row = next(csv.DictReader((out / "results.csv").open()))
-    assert float(row["ours_mean"]) == pytest.approx(summary["test_error"], abs=1e-4)
+    assert row["status"] == "done" and float(row["ours_mean"]) == pytest.approx(
+        summary["test_error"], abs=1e-4
+    )

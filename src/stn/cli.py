@@ -8,11 +8,11 @@ Each command imports its module lazily so `stn --help` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from stn.config import GROUPS, ConfigError, compose, group_choices
+from stn.config import GROUPS, Config, ConfigError, compose, group_choices
 
 app = typer.Typer(
     name="stn",
@@ -36,7 +36,7 @@ def _groups_help() -> str:
         return str(err)
 
 
-def load_config(overrides: Optional[list[str]]):
+def load_config(overrides: list[str] | None) -> Config:
     """Compose the config or exit with the error's one-line message (no traceback)."""
     try:
         return compose(overrides or [])
@@ -52,8 +52,8 @@ def fail(message: str) -> None:
 
 @app.command(help=f"Train one configuration.\n\nConfig groups and their choices:\n\n{_groups_help()}")
 def train(
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and exit without training."),
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    cfg: Annotated[bool, typer.Option("--cfg", help="Print the resolved config and exit without training.")] = False,
 ) -> None:
     config = load_config(overrides)
     if cfg:
@@ -77,10 +77,12 @@ def train(
 
 @data_app.command("preview")
 def data_preview(
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    out: Path = typer.Option(Path("preview.png"), "--out", "-o", help="PNG file to write."),
-    count: int = typer.Option(64, "--count", "-n", help="How many samples to draw."),
-    split: str = typer.Option("test", help="test (the fixed test set) or train (fresh training distortions)."),
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("preview.png"),
+    count: Annotated[int, typer.Option("--count", "-n", help="How many samples to draw.")] = 64,
+    split: Annotated[
+        str, typer.Option(help="test (the fixed test set) or train (fresh training distortions).")
+    ] = "test",
 ) -> None:
     """Write a PNG grid of distorted samples with their labels."""
     config = load_config(overrides)
@@ -186,7 +188,7 @@ def models(
         fail(str(err))
         return
     table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "
-                        "ratio: count / its baseline's)")
+                        "ratio: count / its target, the baseline's count or model.param_budget)")
     table.add_column("model")
     for name in datasets:
         table.add_column(name, justify="right")
@@ -196,7 +198,7 @@ def models(
         for name in datasets:
             row = cells[(label, name)]
             unit = "u" if row.width_name == "fc_units" else "f"
-            line.append(f"{row.params:,} ({row.width}{unit}, {row.params / row.baseline_params:.3f})")
+            line.append(f"{row.params:,} ({row.width}{unit}, {row.params / row.target:.3f})")
         table.add_row(*line)
     Console(width=200).print(table)
 
@@ -226,12 +228,12 @@ def visualize(
 
 @bench_app.command("data")
 def bench_data_command(
-    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides (data_dir=... picks MNIST)."),
-    images: int = typer.Option(4096, "--images", "-n", help="Images per measurement (the reference's epoch size)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Batch size of both pipelines."),
-    workers: str = typer.Option("0,2", "--workers", help="DataLoader worker counts for the reference, comma-separated."),
-    datasets: str = typer.Option("plain,R,RTS,P,E,TC", "--datasets", help="Datasets to measure, comma-separated."),
-    threads: int = typer.Option(0, "--threads", help="torch intra-op threads while measuring (0: torch's default)."),
+    overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides (data_dir=... picks MNIST).")] = None,
+    images: Annotated[int, typer.Option("--images", "-n", help="Images per measurement (the reference's epoch).")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Batch size of both pipelines.")] = 256,
+    workers: Annotated[str, typer.Option(help="DataLoader worker counts of the reference, comma-separated.")] = "0,2",
+    datasets: Annotated[str, typer.Option(help="Datasets to measure, comma-separated.")] = "plain,R,RTS,P,E,TC",
+    threads: Annotated[int, typer.Option(help="torch intra-op threads while measuring (0: torch's default).")] = 0,
 ) -> None:
     """Distorted images/s: our batched generator vs per-image torchvision transforms in a DataLoader."""
     import os
@@ -256,7 +258,7 @@ def bench_data_command(
     try:
         rows = bench_data(config.data_dir, images=images, batch_size=batch_size, workers=counts, datasets=names,
                           threads=threads or None)
-    except MNISTDataError as err:
+    except (MNISTDataError, ConfigError) as err:
         fail(str(err))
         return
     typer.echo(format_data_table(rows, counts))

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,8 +45,8 @@ class DatasetConfig:
     st_output_pool: int = 1  # average-pool the transformer's output by this factor (RTS, TC: 2)
     fixed_train: bool = False  # distort the training set once, up front, instead of afresh each epoch
     test_seed: int = 20151207  # the fixed test set is a pure function of this seed
-    train_limit: Optional[int] = None  # use only the first N training digits (tests, smoke runs)
-    test_limit: Optional[int] = None  # evaluate on the first N test digits only (tests, smoke runs)
+    train_limit: int | None = None  # use only the first N training digits (tests, smoke runs)
+    test_limit: int | None = None  # evaluate on the first N test digits only (tests, smoke runs)
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,9 @@ class ModelConfig:
     """Which network (the paper's Section 4.1); widths are matched to a parameter budget in `models`."""
 
     name: str = "cnn"  # fcn | cnn | st_fcn | st_cnn
-    param_budget: Optional[int] = None  # target parameter count; None = the matching baseline's count
-    fc_units: Optional[int] = None  # FCN hidden width; None = chosen to meet the budget
-    conv_filters: Optional[int] = None  # CNN filters per conv layer; None = chosen to meet the budget
+    param_budget: int | None = None  # target parameter count; None = the matching baseline's count
+    fc_units: int | None = None  # FCN hidden width; None = chosen to meet the budget
+    conv_filters: int | None = None  # CNN filters per conv layer; None = chosen to meet the budget
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class TransformerConfig:
 
     type: str = "none"  # none | affine | projective | tps
     tps_grid: int = 4  # TPS control points per side (4 -> the paper's 16)
-    output_size: Optional[int] = None  # sampler output side in pixels; None = the input's side
+    output_size: int | None = None  # sampler output side in pixels; None = the input's side
     placement: str = "input"  # input | features (on the first conv block's feature maps)
     parallel: int = 1  # transformers side by side, their outputs concatenated along channels
 
@@ -93,7 +93,7 @@ class TrainerConfig:
     resume: bool = False  # continue run_dir (or the newest run of this run_name) from its checkpoint
     # End this invocation after this many steps, with a checkpoint and no summary (time-sliced jobs);
     # continue later with trainer.resume=true. None = run to trainer.iterations.
-    stop_after: Optional[int] = None
+    stop_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ class LoggerConfig:
 
     mode: str = "offline"  # online | offline | disabled
     project: str = "stn"
-    entity: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
     images: int = 8  # input/rectified pairs logged at the end
 
@@ -119,9 +119,9 @@ class Config:
     data_dir: str = "data"
     download: bool = False  # let torchvision download MNIST when it is missing (needs internet)
     seed: int = 0
-    name: Optional[str] = None  # run name; None = derived from dataset/model/transformer
+    name: str | None = None  # run name; None = derived from dataset/model/transformer
     runs_dir: str = "runs"
-    run_dir: Optional[str] = None  # an explicit run folder (also: the folder to resume)
+    run_dir: str | None = None  # an explicit run folder (also: the folder to resume)
 
     @property
     def run_name(self) -> str:
@@ -209,9 +209,13 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose `conf/config.yaml` with Hydra-style overrides into a validated, frozen `Config`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    # conf/config.yaml lists `stn_schema` first in its defaults, so every typed field exists (and is
+    # type-checked) during composition: `dataset.train_limit=100` works although no YAML names it.
+    ConfigStore.instance().store(name="stn_schema", node=_writable_schema())
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
@@ -223,13 +227,21 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     return from_container(OmegaConf.to_container(raw, resolve=False))
 
 
-def from_container(container: Any) -> Config:
-    """Validate a plain dict (a composed config, or a saved `config.yaml`) into a `Config`."""
-    # Frozen dataclasses make every node read-only, and merging needs writes: lift the flag node by node.
+def _writable_schema() -> Any:
+    """`Config` as an OmegaConf node that merges can write into.
+
+    Frozen dataclasses make every node read-only, and merging needs writes: lift the flag node by node.
+    """
     schema = OmegaConf.structured(Config)
     OmegaConf.set_readonly(schema, False)
     for group in GROUPS:
         OmegaConf.set_readonly(schema[group], False)
+    return schema
+
+
+def from_container(container: Any) -> Config:
+    """Validate a plain dict (a composed config, or a saved `config.yaml`) into a `Config`."""
+    schema = _writable_schema()
     try:
         merged = OmegaConf.merge(schema, container)
         cfg = OmegaConf.to_object(merged)
@@ -283,6 +295,8 @@ def _explain_key(key: str) -> str:
 def _explain(err: Exception) -> str:
     """One readable line from Hydra/OmegaConf errors, keeping the key they name."""
     text = str(err).strip()
+    if err.__cause__ is not None and text.startswith("Error merging override"):
+        text = f"{text.splitlines()[0]}: {err.__cause__}"  # the cause names the key and the type
     first = text.splitlines()[0] if text else type(err).__name__
     unknown = re.match(r"Could not (?:override|append to) '([\w.]+)'", first) or re.match(
         r"Key '(\w+)' not in 'Config'", first

@@ -301,7 +301,7 @@ def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, 
 def _as_float(digits: Tensor) -> Tensor:
     """(B, 28, 28) uint8 or float in [0, 1] -> (B, 1, 28, 28) float32 in [0, 1]."""
     if digits.dtype == torch.uint8:
-        return digits.unsqueeze(1).to(torch.float32).mul_(1.0 / 255.0)
+        return digits.unsqueeze(1).to(torch.float32).div_(255.0)
     return digits.unsqueeze(1).to(torch.float32)
 
 
@@ -326,7 +326,7 @@ def _clutter_pixels(source: Tensor, params: dict[str, Tensor], size: int, patch:
     batch, device = len(index), index.device
     start = (index * DIGIT + crop[..., 1]) * DIGIT + crop[..., 0]  # (B, n) flat top-left in the source digits
     values = source.reshape(-1)[start[..., None] + _patch_offsets(patch, DIGIT, device)]  # (B, n, c*c)
-    values = values.to(torch.float32).mul_(1.0 / 255.0) if source.dtype == torch.uint8 else values.float()
+    values = values.to(torch.float32).div_(255.0) if source.dtype == torch.uint8 else values.float()
     target = position[..., 1] * size + position[..., 0]  # (B, n) flat top-left in the canvas
     flat = target[..., None] + _patch_offsets(patch, size, device)  # (B, n, c*c)
     return flat.reshape(batch, -1), values.reshape(batch, -1)
@@ -447,11 +447,11 @@ class TrainStream:
         """The next (images (B, 1, S, S) float32, labels (B,) int64) on the stream's device."""
         index = self._permutation()[self.position * self.batch_size:(self.position + 1) * self.batch_size]
         if self.fixed is not None:
-            images = self.fixed[index]
+            images = self.fixed.index_select(0, index)
         else:
             generator = _generator(self.device, self.seed, "batch", self.epoch, self.position)
-            images, _ = distort(self.digits[index], self.cfg, generator, self.clutter_source)
-        labels = self.labels[index]
+            images, _ = distort(self.digits.index_select(0, index), self.cfg, generator, self.clutter_source)
+        labels = self.labels.index_select(0, index)
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0

@@ -379,7 +379,7 @@ class ParameterRow:
     params: int
     width_name: str  # fc_units | conv_filters
     width: int
-    baseline_params: int  # the count it is matched to (its own for the baselines)
+    target: int  # the count it is matched to: model.param_budget, else its baseline's (a baseline: its own)
 
 
 def parameter_table(
@@ -394,8 +394,11 @@ def parameter_table(
             width = classifier_width(cfg)
             params = _count(cfg, width)
             name = cfg.model.name
-            baseline = (
-                params if name in ("fcn", "cnn") else count_parameters_of(baseline_config(cfg, _family(name)))
-            )
-            rows.append(ParameterRow(label, dataset, params, _width_key(name), width, baseline))
+            if cfg.model.param_budget is not None:
+                target = cfg.model.param_budget
+            elif name in ("fcn", "cnn"):
+                target = params
+            else:
+                target = count_parameters_of(baseline_config(cfg, _family(name)))
+            rows.append(ParameterRow(label, dataset, params, _width_key(name), width, target))
     return rows

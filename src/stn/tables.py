@@ -123,9 +123,8 @@ class TableReport:
     fresh: int = 0  # trained from scratch by this call
     resumed: int = 0  # continued from a checkpoint by this call
     failed: int = 0
-    stopped: int = (
-        0  # stopped early with a checkpoint (a signal, or trainer.stop_after): the next call resumes
-    )
+    # Stopped early with a checkpoint (a signal, or trainer.stop_after): the next call resumes them.
+    stopped: int = 0
     files: dict[str, Path] = field(default_factory=dict)
     wandb_dir: Path | None = None
 
@@ -393,34 +392,34 @@ def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, A
     return "\n".join(lines) + "\n"
 
 
+RESULT_COLUMNS = ("row", "column", "cell", "status", "ours_mean", "ours_std", "paper", "diff", "seeds_done",
+                  "seeds", "errors")  # fmt: skip
+
+
+def result_row(x: CellResult) -> list[Any]:
+    """One cell as a row of RESULT_COLUMNS (results.csv and the W&B table); None where there is no value."""
+    errors = ";".join(f"{seed}:{err:.4f}" for seed, err in sorted(x.errors.items()))
+    return [
+        x.row,
+        x.column,
+        x.cell,
+        x.status,
+        x.mean,
+        x.std,
+        x.paper,
+        x.diff,
+        len(x.errors),
+        len(x.seeds),
+        errors,
+    ]
+
+
 def render_csv(results: Sequence[CellResult]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        [
-            "row",
-            "column",
-            "cell",
-            "status",
-            "ours_mean",
-            "ours_std",
-            "paper",
-            "diff",
-            "seeds_done",
-            "seeds",
-            "errors",
-        ]
-    )
+    writer.writerow(RESULT_COLUMNS)
     for x in results:
-        writer.writerow([
-            x.row, x.column, x.cell, x.status,
-            "" if x.mean is None else f"{x.mean:.4f}",
-            "" if x.std is None else f"{x.std:.4f}",
-            "" if x.paper is None else x.paper,
-            "" if x.diff is None else f"{x.diff:.4f}",
-            len(x.errors), len(x.seeds),
-            ";".join(f"{seed}:{err:.4f}" for seed, err in sorted(x.errors.items())),
-        ])  # fmt: skip
+        writer.writerow(round(v, 4) if isinstance(v, float) else v for v in result_row(x))  # None -> ""
     return out.getvalue()
 
 
@@ -525,22 +524,9 @@ def log_table_to_wandb(
             settings=wandb.Settings(console="off", silent=True),
             reinit="create_new",
         ) as run:
-            columns = [
-                "row",
-                "column",
-                "cell",
-                "status",
-                "ours_mean",
-                "ours_std",
-                "paper",
-                "diff",
-                "seeds_done",
-            ]
-            data = [
-                [x.row, x.column, x.cell, x.status, x.mean, x.std, x.paper, x.diff, len(x.errors)]
-                for x in results
-            ]
-            payload: dict[str, Any] = {"results": wandb.Table(columns=columns, data=data)}
+            payload: dict[str, Any] = {
+                "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results])
+            }
             if chart is not None:
                 payload["ours_vs_paper"] = wandb.Image(str(chart))
             run.log(payload)
@@ -594,6 +580,22 @@ def run_cell(config: Config, threads: int | None = None, fit_fn: FitFn | None = 
             import torch
 
             torch.set_num_threads(previous)
+
+
+class CellTask:
+    """The submitted callable: `run_cell`, plus submitit's checkpoint hook. On a Slurm time limit or
+    preemption (submitit's USR2), submitit calls `checkpoint` and requeues the same cell; fit then resumes
+    from the run's last checkpoint (trainer.resume=true), losing at most trainer.checkpoint_every steps."""
+
+    def __call__(
+        self, config: Config, threads: int | None = None, fit_fn: FitFn | None = None
+    ) -> dict[str, Any]:
+        return run_cell(config, threads, fit_fn)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
@@ -724,7 +726,7 @@ def run_jobs(
             while queue and len(in_flight) < width:
                 job, source = queue.popleft()
                 job.run_dir.mkdir(parents=True, exist_ok=True)
-                in_flight[pool.submit(run_cell, job.config, threads, fit_fn)] = (job, source)
+                in_flight[pool.submit(CellTask(), job.config, threads, fit_fn)] = (job, source)
                 log(f"  started {job.row} / {job.column} seed {job.seed} ({source})")
             done = [handle for handle in in_flight if handle.done()]
             if not done:
@@ -894,7 +896,7 @@ def reproduce(
                         )
                         report.stopped += 1
                         log(
-                            f"  {where} stopped with a checkpoint at step {summary.get('step')}; rerun to continue"
+                            f"  {where} stopped at step {summary.get('step')} with a checkpoint; rerun to go on"
                         )
                     else:
                         runs[(job.cell, job.seed)] = _record(
@@ -909,9 +911,7 @@ def reproduce(
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             refresh()
-            log(
-                "interrupted: the runs in flight were stopped with a checkpoint; rerun the same command to resume"
-            )
+            log("interrupted: the runs in flight stopped with a checkpoint; rerun the same command to resume")
             raise
     results = refresh()
     chart = plot_bars(results, table_dir / "ours_vs_paper.png", f"{grid.title} [{preset}]")
