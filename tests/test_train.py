@@ -88,14 +88,15 @@ def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
 
 
 def test_learning_rate_follows_step_decay(tmp_path: Path) -> None:
-    # lr(step) = lr * gamma ** (step // lr_step), checked from the logged values (StepLR stepped per iteration).
+    # Step s (1-based) trains with lr * gamma ** ((s - 1) // lr_step): StepLR stepped once per iteration.
     cfg = small(tmp_path, "trainer.iterations=12", "trainer.log_every=1", "trainer.lr_step=4",
                 "trainer.lr_gamma=0.5", "trainer.lr=0.02", "trainer.eval_every=100")
     summary = fit(cfg)
     logged = {m["step"]: m["lr"] for m in read_metrics(Path(summary["run_dir"])) if "lr" in m}
     assert sorted(logged) == list(range(1, 13))
     for step, lr in logged.items():
-        assert lr == pytest.approx(0.02 * 0.5 ** (step // 4), rel=1e-12)
+        assert lr == pytest.approx(0.02 * 0.5 ** ((step - 1) // 4), rel=1e-12)
+    assert logged[4] == pytest.approx(0.02) and logged[5] == pytest.approx(0.01)
 
 
 class ConstantClassifier(nn.Module):
@@ -272,6 +273,20 @@ def test_quiet_output_when_not_a_terminal(tmp_path: Path, capsys: pytest.Capture
     assert out.count("test error") == 2  # one line per evaluation
 
 
+def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(train_module.sys.stdout, "isatty", lambda: True)
+    console = train_module.Console(total=10, completed=2, title="R-cnn")
+    assert console.progress is not None
+    console.advance(5)
+    console.advance(6, loss=0.5, rate=12.0)
+    task = console.progress.tasks[0]
+    assert task.completed == 6 and task.fields == {"loss": "0.5000", "rate": "12.0"}
+    console.line("R-cnn step 6/10 | test error 1.00%")
+    console.close()
+    console.close()  # idempotent
+    assert "test error 1.00%" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------- real learning
 
 
@@ -292,29 +307,75 @@ def rotation_degrees(matrices: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.atan2(matrices[:, 1, 0] - matrices[:, 0, 1], matrices[:, 0, 0] + matrices[:, 1, 1]))
 
 
-@pytest.mark.slow
-def test_st_cnn_learns_to_undo_the_rotation(tmp_path: Path) -> None:
-    """On R, the affine transformer's predicted rotation tracks the rotation that undoes each test digit.
-
-    The data's params give, per test digit, `source_affine`: the map from the canvas back to the upright
-    digit, i.e. what an ideal transformer would predict (up to a common canonical pose). We compare the
-    rotation angle of the predicted theta with that of source_affine: a strong positive correlation means
-    the transformer learned to rectify (an untrained one predicts the identity for everything: no correlation).
-    """
-    cfg = compose([
-        "dataset=R", "model=st_cnn", "transformer=affine", "trainer=quick", "trainer.device=cpu",
-        "logger.mode=disabled", f"run_dir={tmp_path / 'run'}", "trainer.iterations=600", "trainer.batch_size=128",
-        "trainer.lr_step=400", "trainer.eval_every=600", "trainer.checkpoint_every=600", "++dataset.test_limit=1000",
-    ])  # fmt: skip
-    summary = fit(cfg)
+def trained_thetas(cfg: Config, run_dir: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The trained model's first-transformer theta (N, 2, 3) on cfg's test set, and the set's params."""
     model = build_model(cfg)
-    model.load_state_dict(torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["model"])
+    model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=True)["model"])
     digits, labels = load_mnist(cfg.data_dir, train=False)
     test_set = make_test_set(digits, labels, cfg.dataset)
     with torch.no_grad():
-        theta = model.trace(test_set.images).theta.reshape(-1, 2, 3)  # (N, 2, 3)
+        theta = model.trace(test_set.images).theta.reshape(-1, 2, 3)
+    return theta, test_set.params
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def test_an_ideal_transformer_rotates_by_minus_the_distortion_angle() -> None:
+    """The sign the slow test relies on, checked exactly on the data's own parameters.
+
+    A transformer's theta maps points of its (upright) output to where they lie in the input: the inverse
+    of the data's source_affine (canvas -> upright digit). In image coordinates (y down) a digit turned by
+    angle_deg (counter-clockwise on screen) gives that map a rotation of -angle_deg as measured by
+    `rotation_degrees`.
+    """
+    cfg = compose(["dataset=R", "++dataset.test_limit=64"])
+    digits, labels = load_mnist(cfg.data_dir, train=False)
+    params = make_test_set(digits, labels, cfg.dataset).params
+    source = params["source_affine"].double().reshape(-1, 2, 3)
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(len(source), 1, 3)
+    ideal = torch.linalg.inv(torch.cat([source, bottom], dim=1))[:, :2]  # (N, 2, 3)
+    torch.testing.assert_close(rotation_degrees(ideal[:, :, :2]), -params["angle_deg"].double(), atol=1e-4, rtol=0)
+
+
+def quick(tmp_path: Path, *overrides: str) -> Config:
+    return compose(["trainer=quick", "trainer.device=cpu", "logger.mode=disabled", f"run_dir={tmp_path / 'run'}",
+                    *overrides])
+
+
+@pytest.mark.slow
+def test_st_fcn_learns_to_undo_the_rotation(tmp_path: Path) -> None:
+    """R, 2000 steps of batch 128 (seconds: the FCN is cheap): the predicted rotation tracks -angle_deg.
+
+    An untrained transformer predicts the identity for every digit (no correlation at all). Seeds 0-2 gave
+    correlations of -0.83, -0.79 and -0.70 after 1500-2000 steps; -0.5 leaves room. (The ST-CNN learns
+    rotation too slowly at the paper's learning rate for a CPU test: its predicted angles still spread
+    only ~4 degrees after 1000 steps; its test below checks translation on RTS instead.)
+    """
+    cfg = quick(tmp_path, "dataset=R", "model=st_fcn", "transformer=affine", "trainer.iterations=2000",
+                "trainer.lr_step=2000", "trainer.eval_every=2000", "trainer.checkpoint_every=2000",
+                "++dataset.test_limit=1000")
+    summary = fit(cfg)
+    theta, params = trained_thetas(cfg, tmp_path / "run")
     predicted = rotation_degrees(theta[:, :, :2])
-    undo = rotation_degrees(test_set.params["source_affine"].reshape(-1, 2, 3)[:, :, :2])
-    correlation = torch.corrcoef(torch.stack([predicted, undo]))[0, 1]
-    assert correlation > 0.5, (float(correlation), summary["test_error"])
+    assert correlation(predicted, params["angle_deg"]) < -0.5, summary
+    assert predicted.std() > 5.0  # it really turns digits, by tens of degrees
     assert summary["test_error"] < 30.0
+
+
+@pytest.mark.slow
+def test_st_cnn_learns_to_find_the_digit(tmp_path: Path) -> None:
+    """RTS, 400 steps of batch 128: the ST-CNN's predicted translation follows where the digit was placed.
+
+    The ideal theta's translation is the digit centre's offset from the canvas centre in normalised units,
+    translation (px) / (size / 2): correlation with the true offset is positive on both axes. Seed 0 gave
+    about 0.9 after 300 steps (its correlation against source_affine's shift was -0.89).
+    """
+    cfg = quick(tmp_path, "dataset=RTS", "model=st_cnn", "transformer=affine", "trainer.iterations=400",
+                "trainer.eval_every=400", "trainer.checkpoint_every=400", "++dataset.test_limit=1000")
+    summary = fit(cfg)
+    theta, params = trained_thetas(cfg, tmp_path / "run")
+    for axis in (0, 1):  # x, y
+        assert correlation(theta[:, axis, 2], params["translation"][:, axis]) > 0.7, (axis, summary)
+    assert summary["test_error"] < 50.0

@@ -101,7 +101,7 @@ def _time_ours(digits: Tensor, labels: Tensor, cfg: DatasetConfig, images: int, 
     return seen / (time.perf_counter() - start)
 
 
-def bench_data(root: str, images: int = 4096, batch_size: int = 256, workers: tuple[int, ...] = (0, 2),
+def bench_data(root: str, images: int = 8192, batch_size: int = 256, workers: tuple[int, ...] = (0, 2),
                datasets: tuple[str, ...] = DATASETS, min_seconds: float = 0.5,
                threads: int | None = None) -> list[dict[str, Any]]:
     """Images/s per dataset: ours on the CPU (and CUDA if present) beside the per-image reference.

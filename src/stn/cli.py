@@ -90,7 +90,7 @@ def data_preview(
 
     try:
         path = preview(config, out, count=count, split=split)
-    except MNISTDataError as err:
+    except (MNISTDataError, ValueError) as err:  # ValueError: a bad --split or --count
         fail(str(err))
         return
     typer.echo(f"wrote {path}")
@@ -229,11 +229,14 @@ def visualize(
 @bench_app.command("data")
 def bench_data_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides (data_dir=... picks MNIST).")] = None,
-    images: Annotated[int, typer.Option("--images", "-n", help="Images per measurement (the reference's epoch).")] = 4096,
+    images: Annotated[int, typer.Option("--images", "-n", help="Images per measurement (the reference's epoch).")] = 8192,
     batch_size: Annotated[int, typer.Option(help="Batch size of both pipelines.")] = 256,
     workers: Annotated[str, typer.Option(help="DataLoader worker counts of the reference, comma-separated.")] = "0,2",
     datasets: Annotated[str, typer.Option(help="Datasets to measure, comma-separated.")] = "plain,R,RTS,P,E,TC",
-    threads: Annotated[int, typer.Option(help="torch intra-op threads while measuring (0: torch's default).")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="torch threads while measuring; 1 = one core, like the reference's main process; "
+                          "0 = torch's default.")
+    ] = 1,
 ) -> None:
     """Distorted images/s: our batched generator vs per-image torchvision transforms in a DataLoader."""
     import os

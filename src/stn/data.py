@@ -2,12 +2,15 @@
 
 Each distortion is one sampling grid that maps every point of the OUTPUT canvas to a point of the SOURCE
 28x28 digit (normalised coordinates, `align_corners=False`, see `stn.spatial`), so a whole batch is warped
-by a single `grid_sample`, on the digits' device, with no per-image Python loop. In pixel terms the
-forward map (digit -> canvas) of R, RTS, plain and TC is
+by a single `grid_sample`, on the digits' device, with no per-image Python loop (whole-pixel translations,
+plain and TC, are exact copies and done by a scatter instead). In pixel terms the forward map (digit ->
+canvas) of R, RTS, plain and TC is
 
     canvas = centre_S + translation + scale * Rot(angle) (digit - centre_28)
 
-with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n - 1) / 2; P follows the
+with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n - 1) / 2. RTS draws the
+translation per axis from U[-(S/2 - 14 scale), +(S/2 - 14 scale)], which keeps the scaled 28x28 box (before
+rotation) inside the canvas, and so the disc it inscribes at any angle, where MNIST's ink lies. P follows the
 scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px, and
 E follows it with a thin plate spline whose 4x4 control points sample the scaled digit at offsets drawn from
 N(0, tps_std) px. TC pastes the digit at a whole-pixel position of the 60x60 canvas and composes six 6x6

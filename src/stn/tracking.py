@@ -118,6 +118,8 @@ class Tracker:
                 tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
                 config=to_dict(cfg),
                 mode=self.mode,
+                # Decided per run: wandb would otherwise keep the first run's folder for the whole process.
+                dir=os.environ.get("WANDB_DIR") or os.getcwd(),
                 # console="off": our progress bar is not W&B's business; silent: we print the one line that matters.
                 settings=wandb.Settings(console="off", silent=True),
             )

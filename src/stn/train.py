@@ -88,7 +88,7 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig) -> torch.optim.SGD
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.StepLR:
-    """Stepped once per iteration: lr(step) = lr * lr_gamma ** (step // lr_step)."""
+    """Stepped once per iteration: step s (1-based) trains with lr * lr_gamma ** ((s - 1) // lr_step)."""
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=trainer.lr_step, gamma=trainer.lr_gamma)
 
 
@@ -459,6 +459,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 loss = train_step(forward, optimizer, images, labels, amp=amp)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on)
                 scheduler.step()
                 step += 1
                 loss_sum += loss
@@ -472,7 +473,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                     seconds = max(now - interval_start - paused, 1e-9)
                     images_done = (step - logged_step) * trainer.batch_size
                     final_loss = float(loss_sum) / (step - logged_step)
-                    record = {"step": step, "loss": final_loss, "lr": scheduler.get_last_lr()[0],
+                    record = {"step": step, "loss": final_loss, "lr": lr,
                               "images_per_s": images_done / seconds, "time_s": wall_before + now - started}
                     append_metrics(metrics_path, record)
                     tracker.log({k: v for k, v in record.items() if k != "step"}, step)
@@ -488,7 +489,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                     tracker.log({"test_error": test_error}, step)
                     loss_text = "-" if final_loss is None else f"{final_loss:.4f}"
                     console.line(f"{cfg.run_name} step {step}/{trainer.iterations} | loss {loss_text} | "
-                                 f"lr {scheduler.get_last_lr()[0]:.3g} | test error {test_error:.2f}%")
+                                 f"lr {lr:.3g} | test error {test_error:.2f}%")
                 if step % trainer.checkpoint_every == 0 or last or stopping:
                     check_finite(before_checkpoint=True)
                     clock["wall_time_s"] = wall_before + time.perf_counter() - started

@@ -1,0 +1,223 @@
+"""stn.tracking: what a W&B offline run holds after fit(), and that W&B can never stop training.
+
+The offline run is read back from its own transaction log (wandb/offline-run-*/run-*.wandb), the file
+`wandb sync` uploads, with wandb's protobuf `Record`; the log's framing (LevelDB log format, 32 KiB
+blocks of CRC32C-length-type headed chunks after a 7-byte ':W&B' header) is parsed here in a few lines,
+as wandb's own Python reader was removed when the SDK moved to its Go core.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import wandb
+from wandb.proto import wandb_internal_pb2
+
+from stn.config import Config, compose, to_dict
+from stn.models import build_model
+from stn.tracking import Tracker, has_wandb_credentials, image_pairs
+from stn.train import fit
+
+BLOCK = 32 * 1024
+HEADER = 7  # crc32c (4) + length (2) + type (1)
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    records, pending, pos = [], b"", 7
+    while pos + HEADER <= len(data):
+        if BLOCK - pos % BLOCK < HEADER:  # a block's tail too short for a header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        if kind == FULL:
+            records.append(chunk)
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            records.append(pending + chunk)
+    parsed = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        parsed.append(record)
+    return parsed
+
+
+def offline_run(root: Path) -> dict[str, Any]:
+    """config, tags, group, history rows and final summary of the single offline run under root/wandb."""
+    logs = list(root.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, logs
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "file": logs[0]}
+    for record in read_records(logs[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["tags"], run["group"], run["id"] = list(record.run.tags), record.run.run_group, record.run.run_id
+            updates = record.run.config.update
+        elif kind == "config":
+            updates = record.config.update
+        elif kind == "history":
+            run["history"].append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                                   for item in record.history.item})
+            continue
+        elif kind == "summary":
+            for item in record.summary.update:
+                run["summary"]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+            continue
+        else:
+            continue
+        for item in updates:
+            run["config"][item.key] = json.loads(item.value_json)
+    return run
+
+
+def small(tmp_path: Path, *overrides: str) -> Config:
+    return compose([
+        "trainer=smoke", "trainer.device=cpu", f"runs_dir={tmp_path / 'runs'}", "++dataset.train_limit=512",
+        "++dataset.test_limit=200", *overrides,
+    ])  # fmt: skip
+
+
+def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = small(tmp_path, "model=st_cnn", "transformer=affine", "logger.mode=offline", "logger.group=g1",
+                "logger.tags=[extra]", "logger.images=3")
+    summary = fit(cfg)
+    run = offline_run(tmp_path)
+    # summary.json says where the run is, and it is in ./wandb of the working directory (for `wandb sync`).
+    assert summary["wandb"]["mode"] == "offline" and summary["wandb"]["id"] == run["id"]
+    assert Path(summary["wandb"]["dir"]) == run["file"].parent
+    assert run["file"].parent.parent == tmp_path / "wandb"
+    # The config is the config as run (to_dict, run_dir filled in), the tags name the table cell.
+    expected = to_dict(cfg)
+    expected["run_dir"] = summary["run_dir"]
+    assert {k: v for k, v in run["config"].items() if k != "_wandb"} == expected
+    assert run["tags"] == ["R", "st_cnn", "affine", "extra"] and run["group"] == "g1"
+    # Curves: the same numbers as metrics.jsonl, at the same steps.
+    local = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    logged_losses = {row["_step"]: row["loss"] for row in run["history"] if "loss" in row}
+    assert logged_losses == {m["step"]: m["loss"] for m in local if "loss" in m}
+    assert all("lr" in row and "images_per_s" in row for row in run["history"] if "loss" in row)
+    logged_errors = {row["_step"]: row["test_error"] for row in run["history"] if "test_error" in row}
+    assert logged_errors == {m["step"]: m["test_error"] for m in local if "test_error" in m}
+    # The summary, including the final test error fit() returned.
+    assert run["summary"]["test_error"] == summary["test_error"]
+    assert run["summary"]["steps"] == summary["steps"] == 20
+    # Three input/rectified pairs as images (media keys arrive flattened: input_rectified/count, ...),
+    # each 28 + 2 + 28 pixels wide, enlarged 3x, logged at the last step; their PNGs are in the run folder.
+    rows = [row for row in run["history"] if "input_rectified/count" in row]
+    assert len(rows) == 1 and rows[0]["_step"] == 20
+    assert rows[0]["input_rectified/count"] == 3 and rows[0]["input_rectified/_type"] == "images/separated"
+    assert rows[0]["input_rectified/width"] == 3 * (28 + 2 + 28)
+    for name in rows[0]["input_rectified/filenames"]:
+        assert (run["file"].parent / "files" / name).is_file()
+
+
+def test_disabled_mode_writes_no_wandb_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    summary = fit(small(tmp_path, "logger.mode=disabled"))
+    assert summary["wandb"] is None
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_a_failing_wandb_init_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def broken_init(**kwargs: object) -> None:
+        raise RuntimeError("the W&B service is down")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    summary = fit(small(tmp_path, "logger.mode=offline"))
+    assert summary["steps"] == 20 and summary["wandb"] is None
+    assert (Path(summary["run_dir"]) / "summary.json").is_file()
+    err = capsys.readouterr().err
+    assert err.count("the W&B service is down") == 1 and "continues without W&B" in err
+
+
+def test_a_failing_wandb_log_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    real_init = wandb.init
+
+    def init_with_broken_log(**kwargs: object) -> Any:
+        run = real_init(**kwargs)
+
+        def broken_log(*args: object, **kw: object) -> None:
+            raise ConnectionError("lost the connection")
+
+        run.log = broken_log
+        return run
+
+    monkeypatch.setattr(wandb, "init", init_with_broken_log)
+    summary = fit(small(tmp_path, "logger.mode=offline"))
+    assert summary["steps"] == 20 and summary["wandb"] is None  # turned off after the first failure
+    assert capsys.readouterr().err.count("lost the connection") == 1
+
+
+def test_online_without_credentials_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert not has_wandb_credentials()
+    summary = fit(small(tmp_path, "logger.mode=online"))
+    assert summary["wandb"]["mode"] == "offline"
+    assert offline_run(tmp_path)["summary"]["test_error"] == summary["test_error"]
+    assert "no API key" in capsys.readouterr().err
+
+
+def test_credentials_are_found_in_env_or_netrc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not has_wandb_credentials()  # no file
+    netrc.write_text("machine example.com login user password secret\n")
+    netrc.chmod(0o600)
+    assert not has_wandb_credentials()  # another host
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert has_wandb_credentials()
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert has_wandb_credentials()
+
+
+def test_image_pairs_show_the_input_beside_its_rectified_version() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, 28, 28)
+    model = build_model(compose(["model=st_cnn", "transformer=affine"]))
+    # An untrained transformer is the identity, so the right half reproduces the input exactly.
+    pairs = image_pairs(model, images)
+    assert pairs.shape == (4, 28, 28 + 2 + 28)
+    assert torch.allclose(pairs[:, :, :28], images[:, 0])
+    assert torch.equal(pairs[:, :, 28:30], torch.ones(4, 28, 2))
+    assert torch.allclose(pairs[:, :, 30:], images[:, 0], atol=1e-5)
+    assert model.training
+    # Baselines have nothing to rectify: inputs only.
+    assert image_pairs(build_model(compose(["model=cnn"])), images).shape == (4, 28, 28)
+
+
+def test_tracker_disabled_is_a_no_op(tmp_path: Path) -> None:
+    with Tracker(compose(["logger.mode=disabled"]), tmp_path) as tracker:
+        tracker.log({"loss": 1.0}, step=1)
+        tracker.set_summary({"test_error": 1.0})
+        assert not tracker.enabled and tracker.info is None
+    assert not (tmp_path / "wandb").exists()
