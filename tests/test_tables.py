@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stn.cli import app
-from stn.config import Config, to_yaml
+from stn.config import Config, compose, to_yaml
 from stn.tables import (
     PRESETS,
     SlurmOptions,
@@ -94,7 +94,8 @@ def test_user_overrides_reach_every_cell_and_reserved_keys_are_refused(tmp_path:
     cells = select_cells(grid, ["CNN", "ST-FCN TPS"], ["P"])
     jobs = plan_jobs(grid, cells, [3], "quick", ["trainer.lr=0.05"], tmp_path, "g")
     assert [job.config.trainer.lr for job in jobs] == [0.05, 0.05]
-    assert [job.config.trainer.iterations for job in jobs] == [3000, 3000]  # the preset's
+    preset_iterations = compose(["trainer=quick"]).trainer.iterations
+    assert [job.config.trainer.iterations for job in jobs] == [preset_iterations] * 2  # the preset's
     for word, option in (("seed=1", "--seeds"), ("trainer=paper", "--preset"), ("run_dir=x", "--out")):
         with pytest.raises(TableError, match=option):
             plan_jobs(grid, cells, [0], "quick", [word], tmp_path, "g")

@@ -82,17 +82,22 @@ def offline_run(root: Path) -> dict[str, Any]:
     return run
 
 
+@pytest.fixture(autouse=True)
+def _wandb_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No outside W&B settings: the mode and folder come from the config and the working directory."""
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def small(tmp_path: Path, *overrides: str) -> Config:
     return compose([
-        "trainer=smoke", "trainer.device=cpu", f"runs_dir={tmp_path / 'runs'}", "++dataset.train_limit=512",
-        "++dataset.test_limit=200", *overrides,
+        "trainer=smoke", "trainer.device=cpu", f"runs_dir={tmp_path / 'runs'}", "dataset.train_limit=512",
+        "dataset.test_limit=200", *overrides,
     ])  # fmt: skip
 
 
 def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = small(tmp_path, "model=st_cnn", "transformer=affine", "logger.mode=offline", "logger.group=g1",
                 "logger.tags=[extra]", "logger.images=3")
     summary = fit(cfg)
@@ -174,7 +179,7 @@ def test_online_without_credentials_falls_back_to_offline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert not has_wandb_credentials()

@@ -275,11 +275,8 @@ def schema_keys() -> list[str]:
 
 
 def _explain_key(key: str) -> str:
-    """Why Hydra refused `key=...`: a typo (suggest the nearest keys) or a real key the group's YAML omits."""
+    """Why Hydra refused `key=...`: a typo; suggest the nearest keys and list the valid ones."""
     keys = schema_keys()
-    if key in keys:
-        # Hydra only overrides keys the composed YAML holds; schema-only keys need '++' (add or override).
-        return f"{key} is a valid setting but its YAML group does not list it: write ++{key}=<value>"
     section, _, leaf = key.rpartition(".")
     if section in GROUPS:
         names = [k.split(".", 1)[1] for k in keys if k.startswith(section + ".")]

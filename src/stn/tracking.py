@@ -12,6 +12,7 @@ in summary.json. `logger.mode=disabled` never imports wandb and writes no wandb 
 
 from __future__ import annotations
 
+import dataclasses
 import netrc
 import os
 import sys
@@ -75,10 +76,14 @@ def enlarge(images: Tensor, side: int = 96) -> Tensor:
 
 
 class Tracker:
-    """A W&B run for one training run, or nothing at all; never raises out of its methods."""
+    """A W&B run for one training run, or nothing at all; never raises out of its methods.
+
+    `run_dir` is the run's own folder: its path goes into the W&B config (run_dir) and W&B's notes, so a
+    W&B run leads back to config.yaml, metrics.jsonl and the checkpoint. W&B's files go to ./wandb.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
-        self.cfg = cfg
+        self.cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
         self.run_dir = Path(run_dir)
         self.run: Any = None
         self.mode = cfg.logger.mode
@@ -115,6 +120,7 @@ class Tracker:
                 group=cfg.logger.group,
                 name=cfg.run_name,
                 job_type="train",
+                notes=f"run folder: {self.run_dir}",
                 tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
                 config=to_dict(cfg),
                 mode=self.mode,

@@ -166,13 +166,45 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
             f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
             f"delete it to start that run over"
         ) from None
-    missing = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config"} - set(state)
-    if not isinstance(state, dict) or missing:
-        raise TrainingError(f"checkpoint {path} is not an stn checkpoint (missing {sorted(missing)})")
+    required = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config"}
+    if not isinstance(state, dict) or not required <= set(state):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise TrainingError(f"checkpoint {path} is not an stn checkpoint (expected keys {sorted(required)}, "
+                            f"found {found}); delete it to start that run over")
     if state["version"] != CHECKPOINT_VERSION:
         raise TrainingError(f"checkpoint {path} has format version {state['version']}, this stn reads "
                             f"{CHECKPOINT_VERSION}; delete it to start that run over")
     return state
+
+
+def checkpoint_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any, cfg: Config,
+                     clock: dict[str, float]) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly: weights, momentum, schedule, RNGs, data position."""
+    return {
+        "version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "stream": stream.state_dict(), "config": to_dict(cfg), "clock": dict(clock),
+    }  # fmt: skip
+
+
+def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any) -> None:
+    """Load a checkpoint's states into freshly built objects (the inverse of `checkpoint_state`)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise TrainingError(f"checkpoint {path} does not fit this model/data: {str(err).splitlines()[0]}; "
+                            f"delete it to start that run over") from None
+    torch.set_rng_state(state["rng"]["cpu"].cpu())
+    cuda_states = state["rng"]["cuda"]
+    if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -237,12 +269,14 @@ def has_run(folder: Path) -> bool:
     return (folder / "summary.json").is_file() or (folder / CHECKPOINT).is_file()
 
 
-def locate_run(cfg: Config) -> tuple[Path, str]:
+def locate_run(cfg: Config) -> tuple[Path | None, str]:
     """Where this run lives and how it starts: (folder, 'finished' | 'resume' | 'fresh').
 
     trainer.resume=true: run_dir (or, without one, the newest folder of this run_name under runs_dir) with
     a summary.json is 'finished', with a checkpoint is 'resume', empty or missing starts fresh there.
-    trainer.resume=false: a new folder, or run_dir if it holds no run yet (never overwrites one).
+    trainer.resume=false: run_dir if it holds no run yet (never overwrites one), else a new folder.
+    folder None = a new folder under runs_dir, claimed by `new_run_dir` once the data and model are built
+    (so a run that cannot start leaves no empty folder behind).
     """
     if cfg.run_dir:
         folder = Path(cfg.run_dir)
@@ -250,10 +284,10 @@ def locate_run(cfg: Config) -> tuple[Path, str]:
         newest = newest_run_dir(Path(cfg.runs_dir), cfg.run_name)
         if newest is None:
             print(f"trainer.resume=true: no earlier run named {cfg.run_name} under {cfg.runs_dir}; starting a new one")
-            return new_run_dir(cfg), "fresh"
+            return None, "fresh"
         folder = newest
     else:
-        return new_run_dir(cfg), "fresh"
+        return None, "fresh"
     if not cfg.trainer.resume:
         if has_run(folder):
             raise TrainingError(f"run_dir={folder} already holds a run: continue it with trainer.resume=true, "
@@ -287,7 +321,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep the metrics up to `step` (the checkpoint resumed from): a crashed run's later lines would repeat."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the crash
+            continue
     write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
@@ -370,20 +410,17 @@ def fit(cfg: Config) -> dict[str, Any]:
     from stn.models import build_model, count_parameters
 
     started = time.perf_counter()
-    folder, start = locate_run(cfg)
-    if start == "finished":
-        return finished_summary(folder, cfg)
+    found, start = locate_run(cfg)
+    if found is not None and start == "finished":
+        return finished_summary(found, cfg)
     device = resolve_device(cfg.trainer.device)
-    cfg = dataclasses.replace(cfg, run_dir=str(folder))
     trainer = cfg.trainer
     on_cuda = device.type == "cuda"
     amp, channels_last = trainer.amp and on_cuda, trainer.channels_last and on_cuda
-
-    state = load_checkpoint(folder / CHECKPOINT, device) if start == "resume" else None
-    if state is not None:
-        check_resumable(state["config"], cfg, folder / CHECKPOINT)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
+    state = None
+    if found is not None and start == "resume":
+        state = load_checkpoint(found / CHECKPOINT, device)
+        check_resumable(state["config"], cfg, found / CHECKPOINT)
 
     torch.manual_seed(cfg.seed)  # the model's initialisation
     model = build_model(cfg).to(device)
@@ -392,19 +429,14 @@ def fit(cfg: Config) -> dict[str, Any]:
     optimizer, parameters = build_optimizer(model, trainer), count_parameters(model)
     scheduler = build_scheduler(optimizer, trainer)
     stream, test_set = build_data(cfg, device)
+
+    folder = found if found is not None else new_run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, run_dir=str(folder))
+    write_atomic(folder / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
     step, clock = 0, {"wall_time_s": 0.0, "train_time_s": 0.0}
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            stream.load_state_dict(state["stream"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise TrainingError(f"checkpoint {folder / CHECKPOINT} does not fit this model/data: "
-                                f"{str(err).splitlines()[0]}") from None
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        if on_cuda and len(state["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
         step, clock = int(state["step"]), dict(state.get("clock", clock))
     metrics_path = folder / "metrics.jsonl"
     if state is not None:
@@ -413,15 +445,6 @@ def fit(cfg: Config) -> dict[str, Any]:
         metrics_path.write_text("")
     resumed_from = step if state is not None else None
     forward = torch.compile(model) if trainer.compile else model
-
-    def checkpoint() -> None:
-        save_checkpoint(folder / CHECKPOINT, {
-            "version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "stream": stream.state_dict(), "config": to_dict(cfg), "clock": dict(clock),
-        })  # fmt: skip
 
     what = f"{cfg.run_name} on {device} ({parameters:,} parameters)"
     print(f"{'resuming' if state else 'training'} {what} from step {step} of {trainer.iterations}; "
@@ -493,7 +516,8 @@ def fit(cfg: Config) -> dict[str, Any]:
                 if step % trainer.checkpoint_every == 0 or last or stopping:
                     check_finite(before_checkpoint=True)
                     clock["wall_time_s"] = wall_before + time.perf_counter() - started
-                    checkpoint()
+                    save_checkpoint(folder / CHECKPOINT,
+                                    checkpoint_state(step, model, optimizer, scheduler, stream, cfg, clock))
                 paused += time.perf_counter() - pause_start
                 if stopping and not last:
                     console.close()
