@@ -34,8 +34,14 @@ The ~400k figure recalled from the appendix is out of reach inside those ranges 
 209k, FCN at 256 units: 269k), so it is not used.
 
 Initialisation: PyTorch's defaults for every layer of every model (Kaiming-uniform weights, a=sqrt(5), and
-uniform biases), except the transformers' regression layers (zero weight, identity bias). No input
-normalisation: images enter in [0, 1], so the sampler's zero padding outside the input is the background.
+uniform biases), except the transformers' regression layers (zero weight, identity bias).
+
+Input standardisation: images enter in [0, 1] and the sampler reads them raw, so its zero padding outside the
+input is the black background. Every weight layer that reads pixels (the classification net's first layer,
+after the transformer and its pooling; the localisation nets) sees them standardised with MNIST's pixel
+statistics, (x - 0.1307) / 0.3081. Without it, PyTorch's small default initialisation leaves the FCN on its
+initial loss plateau for hundreds of steps (measured: FCN on R after 1200 quick steps, 32.8% test error
+raw vs 15.3% standardised). It has no parameters, so the counts above are unchanged.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ CNN_FILTERS_RANGE = (32, 64)  # the paper's range for CNN conv layers
 LOC_FC_UNITS = 32  # ST-FCN (and feature-placement) localisation: hidden units per layer
 LOC_CONV_FILTERS = 20  # ST-CNN localisation: filters per conv layer
 LOC_CONV_FC_UNITS = 20  # ST-CNN localisation: the fully-connected layer before the regression
+# Pixel mean and std of the 60k MNIST training digits in [0, 1] (computed: 0.13066, 0.30811).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MATCH_TOLERANCE = 0.05  # a derived width must land within 5% of its parameter target, or the build fails
 CNN_MIN_INPUT = 21  # smallest side the 9x9 conv -> ceil-pool -> 7x7 conv stack accepts
 
@@ -67,6 +75,13 @@ class Trace:
     output: Tensor  # its output after the configured pooling (B, C, H'', W'')
     theta: Tensor  # (B, P)
     grid: Tensor  # T_theta(G), normalised source coordinates (B, H', W', 2)
+
+
+class Standardize(nn.Module):
+    """(x - MNIST mean) / MNIST std; parameter-free, so it changes no parameter count."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - MNIST_MEAN) / MNIST_STD
 
 
 class DigitClassifier(nn.Module):
@@ -88,22 +103,32 @@ class DigitClassifier(nn.Module):
         self.pool = pool
         self.after = after
         self.widths = widths  # the derived classification-net width(s), e.g. {"conv_filters": 62}
+        self.standardize = Standardize()
+        # With an empty `before`, `after` reads pixels (the images, or their rectified copies); otherwise
+        # `before` reads the images and `after` reads feature maps.
+        self.after_reads_pixels = isinstance(before, nn.Identity)
 
     def _pooled(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, self.pool) if self.pool > 1 else x
 
+    def _stem(self, images: Tensor) -> Tensor:
+        """What the transformers (or, without any, `after`) receive: raw pixels, or first-block features."""
+        return images if self.after_reads_pixels else self.before(self.standardize(images))
+
     def forward(self, images: Tensor) -> Tensor:
-        x = self.before(images)
+        x = self._stem(images)
         if len(self.transformers) > 0:
             x = torch.cat([transformer(x) for transformer in self.transformers], dim=1)  # (B, N*C, H', W')
             x = self._pooled(x)
+        if self.after_reads_pixels:
+            x = self.standardize(x)
         return self.after(x)  # (B, 10)
 
     def trace(self, images: Tensor) -> Trace:
         """The first transformer's input, output (pooled as in forward), theta and grid."""
         if len(self.transformers) == 0:
             raise ValueError(f"model {self.name!r} has no spatial transformer: use st_fcn or st_cnn")
-        source = self.before(images)
+        source = self._stem(images)
         output, theta, grid = self.transformers[0].transform(source)
         return Trace(source=source, output=self._pooled(output), theta=theta, grid=grid)
 
@@ -254,15 +279,16 @@ def assemble(cfg: Config, width: int) -> DigitClassifier:
     copies = spec.parallel
     output_size = (spec.output_size, spec.output_size) if spec.output_size else None
 
-    def transformer(localisation: tuple[nn.Module, int]) -> SpatialTransformer:
+    def transformer(localisation: tuple[nn.Module, int], *, reads_pixels: bool = True) -> SpatialTransformer:
         net, features = localisation
-        return SpatialTransformer(net, features, spec.type, output_size=output_size, tps_grid=spec.tps_grid)
+        return SpatialTransformer(net, features, spec.type, output_size=output_size, tps_grid=spec.tps_grid,
+                                  preprocess=Standardize() if reads_pixels else None)
 
     if spec.placement == "features":  # st_cnn only (config.validate)
         before = cnn_first_block(1, width)
         side = cnn_first_side(size)
         transformers = nn.ModuleList(
-            transformer(fc_localisation(width, side, downsample=True)) for _ in range(copies)
+            transformer(fc_localisation(width, side, downsample=True), reads_pixels=False) for _ in range(copies)
         )
         out_side = spec.output_size or side
         _check_side(out_side, 7, "the CNN's second block", f"transformer.output_size={spec.output_size}")

@@ -187,8 +187,12 @@ class SpatialTransformer(nn.Module):
         *,
         output_size: tuple[int, int] | None = None,
         tps_grid: int = 4,
+        preprocess: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        # Applied to the localisation net's input only (e.g. standardisation); the sampler always reads the
+        # raw input, so its zero padding outside the image stays equal to the black background.
+        self.preprocess = preprocess if preprocess is not None else nn.Identity()
         self.kind = kind
         self.tps_grid = tps_grid
         self.output_size = output_size
@@ -206,7 +210,7 @@ class SpatialTransformer(nn.Module):
     def transform(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, C, H, W) -> (output (B, C, H', W'), theta (B, P), grid (B, H', W', 2))."""
         height, width = self.output_size or (x.shape[-2], x.shape[-1])
-        features = self.localisation(x)  # (B, features)
+        features = self.localisation(self.preprocess(x))  # (B, features)
         # theta, grid and sampling stay in float32 even under bf16 autocast: theta starts at the identity
         # (entries near 1), and bf16's 8-bit mantissa would round away the small updates training makes.
         with torch.autocast(device_type=x.device.type, enabled=False):
