@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
     data_dir = os.environ.get("STN_DATA_DIR")
     if not data_dir or not (Path(data_dir) / "MNIST" / "raw").is_dir():
-        pytest.skip("set STN_DATA_DIR to an MNIST root (torchvision layout) to run real training")
+        pytest.fail("these tests train on real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -247,11 +248,8 @@ def test_cell_task_requeues_itself_with_the_same_arguments(tmp_path: Path) -> No
     assert again.args[0].trainer.resume is True  # so the requeued run continues from its checkpoint
 
 
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the error cannot occur")
 def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
-    import shutil
-
-    if shutil.which("srun"):
-        pytest.skip("this machine has Slurm")
     with pytest.raises(TableError, match="needs a Slurm cluster.*--executor local"):
         reproduce(GRID, rows=["CNN"], columns=["R"], preset="smoke", executor="slurm", out=tmp_path,
                   fit_fn=fake_fit, log=lambda _: None)  # fmt: skip

@@ -47,6 +47,7 @@ raw vs 15.3% standardised). It has no parameters, so the counts above are unchan
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -168,22 +169,78 @@ def fcn_classifier(channels: int, side: int, units: int) -> nn.Sequential:
     )
 
 
-def cnn_first_block(channels: int, filters: int) -> nn.Sequential:
-    """conv 9x9 -> ReLU -> max-pool 2 (ceil)."""
-    return nn.Sequential(nn.Conv2d(channels, filters, 9), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
+class InputGradConv2d(nn.Conv2d):
+    """nn.Conv2d whose input gradient, on the CPU, is one matmul and a col2im (`F.fold`).
+
+    Same parameters, initialisation and forward as nn.Conv2d. Only the backward differs, and only where the
+    input needs a gradient (the classification net's first conv behind a spatial transformer: the gradient
+    flows on into the sampler and the grid). There oneDNN's backward-data kernel for a one-channel input
+    took 58 ms per batch of 128 against 10 ms for matmul + fold (experiments/bench/train.md); the results
+    agree to float rounding (tests/test_bench.py). Elsewhere (no input gradient, CUDA) it is nn.Conv2d.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled():
+            return _ConvFoldInputGrad.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class _ConvFoldInputGrad(torch.autograd.Function):
+    """conv2d (stride 1, no padding) with grad_input = fold(W^T @ grad_output); see InputGradConv2d."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        out_channels, kernel = weight.shape[0], weight.shape[-2:]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            batch = grad.shape[0]
+            flat = grad.contiguous().reshape(batch, out_channels, -1)  # (B, O, H'W')
+            columns = weight.reshape(out_channels, -1).t() @ flat  # (B, C*kh*kw, H'W'): every patch's gradient
+            grad_x = F.fold(columns, x.shape[-2:], kernel)  # (B, C, H, W): patches summed back in place
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [out_channels], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b
+
+
+def conv_relu_pool(channels: int, filters: int, kernel: int, *, ceil: bool, fast: bool,
+                   conv: type[nn.Conv2d] = nn.Conv2d) -> list[nn.Module]:
+    """conv -> ReLU -> max-pool 2, as [conv, ReLU, pool]; fast=True: [conv, pool, ReLU], the same function.
+
+    max(relu(x)) = relu(max(x)) holds exactly, and so do the gradients: both send each window's gradient to
+    its first maximal element, and both zero it where that maximum is <= 0. Pooling first runs the ReLU and
+    its backward on a quarter of the elements. Parameterised layers keep their positions (0), so state dicts
+    are the same either way.
+    """
+    pool = nn.MaxPool2d(2, ceil_mode=ceil)
+    layer = conv(channels, filters, kernel)
+    return [layer, pool, nn.ReLU()] if fast else [layer, nn.ReLU(), pool]
+
+
+def cnn_first_block(channels: int, filters: int, *, fast: bool = True) -> nn.Sequential:
+    """conv 9x9 -> ReLU -> max-pool 2 (ceil); fast: see `conv_relu_pool` and `InputGradConv2d`."""
+    conv = InputGradConv2d if fast else nn.Conv2d
+    return nn.Sequential(*conv_relu_pool(channels, filters, 9, ceil=True, fast=fast, conv=conv))
 
 
 def cnn_first_side(side: int) -> int:
     return _pool_side(_conv_side(side, 9), ceil=True)
 
 
-def cnn_second_block(channels: int, filters: int, side: int) -> nn.Sequential:
+def cnn_second_block(channels: int, filters: int, side: int, *, fast: bool = True) -> nn.Sequential:
     """(B, C, side, side) -> conv 7x7 -> ReLU -> max-pool 2 (ceil) -> classification layer."""
     last = _pool_side(_conv_side(side, 7), ceil=True)
     return nn.Sequential(
-        nn.Conv2d(channels, filters, 7),
-        nn.ReLU(),
-        nn.MaxPool2d(2, ceil_mode=True),
+        *conv_relu_pool(channels, filters, 7, ceil=True, fast=fast),
         nn.Flatten(),
         nn.Linear(filters * last * last, NUM_CLASSES),
     )
@@ -205,16 +262,14 @@ def fc_localisation(channels: int, side: int, *, downsample: bool) -> tuple[nn.S
     return nn.Sequential(*layers), LOC_FC_UNITS
 
 
-def conv_localisation(channels: int, side: int) -> tuple[nn.Sequential, int]:
+def conv_localisation(channels: int, side: int, *, fast: bool = True) -> tuple[nn.Sequential, int]:
     """max-pool 2 -> conv 5x5x20 -> max-pool 2 -> conv 5x5x20 -> FC 20 (+ the regression layer)."""
     last = _conv_side(_pool_side(_conv_side(_pool_side(side, ceil=False), 5), ceil=False), 5)
     if last < 1:
         raise ConfigError(f"the ST-CNN localisation net needs inputs of at least 28x28, got {side}x{side}")
     net = nn.Sequential(
         nn.MaxPool2d(2),
-        nn.Conv2d(channels, LOC_CONV_FILTERS, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *conv_relu_pool(channels, LOC_CONV_FILTERS, 5, ceil=False, fast=fast),
         nn.Conv2d(LOC_CONV_FILTERS, LOC_CONV_FILTERS, 5),
         nn.ReLU(),
         nn.Flatten(),
@@ -262,8 +317,12 @@ def check_transformer(cfg: Config) -> None:
         raise ConfigError(f"transformer.tps_grid={spec.tps_grid} must be at least 2 (the paper uses 4)")
 
 
-def assemble(cfg: Config, width: int) -> DigitClassifier:
-    """The model of `cfg` with classification-net width `width` (units for FCNs, filters for CNNs)."""
+def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
+    """The model of `cfg` with classification-net width `width` (units for FCNs, filters for CNNs).
+
+    fast=False builds the layers as the paper lists them (conv, ReLU, pool; plain nn.Conv2d): the reference
+    that the fast layout (`conv_relu_pool`, `InputGradConv2d`) must match; same parameters, same state dict.
+    """
     check_transformer(cfg)
     name, size, spec = cfg.model.name, cfg.dataset.size, cfg.transformer
     widths = {_width_key(name): width}
@@ -273,7 +332,7 @@ def assemble(cfg: Config, width: int) -> DigitClassifier:
         )
     if name == "cnn":
         side = cnn_first_side(size)
-        after = nn.Sequential(cnn_first_block(1, width), cnn_second_block(width, width, side))
+        after = nn.Sequential(cnn_first_block(1, width, fast=fast), cnn_second_block(width, width, side, fast=fast))
         return DigitClassifier(name, nn.Identity(), nn.ModuleList(), 1, after, widths)
 
     copies = spec.parallel
@@ -285,14 +344,14 @@ def assemble(cfg: Config, width: int) -> DigitClassifier:
                                   preprocess=Standardize() if reads_pixels else None)
 
     if spec.placement == "features":  # st_cnn only (config.validate)
-        before = cnn_first_block(1, width)
+        before = cnn_first_block(1, width, fast=fast)
         side = cnn_first_side(size)
         transformers = nn.ModuleList(
             transformer(fc_localisation(width, side, downsample=True), reads_pixels=False) for _ in range(copies)
         )
         out_side = spec.output_size or side
         _check_side(out_side, 7, "the CNN's second block", f"transformer.output_size={spec.output_size}")
-        after = cnn_second_block(copies * width, width, out_side)
+        after = cnn_second_block(copies * width, width, out_side, fast=fast)
         return DigitClassifier(name, before, transformers, 1, after, widths)
 
     pool = cfg.dataset.st_output_pool
@@ -303,11 +362,12 @@ def assemble(cfg: Config, width: int) -> DigitClassifier:
         )
         after: nn.Module = fcn_classifier(copies, side, width)
     else:
-        transformers = nn.ModuleList(transformer(conv_localisation(1, size)) for _ in range(copies))
+        transformers = nn.ModuleList(transformer(conv_localisation(1, size, fast=fast)) for _ in range(copies))
         where = f"transformer.output_size={spec.output_size}, dataset.st_output_pool={pool}"
         _check_side(side, CNN_MIN_INPUT, "the CNN classification net", where)
         after = nn.Sequential(
-            cnn_first_block(copies, width), cnn_second_block(width, width, cnn_first_side(side))
+            cnn_first_block(copies, width, fast=fast),
+            cnn_second_block(width, width, cnn_first_side(side), fast=fast),
         )
     return DigitClassifier(name, nn.Identity(), transformers, pool, after, widths)
 
@@ -379,9 +439,13 @@ def count_parameters_of(cfg: Config) -> int:
     return _count(cfg, classifier_width(cfg))
 
 
-def build_model(cfg: Config) -> DigitClassifier:
-    """The network `cfg` describes, initialised (PyTorch defaults; identity regression layers)."""
-    return assemble(cfg, classifier_width(cfg))
+def build_model(cfg: Config, *, fast: bool = True) -> DigitClassifier:
+    """The network `cfg` describes, initialised (PyTorch defaults; identity regression layers).
+
+    fast=False: the paper's layer order with plain nn.Conv2d, numerically the same model (see `assemble`);
+    the throughput benchmark's reference pipeline uses it.
+    """
+    return assemble(cfg, classifier_width(cfg), fast=fast)
 
 
 # ---- Table 1's parameter counts ----------------------------------------------------------------------
