@@ -189,7 +189,8 @@ def _homography(source: Tensor, target: Tensor) -> Tensor:
     zero, one = torch.zeros_like(x), torch.ones_like(x)
     rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)  # (B, 4, 8)
     rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
-    h = torch.linalg.solve(torch.cat([rows_u, rows_v], dim=1), torch.cat([u, v], dim=1))  # (B, 8)
+    # solve_ex: no singularity check, which on CUDA would read a flag back (a sync) for every batch
+    h = torch.linalg.solve_ex(torch.cat([rows_u, rows_v], dim=1), torch.cat([u, v], dim=1))[0]  # (B, 8)
     return torch.cat([h, one[:, :1]], dim=1).reshape(-1, 3, 3)
 
 
@@ -308,13 +309,26 @@ def _as_float(digits: Tensor) -> Tensor:
     return digits.unsqueeze(1).to(torch.float32)
 
 
-def _whole_pixel_shift(params: dict[str, Tensor], size: int) -> Tensor | None:
-    """(B, 2) integer top-left xy of the digit if the params are only whole-pixel translations, else None."""
-    if "source_affine" not in params or bool((params["angle_deg"] != 0).any() or (params["scale"] != 1).any()):
+def _whole_pixel_shift(params: dict[str, Tensor], size: int, whole_pixel: bool | None = None) -> Tensor | None:
+    """(B, 2) integer top-left xy of the digit if the params are only whole-pixel translations, else None.
+
+    whole_pixel=None inspects the params (reading tensors back: a host-device sync on CUDA); True/False is the
+    answer already known from the dataset config (`draws_whole_pixels`), with no sync.
+    """
+    if whole_pixel is False or "source_affine" not in params:
         return None
     top_left = params["translation"] + (size - DIGIT) / 2
     rounded = top_left.round()
+    if whole_pixel:
+        return rounded.long()
+    if bool((params["angle_deg"] != 0).any() or (params["scale"] != 1).any()):
+        return None
     return rounded.long() if bool((top_left - rounded).abs().max() < 1e-4) else None
+
+
+def draws_whole_pixels(cfg: DatasetConfig) -> bool:
+    """Whether `draw_distortion` only ever translates by whole pixels for cfg (plain, TC): no warp at all."""
+    return cfg.rotation == 0 and cfg.scale_min == cfg.scale_max == 1 and cfg.corner_std == 0 and cfg.tps_std == 0
 
 
 def _patch_offsets(patch: int, width: int, device: torch.device) -> Tensor:
@@ -336,11 +350,13 @@ def _clutter_pixels(source: Tensor, params: dict[str, Tensor], size: int, patch:
 
 
 def apply_distortion(digits: Tensor, params: dict[str, Tensor], size: int,
-                     clutter_source: Tensor | None = None, clutter_size: int = 6) -> Tensor:
+                     clutter_source: Tensor | None = None, clutter_size: int = 6,
+                     whole_pixel: bool | None = None) -> Tensor:
     """Warp digits (B, 28, 28) by `params` into (B, 1, S, S) float32 images: one grid_sample, then clutter.
 
     Whole-pixel translations (plain, TC) skip the sampler: bilinear sampling at integer offsets is an exact
     copy, so the digit is written by a scatter instead and the clutter patches by a max-scatter over it.
+    whole_pixel: see `_whole_pixel_shift` (`distort` passes it, so training never waits on the device).
     """
     batch = len(digits)
     clutter = None
@@ -348,7 +364,7 @@ def apply_distortion(digits: Tensor, params: dict[str, Tensor], size: int,
         if clutter_source is None:
             raise ValueError("these params include clutter: pass clutter_source (the split's digits)")
         clutter = _clutter_pixels(clutter_source, params, size, clutter_size)
-    shift = _whole_pixel_shift(params, size)
+    shift = _whole_pixel_shift(params, size, whole_pixel)
     if shift is not None and size == DIGIT and clutter is None:
         return _as_float(digits)  # plain MNIST: nothing to move
     if shift is not None:
@@ -380,7 +396,8 @@ def distort(digits: Tensor, cfg: DatasetConfig, generator: torch.Generator,
         raise ValueError(f"digits must be (B, 28, 28), got {tuple(digits.shape)}")
     pool = 0 if clutter_source is None else len(clutter_source)
     params = draw_distortion(cfg, len(digits), generator, device, clutter_pool=pool)
-    images = apply_distortion(digits, params, cfg.size, clutter_source, cfg.clutter_size)
+    images = apply_distortion(digits, params, cfg.size, clutter_source, cfg.clutter_size,
+                              whole_pixel=draws_whole_pixels(cfg))
     return images, params
 
 

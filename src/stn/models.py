@@ -42,6 +42,11 @@ after the transformer and its pooling; the localisation nets) sees them standard
 statistics, (x - 0.1307) / 0.3081. Without it, PyTorch's small default initialisation leaves the FCN on its
 initial loss plateau for hundreds of steps (measured: FCN on R after 1200 quick steps, 32.8% test error
 raw vs 15.3% standardised). It has no parameters, so the counts above are unchanged.
+
+Speed (build_model(cfg, fast=True), the default): every conv -> ReLU -> max-pool runs as conv -> max-pool ->
+ReLU, and the classification net's first conv is an `InputGradConv2d`. Both give the same values and
+gradients as the paper's order with plain nn.Conv2d (fast=False; equal to float rounding, tests/test_bench.py)
+and the same state dict; they only make a CPU training step faster (measured: experiments/bench/train.md).
 """
 
 from __future__ import annotations
@@ -170,20 +175,21 @@ def fcn_classifier(channels: int, side: int, units: int) -> nn.Sequential:
 
 
 class InputGradConv2d(nn.Conv2d):
-    """nn.Conv2d whose input gradient, on the CPU, is one matmul and a col2im (`F.fold`).
+    """nn.Conv2d whose input gradient, on the CPU in float32, is one batched matmul and a col2im.
 
     Same parameters, initialisation and forward as nn.Conv2d. Only the backward differs, and only where the
     input needs a gradient (the classification net's first conv behind a spatial transformer: the gradient
-    flows on into the sampler and the grid). There oneDNN's backward-data kernel for a one-channel input
-    took 58 ms per batch of 128 against 10 ms for matmul + fold (experiments/bench/train.md); the results
-    agree to float rounding (tests/test_bench.py). Elsewhere (no input gradient, CUDA) it is nn.Conv2d.
+    flows on into the sampler and the grid). There oneDNN's backward-data kernel for a one-channel input is
+    several times slower than the matmul + `fold_patches` (experiments/bench/train.md); the results agree to
+    float rounding (tests/test_bench.py). Elsewhere (no input gradient, autocast, CUDA) it is nn.Conv2d.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled():
+        cpu_float32 = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if cpu_float32 and x.requires_grad and torch.is_grad_enabled():
             return _ConvFoldInputGrad.apply(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -199,17 +205,41 @@ class _ConvFoldInputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        out_channels, kernel = weight.shape[0], weight.shape[-2:]
+        out_channels = weight.shape[0]
         grad_x = None
         if ctx.needs_input_grad[0]:
             batch = grad.shape[0]
-            flat = grad.contiguous().reshape(batch, out_channels, -1)  # (B, O, H'W')
-            columns = weight.reshape(out_channels, -1).t() @ flat  # (B, C*kh*kw, H'W'): every patch's gradient
-            grad_x = F.fold(columns, x.shape[-2:], kernel)  # (B, C, H, W): patches summed back in place
+            if grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous():
+                # (B, O, H'W') as a transposed view of the NHWC memory: bmm reads it in place, no copy
+                flat = grad.permute(0, 2, 3, 1).reshape(batch, -1, out_channels).transpose(1, 2)
+            else:
+                flat = grad.reshape(batch, out_channels, -1)  # (B, O, H'W')
+            transposed = weight.reshape(out_channels, -1).t().expand(batch, -1, -1)  # (B, C*kh*kw, O)
+            columns = torch.bmm(transposed, flat)  # (B, C*kh*kw, H'W'): each output pixel's patch gradient
+            grad_x = fold_patches(columns, x.shape, weight.shape[-2:])  # (B, C, H, W)
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, x, weight, [out_channels], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
             [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
         return grad_x, grad_w, grad_b
+
+
+def fold_patches(columns: Tensor, shape: torch.Size, kernel: torch.Size) -> Tensor:
+    """F.fold for stride 1, no padding: sum each output pixel's (C, kh, kw) patch back into the input.
+
+    columns (B, C*kh*kw, H'*W') -> (B, C, H, W). Done as kw shifted adds along x, then kh along y, on
+    contiguous slices: twice as fast on the CPU as F.fold's per-element col2im (experiments/bench/train.md).
+    """
+    batch, channels, height, width = shape
+    kh, kw = kernel
+    out_h, out_w = height - kh + 1, width - kw + 1
+    patches = columns.reshape(batch, channels, kh, kw, out_h, out_w)
+    rows = columns.new_zeros(batch, channels, kh, out_h, width)  # the x-sums, one per kernel row
+    for j in range(kw):
+        rows[..., j:j + out_w] += patches[:, :, :, j]
+    summed = columns.new_zeros(batch, channels, height, width)
+    for i in range(kh):
+        summed[:, :, i:i + out_h] += rows[:, :, i]
+    return summed
 
 
 def conv_relu_pool(channels: int, filters: int, kernel: int, *, ceil: bool, fast: bool,
@@ -332,7 +362,9 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
         )
     if name == "cnn":
         side = cnn_first_side(size)
-        after = nn.Sequential(cnn_first_block(1, width, fast=fast), cnn_second_block(width, width, side, fast=fast))
+        after = nn.Sequential(
+            cnn_first_block(1, width, fast=fast), cnn_second_block(width, width, side, fast=fast)
+        )
         return DigitClassifier(name, nn.Identity(), nn.ModuleList(), 1, after, widths)
 
     copies = spec.parallel
@@ -362,7 +394,9 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
         )
         after: nn.Module = fcn_classifier(copies, side, width)
     else:
-        transformers = nn.ModuleList(transformer(conv_localisation(1, size, fast=fast)) for _ in range(copies))
+        transformers = nn.ModuleList(
+            transformer(conv_localisation(1, size, fast=fast)) for _ in range(copies)
+        )
         where = f"transformer.output_size={spec.output_size}, dataset.st_output_pool={pool}"
         _check_side(side, CNN_MIN_INPUT, "the CNN classification net", where)
         after = nn.Sequential(

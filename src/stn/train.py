@@ -14,8 +14,11 @@ Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
 Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
 "config", "clock"}, tensors and primitives only, so it loads with torch.load(weights_only=True). Resuming
 restores all of it, so on the CPU (float32, no autocast) a run stopped and resumed ends with exactly the
-weights of an uninterrupted one (tests/test_train.py checks torch.equal). On CUDA, bf16 autocast and
-channels_last are on by default (trainer.amp, trainer.channels_last); on the CPU both are always off.
+weights of an uninterrupted one (tests/test_train.py checks torch.equal). bf16 autocast (trainer.amp) applies
+on CUDA only, so CPU runs stay float32; channels_last (trainer.channels_last) applies on both: on the CPU it
+makes oneDNN's convolutions and the max-pooling faster (experiments/bench/train.md). On the CPU, `fit` also
+keeps freed memory in the process (`keep_freed_memory`): a training step frees and reallocates the same large
+activations every iteration, and returning them to the kernel made every step page-fault them in again.
 
 Stopping: Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and raises TrainingInterrupted
 (a second Ctrl-C aborts at once); trainer.stop_after=N does the same after N steps of this invocation.
@@ -25,6 +28,7 @@ Stopping: Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import json
@@ -82,6 +86,42 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def runtime_flags(trainer: TrainerConfig, device: torch.device) -> tuple[bool, bool]:
+    """(amp, channels_last) as they apply on `device`: bf16 autocast on CUDA only, channels_last anywhere."""
+    return trainer.amp and device.type == "cuda", trainer.channels_last
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of returning it to the kernel; False if not glibc.
+
+    By default glibc serves big blocks with mmap and unmaps them on free (and trims the heap top), so the
+    same activations of every training step are page-faulted in afresh: on the 2-core CPU that was over a
+    quarter of a CNN step on RTS (266 -> 193 ms at batch 256, kernel time 5.0 -> 0.6 s) and a sixth on R
+    (experiments/bench/train.md). M_MMAP_MAX=0 serves every block from the heap, M_TRIM_THRESHOLD=1 GiB
+    keeps its free top. Process-wide, never undone.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another C library: leave its allocator alone
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_max, 0))
+
+
+def prepare_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The initialised model (seeded by cfg.seed) on `device`, in channels_last if trainer.channels_last."""
+    from stn.models import build_model
+
+    torch.manual_seed(cfg.seed)  # the model's initialisation
+    model = build_model(cfg).to(device)
+    if runtime_flags(cfg.trainer, device)[1]:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_optimizer(model: nn.Module, trainer: TrainerConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=trainer.lr, momentum=trainer.momentum,
                            weight_decay=trainer.weight_decay)
@@ -102,6 +142,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tenso
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def fit_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any, *, amp: bool,
+             channels_last: bool) -> Tensor:
+    """One iteration of `fit`: next batch -> `train_step` -> scheduler step; the loss stays on the device."""
+    images, labels = stream.next()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    loss = train_step(forward, optimizer, images, labels, amp=amp)
+    scheduler.step()
+    return loss
 
 
 @torch.no_grad()
@@ -407,7 +459,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     or null). Raises TrainingError (bad checkpoint, non-finite loss, no device) or TrainingInterrupted.
     """
     from stn.data import build_data
-    from stn.models import build_model, count_parameters
+    from stn.models import count_parameters
 
     started = time.perf_counter()
     found, start = locate_run(cfg)
@@ -415,17 +467,15 @@ def fit(cfg: Config) -> dict[str, Any]:
         return finished_summary(found, cfg)
     device = resolve_device(cfg.trainer.device)
     trainer = cfg.trainer
-    on_cuda = device.type == "cuda"
-    amp, channels_last = trainer.amp and on_cuda, trainer.channels_last and on_cuda
+    amp, channels_last = runtime_flags(trainer, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     state = None
     if found is not None and start == "resume":
         state = load_checkpoint(found / CHECKPOINT, device)
         check_resumable(state["config"], cfg, found / CHECKPOINT)
 
-    torch.manual_seed(cfg.seed)  # the model's initialisation
-    model = build_model(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(cfg, device)
     optimizer, parameters = build_optimizer(model, trainer), count_parameters(model)
     scheduler = build_scheduler(optimizer, trainer)
     stream, test_set = build_data(cfg, device)
@@ -478,12 +528,8 @@ def fit(cfg: Config) -> dict[str, Any]:
     try:
         with Tracker(cfg, folder) as tracker, stop_on_signals() as stop:
             while step < trainer.iterations:
-                images, labels = stream.next()
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                loss = train_step(forward, optimizer, images, labels, amp=amp)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on)
-                scheduler.step()
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
+                loss = fit_step(forward, optimizer, scheduler, stream, amp=amp, channels_last=channels_last)
                 step += 1
                 loss_sum += loss
                 bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), step, bad_step)

@@ -1,0 +1,286 @@
+"""The training benchmark and the fast training path: `stn bench` runs and ends with a ratio line per model;
+FLOP counts match hand counts; the fast layer layout (pool before ReLU, InputGradConv2d, channels_last) computes
+what the paper's layer order computes, to float rounding. Timings are not asserted (they belong in
+experiments/bench/train.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from stn.bench import (
+    RATIO_FORMAT,
+    TRAIN_MODELS,
+    count_step_flops,
+    model_flops_per_image,
+    nominal_peak,
+)
+from stn.cli import app
+from stn.config import compose
+from stn.data import apply_distortion, distort, draws_whole_pixels
+from stn.models import InputGradConv2d, _ConvFoldInputGrad, build_model, conv_relu_pool, fold_patches
+from stn.spatial import SpatialTransformer
+from stn.train import keep_freed_memory
+
+runner = CliRunner()
+RATIO_LINE = re.compile(r"^(?P<model>.+) ratio: (?P<ratio>\d+\.\d\d)$")
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    root = os.environ.get("STN_DATA_DIR")
+    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail("these tests read real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
+    return Path(root)
+
+
+# ---------------------------------------------------------------------------------------- the fast path
+
+
+def perturbed_pair(cfg, *, channels_last: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(fast model, paper-order model) with the same weights; regression weights nudged off zero so the
+    localisation nets get gradients too."""
+    models = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg, fast=fast)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, SpatialTransformer):
+                    module.regression.weight.copy_(torch.randn(module.regression.weight.shape, generator=generator)
+                                                   * 1e-2)
+        models.append(model)
+    if channels_last:
+        models[0] = models[0].to(memory_format=torch.channels_last)
+    return models[0], models[1]
+
+
+def logits_and_grads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    labels = torch.arange(len(images)) % 10
+    model.zero_grad()
+    logits = model(images)
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+FAST_CASES = [
+    ("dataset=R", "model=cnn"),
+    ("dataset=R", "model=st_cnn", "transformer=affine"),
+    ("dataset=P", "model=st_cnn", "transformer=projective"),
+    ("dataset=E", "model=st_cnn", "transformer=tps"),
+    ("dataset=RTS", "model=st_cnn", "transformer=tps"),  # odd maps (21 -> 13 -> 7): ceil-mode pooling
+    ("dataset=R", "model=st_cnn", "transformer=affine", "transformer.parallel=2"),  # two-channel first conv
+    ("dataset=R", "model=st_cnn", "transformer=affine", "transformer.placement=features"),
+]
+
+
+@pytest.mark.parametrize("overrides", FAST_CASES, ids=lambda case: "-".join(o.split("=")[1] for o in case))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fast_model_computes_what_the_paper_order_computes(overrides, channels_last):
+    cfg = compose(list(overrides))
+    fast, plain = perturbed_pair(cfg, channels_last=channels_last)
+    assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints load into either
+    images = torch.rand(6, 1, cfg.dataset.size, cfg.dataset.size, generator=torch.Generator().manual_seed(2))
+    fast_logits, fast_grads = logits_and_grads(fast, images)
+    plain_logits, plain_grads = logits_and_grads(plain, images)
+    if not channels_last:  # same kernels forward, and the layer swap is exact
+        assert torch.equal(fast_logits, plain_logits)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, f"no gradient for {name}"
+        scale = grad.abs().max()
+        torch.testing.assert_close(fast_grads[name] / scale, grad / scale, rtol=1e-5, atol=1e-5,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+
+
+@pytest.mark.parametrize("ceil", [True, False])
+@pytest.mark.parametrize("side", [8, 7])
+def test_pool_before_relu_is_exact_with_ties_and_negatives(ceil, side):
+    """max(relu(x)) = relu(max(x)), and the gradients too: ties (flat background, zeros) and all-negative windows."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, side, side, generator=generator)
+    x[:, :, :3] = 0.25  # a flat positive region: every window there is a tie
+    x[:, :, 3:5, :4] = -1.0  # all-negative windows
+    x[0, 0, 5:, 5:] = 0.0  # zeros
+    grad = torch.randn(3, 4, *(((side + 1) // 2 if ceil else side // 2),) * 2, generator=generator)
+    results = []
+    for fast in (False, True):
+        _, *layers = conv_relu_pool(4, 4, 1, ceil=ceil, fast=fast)  # drop the conv: pool and ReLU only
+        inputs = x.clone().requires_grad_()
+        out = nn.Sequential(*layers)(inputs)
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_fold_input_gradient_gradcheck():
+    """float64 gradcheck of the matmul + fold input gradient (and the weight/bias gradients), 3 input channels."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(_ConvFoldInputGrad.apply, (x, weight, bias))
+
+
+@pytest.mark.parametrize("shape, kernel", [((2, 1, 28, 28), (9, 9)), ((3, 2, 7, 9), (3, 4))])
+def test_fold_patches_equals_torch_fold(shape, kernel):
+    batch, channels, height, width = shape
+    locations = (height - kernel[0] + 1) * (width - kernel[1] + 1)
+    columns = torch.randn(batch, channels * kernel[0] * kernel[1], locations, dtype=torch.float64)
+    torch.testing.assert_close(fold_patches(columns, torch.Size(shape), kernel),
+                               F.fold(columns, (height, width), kernel))
+
+
+def test_input_grad_conv_under_cpu_autocast_is_plain_conv2d():
+    conv = InputGradConv2d(1, 4, 3)
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16 and "Fold" not in out.grad_fn.name()
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_input_grad_conv_matches_conv2d_and_falls_back_without_input_gradient():
+    torch.manual_seed(0)
+    conv = InputGradConv2d(1, 16, 9)
+    reference = nn.Conv2d(1, 16, 9)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.rand(5, 1, 28, 28)
+    grad = torch.randn(5, 16, 20, 20)
+    outputs = []
+    for layer in (conv, reference):
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs)
+        out.backward(grad)
+        outputs.append((out.detach(), inputs.grad, layer.weight.grad, layer.bias.grad))
+    assert torch.equal(outputs[0][0], outputs[1][0])  # the forward is F.conv2d itself
+    for ours, theirs in zip(outputs[0][1:], outputs[1][1:], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert "Fold" in conv(x.clone().requires_grad_()).grad_fn.name()
+    assert conv(x).grad_fn.name() == "ConvolutionBackward0"  # no input gradient needed: plain nn.Conv2d
+
+
+def test_training_steps_of_fast_and_paper_models_stay_together():
+    """Ten SGD steps of ST-CNN TPS on the CPU (fast layout in channels_last vs paper order): same weights to 1e-5."""
+    cfg = compose(["dataset=E", "model=st_cnn", "transformer=tps"])
+    fast, plain = perturbed_pair(cfg, channels_last=True)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (fast, plain)]
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        images, labels = torch.rand(16, 1, 28, 28, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+        for model, optimizer in zip((fast, plain), optimizers, strict=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    for (name, ours), theirs in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_keep_freed_memory_reports_and_training_still_works():
+    assert isinstance(keep_freed_memory(), bool)
+    cfg = compose(["model=cnn"])
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    logits, grads = logits_and_grads(model, torch.rand(4, 1, 28, 28))
+    assert torch.isfinite(logits).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("dataset", ["plain", "R", "RTS", "P", "E", "TC"])
+def test_distort_without_reading_tensors_back_gives_the_same_images(dataset):
+    """distort decides 'whole-pixel paste or sampler' from the config (no host-device sync on CUDA); the
+    inspecting path (whole_pixel=None) must give the same images."""
+    cfg = compose([f"dataset={dataset}"]).dataset
+    generator = torch.Generator().manual_seed(0)
+    digits = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=generator)
+    images, params = distort(digits, cfg, torch.Generator().manual_seed(1), digits)
+    inspected = apply_distortion(digits, params, cfg.size, digits, cfg.clutter_size, whole_pixel=None)
+    assert draws_whole_pixels(cfg) == (dataset in ("plain", "TC"))
+    assert torch.equal(images, inspected)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+
+def test_flop_count_of_a_tiny_model_equals_the_hand_count():
+    """conv 1->2 3x3 on 5x5 (3x3 out) -> Linear 18 -> 10. Multiply-adds per image: conv forward 3*3*2*9 = 162,
+    its weight gradient 162 (no input gradient: the images need none); Linear forward 180, weight gradient 180,
+    input gradient 180 (the conv needs it). 864 multiply-adds = 1728 FLOPs per image."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 10))
+    batch = 3
+    flops = count_step_flops(model, torch.rand(batch, 1, 5, 5), torch.arange(batch))
+    assert flops == 1728 * batch
+
+
+def test_flop_count_of_the_fcn_equals_the_hand_count():
+    """FCN on R, 208 units: forward 784*208 + 208*208 + 208*10 multiply-adds, weight gradients the same again,
+    input gradients of the last two layers only (the images need none)."""
+    cfg = compose(["dataset=R", "model=fcn"])
+    units = build_model(cfg).widths["fc_units"]
+    forward = 784 * units + units * units + units * 10
+    expected = 2 * (2 * forward + units * units + units * 10)
+    assert model_flops_per_image(cfg) == expected
+
+
+def test_fast_and_paper_models_count_the_same_flops():
+    cfg = compose(["dataset=R", "model=st_cnn", "transformer=affine"])
+    fast, plain = perturbed_pair(cfg)
+    images, labels = torch.rand(2, 1, 28, 28), torch.arange(2)
+    assert count_step_flops(fast, images, labels) == count_step_flops(plain, images, labels)
+
+
+def test_nominal_peaks_by_device_name():
+    assert nominal_peak("NVIDIA H100 80GB HBM3") == (989.0, 67.0)
+    assert nominal_peak("NVIDIA H100 PCIe") == (756.0, 51.0)
+    assert nominal_peak("NVIDIA A100-SXM4-80GB") == (312.0, 19.5)
+    assert nominal_peak("Some Future GPU") is None
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def test_stn_bench_tiny_run_ends_with_a_ratio_line_per_model(data_dir):
+    result = runner.invoke(app, [
+        "bench", "--models", "cnn,st_cnn_aff", "--rounds", "1", "--steps", "1", "--warmup", "1", "--min-turn", "0",
+        "--batch-size", "8", "--workers", "0", "--threads", "1", "--device", "cpu",
+        "-o", f"data_dir={data_dir}", "-o", "dataset.train_limit=256",
+    ])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    ratios = [RATIO_LINE.match(line) for line in lines[-2:]]
+    assert all(ratios), lines[-2:]
+    assert [match["model"] for match in ratios] == ["CNN", "ST-CNN Aff"]
+    assert all(float(match["ratio"]) > 0 for match in ratios)
+    rows = [line for line in lines if line.startswith("| CNN ") or line.startswith("| ST-CNN Aff ")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        flops, ours, reference = (float(cell.replace(",", "")) for cell in cells[1:4])
+        assert flops > 0 and ours > 0 and reference > 0
+    assert "measured matmul peak" in result.output and "load average" in result.output
+
+
+def test_ratio_format_is_the_documented_one():
+    assert RATIO_FORMAT.format(model="CNN", ratio=3.104) == "CNN ratio: 3.10"
+    assert [label for label, _ in TRAIN_MODELS] == ["FCN", "CNN", "ST-CNN Aff", "ST-CNN Proj", "ST-CNN TPS"]
+
+
+def test_stn_bench_rejects_unknown_models():
+    result = runner.invoke(app, ["bench", "--models", "cnn,resnet"])
+    assert result.exit_code == 1
+    assert "resnet" in result.output and "st_cnn_tps" in result.output and "Traceback" not in result.output
+
+
+def test_stn_bench_help_lists_the_data_subcommand():
+    result = runner.invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert "data" in result.output and "--quick" in result.output
