@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # MNIST root: $STN_DATA_DIR if set, else the shared copy beside the checkout, else ./data (downloaded).
 STN_DATA_DIR ?= $(abspath $(if $(wildcard ../shared/data/MNIST/raw/train-images-idx3-ubyte),../shared/data,data))
 export STN_DATA_DIR
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slowed training 1.5-42x
+# (experiments/bench/train.md). `stn` sets this itself, but pytest imports torch before it can.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 # The main job: a small ST-CNN on rotated MNIST with the CPU-sized schedule.
 RUN_ARGS ?= dataset=R model=st_cnn transformer=affine trainer=quick download=true
 PYTEST_ARGS ?=

@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,18 @@ def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- real training, the CLI
 
 
-def read_offline_run(folder: Path) -> dict[str, Any]:
+def read_offline_run(folder: Path, timeout_s: float = 60.0) -> dict[str, Any]:
+    """`parse_offline_run`, retried until the run record is on disk: wandb's writer is a separate process
+    (wandb-core) that can still be flushing after `finish()` returns on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = parse_offline_run(folder)
+        if "group" in info or time.monotonic() > deadline:
+            return info
+        time.sleep(0.5)
+
+
+def parse_offline_run(folder: Path) -> dict[str, Any]:
     """Group, job type and summary of an offline W&B run, from its transaction log (run-*.wandb).
 
     The log is LevelDB-style: a 7-byte header, then 32 KiB blocks of records (crc32, length, type, data);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,21 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return parsed
 
 
-def offline_run(root: Path) -> dict[str, Any]:
-    """config, tags, group, history rows and final summary of the single offline run under root/wandb."""
+def offline_run(root: Path, timeout_s: float = 60.0) -> dict[str, Any]:
+    """config, tags, group, history rows and final summary of the single offline run under root/wandb.
+
+    wandb's writer is a separate process (wandb-core) that can still be flushing after `finish()` returns on a
+    loaded machine, so read until the run record and the final summary are there (or the timeout passes).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = _parse_offline_run(root)
+        if ("id" in run and "test_error" in run["summary"]) or time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def _parse_offline_run(root: Path) -> dict[str, Any]:
     logs = list(root.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1, logs
     run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "file": logs[0]}
