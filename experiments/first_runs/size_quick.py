@@ -1,10 +1,10 @@
 """Estimate the wall time of the 36-cell Table 1 under a trainer preset on this machine (default: quick).
 
-    STN_DATA_DIR=../shared/data .venv/bin/python experiments/runs/size_quick.py [preset]
+    STN_DATA_DIR=../shared/data .venv/bin/python experiments/first_runs/size_quick.py [preset]
 
 Per cell: time 40 training steps (after 5 warm-up steps) and one evaluation on the 10k test set, then
 estimate iterations x step + (iterations / eval_every) x evaluation. Process start-up, MNIST loading and
-W&B are not included (a few seconds per cell). Results: experiments/runs/README.md.
+W&B are not included (a few seconds per cell). Results: experiments/first_runs/README.md.
 """
 
 from __future__ import annotations
