@@ -5,9 +5,7 @@ experiments/bench/train.md)."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,14 +29,6 @@ from stn.train import keep_freed_memory
 
 runner = CliRunner()
 RATIO_LINE = re.compile(r"^(?P<model>.+) ratio: (?P<ratio>\d+\.\d\d)$")
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    root = os.environ.get("STN_DATA_DIR")
-    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.fail("these tests read real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
-    return Path(root)
 
 
 # ---------------------------------------------------------------------------------------- the fast path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -24,14 +23,6 @@ from stn.data import (
 )
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    root = os.environ.get("STN_DATA_DIR")
-    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.fail("these tests read real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
-    return Path(root)
 
 
 def linked_copy(source: Path, target: Path, replace: str | None = None) -> Path:

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from stn.config import Config, DatasetConfig, compose
 from stn.data import DIGIT, TrainStream, load_mnist
+from stn.models import TABLE1_MODELS
 from stn.spatial import ALIGN_CORNERS, tps_control_points, tps_grid
 
 DATASETS = ("plain", "R", "RTS", "P", "E", "TC")
@@ -176,12 +177,8 @@ def format_data_table(rows: list[dict[str, Any]], workers: tuple[int, ...] = (0,
 # ------------------------------------------------------------------------------------ training benchmark
 
 # The models `stn bench` measures by default: Table 1's baselines and the ST-CNNs (label, config choices).
-TRAIN_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("FCN", ("model=fcn", "transformer=none")),
-    ("CNN", ("model=cnn", "transformer=none")),
-    ("ST-CNN Aff", ("model=st_cnn", "transformer=affine")),
-    ("ST-CNN Proj", ("model=st_cnn", "transformer=projective")),
-    ("ST-CNN TPS", ("model=st_cnn", "transformer=tps")),
+TRAIN_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    entry for entry in TABLE1_MODELS if not entry[0].startswith("ST-FCN")
 )
 # Nominal dense peaks in TFLOP/s (bf16 tensor cores, fp32), from NVIDIA's data sheets; first match on the
 # device name wins, so the specific names come before "H100".

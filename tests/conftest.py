@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real MNIST root from STN_DATA_DIR; a clear failure (not a skip) when it is missing."""
+    root = os.environ.get("STN_DATA_DIR")
+    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail("these tests read real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
+    return Path(root)
