@@ -170,7 +170,7 @@ def test_cli_training_errors_are_one_clear_line(tmp_path: Path) -> None:
             "model=fcn", "dataset.train_limit=256", "dataset.test_limit=100"]
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, args)  # the folder now holds a finished run
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "already holds a run" in lines[0] and "trainer.resume=true" in lines[0]
 

@@ -287,4 +287,4 @@ def test_visualize_rejects_bad_checkpoints(tmp_path):
     with pytest.raises(VisualizeError, match="do not fit"):
         load_checkpoint(mismatched)
     result = CliRunner().invoke(app, ["visualize", str(corrupt)])
-    assert result.exit_code == 1 and "not a readable PyTorch checkpoint" in result.output
+    assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output

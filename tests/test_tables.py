@@ -20,19 +20,9 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.config import Config, compose, to_yaml
-from stn.tables import (
-    PRESETS,
-    SlurmOptions,
-    TableError,
-    aggregate,
-    cell_name,
-    load_grid,
-    plan_jobs,
-    reproduce,
-    select_cells,
-    slurm_parameters,
-    summarise,
-)
+from stn.grid import TableError, cell_name, load_grid, select_cells
+from stn.launch import SlurmOptions, slurm_parameters
+from stn.tables import PRESETS, aggregate, plan_jobs, reproduce, summarise
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
 # Small enough for seconds per cell on a CPU: smoke schedule (20 steps of 32), 512 train / 200 test digits.
@@ -125,11 +115,11 @@ def test_bad_grid_file_names_the_key(tmp_path: Path) -> None:
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["reproduce-table", "--grid", str(GRID), "--rows", "CNN,Nope"])
-    assert result.exit_code == 1 and "unknown row 'Nope'" in result.output and "ST-CNN TPS" in result.output
+    assert result.exit_code == 2 and "unknown row 'Nope'" in result.output and "ST-CNN TPS" in result.output
     result = runner.invoke(app, ["reproduce-table", "--grid", str(tmp_path / "none.yaml")])
-    assert result.exit_code == 1 and "grid file" in result.output and "not found" in result.output
+    assert result.exit_code == 2 and "grid file" in result.output and "not found" in result.output
     result = runner.invoke(app, ["reproduce-table", "--grid", str(GRID), "--seeds", "0,a"])
-    assert result.exit_code == 1 and "--seeds" in result.output
+    assert result.exit_code == 2 and "--seeds" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
@@ -240,7 +230,7 @@ def test_slurm_parameters_reach_the_sbatch_file(monkeypatch: pytest.MonkeyPatch,
 
 def test_cell_task_requeues_itself_with_the_same_arguments(tmp_path: Path) -> None:
     """submitit calls `checkpoint` on a time limit/preemption and resubmits what it returns: the same cell."""
-    from stn.tables import CellTask
+    from stn.launch import CellTask
 
     [job] = plan_jobs(load_grid(GRID), [("CNN", "R")], [0], "smoke", [], tmp_path, "g")
     task = CellTask()

@@ -22,16 +22,9 @@ import stn.train as train_module
 from stn.config import Config, compose, from_container, to_dict
 from stn.data import MNISTDataError, TestSet, load_mnist, make_test_set
 from stn.models import build_model, count_parameters
-from stn.train import (
-    CHECKPOINT,
-    TrainingError,
-    TrainingInterrupted,
-    evaluate,
-    fit,
-    load_checkpoint,
-    newest_run_dir,
-    resolve_device,
-)
+from stn.config import ConfigError
+from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
+from stn.train import TrainingError, TrainingInterrupted, evaluate, fit, resolve_device
 
 SUMMARY_KEYS = {
     "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
@@ -127,7 +120,7 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(TrainingError, match="no CUDA device"):
+        with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
 
 
@@ -194,7 +187,7 @@ def test_resume_into_an_empty_folder_starts_fresh(tmp_path: Path, capsys: pytest
 def test_a_finished_run_is_never_overwritten(tmp_path: Path) -> None:
     cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
     fit(cfg)
-    with pytest.raises(TrainingError, match="already holds a run.*trainer.resume=true"):
+    with pytest.raises(RunFolderError, match="already holds a run.*trainer.resume=true"):
         fit(cfg)
 
 
@@ -206,7 +199,7 @@ def test_resume_refuses_a_mismatched_checkpoint(tmp_path: Path, change: str, nam
     run = f"run_dir={tmp_path / 'run'}"
     with pytest.raises(TrainingInterrupted):
         fit(with_trainer(small(tmp_path, run), stop_after=2))
-    with pytest.raises(TrainingError, match="different configuration") as err:
+    with pytest.raises(CheckpointError, match="different configuration") as err:
         fit(with_trainer(small(tmp_path, run, change), resume=True))
     assert str(tmp_path / "run" / CHECKPOINT) in str(err.value) and named in str(err.value)
 
@@ -225,7 +218,7 @@ def test_a_corrupt_checkpoint_is_named(tmp_path: Path) -> None:
         fit(with_trainer(small(tmp_path, run), stop_after=2))
     path = tmp_path / "run" / CHECKPOINT
     path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write without os.replace
-    with pytest.raises(TrainingError, match="unreadable") as err:
+    with pytest.raises(CheckpointError, match="unreadable") as err:
         fit(with_trainer(small(tmp_path, run), resume=True))
     assert str(path) in str(err.value)
 

@@ -2,14 +2,21 @@
 
 Config overrides are positional `key=value` words, exactly as Hydra takes them:
     stn train dataset=RTS model=st_cnn transformer=tps trainer=quick
-Each command imports its module lazily so `stn --help` stays fast.
+Each command imports its module lazily so `stn --help` stays fast, and checks its config, arguments and
+outputs (stn.config) before torch or MNIST load.
+
+Exit codes: 0 done; 2 something the user fixes by changing the command or its inputs (config, arguments,
+the files it names, a missing or corrupt MNIST, a run folder that cannot be used); 1 a failure during a
+run (a non-finite loss, a failed table cell, an I/O error); 128+N a run stopped by signal N, checkpointed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 # OpenMP worker threads that find no work spin-wait by default. When other processes also load every core
 # (parallel table cells, a shared machine), a torch op's threads wait for descheduled spinners: on a busy
@@ -20,7 +27,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 
-from stn.config import GROUPS, Config, ConfigError, compose, group_choices  # noqa: E402
+from stn.config import (  # noqa: E402
+    GROUPS,
+    MAX_PICTURES,
+    Config,
+    ConfigError,
+    UserError,
+    compose,
+    group_choices,
+    output_problems,
+    picture_problems,
+    schedule_warning,
+)
 
 app = typer.Typer(
     name="stn",
@@ -49,17 +67,44 @@ def _groups_help() -> str:
 
 
 def load_config(overrides: list[str] | None) -> Config:
-    """Compose the config or exit with the error's one-line message (no traceback)."""
+    """Compose the config or exit 2 with one line per problem (no traceback); warn about the lr schedule."""
     try:
-        return compose(overrides or [])
+        config = compose(overrides or [])
     except ConfigError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(str(err), 2)
+    note = schedule_warning(overrides or [], config)
+    if note:
+        typer.secho(note, fg=typer.colors.YELLOW, err=True)
+    return config
 
 
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `error: ...` (one line per problem) to stderr and exit with `code` (2: user-fixable, 1: failed)."""
+    for line in message.splitlines() or [""]:
+        typer.secho(f"error: {line}" if line and not line[0].isspace() else line, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def refuse(problems: list[str]) -> None:
+    """Exit 2 listing `problems` (argument or output checks), if there are any."""
+    if problems:
+        fail("\n".join(problems), 2)
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Turn the package's errors into `error:` lines and exit codes: UserError (config, arguments, files,
+    MNIST, run folders) 2; anything that failed during the run (TrainingError, TableError of a run, OSError) 1."""
+    try:
+        yield
+    except typer.Exit:  # an exit code already chosen (click's Exit is a RuntimeError)
+        raise
+    except UserError as err:
+        fail(str(err), 2)
+    except OSError as err:
+        fail(f"{type(err).__name__}: {err}", 1)
+    except RuntimeError as err:  # TrainingError and its kin: the run itself failed
+        fail(str(err), 1)
 
 
 @app.command(help=f"Train one configuration.\n\nConfig groups and their choices:\n\n{_groups_help()}")
@@ -73,17 +118,15 @@ def train(
 
         typer.echo(to_yaml(config))
         return
-    from stn.data import MNISTDataError
-    from stn.train import TrainingError, TrainingInterrupted, fit
+    refuse(output_problems(config))
+    from stn.train import TrainingInterrupted, fit
 
-    try:
-        summary = fit(config)
-    except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
-        typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(stopped.exit_code) from None
-    except (TrainingError, ConfigError, MNISTDataError) as err:
-        fail(str(err))
-        return
+    with reported():
+        try:
+            summary = fit(config)
+        except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
+            typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(stopped.exit_code) from None
     typer.echo(f"test error {summary['test_error']:.2f}% | run folder {summary['run_dir']}")
 
 
@@ -98,18 +141,35 @@ def data_preview(
 ) -> None:
     """Write a PNG grid of distorted samples with their labels."""
     config = load_config(overrides)
-    from stn.data import MNISTDataError, preview
+    limit = (config.dataset.test_limit or 10_000) if split == "test" else (config.dataset.train_limit or 60_000)
+    refuse([f"--split {split!r}: choose test or train"] * (split not in ("test", "train"))
+           + [f"--count {count}: choose 1 to {min(MAX_PICTURES, limit)} (pictures are capped at {MAX_PICTURES}; "
+              f"the {split} split has {limit} digits)"] * (not 1 <= count <= min(MAX_PICTURES, limit))
+           + picture_problems("--out", out, "preview"))
+    from stn.visualize import preview
 
-    try:
+    with reported():
         path = preview(config, out, count=count, split=split)
-    except (MNISTDataError, ValueError) as err:  # ValueError: a bad --split or --count
-        fail(str(err))
-        return
     typer.echo(f"wrote {path}")
 
 
 def _csv(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+def _seeds(value: str) -> list[int]:
+    """--seeds '0,1,2' -> [0, 1, 2]; exit 2 on non-integers, negatives or repeats (two runs in one folder)."""
+    try:
+        seeds = [int(part) for part in _csv(value) or []]
+    except ValueError:
+        fail(f"--seeds {value!r}: must be comma-separated integers, e.g. --seeds 0,1,2", 2)
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    refuse([f"--seeds {value!r}: no seeds given; e.g. --seeds 0 or --seeds 0,1,2"] * (not seeds)
+           + [f"--seeds {value!r}: seed {seed} is repeated; each seed is one run folder, give it once"
+              for seed in repeated]
+           + [f"--seeds {value!r}: seed {seed} is negative; seeds are 0 or more" for seed in seeds if seed < 0])
+    return seeds
+
 
 
 @app.command("reproduce-table")
@@ -137,33 +197,32 @@ def reproduce_table(
     """
     from rich.console import Console
 
-    from stn.tables import SlurmOptions, TableError, load_grid, reproduce, rich_table
+    from stn.grid import load_grid
+    from stn.launch import SlurmOptions
+    from stn.report import rich_table
+    from stn.tables import reproduce
 
-    try:
-        seed_list = [int(s) for s in _csv(seeds) or []]
-    except ValueError:
-        fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. --seeds 0,1,2")
-        return
-    if parallel is not None and parallel < 1:
-        fail(f"--parallel {parallel} must be at least 1")
+    seed_list = _seeds(seeds)
+    refuse([f"--parallel {parallel}: must be at least 1"] * (parallel is not None and parallel < 1)
+           + [f"--slurm-gpus {slurm_gpus}: must be 0 or more"] * (slurm_gpus < 0)
+           + [f"--slurm-cpus {slurm_cpus}: must be at least 1"] * (slurm_cpus is not None and slurm_cpus < 1)
+           + [f"--slurm-time {slurm_time}: must be at least 1 (minutes)"] * (slurm_time < 1))
     console = Console()
     try:
-        report = reproduce(
-            grid,
-            rows=_csv(rows),
-            columns=_csv(columns),
-            seeds=seed_list,
-            preset=preset,
-            overrides=overrides or [],
-            executor=executor,
-            parallel=parallel,
-            out=out,
-            slurm=SlurmOptions(partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus, time_min=slurm_time),
-            log=lambda line: console.print(line, markup=False, highlight=False),
-        )
-    except TableError as err:
-        fail(str(err))
-        return
+        with reported():
+            report = reproduce(
+                grid,
+                rows=_csv(rows),
+                columns=_csv(columns),
+                seeds=seed_list,
+                preset=preset,
+                overrides=overrides or [],
+                executor=executor,
+                parallel=parallel,
+                out=out,
+                slurm=SlurmOptions(partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus, time_min=slurm_time),
+                log=lambda line: console.print(line, markup=False, highlight=False),
+            )
     except KeyboardInterrupt:
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
@@ -194,11 +253,10 @@ def models(
     from stn.models import TABLE1_MODELS, parameter_table
 
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
-    try:
+    unknown = [name for name in datasets if name not in group_choices("dataset")]
+    refuse([f"--dataset {name!r}: not one of {', '.join(group_choices('dataset'))}" for name in unknown])
+    with reported():
         rows = parameter_table(datasets, overrides or [])
-    except ConfigError as err:
-        fail(str(err))
-        return
     table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "
                         "ratio: count / its target, the baseline's count or model.param_budget)")
     table.add_column("model")
@@ -225,16 +283,14 @@ def visualize(
     ] = None,
 ) -> None:
     """Draw test digits with the transformer's sampling grid T(G) and its output (the paper's Table 1, right)."""
-    from stn.data import MNISTDataError
-    from stn.visualize import VisualizeError, visualize_checkpoint
+    refuse([f"--count {count}: choose 1 to {MAX_PICTURES // 4} (one column per digit)"]
+           * (not 1 <= count <= MAX_PICTURES // 4)
+           + [f"checkpoint {checkpoint}: no such file; pass a run's checkpoints/last.pt"] * (not checkpoint.is_file())
+           + picture_problems("--out", out, "visualize"))
+    from stn.visualize import visualize_checkpoint
 
-    if count < 1:
-        fail(f"--count {count} must be at least 1")
-    try:
+    with reported():
         path = visualize_checkpoint(checkpoint, out, count=count, data_dir=data_dir)
-    except (VisualizeError, MNISTDataError) as err:
-        fail(str(err))
-        return
     typer.echo(f"wrote {path}")
 
 
@@ -256,26 +312,23 @@ def bench_data_command(
 
     config = load_config(overrides)
     from stn.bench import bench_data, format_data_table
-    from stn.config import group_choices
-    from stn.data import MNISTDataError
 
     names = tuple(name.strip() for name in datasets.split(",") if name.strip())
     unknown = [name for name in names if name not in group_choices("dataset")]
-    if unknown or images <= 0 or batch_size <= 0:
-        fail(f"--datasets must name entries of {group_choices('dataset')} (got {unknown}); "
-             "--images and --batch-size must be positive")
     try:
         counts = tuple(int(count) for count in workers.split(","))
     except ValueError:
-        fail(f"--workers={workers!r}: expected comma-separated integers such as 0,2")
-        return
+        fail(f"--workers {workers!r}: expected comma-separated integers such as 0,2", 2)
+    refuse([f"--datasets {datasets!r}: unknown {unknown}; choose from {', '.join(group_choices('dataset'))}"]
+           * bool(unknown or not names)
+           + [f"--images {images}: choose 1 to 60000"] * (not 1 <= images <= 60_000)
+           + [f"--batch-size {batch_size}: choose 1 to --images ({images})"] * (not 1 <= batch_size <= max(images, 1))
+           + [f"--workers {workers!r}: counts must be 0 to 64"] * any(not 0 <= c <= 64 for c in counts)
+           + [f"--threads {threads}: must be 0 (torch's default) or more"] * (threads < 0))
     start = time.perf_counter()
-    try:
+    with reported():
         rows = bench_data(config.data_dir, images=images, batch_size=batch_size, workers=counts, datasets=names,
                           threads=threads or None)
-    except (MNISTDataError, ConfigError) as err:
-        fail(str(err))
-        return
     typer.echo(format_data_table(rows, counts))
     typer.echo(f"\n{images} images per measurement, batch {batch_size}; torch threads {threads or 'default'} "
                f"of {os.cpu_count()} CPUs; wall time {time.perf_counter() - start:.1f} s")
@@ -296,7 +349,7 @@ def _bench_models(names: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
     wanted = [slug(name) for name in _csv(names) or []]
     unknown = [name for name in wanted if name not in known]
     if unknown or not wanted:
-        fail(f"--models {names!r}: unknown {unknown}; choose from {', '.join(known)}")
+        fail(f"--models {names!r}: unknown {unknown}; choose from {', '.join(known)}", 2)
     return tuple(known[name] for name in wanted)
 
 
@@ -340,8 +393,6 @@ def bench_train_command(
     overrides = [f"dataset={dataset}", f"trainer.device={device}", *(override or [])]
     config = load_config(overrides)
     from stn.bench import QUICK, TrainBenchSettings, bench_train, format_train_table, ratio_lines
-    from stn.data import MNISTDataError
-    from stn.train import TrainingError
 
     base = QUICK if quick else TrainBenchSettings()
     given = {"rounds": rounds, "steps": steps, "warmup": warmup, "workers": workers, "batch_size": batch_size,
@@ -350,7 +401,7 @@ def bench_train_command(
     if min(settings.rounds, settings.steps, settings.batch_size) < 1 or min(settings.warmup, threads) < 0 \
             or settings.min_turn_s < 0 or (settings.workers is not None and settings.workers < 0):
         fail("--rounds, --steps and --batch-size must be at least 1; --warmup, --workers, --threads and "
-             "--min-turn at least 0")
+             "--min-turn at least 0", 2)
     import torch
 
     previous_threads = torch.get_num_threads()
@@ -358,11 +409,9 @@ def bench_train_command(
         torch.set_num_threads(threads)
     start, load = time.perf_counter(), os.getloadavg()
     try:
-        result = bench_train(config, chosen, settings, tuple(overrides),
-                             log=lambda line: typer.echo(line, err=True))
-    except (MNISTDataError, ConfigError, TrainingError) as err:
-        fail(str(err))
-        return
+        with reported():
+            result = bench_train(config, chosen, settings, tuple(overrides),
+                                 log=lambda line: typer.echo(line, err=True))
     finally:
         torch.set_num_threads(previous_threads)
     typer.echo(format_train_table(result))

@@ -1,4 +1,6 @@
-"""Distorted MNIST (the paper's Appendix A): loading, batched distortion, training stream, fixed test set.
+"""Distorted MNIST (the paper's Appendix A): batched distortion, training stream, fixed test set.
+
+MNIST's files are `stn.mnist`'s; previews of these datasets are drawn by `stn.visualize`.
 
 Each distortion is one sampling grid that maps every point of the OUTPUT canvas to a point of the SOURCE
 28x28 digit (normalised coordinates, `align_corners=False`, see `stn.spatial`), so a whole batch is warped
@@ -24,162 +26,31 @@ why the test set is always generated on the CPU and then moved: CPU and GPU runs
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from stn.config import DATA_DIR_ENV, Config, DatasetConfig
+from stn.config import Config, ConfigError, DatasetConfig, dataset_problems
+from stn.mnist import MNISTDataError, load_mnist  # noqa: F401 (MNISTDataError: re-exported with the data API)
 from stn.spatial import affine_grid, projective_grid, sample, tps_control_points, tps_grid
 
 DIGIT = 28  # side of an MNIST digit in pixels
 TEST_CHUNK = 1000  # test-set generation chunk: bounds memory, and makes a limited test set a prefix of the full one
 FIXED_CHUNK = 4096  # chunk for distorting the whole training set once (fixed_train)
 
-# name -> (bytes, md5) of the four uncompressed files torchvision's MNIST reads from <root>/MNIST/raw/
-MNIST_FILES: dict[str, tuple[int, str]] = {
-    "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
-    "train-labels-idx1-ubyte": (60_008, "a25bea736e30d166cdddb491f175f624"),
-    "t10k-images-idx3-ubyte": (7_840_016, "2646ac647ad5339dbf082846283269ea"),
-    "t10k-labels-idx1-ubyte": (10_008, "27ae3e4e09519cfbb04c329615203637"),
-}
-
-
-class MNISTDataError(RuntimeError):
-    """MNIST is missing, truncated or corrupt; the message names the path, what was expected and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-_VERIFIED: dict[tuple[str, int, int], bool] = {}  # (path, size, mtime_ns) -> md5 matched
-_LOADED: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
-
-
-def _fix_hint(root: Path) -> str:
-    return (
-        f"Fix: point the data folder at a copy holding MNIST/raw/ with the four uncompressed files "
-        f"({DATA_DIR_ENV}=/path/to/folder, or the override data_dir=/path/to/folder), or pass download=true "
-        f"to let torchvision download them into {root / 'MNIST' / 'raw'} (needs internet)."
-    )
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _problems(raw: Path, check_md5: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(missing file names, descriptions of bad files). md5s are cached per (path, size, mtime)."""
-    missing, bad = [], []
-    for name, (size, md5) in MNIST_FILES.items():
-        path = raw / name
-        if not path.is_file():
-            missing.append(name)
-            continue
-        stat = path.stat()
-        if stat.st_size != size:
-            bad.append(f"{path} has {stat.st_size} bytes, expected {size} bytes (md5 {md5}): truncated or wrong file")
-            continue
-        if name not in check_md5:
-            continue
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in _VERIFIED:
-            _VERIFIED[key] = _md5(path) == md5
-        if not _VERIFIED[key]:
-            bad.append(f"{path} has the right size ({size} bytes) but not the md5 {md5}: corrupt")
-    return missing, bad
-
-
-def load_mnist(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:
-    """MNIST digits uint8 (N, 28, 28) and labels int64 (N,), read from torchvision's layout <root>/MNIST/raw.
-
-    The four files are checked (presence and size; md5 of the requested split's two files) before
-    torchvision reads them, so a missing or damaged copy fails with one `MNISTDataError` that says what to do.
-    Loaded splits are cached in-process.
-    """
-    root = Path(root).expanduser().resolve()
-    cache_key = (str(root), train)
-    if cache_key in _LOADED:
-        return _LOADED[cache_key]
-    raw = root / "MNIST" / "raw"
-    prefix = "train" if train else "t10k"
-    split_files = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    missing, bad = _problems(raw, split_files)
-    if bad:
-        raise MNISTDataError(
-            "MNIST data is damaged:\n  " + "\n  ".join(bad)
-            + f"\nFix: delete the bad file(s) and rerun with download=true (needs internet), or point the data "
-            f"folder at a good copy ({DATA_DIR_ENV}=/path/to/folder or data_dir=/path/to/folder)."
-        )
-    if missing:
-        if not download:
-            gz = [name for name in missing if (raw / f"{name}.gz").is_file()]
-            note = f" ({len(gz)} of them are there as .gz: download=true extracts them offline)" if gz else ""
-            raise MNISTDataError(
-                f"MNIST not found under {root}: missing {', '.join(str(raw / n) for n in missing)}{note}. "
-                f"Expected the four uncompressed files {', '.join(MNIST_FILES)} in {raw}. " + _fix_hint(root)
-            )
-        _download(root)
-        missing, bad = _problems(raw, split_files)
-        if missing or bad:
-            raise MNISTDataError(
-                f"torchvision's download into {raw} finished but left the data incomplete "
-                f"(missing: {missing}; bad: {bad}). " + _fix_hint(root)
-            )
-    from torchvision.datasets import MNIST
-
-    try:
-        dataset = MNIST(str(root), train=train, download=False)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise MNISTDataError(f"torchvision could not read MNIST from {raw}: {err}. " + _fix_hint(root)) from None
-    digits = dataset.data.to(torch.uint8).contiguous()
-    labels = dataset.targets.to(torch.int64).contiguous()
-    if digits.shape[1:] != (DIGIT, DIGIT) or len(digits) != len(labels):
-        raise MNISTDataError(f"unexpected MNIST shapes in {raw}: digits {tuple(digits.shape)}, labels {tuple(labels.shape)}")
-    _LOADED[cache_key] = (digits, labels)
-    return digits, labels
-
-
-def _download(root: Path) -> None:
-    from torchvision.datasets import MNIST
-
-    try:
-        MNIST(str(root), train=True, download=True)
-    except Exception as err:  # noqa: BLE001 - any network/IO failure becomes one readable error
-        reason = " ".join(str(err).split())[:600]
-        raise MNISTDataError(
-            f"download=true: torchvision could not download MNIST into {root / 'MNIST' / 'raw'}: {reason}. "
-            f"Fix: check the internet connection, or copy the four uncompressed files there yourself and point "
-            f"{DATA_DIR_ENV}=/path/to/folder (or data_dir=...) at the folder holding MNIST/."
-        ) from None
-
-
 # -------------------------------------------------------------------------------------------- distortion
 
 
 def _check_dataset(cfg: DatasetConfig) -> None:
-    if cfg.corner_std > 0 and cfg.tps_std > 0:
-        raise ValueError(
-            f"dataset {cfg.name}: corner_std={cfg.corner_std} and tps_std={cfg.tps_std} are both set; "
-            "one sampling grid can be projective or thin-plate-spline, not both: set one of them to 0"
-        )
-    if cfg.translate and DIGIT * cfg.scale_max > cfg.size:
-        raise ValueError(
-            f"dataset {cfg.name}: a digit scaled by scale_max={cfg.scale_max} ({DIGIT * cfg.scale_max:.1f} px) "
-            f"does not fit the canvas size={cfg.size}: lower dataset.scale_max or raise dataset.size"
-        )
-    if cfg.clutter and not 0 < cfg.clutter_size <= min(DIGIT, cfg.size):
-        raise ValueError(f"dataset.clutter_size={cfg.clutter_size} must lie in [1, {min(DIGIT, cfg.size)}]")
+    """The config boundary's distortion checks (`stn.config.dataset_problems`), for configs built in code."""
+    errors = dataset_problems(cfg)
+    if errors:
+        raise ConfigError(f"dataset {cfg.name}: " + "; ".join(errors))
 
 
 def _homography(source: Tensor, target: Tensor) -> Tensor:
@@ -543,65 +414,3 @@ def build_data(cfg: Config, device: torch.device | str) -> tuple[TrainStream, Te
     test_digits, test_labels = load_mnist(cfg.data_dir, train=False, download=cfg.download)
     stream = TrainStream(train_digits, train_labels, cfg.dataset, cfg.trainer.batch_size, cfg.seed, device)
     return stream, make_test_set(test_digits, test_labels, cfg.dataset, device)
-
-
-# ------------------------------------------------------------------------------------------------ preview
-
-PREVIEW_TILE = 112  # target tile side in pixels; digits are upscaled by round(PREVIEW_TILE / S)
-PREVIEW_LABEL = 22  # height of the label strip under each tile
-PREVIEW_GAP = 6
-PREVIEW_HEADER = 30
-
-
-def preview_layout(size: int, count: int) -> tuple[int, int, int, int]:
-    """(zoom, columns, rows, tile) of a preview grid of `count` S x S samples."""
-    zoom = max(1, round(PREVIEW_TILE / size))
-    columns = math.ceil(math.sqrt(count))
-    return zoom, columns, math.ceil(count / columns), size * zoom
-
-
-def draw_grid(images: Tensor, labels: Tensor, title: str) -> Any:
-    """A PIL image: samples upscaled (nearest, so pixels stay visible), framed, each label drawn below it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    count, size = len(images), images.shape[-1]
-    zoom, columns, rows, tile = preview_layout(size, count)
-    width = columns * (tile + PREVIEW_GAP) + PREVIEW_GAP
-    height = PREVIEW_HEADER + rows * (tile + PREVIEW_LABEL + PREVIEW_GAP) + PREVIEW_GAP
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=16)
-    draw.text((PREVIEW_GAP, 6), title, fill=(0, 0, 0), font=font)
-    pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    for i in range(count):
-        row, col = divmod(i, columns)
-        x = PREVIEW_GAP + col * (tile + PREVIEW_GAP)
-        y = PREVIEW_HEADER + row * (tile + PREVIEW_LABEL + PREVIEW_GAP)
-        digit = Image.fromarray(pixels[i], mode="L").resize((tile, tile), Image.NEAREST)
-        canvas.paste(digit.convert("RGB"), (x, y))
-        draw.rectangle((x - 1, y - 1, x + tile, y + tile), outline=(150, 150, 150))  # the canvas edge
-        draw.text((x + tile // 2, y + tile + PREVIEW_LABEL // 2), str(int(labels[i])), fill=(200, 0, 0),
-                  font=font, anchor="mm")
-    return canvas
-
-
-def preview(cfg: Config, out: Path, count: int = 64, split: str = "test") -> Path:
-    """Write a PNG grid of `count` distorted samples of `split` (test: the fixed test set; train: a first batch)."""
-    if split not in ("test", "train"):
-        raise ValueError(f"split={split!r}: expected 'test' or 'train'")
-    if count <= 0:
-        raise ValueError(f"count={count} must be positive")
-    dataset = cfg.dataset
-    digits, labels = load_mnist(cfg.data_dir, train=split == "train", download=cfg.download)
-    if split == "test":
-        test_set = make_test_set(digits, labels, dataclasses.replace(dataset, test_limit=count))
-        images, shown = test_set.images, test_set.labels
-    else:
-        stream = TrainStream(digits, labels, dataclasses.replace(dataset, fixed_train=False), count, cfg.seed)
-        images, shown = stream.next()
-    title = f"{dataset.name}: {len(images)} {split} samples, {dataset.size}x{dataset.size}"
-    title += f" (test_seed {dataset.test_seed})" if split == "test" else f" (seed {cfg.seed}, epoch 0)"
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_grid(images, shown, title).save(out)
-    return out

@@ -294,9 +294,7 @@ def fc_localisation(channels: int, side: int, *, downsample: bool) -> tuple[nn.S
 
 def conv_localisation(channels: int, side: int, *, fast: bool = True) -> tuple[nn.Sequential, int]:
     """max-pool 2 -> conv 5x5x20 -> max-pool 2 -> conv 5x5x20 -> FC 20 (+ the regression layer)."""
-    last = _conv_side(_pool_side(_conv_side(_pool_side(side, ceil=False), 5), ceil=False), 5)
-    if last < 1:
-        raise ConfigError(f"the ST-CNN localisation net needs inputs of at least 28x28, got {side}x{side}")
+    last = _conv_side(_pool_side(_conv_side(_pool_side(side, ceil=False), 5), ceil=False), 5)  # >= 1 from 28x28
     net = nn.Sequential(
         nn.MaxPool2d(2),
         *conv_relu_pool(channels, LOC_CONV_FILTERS, 5, ceil=False, fast=fast),
@@ -307,14 +305,6 @@ def conv_localisation(channels: int, side: int, *, fast: bool = True) -> tuple[n
         nn.ReLU(),
     )
     return net, LOC_CONV_FC_UNITS
-
-
-def _check_side(side: int, minimum: int, what: str, where: str) -> None:
-    if side < minimum:
-        raise ConfigError(
-            f"{what} gets {side}x{side} inputs ({where}), but its unpadded convolutions need at least "
-            f"{minimum}x{minimum}: raise transformer.output_size (or lower dataset.st_output_pool)"
-        )
 
 
 # ---- assembly --------------------------------------------------------------------------------------
@@ -328,32 +318,12 @@ def _width_key(name: str) -> str:
     return "fc_units" if _family(name) == "fcn" else "conv_filters"
 
 
-def check_transformer(cfg: Config) -> None:
-    """Settings `config.validate` leaves to the model builder: they only matter once a model is built."""
-    spec, name = cfg.transformer, cfg.model.name
-    if name in ("fcn", "cnn"):
-        unused = {
-            "parallel": spec.parallel != 1,
-            "placement": spec.placement != "input",
-            "output_size": spec.output_size is not None,
-        }
-        for key, is_set in unused.items():
-            if is_set:
-                raise ConfigError(f"transformer.{key} is set, but model={name} has no spatial transformer")
-        return
-    if spec.output_size is not None and spec.output_size < 1:
-        raise ConfigError(f"transformer.output_size={spec.output_size} must be positive (or null)")
-    if spec.type == "tps" and spec.tps_grid < 2:
-        raise ConfigError(f"transformer.tps_grid={spec.tps_grid} must be at least 2 (the paper uses 4)")
-
-
 def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
     """The model of `cfg` with classification-net width `width` (units for FCNs, filters for CNNs).
 
     fast=False builds the layers as the paper lists them (conv, ReLU, pool; plain nn.Conv2d): the reference
     that the fast layout (`conv_relu_pool`, `InputGradConv2d`) must match; same parameters, same state dict.
     """
-    check_transformer(cfg)
     name, size, spec = cfg.model.name, cfg.dataset.size, cfg.transformer
     widths = {_width_key(name): width}
     if name == "fcn":
@@ -381,8 +351,7 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
         transformers = nn.ModuleList(
             transformer(fc_localisation(width, side, downsample=True), reads_pixels=False) for _ in range(copies)
         )
-        out_side = spec.output_size or side
-        _check_side(out_side, 7, "the CNN's second block", f"transformer.output_size={spec.output_size}")
+        out_side = spec.output_size or side  # >= 7 (stn.config checks transformer.output_size)
         after = cnn_second_block(copies * width, width, out_side, fast=fast)
         return DigitClassifier(name, before, transformers, 1, after, widths)
 
@@ -397,8 +366,6 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
         transformers = nn.ModuleList(
             transformer(conv_localisation(1, size, fast=fast)) for _ in range(copies)
         )
-        where = f"transformer.output_size={spec.output_size}, dataset.st_output_pool={pool}"
-        _check_side(side, CNN_MIN_INPUT, "the CNN classification net", where)
         after = nn.Sequential(
             cnn_first_block(copies, width, fast=fast),
             cnn_second_block(width, width, cnn_first_side(side), fast=fast),
@@ -436,12 +403,8 @@ def classifier_width(cfg: Config) -> int:
     name, model = cfg.model.name, cfg.model
     fixed = model.fc_units if _family(name) == "fcn" else model.conv_filters
     if fixed is not None:
-        if fixed < 1:
-            raise ConfigError(f"model.{_width_key(name)}={fixed} must be positive")
         return fixed
     if model.param_budget is not None:
-        if model.param_budget < 1:
-            raise ConfigError(f"model.param_budget={model.param_budget} must be positive (or null)")
         target = model.param_budget
     elif name == "cnn":
         return CNN_FILTERS_RANGE[1]

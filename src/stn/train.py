@@ -4,25 +4,19 @@ The loop is flat and hand-written: TrainStream batch -> `train_step` (SGD with m
 per iteration, so the paper's "lr / 10 every 50k iterations" is `lr_step=50000, lr_gamma=0.1`. The loss
 stays on the device and is read back (one host-device sync) only every `trainer.log_every` steps; a
 non-finite loss is pinned to its exact step on the device as well, and stops the run with a TrainingError.
+The run folder, checkpoints and resume rules are `stn.runs`'s; this module only trains.
 
-Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
-    config.yaml          the resolved config as run (run_dir filled in)
-    metrics.jsonl        one JSON object per log/eval: step, loss, lr, images_per_s, time_s | test_error
-    summary.json         written last, atomically: its presence means the run finished
-    checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
-
-Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
-"config", "clock"}, tensors and primitives only, so it loads with torch.load(weights_only=True). Resuming
-restores all of it, so on the CPU (float32, no autocast) a run stopped and resumed ends with exactly the
-weights of an uninterrupted one (tests/test_train.py checks torch.equal). bf16 autocast (trainer.amp) applies
-on CUDA only, so CPU runs stay float32; channels_last (trainer.channels_last) applies on both: on the CPU it
-makes oneDNN's convolutions and the max-pooling faster (experiments/bench/train.md). On the CPU, `fit` also
-keeps freed memory in the process (`keep_freed_memory`): a training step frees and reallocates the same large
-activations every iteration, and returning them to the kernel made every step page-fault them in again.
+Resuming restores model, optimizer, scheduler, RNG states and the data stream's position, so on the CPU
+(float32, no autocast) a run stopped and resumed ends with exactly the weights of an uninterrupted one
+(tests/test_train.py checks torch.equal). bf16 autocast (trainer.amp) applies on CUDA only, so CPU runs stay
+float32; channels_last (trainer.channels_last) applies on both: on the CPU it makes oneDNN's convolutions and
+the max-pooling faster (experiments/bench/train.md). On the CPU, `fit` also keeps freed memory in the process
+(`keep_freed_memory`): a training step frees and reallocates the same large activations every iteration, and
+returning them to the kernel made every step page-fault them in again.
 
 Stopping: Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and raises TrainingInterrupted
 (a second Ctrl-C aborts at once); trainer.stop_after=N does the same after N steps of this invocation.
-`trainer.resume=true` continues from the checkpoint (see `locate_run` for what it picks).
+`trainer.resume=true` continues from the checkpoint (see `stn.runs.locate_run` for what it picks).
 """
 
 from __future__ import annotations
@@ -31,15 +25,13 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
-import json
 import math
-import os
-import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +39,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import Config, TrainerConfig, to_dict, to_yaml
+from stn.config import Config, ConfigError, TrainerConfig, to_dict, to_yaml
+from stn.runs import (
+    CHECKPOINT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    append_metrics,
+    check_resumable,
+    check_step,
+    finished_summary,
+    load_checkpoint,
+    locate_run,
+    locked,
+    new_run_dir,
+    save_checkpoint,
+    truncate_metrics,
+    write_atomic,
+    write_json,
+)
 from stn.tracking import Tracker
-
-CHECKPOINT_VERSION = 1
-CHECKPOINT = Path("checkpoints") / "last.pt"
-# Config keys a resumed run must share with its checkpoint: what is trained and how it is optimised.
-# Everything else (iterations, intervals, device, logging, paths) may change between invocations.
-RESUME_MUST_MATCH = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr",
-                     "trainer.momentum", "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma")
-RESUME_MAY_DIFFER = ("dataset.test_limit",)  # evaluation only
 
 
 class TrainingError(RuntimeError):
@@ -80,9 +81,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"trainer.device={name} but no CUDA device is available: use trainer.device=auto or cpu")
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available: use trainer.device=auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise TrainingError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise ConfigError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist: "
+                          f"use cuda:0 .. cuda:{max(torch.cuda.device_count() - 1, 0)}, auto or cpu")
     return device
 
 
@@ -177,56 +179,7 @@ def all_finite(model: nn.Module) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
 
-# ------------------------------------------------------------------------------------------------ files
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through `write(tmp_path)`, then rename over `path`: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise TrainingError(f"cannot read {path} ({err}); delete it to run again") from None
-    if not isinstance(data, dict):
-        raise TrainingError(f"{path} does not hold a JSON object; delete it to run again")
-    return data
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (weights_only: tensors and primitives, no code)."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # a truncated zip, a foreign pickle, ...: all mean "not a usable checkpoint"
-        raise TrainingError(
-            f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            f"delete it to start that run over"
-        ) from None
-    required = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config"}
-    if not isinstance(state, dict) or not required <= set(state):
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise TrainingError(f"checkpoint {path} is not an stn checkpoint (expected keys {sorted(required)}, "
-                            f"found {found}); delete it to start that run over")
-    if state["version"] != CHECKPOINT_VERSION:
-        raise TrainingError(f"checkpoint {path} has format version {state['version']}, this stn reads "
-                            f"{CHECKPOINT_VERSION}; delete it to start that run over")
-    return state
+# ------------------------------------------------------------------------------------------- checkpoints
 
 
 def checkpoint_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -251,141 +204,12 @@ def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torc
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
     except (RuntimeError, ValueError, KeyError) as err:
-        raise TrainingError(f"checkpoint {path} does not fit this model/data: {str(err).splitlines()[0]}; "
+        raise CheckpointError(f"checkpoint {path} does not fit this model/data: {str(err).splitlines()[0]}; "
                             f"delete it to start that run over") from None
     torch.set_rng_state(state["rng"]["cpu"].cpu())
     cuda_states = state["rng"]["cuda"]
     if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
-    """'key: saved -> now' for every RESUME_MUST_MATCH setting that differs."""
-    before, now = flatten(saved), flatten(to_dict(cfg))
-    keys = [k for k in sorted(set(before) | set(now))
-            if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH) and k not in RESUME_MAY_DIFFER]
-    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
-
-
-def check_resumable(saved: dict[str, Any], cfg: Config, path: Path) -> None:
-    changed = config_differences(saved, cfg)
-    if changed:
-        raise TrainingError(
-            f"{path} was trained with a different configuration ({'; '.join(changed)}): resume with the "
-            f"original settings, or start a new run (another run_dir, or trainer.resume=false)"
-        )
-
-
-# ------------------------------------------------------------------------------------------ run folders
-
-RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
-
-
-def new_run_dir(cfg: Config, now: dt.datetime | None = None) -> Path:
-    """Claim <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/ (mkdir is atomic: parallel runs get distinct folders)."""
-    now = now or dt.datetime.now()
-    day = Path(cfg.runs_dir) / now.strftime("%Y-%m-%d")
-    day.mkdir(parents=True, exist_ok=True)
-    stamp = now.strftime("%H%M%S")
-    for k in range(1000):
-        folder = day / (f"{stamp}-{cfg.run_name}" if k == 0 else f"{stamp}.{k}-{cfg.run_name}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise TrainingError(f"cannot create a run folder under {day}: 1000 runs named {cfg.run_name} this second")
-
-
-def newest_run_dir(runs_dir: Path, run_name: str) -> Path | None:
-    """The most recently started run folder of `run_name` under runs_dir (by date, time and suffix)."""
-    found = []
-    for folder in runs_dir.glob("*/*"):
-        match = RUN_FOLDER.match(folder.name)
-        if folder.is_dir() and match and match.group(3) == run_name:
-            found.append(((folder.parent.name, match.group(1), int(match.group(2) or 0)), folder))
-    return max(found)[1] if found else None
-
-
-def has_run(folder: Path) -> bool:
-    return (folder / "summary.json").is_file() or (folder / CHECKPOINT).is_file()
-
-
-def locate_run(cfg: Config) -> tuple[Path | None, str]:
-    """Where this run lives and how it starts: (folder, 'finished' | 'resume' | 'fresh').
-
-    trainer.resume=true: run_dir (or, without one, the newest folder of this run_name under runs_dir) with
-    a summary.json is 'finished', with a checkpoint is 'resume', empty or missing starts fresh there.
-    trainer.resume=false: run_dir if it holds no run yet (never overwrites one), else a new folder.
-    folder None = a new folder under runs_dir, claimed by `new_run_dir` once the data and model are built
-    (so a run that cannot start leaves no empty folder behind).
-    """
-    if cfg.run_dir:
-        folder = Path(cfg.run_dir)
-    elif cfg.trainer.resume:
-        newest = newest_run_dir(Path(cfg.runs_dir), cfg.run_name)
-        if newest is None:
-            print(f"trainer.resume=true: no earlier run named {cfg.run_name} under {cfg.runs_dir}; starting a new one")
-            return None, "fresh"
-        folder = newest
-    else:
-        return None, "fresh"
-    if not cfg.trainer.resume:
-        if has_run(folder):
-            raise TrainingError(f"run_dir={folder} already holds a run: continue it with trainer.resume=true, "
-                                f"or choose another run_dir")
-        return folder, "fresh"
-    if (folder / "summary.json").is_file():
-        return folder, "finished"
-    if (folder / CHECKPOINT).is_file():
-        return folder, "resume"
-    print(f"trainer.resume=true: {folder} holds no checkpoint yet; starting fresh there")
-    return folder, "fresh"
-
-
-def finished_summary(folder: Path, cfg: Config) -> dict[str, Any]:
-    """A finished run's summary.json, after checking it ran this configuration."""
-    saved = folder / "config.yaml"
-    if saved.is_file():
-        from omegaconf import OmegaConf
-
-        try:
-            saved_cfg = OmegaConf.to_container(OmegaConf.load(saved))
-        except Exception as err:
-            raise TrainingError(f"cannot read {saved} ({err}); delete {folder} to run again") from None
-        check_resumable(saved_cfg, cfg, saved)  # type: ignore[arg-type]
-    summary = read_json(folder / "summary.json")
-    print(f"{folder} already finished (test error {summary.get('test_error')}%); not training again")
-    return summary
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics up to `step` (the checkpoint resumed from): a crashed run's later lines would repeat."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line cut short by the crash
-            continue
-    write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 # -------------------------------------------------------------------------------------- console and signals
@@ -450,146 +274,214 @@ def stop_on_signals() -> Iterator[dict[str, int]]:
 # ------------------------------------------------------------------------------------------------- fit
 
 
+@dataclass
+class Session:
+    """What one invocation of `fit` trains with: built objects, the run folder and the counters."""
+
+    cfg: Config
+    folder: Path
+    device: torch.device
+    model: nn.Module
+    forward: nn.Module  # the model, or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: Any
+    test_set: Any
+    parameters: int
+    amp: bool
+    channels_last: bool
+    step: int = 0
+    resumed_from: int | None = None
+    clock: dict[str, float] = field(default_factory=lambda: {"wall_time_s": 0.0, "train_time_s": 0.0})
+
+    def checkpoint(self) -> None:
+        state = checkpoint_state(self.step, self.model, self.optimizer, self.scheduler, self.stream, self.cfg,
+                                 self.clock)
+        save_checkpoint(self.folder / CHECKPOINT, state)
+
+    def evaluate(self) -> float:
+        return evaluate(self.forward, self.test_set, self.cfg.trainer.eval_batch_size, amp=self.amp,
+                        channels_last=self.channels_last)
+
+
+def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: contextlib.ExitStack) -> Session:
+    """Build model, optimizer, schedule and data (in this order: the seeded initialisation comes first),
+    claim and lock a new run folder (found None), write its config and restore the checkpoint `state` if resuming."""
+    from stn.data import build_data
+    from stn.models import count_parameters
+
+    device = resolve_device(cfg.trainer.device)
+    amp, channels_last = runtime_flags(cfg.trainer, device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    model = prepare_model(cfg, device)
+    optimizer, parameters = build_optimizer(model, cfg.trainer), count_parameters(model)
+    scheduler = build_scheduler(optimizer, cfg.trainer)
+    stream, test_set = build_data(cfg, device)
+    folder = found
+    if folder is None:  # a new folder under runs_dir (`fit` has locked an existing one)
+        folder = new_run_dir(cfg)
+        stack.enter_context(locked(folder))
+    cfg = dataclasses.replace(cfg, run_dir=str(folder))
+    write_atomic(folder / "config.yaml", to_yaml(cfg))
+    forward = torch.compile(model) if cfg.trainer.compile else model
+    session = Session(cfg, folder, device, model, forward, optimizer, scheduler, stream, test_set, parameters,
+                      amp, channels_last)
+    metrics = folder / "metrics.jsonl"
+    if state is None:
+        metrics.write_text("")
+        return session
+    restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
+    session.step = session.resumed_from = int(state["step"])
+    session.clock = dict(state.get("clock", session.clock))
+    truncate_metrics(metrics, session.step)
+    return session
+
+
+class Meter:
+    """The running loss and throughput between two log lines; the loss sum and the first non-finite step
+    stay on the device (no sync per step) until `read`."""
+
+    def __init__(self, session: Session, started: float) -> None:
+        self.session, self.started, self.wall_before = session, started, session.clock["wall_time_s"]
+        self.loss_sum = torch.zeros((), device=session.device)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=session.device)
+        self.interval_start, self.paused, self.logged_step = time.perf_counter(), 0.0, session.step
+        self.images, self.seconds = 0, 0.0  # this invocation's logged training images and time
+        self.final_loss: float | None = None
+
+    def add(self, loss: Tensor, step: int) -> None:
+        self.loss_sum += loss
+        self.bad_step = torch.where((self.bad_step < 0) & ~loss.isfinite(), step, self.bad_step)
+
+    def read(self, step: int, lr: float) -> dict[str, float]:
+        """The metrics record of the steps since the last read (one sync)."""
+        now = time.perf_counter()
+        seconds = max(now - self.interval_start - self.paused, 1e-9)
+        images = (step - self.logged_step) * self.session.cfg.trainer.batch_size
+        self.final_loss = float(self.loss_sum) / (step - self.logged_step)
+        record = {"step": step, "loss": self.final_loss, "lr": lr, "images_per_s": images / seconds,
+                  "time_s": self.wall_before + now - self.started}
+        self.session.clock["train_time_s"] += seconds
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        self.rate = (step - self.logged_step) / seconds
+        self.loss_sum.zero_()
+        self.interval_start, self.paused, self.logged_step = now, 0.0, step
+        return record
+
+    def check_finite(self, before_checkpoint: bool = False) -> None:
+        """Stop with a TrainingError at the first non-finite loss (or, before a checkpoint, parameter)."""
+        first_bad, session = int(self.bad_step), self.session  # the sync
+        if first_bad < 0 and not (before_checkpoint and not all_finite(session.model)):
+            return
+        at = f"step {first_bad}" if first_bad >= 0 else f"some step up to {session.step} (parameters)"
+        saved = session.folder / CHECKPOINT
+        kept = (f"the last good checkpoint {saved} (step {load_checkpoint(saved, torch.device('cpu'))['step']}) "
+                f"is kept" if saved.is_file() else "no checkpoint was written before it")
+        raise TrainingError(f"{session.cfg.run_name}: the loss became NaN/inf at {at} with trainer.lr="
+                            f"{session.cfg.trainer.lr}; {kept}. Lower trainer.lr and start a new run")
+
+
 def fit(cfg: Config) -> dict[str, Any]:
     """Train `cfg` to the end (or resume it) and return the summary also written to <run_dir>/summary.json.
 
     Summary keys: test_error (%), run_dir, run_name, steps, wall_time_s (all invocations), train_time_s,
     images_per_s (training throughput, evaluation excluded), final_loss, device, parameters, torch_version,
     dataset, model, transformer, seed, resumed_from (step or null), finished_at, wandb ({mode, id, path, dir}
-    or null). Raises TrainingError (bad checkpoint, non-finite loss, no device) or TrainingInterrupted.
+    or null). Raises TrainingError (non-finite loss), TrainingInterrupted, ConfigError, MNISTDataError or
+    stn.runs.RunFolderError (a folder or checkpoint that cannot be used).
     """
-    from stn.data import build_data
-    from stn.models import count_parameters
-
     started = time.perf_counter()
-    found, start = locate_run(cfg)
-    if found is not None and start == "finished":
+    found, how = locate_run(cfg)
+    if found is not None and how == "finished":
         return finished_summary(found, cfg)
-    device = resolve_device(cfg.trainer.device)
-    trainer = cfg.trainer
-    amp, channels_last = runtime_flags(trainer, device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    state = None
-    if found is not None and start == "resume":
-        state = load_checkpoint(found / CHECKPOINT, device)
-        check_resumable(state["config"], cfg, found / CHECKPOINT)
+    with contextlib.ExitStack() as stack:
+        state = None
+        if found is not None:
+            stack.enter_context(locked(found))
+            if how == "resume":
+                state = load_checkpoint(found / CHECKPOINT, resolve_device(cfg.trainer.device))
+                check_resumable(state["config"], cfg, found / CHECKPOINT)
+                check_step(state, cfg, found / CHECKPOINT)
+        run = start(cfg, found, state, stack)
+        return train_loop(run, started)
 
-    model = prepare_model(cfg, device)
-    optimizer, parameters = build_optimizer(model, trainer), count_parameters(model)
-    scheduler = build_scheduler(optimizer, trainer)
-    stream, test_set = build_data(cfg, device)
 
-    folder = found if found is not None else new_run_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, run_dir=str(folder))
-    write_atomic(folder / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
-    step, clock = 0, {"wall_time_s": 0.0, "train_time_s": 0.0}
-    if state is not None:
-        restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
-        step, clock = int(state["step"]), dict(state.get("clock", clock))
-    metrics_path = folder / "metrics.jsonl"
-    if state is not None:
-        truncate_metrics(metrics_path, step)
-    else:
-        metrics_path.write_text("")
-    resumed_from = step if state is not None else None
-    forward = torch.compile(model) if trainer.compile else model
-
-    what = f"{cfg.run_name} on {device} ({parameters:,} parameters)"
-    print(f"{'resuming' if state else 'training'} {what} from step {step} of {trainer.iterations}; "
-          f"run folder {folder}", flush=True)
-    wall_before, first_step = clock["wall_time_s"], step
-    # On-device accumulators (no sync per step): the summed loss since the last log, and the first step
-    # whose loss was not finite (-1: none yet).
-    loss_sum = torch.zeros((), device=device)
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    interval_start, paused, logged_step = time.perf_counter(), 0.0, step  # paused: eval/checkpoint seconds
-    run_images, run_seconds = 0, 0.0  # this invocation's logged training images and time
-    final_loss: float | None = None
-    test_error = math.nan
-
-    def check_finite(before_checkpoint: bool = False) -> None:
-        first_bad = int(bad_step)  # the sync
-        if first_bad < 0 and not (before_checkpoint and not all_finite(model)):
-            return
-        at = f"step {first_bad}" if first_bad >= 0 else f"some step up to {step} (parameters)"
-        saved = folder / CHECKPOINT
-        kept = (f"the last good checkpoint {saved} (step {load_checkpoint(saved, torch.device('cpu'))['step']}) "
-                f"is kept" if saved.is_file() else "no checkpoint was written before it")
-        raise TrainingError(f"{cfg.run_name}: the loss became NaN/inf at {at} with trainer.lr={trainer.lr}; "
-                            f"{kept}. Lower trainer.lr and start a new run")
-
-    def run_eval() -> float:
-        check_finite()
-        return evaluate(forward, test_set, trainer.eval_batch_size, amp=amp, channels_last=channels_last)
-
-    console = Console(trainer.iterations, step, cfg.run_name)
+def train_loop(run: Session, started: float) -> dict[str, Any]:
+    """The paper's loop: SGD steps with the step schedule, a log line every log_every steps, an evaluation
+    every eval_every, a checkpoint every checkpoint_every; then the summary."""
+    trainer, cfg, first_step = run.cfg.trainer, run.cfg, run.step
+    print(f"{'resuming' if run.resumed_from is not None else 'training'} {cfg.run_name} on {run.device} "
+          f"({run.parameters:,} parameters) from step {run.step} of {trainer.iterations}; run folder "
+          f"{run.folder}", flush=True)
+    meter, test_error = Meter(run, started), math.nan
+    console = Console(trainer.iterations, run.step, cfg.run_name)
     try:
-        with Tracker(cfg, folder) as tracker, stop_on_signals() as stop:
-            while step < trainer.iterations:
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
-                loss = fit_step(forward, optimizer, scheduler, stream, amp=amp, channels_last=channels_last)
-                step += 1
-                loss_sum += loss
-                bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), step, bad_step)
+        with Tracker(cfg, run.folder) as tracker, stop_on_signals() as stop:
+            while run.step < trainer.iterations:
+                lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
+                loss = fit_step(run.forward, run.optimizer, run.scheduler, run.stream, amp=run.amp,
+                                channels_last=run.channels_last)
+                run.step += 1
+                step, last = run.step, run.step == trainer.iterations
+                meter.add(loss, step)
                 console.advance(step)
-                last = step == trainer.iterations
                 stopping = "signal" in stop or step - first_step == trainer.stop_after
                 if step % trainer.log_every == 0 or last or stopping:
-                    check_finite()
-                    now = time.perf_counter()
-                    seconds = max(now - interval_start - paused, 1e-9)
-                    images_done = (step - logged_step) * trainer.batch_size
-                    final_loss = float(loss_sum) / (step - logged_step)
-                    record = {"step": step, "loss": final_loss, "lr": lr,
-                              "images_per_s": images_done / seconds, "time_s": wall_before + now - started}
-                    append_metrics(metrics_path, record)
+                    meter.check_finite()
+                    record = meter.read(step, lr)
+                    append_metrics(run.folder / "metrics.jsonl", record)
                     tracker.log({k: v for k, v in record.items() if k != "step"}, step)
-                    console.advance(step, final_loss, (step - logged_step) / seconds)
-                    clock["train_time_s"] += seconds
-                    run_images, run_seconds = run_images + images_done, run_seconds + seconds
-                    loss_sum.zero_()
-                    interval_start, paused, logged_step = now, 0.0, step
+                    console.advance(step, meter.final_loss, meter.rate)
                 pause_start = time.perf_counter()
                 if step % trainer.eval_every == 0 or last:
-                    test_error = run_eval()
-                    append_metrics(metrics_path, {"step": step, "test_error": test_error})
+                    meter.check_finite()
+                    test_error = run.evaluate()
+                    append_metrics(run.folder / "metrics.jsonl", {"step": step, "test_error": test_error})
                     tracker.log({"test_error": test_error}, step)
-                    loss_text = "-" if final_loss is None else f"{final_loss:.4f}"
+                    loss_text = "-" if meter.final_loss is None else f"{meter.final_loss:.4f}"
                     console.line(f"{cfg.run_name} step {step}/{trainer.iterations} | loss {loss_text} | "
                                  f"lr {lr:.3g} | test error {test_error:.2f}%")
                 if step % trainer.checkpoint_every == 0 or last or stopping:
-                    check_finite(before_checkpoint=True)
-                    clock["wall_time_s"] = wall_before + time.perf_counter() - started
-                    save_checkpoint(folder / CHECKPOINT,
-                                    checkpoint_state(step, model, optimizer, scheduler, stream, cfg, clock))
-                paused += time.perf_counter() - pause_start
+                    meter.check_finite(before_checkpoint=True)
+                    run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
+                    run.checkpoint()
+                meter.paused += time.perf_counter() - pause_start
                 if stopping and not last:
                     console.close()
-                    reason = (signal.Signals(stop["signal"]).name if "signal" in stop
-                              else f"trainer.stop_after={trainer.stop_after}")
-                    raise TrainingInterrupted(
-                        f"{cfg.run_name} stopped at step {step}/{trainer.iterations} ({reason}); checkpoint "
-                        f"{folder / CHECKPOINT}. Continue with trainer.resume=true run_dir={folder}",
-                        step, folder, 128 + stop["signal"] if "signal" in stop else 0)
-            if step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
-                test_error = run_eval()
+                    raise interrupted(run, stop)
+            if run.step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
+                meter.check_finite()
+                test_error = run.evaluate()
             console.close()
             count = cfg.logger.images
-            tracker.log_images(model, test_set.images[:count], test_set.labels[:count], step)
-            clock["wall_time_s"] = wall_before + time.perf_counter() - started
-            summary = {
-                "test_error": test_error, "run_dir": str(folder), "run_name": cfg.run_name, "steps": step,
-                "wall_time_s": clock["wall_time_s"], "train_time_s": clock["train_time_s"],
-                "images_per_s": run_images / run_seconds if run_seconds else None,
-                "final_loss": final_loss, "device": str(device), "parameters": parameters,
-                "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
-                "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": resumed_from,
-                "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": tracker.info,
-            }  # fmt: skip
+            tracker.log_images(run.model, run.test_set.images[:count], run.test_set.labels[:count], run.step)
+            run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
+            summary = make_summary(run, meter, test_error, tracker.info)
             tracker.set_summary(summary)
     finally:
         console.close()
-    write_json(folder / "summary.json", summary)
+    write_json(run.folder / "summary.json", summary)
     return summary
+
+
+def interrupted(run: Session, stop: dict[str, int]) -> TrainingInterrupted:
+    reason = (signal.Signals(stop["signal"]).name if "signal" in stop
+              else f"trainer.stop_after={run.cfg.trainer.stop_after}")
+    return TrainingInterrupted(
+        f"{run.cfg.run_name} stopped at step {run.step}/{run.cfg.trainer.iterations} ({reason}); checkpoint "
+        f"{run.folder / CHECKPOINT}. Continue with trainer.resume=true run_dir={run.folder}",
+        run.step, run.folder, 128 + stop["signal"] if "signal" in stop else 0)
+
+
+def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str, str] | None) -> dict[str, Any]:
+    cfg = run.cfg
+    return {
+        "test_error": test_error, "run_dir": str(run.folder), "run_name": cfg.run_name, "steps": run.step,
+        "wall_time_s": run.clock["wall_time_s"], "train_time_s": run.clock["train_time_s"],
+        "images_per_s": meter.images / meter.seconds if meter.seconds else None,
+        "final_loss": meter.final_loss, "device": str(run.device), "parameters": run.parameters,
+        "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": run.resumed_from,
+        "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": wandb,
+    }  # fmt: skip

@@ -9,12 +9,14 @@ mean over channels.
 
 `draw_transformations(model, images, labels, out)` takes any batch; `visualize_checkpoint(path, out)` loads
 a training checkpoint (a dict with "model", a state_dict, and "config", from `stn.config.to_dict`) and
-draws the first digits of the configured fixed test set.
+draws the first digits of the configured fixed test set. `preview(cfg, out)` draws a grid of a dataset's
+samples with their labels (`stn data preview`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.config import DATA_DIR_ENV, Config, ConfigError, from_container
+from stn.config import DATA_DIR_ENV, Config, ConfigError, UserError, from_container
 from stn.models import DigitClassifier, build_model
 from stn.spatial import norm_to_pixel
 
@@ -30,7 +32,7 @@ GRID_LINES = 7  # grid rows/columns drawn inside the outline
 TILE_INCHES = 1.7
 
 
-class VisualizeError(RuntimeError):
+class VisualizeError(UserError):
     """A checkpoint that cannot be drawn; the message names the file and the fix."""
 
 
@@ -195,3 +197,67 @@ def visualize_checkpoint(
         f"(placement={spec.placement}, parallel={spec.parallel}; first transformer shown)"
     )
     return draw_transformations(model, test_set.images, test_set.labels, out, title=title)
+
+
+# ---------------------------------------------------------------------------------------- dataset previews
+
+PREVIEW_TILE = 112  # target tile side in pixels; digits are upscaled by round(PREVIEW_TILE / S)
+PREVIEW_LABEL = 22  # height of the label strip under each tile
+PREVIEW_GAP = 6
+PREVIEW_HEADER = 30
+
+
+def preview_layout(size: int, count: int) -> tuple[int, int, int, int]:
+    """(zoom, columns, rows, tile) of a preview grid of `count` S x S samples."""
+    zoom = max(1, round(PREVIEW_TILE / size))
+    columns = math.ceil(math.sqrt(count))
+    return zoom, columns, math.ceil(count / columns), size * zoom
+
+
+def draw_grid(images: Tensor, labels: Tensor, title: str) -> Any:
+    """A PIL image: samples upscaled (nearest, so pixels stay visible), framed, each label drawn below it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    count, size = len(images), images.shape[-1]
+    zoom, columns, rows, tile = preview_layout(size, count)
+    width = columns * (tile + PREVIEW_GAP) + PREVIEW_GAP
+    height = PREVIEW_HEADER + rows * (tile + PREVIEW_LABEL + PREVIEW_GAP) + PREVIEW_GAP
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=16)
+    draw.text((PREVIEW_GAP, 6), title, fill=(0, 0, 0), font=font)
+    pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    for i in range(count):
+        row, col = divmod(i, columns)
+        x = PREVIEW_GAP + col * (tile + PREVIEW_GAP)
+        y = PREVIEW_HEADER + row * (tile + PREVIEW_LABEL + PREVIEW_GAP)
+        digit = Image.fromarray(pixels[i], mode="L").resize((tile, tile), Image.NEAREST)
+        canvas.paste(digit.convert("RGB"), (x, y))
+        draw.rectangle((x - 1, y - 1, x + tile, y + tile), outline=(150, 150, 150))  # the canvas edge
+        draw.text((x + tile // 2, y + tile + PREVIEW_LABEL // 2), str(int(labels[i])), fill=(200, 0, 0),
+                  font=font, anchor="mm")
+    return canvas
+
+
+def preview(cfg: Config, out: Path, count: int = 64, split: str = "test") -> Path:
+    """Write a PNG grid of `count` distorted samples of `split` (test: the fixed test set; train: a first batch)."""
+    if split not in ("test", "train"):
+        raise ValueError(f"split={split!r}: expected 'test' or 'train'")
+    if count <= 0:
+        raise ValueError(f"count={count} must be positive")
+    from stn.data import TrainStream, load_mnist, make_test_set
+
+    dataset = cfg.dataset
+    digits, labels = load_mnist(cfg.data_dir, train=split == "train", download=cfg.download)
+    if split == "test":
+        test_set = make_test_set(digits, labels, dataclasses.replace(dataset, test_limit=count))
+        images, shown = test_set.images, test_set.labels
+    else:
+        stream = TrainStream(digits, labels, dataclasses.replace(dataset, fixed_train=False), count, cfg.seed)
+        images, shown = stream.next()
+    title = f"{dataset.name}: {len(images)} {split} samples, {dataset.size}x{dataset.size}"
+    title += f" (test_seed {dataset.test_seed})" if split == "test" else f" (seed {cfg.seed}, epoch 0)"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_grid(images, shown, title).save(out)
+    return out

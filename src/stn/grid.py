@@ -1,0 +1,160 @@
+"""A results table of the paper as data: the grid file's schema, its checks, and cell selection.
+
+A grid file (`experiments/table1/grid.yaml`) has `name`, `rows` and `columns` (the paper's labels mapped to
+config overrides), `cells` (which (row, column) pairs exist, and the paper's % error for each, or null)
+and optional `title`, `source`, `notes`. `load_grid` checks all of it before anything runs: labels and the
+name must be safe folder names, overrides `key=value` words that leave the per-cell keys (seed, run_dir,
+trainer preset) to the table, paper values finite numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from stn.config import SAFE_NAME, UserError
+
+DEFAULT_GRID = Path("experiments/table1/grid.yaml")
+# Overrides the table sets itself, per cell; the user picks them through the command's options instead.
+RESERVED = {"seed": "--seeds", "run_dir": "--out", "trainer": "--preset", "trainer.resume": "(always true)"}
+ROW_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+=-]{0,99}")  # rows may hold spaces ("ST-CNN Aff"), never a /
+
+
+class TableError(UserError):
+    """A table that cannot run: bad grid file, unknown row/column, stale or mismatched cell folder."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A table of the paper as data. `cells` keeps the file's row order, then its column order."""
+
+    name: str
+    title: str
+    path: Path
+    rows: dict[str, list[str]]
+    columns: dict[str, list[str]]
+    cells: dict[tuple[str, str], float | None]  # (row, column) -> the paper's % error (None: no number)
+    notes: str = ""
+    source: str = ""
+
+
+def load_grid(path: Path | str) -> Grid:
+    """Read and check a grid file; every problem names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(
+            f"grid file {path} not found (the paper's Table 1 is {DEFAULT_GRID}; pass --grid PATH)"
+        )
+    raw = _load_yaml(path, what="grid file")
+    if not isinstance(raw, dict):
+        raise TableError(f"grid file {path}: expected a mapping with keys name, rows, columns, cells")
+    for key in ("name", "rows", "columns", "cells"):
+        if key not in raw:
+            raise TableError(f"grid file {path}: missing key '{key}'")
+
+    def overrides(section: str) -> dict[str, list[str]]:
+        table = raw[section]
+        if not isinstance(table, dict) or not table:
+            raise TableError(f"grid file {path}: '{section}' must map labels to lists of overrides")
+        out = {}
+        for label, value in table.items():
+            if isinstance(value, str):
+                value = value.split()
+            if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+                raise TableError(f"grid file {path}: {section}.{label} must be a list of key=value overrides")
+            pattern = ROW_LABEL if section == "rows" else SAFE_NAME
+            if not pattern.fullmatch(str(label)):
+                raise TableError(f"grid file {path}: {section} label {str(label)!r} is not a safe folder name; use "
+                                 f"letters, digits and . _ + = -{' and spaces' if section == 'rows' else ''}")
+            check_overrides(value, f"grid file {path}: {section}.{label}")
+            out[str(label)] = list(value)
+        return out
+
+    if not SAFE_NAME.fullmatch(str(raw["name"])):
+        raise TableError(f"grid file {path}: name={raw['name']!r} is not a safe folder name (it names the table "
+                         f"folder); use letters, digits and . _ + = -")
+
+    rows, columns = overrides("rows"), overrides("columns")
+    if not isinstance(raw["cells"], dict):
+        raise TableError(f"grid file {path}: 'cells' must map row -> column -> the paper's error (or null)")
+    cells: dict[tuple[str, str], float | None] = {}
+    for row, entries in raw["cells"].items():
+        if row not in rows:
+            raise TableError(f"grid file {path}: cells.{row} is not a row (rows: {', '.join(rows)})")
+        if not isinstance(entries, dict):
+            raise TableError(f"grid file {path}: cells.{row} must map column -> the paper's error (or null)")
+        for column, paper in entries.items():
+            if column not in columns:
+                raise TableError(
+                    f"grid file {path}: cells.{row}.{column} is not a column (columns: {', '.join(columns)})"
+                )
+            number = isinstance(paper, (int, float)) and not isinstance(paper, bool)
+            if paper is not None and not (number and math.isfinite(paper) and 0 <= paper <= 100):
+                raise TableError(f"grid file {path}: cells.{row}.{column}={paper!r} must be a percentage "
+                                 f"(a number in [0, 100]) or null")
+            cells[(row, str(column))] = None if paper is None else float(paper)
+    # Present cells row by row, columns in the order the file lists them.
+    order = list(columns)
+    cells = dict(sorted(cells.items(), key=lambda kv: (list(rows).index(kv[0][0]), order.index(kv[0][1]))))
+    return Grid(
+        name=str(raw["name"]),
+        title=str(raw.get("title", raw["name"])),
+        path=path,
+        rows=rows,
+        columns=columns,
+        cells=cells,
+        notes=str(raw.get("notes", "") or ""),
+        source=str(raw.get("source", "") or ""),
+    )
+
+
+def _load_yaml(path: Path, what: str) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # yaml's and OmegaConf's parse errors share no base class
+        raise TableError(f"{what} {path} is not valid YAML: {err}") from None
+
+
+def cell_name(row: str, column: str) -> str:
+    """A folder-safe cell id: ('ST-CNN Aff', 'RTS') -> 'RTS_st-cnn-aff'."""
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in row.lower()).strip("-")
+    return f"{column}_{slug}"
+
+
+def select_cells(
+    grid: Grid, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """The grid's cells restricted to the given rows and columns (None = all); unknown names are errors."""
+    for kind, asked, valid in (("row", rows, grid.rows), ("column", columns, grid.columns)):
+        unknown = [name for name in (asked or []) if name not in valid]
+        if unknown:
+            raise TableError(
+                f"unknown {kind}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                f"{grid.path}; valid {kind}s: {', '.join(valid)}"
+            )
+    chosen = [
+        (row, column)
+        for row, column in grid.cells
+        if (not rows or row in rows) and (not columns or column in columns)
+    ]
+    if not chosen:
+        raise TableError(
+            f"no cell of {grid.path} has a row in {list(rows or grid.rows)} and a column in "
+            f"{list(columns or grid.columns)} (the grid's cells: "
+            f"{', '.join(f'{r}/{c}' for r, c in grid.cells)})"
+        )
+    return chosen
+
+
+def check_overrides(overrides: Any, where: str) -> None:
+    """Overrides must be key=value words that leave the per-cell keys (RESERVED) to the table."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in RESERVED:
+            raise TableError(f"{where}: override {item!r}: the table sets {key} per cell; use {RESERVED[key]} instead")

@@ -1,0 +1,259 @@
+"""Rendering a table's results: markdown, CSV, JSON, a bar chart, the terminal table and the W&B table run.
+
+Pure functions of the per-cell results (`CellResult`, aggregated by `stn.tables`); every file is written
+atomically (`stn.runs.write_atomic`), so a reader never sees half a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from stn.config import Config
+from stn.grid import Grid
+from stn.runs import write_atomic
+
+
+@dataclass
+class CellResult:
+    """Our error for one cell, aggregated over the seeds that finished, beside the paper's."""
+
+    row: str
+    column: str
+    cell: str
+    paper: float | None
+    seeds: list[int]  # planned
+    errors: dict[int, float] = field(default_factory=dict)  # seed -> % test error (finished seeds only)
+    failed: dict[int, str] = field(default_factory=dict)  # seed -> error message
+    mean: float | None = None
+    std: float | None = None
+    diff: float | None = None  # mean - paper
+
+    @property
+    def status(self) -> str:
+        if len(self.errors) == len(self.seeds):
+            return "done"
+        if self.failed:
+            return "failed"
+        return "partial" if self.errors else "pending"
+
+
+def format_error(result: CellResult) -> str:
+    """'1.23', '1.23 ± 0.05', 'failed' or '—' (not run yet)."""
+    if result.mean is None:
+        return "failed" if result.failed else "—"
+    text = f"{result.mean:.2f}"
+    if result.std is not None:
+        text += f" ± {result.std:.2f}"
+    if result.status != "done":
+        text += f" ({len(result.errors)}/{len(result.seeds)} seeds)"
+    return text
+
+
+def paper_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
+def _diff(value: float | None) -> str:
+    return "" if value is None else f"{value:+.2f}"
+
+
+def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, Any]) -> str:
+    """The table in the paper's shape (ours / paper per cell), then one line per cell with the difference."""
+    rows = [r for r in grid.rows if any(x.row == r for x in results)]
+    columns = [c for c in grid.columns if any(x.column == c for x in results)]
+    by_cell = {(x.row, x.column): x for x in results}
+    done = sum(x.status == "done" for x in results)
+    lines = [
+        f"# {grid.title}",
+        "",
+        f"Ours vs the paper, percentage test error. Grid `{meta['grid']}`, preset `{meta['preset']}`, "
+        f"seeds {', '.join(map(str, meta['seeds']))}, {done}/{len(results)} cells done "
+        f"(updated {meta['updated']}). W&B group `{meta['group']}`.",
+        "",
+        "Each entry: ours (mean ± sample std over seeds) / the paper's.",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        entries = []
+        for column in columns:
+            result = by_cell.get((row, column))
+            entries.append("" if result is None else f"{format_error(result)} / {paper_text(result.paper)}")
+        lines.append(f"| {row} | " + " | ".join(entries) + " |")
+    lines += [
+        "",
+        "| model | dataset | ours (%) | paper (%) | ours − paper | seeds done | run folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in results:
+        lines.append(
+            f"| {x.row} | {x.column} | {format_error(x)} | {paper_text(x.paper)} | {_diff(x.diff)} | "
+            f"{len(x.errors)}/{len(x.seeds)} | cells/{x.cell} |"
+        )
+    failures = [(x, seed, msg) for x in results for seed, msg in sorted(x.failed.items())]
+    if failures:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {x.row} / {x.column} seed {seed}: {msg}" for x, seed, msg in failures]
+    if grid.source or grid.notes:
+        lines += ["", f"Paper numbers: {grid.source}. {grid.notes}".strip()]
+    return "\n".join(lines) + "\n"
+
+
+RESULT_COLUMNS = ("row", "column", "cell", "status", "ours_mean", "ours_std", "paper", "diff", "seeds_done",
+                  "seeds", "errors")  # fmt: skip
+
+
+def result_row(x: CellResult) -> list[Any]:
+    """One cell as a row of RESULT_COLUMNS (results.csv and the W&B table); None where there is no value."""
+    errors = ";".join(f"{seed}:{err:.4f}" for seed, err in sorted(x.errors.items()))
+    return [
+        x.row,
+        x.column,
+        x.cell,
+        x.status,
+        x.mean,
+        x.std,
+        x.paper,
+        x.diff,
+        len(x.errors),
+        len(x.seeds),
+        errors,
+    ]
+
+
+def render_csv(results: Sequence[CellResult]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for x in results:
+        writer.writerow(round(v, 4) if isinstance(v, float) else v for v in result_row(x))  # None -> ""
+    return out.getvalue()
+
+
+def write_results(
+    table_dir: Path, grid: Grid, results: Sequence[CellResult], runs: Sequence[dict], meta: dict[str, Any]
+) -> dict[str, Path]:
+    """results.json (everything), results.csv (one line per cell), table.md; each written atomically."""
+    meta = {**meta, "updated": datetime.now().isoformat(timespec="seconds")}
+    files = {name: table_dir / name for name in ("results.json", "results.csv", "table.md")}
+    payload = {
+        **meta,
+        "title": grid.title,
+        "cells": [{**dataclasses.asdict(x), "status": x.status} for x in results],
+        "runs": list(runs),
+    }
+    write_atomic(files["results.json"], json.dumps(payload, indent=2, default=str) + "\n")
+    write_atomic(files["results.csv"], render_csv(results))
+    write_atomic(files["table.md"], render_markdown(grid, results, meta))
+    return files
+
+
+def plot_bars(results: Sequence[CellResult], path: Path, title: str = "") -> Path:
+    """Grouped bars per cell: ours (error bar = std over seeds) beside the paper's number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Few cells: two-line labels read horizontally; many: one line each, turned on its side.
+    many = len(results) > 10
+    labels = [f"{x.row} · {x.column}" if many else f"{x.row}\n{x.column}" for x in results]
+    ours = [math.nan if x.mean is None else x.mean for x in results]
+    spread = [0.0 if x.std is None else x.std for x in results]
+    paper = [math.nan if x.paper is None else x.paper for x in results]
+    width = 0.4
+    positions = list(range(len(results)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(results) + 2), 4.5))
+    ax.bar([p - width / 2 for p in positions], ours, width, yerr=spread, capsize=2, label="ours")
+    ax.bar([p + width / 2 for p in positions], paper, width, label="paper", color="0.6")
+    ax.set_xticks(positions)
+    ax.set_xticklabels(labels, rotation=90 if many else 0, fontsize=7)
+    ax.set_ylabel("test error (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def rich_table(grid: Grid, results: Sequence[CellResult]) -> Any:
+    """A rich.Table for the terminal: one line per cell."""
+    from rich.table import Table
+
+    table = Table(title=grid.title)
+    for name in ("model", "dataset", "ours (%)", "paper (%)", "ours − paper", "seeds"):
+        table.add_column(name, justify="left" if name in ("model", "dataset") else "right")
+    for x in results:
+        table.add_row(
+            x.row,
+            x.column,
+            format_error(x),
+            paper_text(x.paper),
+            _diff(x.diff),
+            f"{len(x.errors)}/{len(x.seeds)}",
+        )
+    return table
+
+
+def log_table_to_wandb(
+    grid: Grid, results: Sequence[CellResult], chart: Path | None, meta: dict[str, Any], template: Config
+) -> Path | None:
+    """One W&B run for the whole table (job_type "table"), in the per-cell runs' group, so a dashboard can
+    be built from the group. Its offline folder lands where the per-cell runs' do (./wandb or $WANDB_DIR),
+    so one `wandb sync` uploads them all. Never fails: warns and returns None; returns the run's folder."""
+    from stn.tracking import has_wandb_credentials, say_once
+
+    mode = template.logger.mode
+    if mode == "disabled":
+        return None
+    if mode == "online" and not has_wandb_credentials():
+        say_once(
+            "logger.mode=online but no API key (WANDB_API_KEY or a netrc entry): logging offline instead"
+        )
+        mode = "offline"
+    try:
+        import wandb
+
+        with wandb.init(
+            project=template.logger.project,
+            entity=template.logger.entity,
+            group=meta["group"],
+            job_type="table",
+            name=f"{meta['group']}-table",
+            tags=["table", grid.name, meta["preset"], *template.logger.tags],
+            mode=mode,
+            config={
+                k: meta[k] for k in ("grid", "name", "preset", "seeds", "overrides", "executor", "table_dir")
+            },
+            settings=wandb.Settings(console="off", silent=True),
+            reinit="create_new",
+        ) as run:
+            payload: dict[str, Any] = {
+                "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results])
+            }
+            if chart is not None:
+                payload["ours_vs_paper"] = wandb.Image(str(chart))
+            run.log(payload)
+            run.summary.update({f"test_error/{x.cell}": x.mean for x in results if x.mean is not None})
+            folder = Path(run.dir).parent  # run.dir is <run folder>/files
+        return folder
+    except Exception as err:  # W&B must never cost the table: the local files are already written
+        say_once(
+            f"logging the table failed ({type(err).__name__}: {err}); the results are in {meta['table_dir']}"
+        )
+        return None
+
+

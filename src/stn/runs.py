@@ -1,0 +1,356 @@
+"""The run record: one run's folder, what it holds, and the rules for continuing it.
+
+Owns everything on disk about a run, so `stn.train` reads as the training loop and `stn.tables` as the
+table: atomic writes, checkpoint save/load, metrics JSONL, where a run lives and how it starts (fresh,
+resume, finished), the lock that keeps two processes out of one folder, and the one classification of
+config keys behind both "may this run be resumed with this config?" (`may_resume`) and "is this finished
+run stale for this config?" (`is_stale`).
+
+Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
+    config.yaml          the resolved config as run (run_dir filled in)
+    metrics.jsonl        one JSON object per log/eval: step, loss, lr, images_per_s, time_s | test_error
+    summary.json         written last, atomically: its presence means the run finished
+    checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
+    .lock                while a process writes the folder: {"pid", "host"}; a dead pid's lock is taken over
+
+Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
+"config", "clock"}, tensors and primitives only, so it loads with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from stn.config import Config, UserError, from_container, to_dict
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT = Path("checkpoints") / "last.pt"
+LOCK = ".lock"
+RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", LOCK}
+RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
+
+# One classification of config keys (a key names itself or a section, e.g. "dataset" = every dataset.* key):
+# - IDENTITY: what is trained and how it is optimised. A resumed run must match its checkpoint here, and a
+#   change makes a finished run stale.
+# - RUNTIME: where things live and how they are run and logged. Free to change; never makes a run stale.
+# - every other key (trainer.iterations, the intervals, amp, channels_last, dataset.test_limit, ...) changes
+#   the outcome but may change between invocations: resumable, but a finished run with another value is stale.
+IDENTITY = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr", "trainer.momentum",
+            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma")
+RUNTIME = ("data_dir", "download", "runs_dir", "run_dir", "name", "trainer.resume", "trainer.stop_after",
+           "trainer.device", "trainer.eval_batch_size", "trainer.compile", "logger")
+OUTCOME_EXCEPTIONS = ("dataset.test_limit",)  # inside an IDENTITY section, but evaluation only
+
+
+class RunFolderError(UserError):
+    """A run folder that cannot be used as asked (exit code 2); the message names the folder and the fix."""
+
+
+class CheckpointError(RunFolderError):
+    """An unreadable, foreign or mismatched checkpoint; the message names the file and the fix."""
+
+
+# ------------------------------------------------------------------------------------------ key classes
+
+
+def _covers(prefixes: tuple[str, ...], key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def key_class(key: str) -> str:
+    """'identity' | 'outcome' | 'runtime' for a dotted config key."""
+    if _covers(RUNTIME, key):
+        return "runtime"
+    if _covers(IDENTITY, key) and key not in OUTCOME_EXCEPTIONS:
+        return "identity"
+    return "outcome"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differences(saved: dict[str, Any], cfg: Config, classes: tuple[str, ...]) -> list[str]:
+    """'key: saved -> now' for every key of the given classes whose value differs."""
+    before, now = flatten(saved), flatten(to_dict(cfg))
+    keys = [k for k in sorted(set(before) | set(now)) if key_class(k) in classes]
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
+def may_resume(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Why a run saved with `saved` may NOT continue as `cfg` ([] = it may): its identity keys differ."""
+    return differences(saved, cfg, ("identity",))
+
+
+def is_stale(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Why a finished run saved with `saved` is NOT a result for `cfg` ([] = it is): any non-runtime key differs."""
+    return differences(saved, cfg, ("identity", "outcome"))
+
+
+def check_resumable(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    changed = may_resume(saved, cfg)
+    if changed:
+        raise CheckpointError(
+            f"{path} was trained with a different configuration ({'; '.join(changed)}): resume with the "
+            f"original settings, or start a new run (another run_dir, or trainer.resume=false)"
+        )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A saved config.yaml as a validated plain dict; CheckpointError naming the file if it is not one."""
+    from omegaconf import OmegaConf
+
+    try:
+        return to_dict(from_container(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
+    except Exception as err:  # yaml's, OmegaConf's and ConfigError: all mean "not a usable config"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable stn config ({first}); delete {path.parent} to run "
+                              f"again") from None
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_atomic(path: Path, data: str | bytes | Callable[[Path], Any]) -> None:
+    """Write `data` (text, bytes, or a function that writes a given path) next to `path`, flush it to disk,
+    then rename it over `path`: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"cannot read {path} ({err}); delete it to run again") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path} does not hold a JSON object; delete it to run again")
+    return data
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, device: Any) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (weights_only: tensors and primitives, no code)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated zip, a foreign pickle, ...: all mean "not a usable checkpoint"
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"delete it to start that run over"
+        ) from None
+    required = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config"}
+    if not isinstance(state, dict) or not required <= set(state):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {path} is not an stn checkpoint (expected keys {sorted(required)}, "
+                              f"found {found}); delete it to start that run over")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state['version']}, this stn reads "
+                              f"{CHECKPOINT_VERSION}; delete it to start that run over")
+    return state
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics up to `step` (the checkpoint resumed from): a crashed run's later lines would repeat."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the crash
+            continue
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+def new_run_dir(cfg: Config, now: dt.datetime | None = None) -> Path:
+    """Claim <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/ (mkdir is atomic: parallel runs get distinct folders)."""
+    now = now or dt.datetime.now()
+    day = Path(cfg.runs_dir) / now.strftime("%Y-%m-%d")
+    day.mkdir(parents=True, exist_ok=True)
+    stamp = now.strftime("%H%M%S")
+    for k in range(1000):
+        folder = day / (f"{stamp}-{cfg.run_name}" if k == 0 else f"{stamp}.{k}-{cfg.run_name}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RunFolderError(f"cannot create a run folder under {day}: 1000 runs named {cfg.run_name} this second")
+
+
+def newest_run_dir(runs_dir: Path, run_name: str) -> Path | None:
+    """The most recently started run folder of `run_name` under runs_dir (by date, time and suffix)."""
+    found = []
+    for folder in runs_dir.glob("*/*"):
+        match = RUN_FOLDER.match(folder.name)
+        if folder.is_dir() and match and match.group(3) == run_name:
+            found.append(((folder.parent.name, match.group(1), int(match.group(2) or 0)), folder))
+    return max(found)[1] if found else None
+
+
+def has_run(folder: Path) -> bool:
+    return (folder / "summary.json").is_file() or (folder / CHECKPOINT).is_file()
+
+
+def check_usable(folder: Path) -> None:
+    """Refuse a run_dir that is a file, or a non-empty folder that is not an stn run (its files are not ours)."""
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run_dir={folder} is a file, not a folder: choose another run_dir")
+    if folder.is_dir() and not (folder / "config.yaml").is_file() and not has_run(folder):
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        if foreign:
+            raise RunFolderError(
+                f"run_dir={folder} is not empty and holds no stn run ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}): stn never writes into someone else's folder; "
+                f"choose a new or empty run_dir"
+            )
+
+
+def locate_run(cfg: Config) -> tuple[Path | None, str]:
+    """Where this run lives and how it starts: (folder, 'finished' | 'resume' | 'fresh').
+
+    trainer.resume=true: run_dir (or, without one, the newest folder of this run_name under runs_dir) with
+    a summary.json is 'finished', with a checkpoint is 'resume', empty or missing starts fresh there.
+    trainer.resume=false: run_dir if it holds no run yet (never overwrites one), else a new folder.
+    folder None = a new folder under runs_dir, claimed by `new_run_dir` once the data and model are built
+    (so a run that cannot start leaves no empty folder behind). A non-empty folder that is not an stn run
+    is refused either way.
+    """
+    if cfg.run_dir:
+        folder = Path(cfg.run_dir)
+    elif cfg.trainer.resume:
+        newest = newest_run_dir(Path(cfg.runs_dir), cfg.run_name)
+        if newest is None:
+            print(f"trainer.resume=true: no earlier run named {cfg.run_name} under {cfg.runs_dir}; starting a new one")
+            return None, "fresh"
+        folder = newest
+    else:
+        return None, "fresh"
+    check_usable(folder)
+    if not cfg.trainer.resume:
+        if has_run(folder):
+            raise RunFolderError(f"run_dir={folder} already holds a run: continue it with trainer.resume=true, "
+                                 f"or choose another run_dir")
+        return folder, "fresh"
+    if (folder / "summary.json").is_file():
+        return folder, "finished"
+    if (folder / CHECKPOINT).is_file():
+        return folder, "resume"
+    print(f"trainer.resume=true: {folder} holds no checkpoint yet; starting fresh there")
+    return folder, "fresh"
+
+
+def finished_summary(folder: Path, cfg: Config) -> dict[str, Any]:
+    """A finished run's summary.json, after checking it ran this configuration."""
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        check_resumable(read_config(saved), cfg, saved)
+    summary = read_json(folder / "summary.json")
+    print(f"{folder} already finished (test error {summary.get('test_error')}%); not training again")
+    return summary
+
+
+def check_step(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint past trainer.iterations: it would end at once and be marked finished."""
+    step = int(state["step"])
+    if step > cfg.trainer.iterations:
+        raise CheckpointError(
+            f"trainer.iterations={cfg.trainer.iterations} is below the step of {path} ({step}): resume with "
+            f"trainer.iterations>={step}, or start a new run (another run_dir)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold <folder>/.lock while writing the run: a second process (a duplicated seed, a table worker
+    orphaned by kill -9 and its rerun) gets a RunFolderError instead of interleaved files. The lock of a
+    process that is gone (same host, dead pid) is taken over."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    mine = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):  # half-written by a process killed at once
+                holder, pid, host = {}, -1, mine["host"]
+            if host == mine["host"] and (pid < 0 or not _alive(pid)):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise RunFolderError(
+                f"run folder {folder} is in use by process {pid} on {host} (lock file {path}): wait for it to "
+                f"end, or delete {path} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(mine))
+        break
+    else:
+        raise RunFolderError(f"cannot take the lock {path}; delete it if no process is using {folder}")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        if created:  # a run that could not start leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
