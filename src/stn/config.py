@@ -89,6 +89,10 @@ class TrainerConfig:
     lr_gamma: float = 0.1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
+    # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where
+    # the CPU has bf16 hardware, else float32). `amp` keeps meaning "CUDA only", so recorded configs keep
+    # their meaning; the precision a run actually used is in its summary.json.
+    cpu_precision: str = "float32"
     channels_last: bool = True  # NHWC activations and conv weights (CPU and CUDA: faster on both)
     compile: bool = False  # torch.compile the model
     eval_every: int = 10_000  # evaluate on the test set every this many steps (and always at the end)
@@ -141,6 +145,7 @@ class Config:
 TRANSFORM_TYPES = ("none", "affine", "projective", "tps")
 MODEL_NAMES = ("fcn", "cnn", "st_fcn", "st_cnn")
 LOGGER_MODES = ("online", "offline", "disabled")
+CPU_PRECISIONS = ("float32", "bf16", "auto")
 
 
 def conf_dir() -> Path:
@@ -284,6 +289,8 @@ def problems(cfg: Config) -> list[str]:
     errors = _range_errors(cfg) + _name_errors(cfg) + _pairing_errors(cfg)
     if cfg.logger.mode not in LOGGER_MODES:
         errors.append(f"logger.mode={cfg.logger.mode!r}: not one of {', '.join(LOGGER_MODES)}")
+    if cfg.trainer.cpu_precision not in CPU_PRECISIONS:
+        errors.append(f"trainer.cpu_precision={cfg.trainer.cpu_precision!r} is not one of {CPU_PRECISIONS}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.trainer.device):
         errors.append(f"trainer.device={cfg.trainer.device!r}: not one of auto, cpu, cuda, cuda:N")
     if not errors:  # the cross-field checks assume sane ranges

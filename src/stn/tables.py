@@ -172,6 +172,16 @@ def _check_not_stale(job: Job) -> None:
         changed = is_stale(read_config(saved), job.config)
     except CheckpointError as err:
         raise TableError(str(err)) from None
+    summary_path = job.run_dir / "summary.json"
+    wanted = job.config.trainer.cpu_precision
+    if wanted != "auto" and summary_path.is_file():
+        summary = _read_summary(summary_path)
+        used = summary.get("precision", "float32")  # runs from before the setting were float32 on the CPU
+        if str(summary.get("device", "cpu")).startswith("cpu") and used != wanted:
+            raise TableError(
+                f"cell folder {job.run_dir} was trained in {used} on the CPU, but this table asks for "
+                f"trainer.cpu_precision={wanted}. Use another --out, or delete the folder to re-run it"
+            )
     if changed:
         raise TableError(
             f"cell folder {job.run_dir} was trained with a different config ({'; '.join(changed[:5])}). "

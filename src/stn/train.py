@@ -8,9 +8,10 @@ The run folder, checkpoints and resume rules are `stn.runs`'s; this module only 
 
 Resuming restores model, optimizer, scheduler, RNG states and the data stream's position, so on the CPU
 (float32, no autocast) a run stopped and resumed ends with exactly the weights of an uninterrupted one
-(tests/test_train.py checks torch.equal). bf16 autocast (trainer.amp) applies on CUDA only, so CPU runs stay
-float32; channels_last (trainer.channels_last) applies on both: on the CPU it makes oneDNN's convolutions and
-the max-pooling faster (experiments/bench/train.md). On the CPU, `fit` also keeps freed memory in the process
+(tests/test_train.py checks torch.equal). Precision: bf16 autocast on CUDA with trainer.amp, on the CPU with
+trainer.cpu_precision (float32 by default; `resolve_precision`), recorded as summary["precision"] (and the
+checkpoint's "precisions"); channels_last (trainer.channels_last) applies on both: on the CPU it makes
+oneDNN's convolutions and the max-pooling faster (experiments/bench/train.md). On the CPU, `fit` also keeps freed memory in the process
 (`keep_freed_memory`): a training step frees and reallocates the same large activations every iteration, and
 returning them to the kernel made every step page-fault them in again.
 
@@ -88,9 +89,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    Without it bf16 is emulated: on a 2-core AMD EPYC exposing AVX2 only, a 1024^2 bf16 matmul ran at
+    0.9 GFLOP/s against 133 in float32 (experiments/bench/precision.md).
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def resolve_precision(trainer: TrainerConfig, device: torch.device) -> str:
+    """The arithmetic a run uses on `device`: 'bf16' (autocast) or 'float32'.
+
+    CUDA: trainer.amp. CPU: trainer.cpu_precision, where 'auto' is bf16 only on CPUs with bf16 hardware.
+    """
+    if device.type == "cuda":
+        return "bf16" if trainer.amp else "float32"
+    if trainer.cpu_precision == "auto":
+        return "bf16" if cpu_has_bf16() else "float32"
+    return trainer.cpu_precision
+
+
 def runtime_flags(trainer: TrainerConfig, device: torch.device) -> tuple[bool, bool]:
-    """(amp, channels_last) as they apply on `device`: bf16 autocast on CUDA only, channels_last anywhere."""
-    return trainer.amp and device.type == "cuda", trainer.channels_last
+    """(amp, channels_last) as they apply on `device`: bf16 autocast per `resolve_precision`, channels_last anywhere."""
+    return resolve_precision(trainer, device) == "bf16", trainer.channels_last
 
 
 def keep_freed_memory() -> bool:
@@ -292,12 +317,13 @@ class Session:
     channels_last: bool
     step: int = 0
     resumed_from: int | None = None
+    precisions: list[str] = field(default_factory=list)  # every precision this run has trained in
     clock: dict[str, float] = field(default_factory=lambda: {"wall_time_s": 0.0, "train_time_s": 0.0})
 
     def checkpoint(self) -> None:
         state = checkpoint_state(self.step, self.model, self.optimizer, self.scheduler, self.stream, self.cfg,
                                  self.clock)
-        save_checkpoint(self.folder / CHECKPOINT, state)
+        save_checkpoint(self.folder / CHECKPOINT, state | {"precisions": self.precisions})
 
     def evaluate(self) -> float:
         return evaluate(self.forward, self.test_set, self.cfg.trainer.eval_batch_size, amp=self.amp,
@@ -314,6 +340,9 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     amp, channels_last = runtime_flags(cfg.trainer, device)
     if device.type == "cpu":
         keep_freed_memory()
+        if amp and not cpu_has_bf16():
+            print("warning: trainer.cpu_precision=bf16 on a CPU without bf16 hardware: bf16 is emulated here and "
+                  "much slower than float32; use trainer.cpu_precision=float32 (or auto)", file=sys.stderr)
     model = prepare_model(cfg, device)
     optimizer, parameters = build_optimizer(model, cfg.trainer), count_parameters(model)
     scheduler = build_scheduler(optimizer, cfg.trainer)
@@ -326,7 +355,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     write_atomic(folder / "config.yaml", to_yaml(cfg))
     forward = torch.compile(model) if cfg.trainer.compile else model
     session = Session(cfg, folder, device, model, forward, optimizer, scheduler, stream, test_set, parameters,
-                      amp, channels_last)
+                      amp, channels_last, precisions=["bf16" if amp else "float32"])
     metrics = folder / "metrics.jsonl"
     if state is None:
         metrics.write_text("")
@@ -334,6 +363,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
     session.step = session.resumed_from = int(state["step"])
     session.clock = dict(state.get("clock", session.clock))
+    session.precisions = sorted(set(state.get("precisions", ["float32"])) | set(session.precisions))
     truncate_metrics(metrics, session.step)
     return session
 
@@ -386,7 +416,8 @@ def fit(cfg: Config) -> dict[str, Any]:
     """Train `cfg` to the end (or resume it) and return the summary also written to <run_dir>/summary.json.
 
     Summary keys: test_error (%), run_dir, run_name, steps, wall_time_s (all invocations), train_time_s,
-    images_per_s (training throughput, evaluation excluded), final_loss, device, parameters, torch_version,
+    images_per_s (training throughput, evaluation excluded), final_loss, device, precision (float32 | bf16 |
+    bf16+float32 for a run resumed in another precision), parameters, torch_version,
     dataset, model, transformer, seed, resumed_from (step or null), finished_at, wandb ({mode, id, path, dir}
     or null). Raises TrainingError (non-finite loss), TrainingInterrupted, ConfigError, MNISTDataError or
     stn.runs.RunFolderError (a folder or checkpoint that cannot be used).
@@ -480,7 +511,8 @@ def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str,
         "test_error": test_error, "run_dir": str(run.folder), "run_name": cfg.run_name, "steps": run.step,
         "wall_time_s": run.clock["wall_time_s"], "train_time_s": run.clock["train_time_s"],
         "images_per_s": meter.images / meter.seconds if meter.seconds else None,
-        "final_loss": meter.final_loss, "device": str(run.device), "parameters": run.parameters,
+        "final_loss": meter.final_loss, "device": str(run.device), "precision": "+".join(run.precisions),
+        "parameters": run.parameters,
         "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": run.resumed_from,
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": wandb,
