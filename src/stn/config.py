@@ -415,18 +415,20 @@ def _explain(err: Exception) -> str:
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def folder_problems(key: str, path: str | os.PathLike) -> list[str]:
-    """[] if `path` is a folder stn may write into (or create); else one line saying why not and the fix."""
+def folder_problems(key: str, path: str | os.PathLike, label: str | None = None) -> list[str]:
+    """[] if `path` is a folder stn may write into (or create); else one line saying why not and the fix.
+    `label` names the setting in the message (default `key=path`)."""
+    label = label or f"{key}={path}"
     target = Path(path).expanduser()
     probe = target
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if probe == target and target.exists() and not target.is_dir():
-        return [f"{key}={path}: is a file, not a folder; choose a folder path"]
+        return [f"{label}: {target} is a file, not a folder; choose a folder path"]
     if not probe.is_dir():
-        return [f"{key}={path}: {probe} is a file, so no folder can be made under it; choose another path"]
+        return [f"{label}: {probe} is a file, so no folder can be made under it; choose another path"]
     if not os.access(probe, os.W_OK | os.X_OK):
-        return [f"{key}={path}: {probe} is not writable by this user; choose a folder you can write to"]
+        return [f"{label}: {probe} is not writable by this user; choose a folder you can write to"]
     return []
 
 
@@ -439,7 +441,7 @@ def picture_problems(key: str, path: str | os.PathLike, command: str) -> list[st
                 f"{', '.join(formats)}"]
     if target.is_dir():
         return [f"{key} {path}: is a folder; give a file name such as {target / ('picture' + formats[0])}"]
-    return folder_problems(key, target.parent)
+    return folder_problems(key, target.parent, label=f"{key} {path}")
 
 
 def output_problems(cfg: Config) -> list[str]:
