@@ -118,11 +118,26 @@ def test_evaluate_counts_misclassified_percent() -> None:
 
 
 def test_resolve_device() -> None:
+    """Every accepted trainer.device string maps to its torch.device; a CUDA device that is not there is a
+    ConfigError naming the key and what to use instead (exit code 2 through the CLI, before any folder exists)."""
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA device"):
-            resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    missing = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+    for name in missing:
+        with pytest.raises(ConfigError, match=f"trainer.device={name} but .*(auto|cuda:0)") as err:
+            resolve_device(name)
+        assert "cpu" in str(err.value)
+
+
+def test_a_missing_cuda_device_fails_before_a_run_folder_exists(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stn.cli import app
+
+    result = CliRunner().invoke(app, ["train", "trainer=smoke", "trainer.device=cuda:99", "logger.mode=disabled",
+                                      f"runs_dir={tmp_path / 'runs'}", "model=fcn"])
+    assert result.exit_code == 2 and "trainer.device=cuda:99" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.MonkeyPatch) -> None:
