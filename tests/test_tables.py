@@ -10,8 +10,6 @@ import csv
 import json
 import math
 import shutil
-import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from stn.config import Config, compose, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
 from stn.launch import SlurmOptions, slurm_parameters
 from stn.tables import PRESETS, aggregate, plan_jobs, reproduce, summarise
+from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
 # Small enough for seconds per cell on a CPU: smoke schedule (20 steps of 32), 512 train / 200 test digits.
@@ -250,51 +249,7 @@ def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def read_offline_run(folder: Path, timeout_s: float = 60.0) -> dict[str, Any]:
-    """`parse_offline_run`, retried until the run record is on disk: wandb's writer is a separate process
-    (wandb-core) that can still be flushing after `finish()` returns on a loaded machine."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = parse_offline_run(folder)
-        if "group" in info or time.monotonic() > deadline:
-            return info
-        time.sleep(0.5)
-
-
-def parse_offline_run(folder: Path) -> dict[str, Any]:
-    """Group, job type and summary of an offline W&B run, from its transaction log (run-*.wandb).
-
-    The log is LevelDB-style: a 7-byte header, then 32 KiB blocks of records (crc32, length, type, data);
-    a protobuf `Record` may span blocks (types FIRST/MIDDLE/LAST) and blocks are padded at the end.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = next(folder.glob("run-*.wandb")).read_bytes()
-    block, pos, chunk, records = 32768, 7, b"", []
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        if kind == 0 and length == 0:
-            break
-        chunk += raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST
-            records.append(chunk)
-            chunk = b""
-    info: dict[str, Any] = {"summary": {}}
-    for data in records:
-        record = pb.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "run":
-            info.update(
-                group=record.run.run_group, job_type=record.run.job_type, name=record.run.display_name
-            )
-        elif record.WhichOneof("record_type") == "summary":
-            info["summary"].update(
-                {item.key: json.loads(item.value_json) for item in record.summary.update if item.key}
-            )
-    return info
+    return read_run(folder, lambda run: "group" in run, timeout_s)
 
 
 @pytest.mark.slow

@@ -9,91 +9,25 @@ as wandb's own Python reader was removed when the SDK moved to its Go core.
 from __future__ import annotations
 
 import json
-import struct
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import wandb
-from wandb.proto import wandb_internal_pb2
 
 from stn.config import Config, compose, to_dict
 from stn.models import build_model
 from stn.tracking import Tracker, has_wandb_credentials, image_pairs
 from stn.train import fit
-
-BLOCK = 32 * 1024
-HEADER = 7  # crc32c (4) + length (2) + type (1)
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    records, pending, pos = [], b"", 7
-    while pos + HEADER <= len(data):
-        if BLOCK - pos % BLOCK < HEADER:  # a block's tail too short for a header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        chunk = data[pos + HEADER:pos + HEADER + length]
-        pos += HEADER + length
-        if kind == FULL:
-            records.append(chunk)
-        elif kind == FIRST:
-            pending = chunk
-        elif kind == MIDDLE:
-            pending += chunk
-        elif kind == LAST:
-            records.append(pending + chunk)
-    parsed = []
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        parsed.append(record)
-    return parsed
+from wandb_log import read_run
 
 
 def offline_run(root: Path, timeout_s: float = 60.0) -> dict[str, Any]:
-    """config, tags, group, history rows and final summary of the single offline run under root/wandb.
-
-    wandb's writer is a separate process (wandb-core) that can still be flushing after `finish()` returns on a
-    loaded machine, so read until the run record and the final summary are there (or the timeout passes).
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        run = _parse_offline_run(root)
-        if ("id" in run and "test_error" in run["summary"]) or time.monotonic() > deadline:
-            return run
-        time.sleep(0.5)
-
-
-def _parse_offline_run(root: Path) -> dict[str, Any]:
-    logs = list(root.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(logs) == 1, logs
-    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "file": logs[0]}
-    for record in read_records(logs[0]):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run["tags"], run["group"], run["id"] = list(record.run.tags), record.run.run_group, record.run.run_id
-            updates = record.run.config.update
-        elif kind == "config":
-            updates = record.config.update
-        elif kind == "history":
-            run["history"].append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                                   for item in record.history.item})
-            continue
-        elif kind == "summary":
-            for item in record.summary.update:
-                run["summary"]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
-            continue
-        else:
-            continue
-        for item in updates:
-            run["config"][item.key] = json.loads(item.value_json)
-    return run
+    """config, tags, group, history rows and final summary of the single offline run under root/wandb."""
+    folders = list(root.glob("wandb/offline-run-*"))
+    assert len(folders) == 1, folders
+    return read_run(folders[0], lambda run: "id" in run and "test_error" in run["summary"], timeout_s)
 
 
 @pytest.fixture(autouse=True)
