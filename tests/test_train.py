@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import stn.device as device_module
 import stn.train as train_module
 from stn.config import Config, ConfigError, compose, from_container, to_dict
 from stn.data import MNISTDataError, TestSet, load_mnist, make_test_set
@@ -151,7 +152,7 @@ def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.Mo
     assert resolve_precision(dataclasses.replace(base, cpu_precision="bf16"), cpu) == "bf16"
     auto = dataclasses.replace(base, cpu_precision="auto")
     for hardware, expected in ((True, "bf16"), (False, "float32")):
-        monkeypatch.setattr(train, "cpu_has_bf16", lambda hardware=hardware: hardware)
+        monkeypatch.setattr(device_module, "cpu_has_bf16", lambda hardware=hardware: hardware)
         assert resolve_precision(auto, cpu) == expected
         assert train.runtime_flags(auto, cpu) == (expected == "bf16", base.channels_last)
     with pytest.raises(ConfigError, match="trainer.cpu_precision='fp16' is not one of"):

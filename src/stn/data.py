@@ -301,13 +301,13 @@ class TrainStream:
         self.cfg, self.seed, self.device = cfg, int(seed), torch.device(device)
         _check_dataset(cfg)
         count = len(digits) if cfg.train_limit is None else min(cfg.train_limit, len(digits))
-        if count <= 0 or batch_size <= 0:
-            raise ValueError(f"need digits and a positive batch size (dataset.train_limit={cfg.train_limit}, "
+        if count <= 0 or not 0 < batch_size <= count:  # refused, never clamped: every batch is what was asked
+            raise ValueError(f"need digits and a batch size in [1, {count}] (dataset.train_limit={cfg.train_limit}, "
                              f"batch_size={batch_size}, {len(digits)} digits)")
         all_digits = digits.to(self.device)
         self.clutter_source = all_digits if cfg.clutter else None
         self.digits, self.labels = all_digits[:count], labels[:count].to(self.device)
-        self.batch_size = min(batch_size, count)
+        self.batch_size = batch_size
         self.batches_per_epoch = count // self.batch_size
         self.epoch, self.position = 0, 0
         self._order: tuple[int, Tensor] | None = None
@@ -318,15 +318,6 @@ class TrainStream:
                 generator = _generator(self.device, self.seed, "fixed", start // FIXED_CHUNK)
                 chunks.append(distort(self.digits[start:start + FIXED_CHUNK], cfg, generator, self.clutter_source)[0])
             self.fixed = torch.cat(chunks)  # (N, 1, S, S), float32
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor]:
-        return self.next()
 
     def _permutation(self) -> Tensor:
         if self._order is None or self._order[0] != self.epoch:

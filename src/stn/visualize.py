@@ -68,12 +68,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[DigitClassifier, Config]:
         model = build_model(cfg)
     except ConfigError as err:
         raise VisualizeError(f"{path}: cannot rebuild its model: {err}") from None
-    weights = state["model"]
-    prefix = "_orig_mod."  # torch.compile wraps the module; accept its state_dict keys too
-    if weights and all(key.startswith(prefix) for key in weights):
-        weights = {key[len(prefix) :]: value for key, value in weights.items()}
-    try:
-        model.load_state_dict(weights)
+    try:  # fit saves the model's own state_dict, never torch.compile's wrapper: no "_orig_mod." keys
+        model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise VisualizeError(
             f"{path}: its weights do not fit the model its config describes ({_first_line(err)[:300]})"

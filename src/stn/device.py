@@ -1,0 +1,77 @@
+"""Where and in what arithmetic a run computes: the device, the precision, the CPU allocator.
+
+`resolve_device` turns trainer.device into a torch.device (a missing CUDA device is a ConfigError);
+`resolve_precision` / `runtime_flags` decide bf16 autocast (CUDA: trainer.amp; CPU: trainer.cpu_precision)
+and channels_last; `keep_freed_memory` tunes glibc's allocator for the CPU training loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+from stn.config import ConfigError, TrainerConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """trainer.device -> torch.device: 'auto' is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available: use trainer.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist: "
+                          f"use cuda:0 .. cuda:{max(torch.cuda.device_count() - 1, 0)}, auto or cpu")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    Without it bf16 is emulated: on a 2-core AMD EPYC exposing AVX2 only, a 1024^2 bf16 matmul ran at
+    0.9 GFLOP/s against 133 in float32 (experiments/bench/precision.md).
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def resolve_precision(trainer: TrainerConfig, device: torch.device) -> str:
+    """The arithmetic a run uses on `device`: 'bf16' (autocast) or 'float32'.
+
+    CUDA: trainer.amp. CPU: trainer.cpu_precision, where 'auto' is bf16 only on CPUs with bf16 hardware.
+    """
+    if device.type == "cuda":
+        return "bf16" if trainer.amp else "float32"
+    if trainer.cpu_precision == "auto":
+        return "bf16" if cpu_has_bf16() else "float32"
+    return trainer.cpu_precision
+
+
+def runtime_flags(trainer: TrainerConfig, device: torch.device) -> tuple[bool, bool]:
+    """(amp, channels_last) as they apply on `device`: bf16 autocast per `resolve_precision`, channels_last anywhere."""
+    return resolve_precision(trainer, device) == "bf16", trainer.channels_last
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of returning it to the kernel; False if not glibc.
+
+    By default glibc serves big blocks with mmap and unmaps them on free (and trims the heap top), so the
+    same activations of every training step are page-faulted in afresh: on the 2-core CPU that was over a
+    quarter of a CNN step on RTS (266 -> 193 ms at batch 256, kernel time 5.0 -> 0.6 s) and a sixth on R
+    (experiments/bench/train.md). M_MMAP_MAX=0 serves every block from the heap, M_TRIM_THRESHOLD=1 GiB
+    keeps its free top. Process-wide, never undone.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another C library: leave its allocator alone
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_max, 0))
