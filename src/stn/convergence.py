@@ -291,9 +291,13 @@ def machine() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit, '+dirty' when the code (src/, conf/) differs from it; '' outside git."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True).stdout
+
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "conf").strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
