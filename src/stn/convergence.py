@@ -302,7 +302,8 @@ def git_commit() -> str:
         return ""
 
 
-def result_row(study: Study, cell: Cell, summary: dict[str, Any]) -> dict[str, Any]:
+def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -> dict[str, Any]:
+    """One CSV row; `commit` is the code's commit when the study process started (the code it runs)."""
     import torch
 
     device = str(summary.get("device", "cpu"))
@@ -316,7 +317,7 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any]) -> dict[str, A
         "images_per_s": f"{float(summary.get('images_per_s') or 0):.0f}",
         "precision": summary.get("precision", ""), "device": device,
         "cpu": machine() if device.startswith("cpu") else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "commit": git_commit(),
+        "torch": torch.__version__, "commit": commit,
         "finished_at": summary.get("finished_at", dt.datetime.now().isoformat(timespec="seconds")),
     }  # fmt: skip
 
@@ -332,6 +333,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
     if fit_fn is None:
         from stn.train import fit as fit_fn
     report = StudyReport()
+    commit = git_commit()  # the code this process imported, even if the checkout moves on meanwhile
     done = recorded_keys(study)
     todo = [c for c in cells if c.key not in done]
     report.skipped = len(cells) - len(todo)
@@ -350,7 +352,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             report.failed.append((cell, str(err)))
             log(f"{what}: FAILED: {err}")
             continue
-        row = result_row(study, cell, summary)
+        row = result_row(study, cell, summary, commit)
         append_result(study.results, row)
         report.done.append(row)
         log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
