@@ -57,7 +57,7 @@ class Part:
 class Study:
     name: str
     path: Path
-    grid: Any  # stn.tables.Grid: rows, columns and the paper's numbers
+    grid: Any  # stn.grid.Grid: rows, columns and the paper's numbers
     recipe: str  # a label for the training recipe, e.g. "paper-sgd"
     batch_size: int
     overrides: list[str]  # for every cell, e.g. trainer=quick trainer.cpu_precision=float32
@@ -128,7 +128,7 @@ def budget_overrides(budget: str, batch_size: int) -> list[str]:
 
 def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
     """Read and check a study file; every problem names the file and the key."""
-    from stn.tables import TableError, load_grid
+    from stn.grid import TableError, load_grid
 
     path = Path(path)
     if not path.is_file():
@@ -328,6 +328,7 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
 def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config], dict] | None = None,
               log: Callable[[str], None] = print, max_cells: int | None = None) -> StudyReport:
     """Train the cells not yet in the record, appending each finished one; stop at the first interruption."""
+    from stn.runs import RunFolderError
     from stn.train import TrainingError, TrainingInterrupted
 
     if fit_fn is None:
@@ -348,7 +349,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             report.stopped = cell
             log(f"{what}: stopped with a checkpoint ({err}); rerun to continue")
             break
-        except TrainingError as err:
+        except (TrainingError, RunFolderError) as err:  # RunFolderError: a cell folder in use or mismatched
             report.failed.append((cell, str(err)))
             log(f"{what}: FAILED: {err}")
             continue
