@@ -28,7 +28,7 @@ from stn.config import compose
 from stn.data import apply_distortion, distort, draws_whole_pixels
 from stn.models import InputGradConv2d, _ConvFoldInputGrad, build_model, conv_relu_pool, fold_patches
 from stn.spatial import SpatialTransformer
-from stn.train import cpu_has_bf16, keep_freed_memory
+from stn.train import cpu_has_bf16
 
 runner = CliRunner()
 RATIO_LINE = re.compile(r"^(?P<model>.+) ratio: (?P<ratio>\d+\.\d\d)$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from stn.cli import app
-from stn.config import ConfigError, compose, to_dict
+from stn.config import ConfigError, compose
 from stn.models import (
     CNN_FILTERS_RANGE,
     FCN_UNITS_RANGE,
@@ -219,72 +218,3 @@ def test_cli_models_prints_every_row():
 
 
 # ---- visualize ------------------------------------------------------------------------------------------
-
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def save_checkpoint(path, cfg, model) -> None:
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 0}, path)
-
-
-@pytest.mark.parametrize("variant", [(), ("transformer.placement=features",)], ids=["input", "features"])
-def test_draw_transformations_writes_a_png(tmp_path, variant):
-    from stn.visualize import draw_transformations
-
-    cfg = config("dataset=RTS", "model=st_cnn", "transformer=tps", *variant)
-    out = draw_transformations(
-        build_model(cfg), batch(cfg, 3), torch.tensor([1, 2, 3]), tmp_path / "a" / "t.png"
-    )
-    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5_000
-
-
-def test_visualize_checkpoint_and_cli(tmp_path):
-    from stn.visualize import load_checkpoint, visualize_checkpoint
-
-    cfg = config("dataset=P", "model=st_fcn", "transformer=projective")
-    torch.manual_seed(4)
-    model = build_model(cfg)
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, cfg, model)
-    loaded, loaded_cfg = load_checkpoint(path)
-    assert loaded_cfg == cfg and not loaded.training
-    loaded_state = loaded.state_dict()
-    assert loaded_state.keys() == model.state_dict().keys()
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, loaded_state[name]), name
-    out = visualize_checkpoint(path, tmp_path / "v.png", count=4)
-    assert out.read_bytes()[:8] == PNG_MAGIC
-    result = CliRunner().invoke(
-        app, ["visualize", str(path), "--out", str(tmp_path / "cli.png"), "--count", "3"]
-    )
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "cli.png").read_bytes()[:8] == PNG_MAGIC
-
-
-def test_visualize_rejects_bad_checkpoints(tmp_path):
-    from stn.visualize import VisualizeError, load_checkpoint
-
-    with pytest.raises(VisualizeError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(VisualizeError, match="not a readable PyTorch checkpoint"):
-        load_checkpoint(corrupt)
-    bare = tmp_path / "bare.pt"
-    torch.save({"weights": {}}, bare)
-    with pytest.raises(VisualizeError, match="expected keys 'model' and 'config'"):
-        load_checkpoint(bare)
-    cnn_cfg = config("dataset=R", "model=cnn")
-    baseline = tmp_path / "cnn.pt"
-    save_checkpoint(baseline, cnn_cfg, build_model(cnn_cfg))
-    with pytest.raises(VisualizeError, match="no spatial transformer"):
-        load_checkpoint(baseline)
-    st_cfg = config("dataset=R", "model=st_cnn", "transformer=affine")
-    mismatched = tmp_path / "mismatched.pt"
-    wrong_width = dataclasses.replace(st_cfg, model=dataclasses.replace(st_cfg.model, conv_filters=20))
-    torch.save({"model": build_model(wrong_width).state_dict(), "config": to_dict(st_cfg)}, mismatched)
-    with pytest.raises(VisualizeError, match="do not fit"):
-        load_checkpoint(mismatched)
-    result = CliRunner().invoke(app, ["visualize", str(corrupt)])
-    assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output

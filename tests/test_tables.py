@@ -1,4 +1,4 @@
-"""`stn reproduce-table`: the grid as data, cell expansion, aggregation, resumable fan-out, outputs, W&B.
+"""stn.tables and `stn reproduce-table`: cell expansion, aggregation, resumable fan-out, outputs, W&B.
 
 Fast tests use a stand-in `fit` on submitit's in-process debug executor; the slow ones run the real
 `stn.train.fit` through the CLI (local executor = subprocesses, and debug for the resume case).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from typer.testing import CliRunner
 from stn.cli import app
 from stn.config import Config, compose, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
-from stn.launch import SlurmOptions, slurm_parameters
 from stn.tables import PRESETS, aggregate, plan_jobs, reproduce, summarise
 from wandb_log import read_run
 
@@ -43,21 +41,6 @@ def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- the grid
-
-
-def test_grid_holds_the_papers_table() -> None:
-    grid = load_grid(GRID)
-    assert list(grid.columns) == ["R", "RTS", "P", "E", "TC"]
-    assert len(grid.rows) == 8
-    # Table 1 (left): every row x R/RTS/P/E; TC only for FCN, CNN and one transformer each of ST-FCN/ST-CNN.
-    assert len(grid.cells) == 8 * 4 + 4
-    assert [row for row, column in grid.cells if column == "TC"] == ["FCN", "CNN", "ST-FCN Aff", "ST-CNN Aff"]
-    assert all(value is not None and 0 < value < 20 for value in grid.cells.values())
-    # Spot checks against the paper: the corners of Table 1 and the TC text.
-    assert grid.cells[("FCN", "R")] == 2.1
-    assert grid.cells[("ST-CNN TPS", "E")] == 1.1
-    assert grid.cells[("FCN", "TC")] == 13.2
-    assert grid.cells[("ST-CNN Aff", "TC")] == 1.7
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -90,25 +73,6 @@ def test_user_overrides_reach_every_cell_and_reserved_keys_are_refused(tmp_path:
     for word, option in (("seed=1", "--seeds"), ("trainer=paper", "--preset"), ("run_dir=x", "--out")):
         with pytest.raises(TableError, match=option):
             plan_jobs(grid, cells, [0], "quick", [word], tmp_path, "g")
-
-
-def test_unknown_names_are_clear_errors() -> None:
-    grid = load_grid(GRID)
-    with pytest.raises(TableError, match=r"unknown row 'ST-CNN Affine'.*valid rows: FCN, CNN, ST-FCN Aff"):
-        select_cells(grid, ["CNN", "ST-CNN Affine"], None)
-    with pytest.raises(TableError, match="unknown column 'X'.*valid columns: R, RTS, P, E, TC"):
-        select_cells(grid, None, ["R", "X"])
-    with pytest.raises(TableError, match="no cell"):
-        select_cells(grid, ["ST-CNN TPS"], ["TC"])  # the paper has no such cell
-    with pytest.raises(TableError, match="not found"):
-        load_grid(GRID.parent / "missing.yaml")
-
-
-def test_bad_grid_file_names_the_key(tmp_path: Path) -> None:
-    path = tmp_path / "grid.yaml"
-    path.write_text("name: t\nrows: {A: [model=cnn]}\ncolumns: {R: [dataset=R]}\ncells: {A: {RTS: 1.0}}\n")
-    with pytest.raises(TableError, match=r"cells.A.RTS is not a column \(columns: R\)"):
-        load_grid(path)
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path) -> None:
@@ -208,41 +172,6 @@ def test_table_with_stand_in_fit_writes_after_each_cell_and_resumes(tmp_path: Pa
     # The same folder with another experiment's settings is refused, naming the difference.
     with pytest.raises(TableError, match=r"trainer.iterations: 20 -> 40.*another --out"):
         reproduce(GRID, **{**kwargs, "overrides": ["logger.mode=disabled", "trainer.iterations=40"]})
-
-
-def test_slurm_parameters_reach_the_sbatch_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import submitit
-    from submitit.slurm import slurm
-
-    # No Slurm here: pretend srun exists so submitit builds the executor, then render its sbatch file.
-    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
-    executor.update_parameters(
-        **slurm_parameters(SlurmOptions(partition="gpu", gpus=2, cpus=8, time_min=90), 4)
-    )
-    script = slurm._make_sbatch_string(
-        command="python -c pass", folder=tmp_path, **executor._executor.parameters
-    )
-    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=8", "--time=90"):
-        assert f"#SBATCH {line}\n" in script
-
-
-def test_cell_task_requeues_itself_with_the_same_arguments(tmp_path: Path) -> None:
-    """submitit calls `checkpoint` on a time limit/preemption and resubmits what it returns: the same cell."""
-    from stn.launch import CellTask
-
-    [job] = plan_jobs(load_grid(GRID), [("CNN", "R")], [0], "smoke", [], tmp_path, "g")
-    task = CellTask()
-    again = task.checkpoint(job.config, 2, None)
-    assert again.function is task and again.args == (job.config, 2, None)
-    assert again.args[0].trainer.resume is True  # so the requeued run continues from its checkpoint
-
-
-@pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the error cannot occur")
-def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(TableError, match="needs a Slurm cluster.*--executor local"):
-        reproduce(GRID, rows=["CNN"], columns=["R"], preset="smoke", executor="slurm", out=tmp_path,
-                  fit_fn=fake_fit, log=lambda _: None)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- real training, the CLI

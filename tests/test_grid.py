@@ -1,0 +1,48 @@
+"""stn.grid: the grid file is the paper's table, and a bad one is refused naming the file and the key
+(more bad grid files, through the CLI: test_faults.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stn.grid import TableError, load_grid, select_cells
+
+GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+runner = CliRunner()
+
+
+def test_grid_holds_the_papers_table() -> None:
+    grid = load_grid(GRID)
+    assert list(grid.columns) == ["R", "RTS", "P", "E", "TC"]
+    assert len(grid.rows) == 8
+    # Table 1 (left): every row x R/RTS/P/E; TC only for FCN, CNN and one transformer each of ST-FCN/ST-CNN.
+    assert len(grid.cells) == 8 * 4 + 4
+    assert [row for row, column in grid.cells if column == "TC"] == ["FCN", "CNN", "ST-FCN Aff", "ST-CNN Aff"]
+    assert all(value is not None and 0 < value < 20 for value in grid.cells.values())
+    # Spot checks against the paper: the corners of Table 1 and the TC text.
+    assert grid.cells[("FCN", "R")] == 2.1
+    assert grid.cells[("ST-CNN TPS", "E")] == 1.1
+    assert grid.cells[("FCN", "TC")] == 13.2
+    assert grid.cells[("ST-CNN Aff", "TC")] == 1.7
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    grid = load_grid(GRID)
+    with pytest.raises(TableError, match=r"unknown row 'ST-CNN Affine'.*valid rows: FCN, CNN, ST-FCN Aff"):
+        select_cells(grid, ["CNN", "ST-CNN Affine"], None)
+    with pytest.raises(TableError, match="unknown column 'X'.*valid columns: R, RTS, P, E, TC"):
+        select_cells(grid, None, ["R", "X"])
+    with pytest.raises(TableError, match="no cell"):
+        select_cells(grid, ["ST-CNN TPS"], ["TC"])  # the paper has no such cell
+    with pytest.raises(TableError, match="not found"):
+        load_grid(GRID.parent / "missing.yaml")
+
+
+def test_bad_grid_file_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: t\nrows: {A: [model=cnn]}\ncolumns: {R: [dataset=R]}\ncells: {A: {RTS: 1.0}}\n")
+    with pytest.raises(TableError, match=r"cells.A.RTS is not a column \(columns: R\)"):
+        load_grid(path)
