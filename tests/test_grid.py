@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stn.config import compose
 from stn.grid import TableError, load_grid, select_cells
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -46,3 +47,13 @@ def test_bad_grid_file_names_the_key(tmp_path: Path) -> None:
     path.write_text("name: t\nrows: {A: [model=cnn]}\ncolumns: {R: [dataset=R]}\ncells: {A: {RTS: 1.0}}\n")
     with pytest.raises(TableError, match=r"cells.A.RTS is not a column \(columns: R\)"):
         load_grid(path)
+
+
+def test_the_grid_files_rows_are_the_table1_models() -> None:
+    """Table 1's rows are listed once in code (stn.grid.TABLE1_MODELS); the grid file must state the same."""
+    from stn.grid import TABLE1_MODELS
+
+    rows = load_grid(GRID).rows
+    assert list(rows) == [label for label, _ in TABLE1_MODELS]
+    for label, choice in TABLE1_MODELS:
+        assert compose(rows[label]) == compose(list(choice)), label

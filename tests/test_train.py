@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import stn.device as device_module
+import stn.progress as progress_module
 import stn.train as train_module
 from stn.config import Config, ConfigError, compose, from_container, to_dict
 from stn.data import MNISTDataError, TestSet, load_mnist, make_test_set
@@ -308,8 +309,8 @@ def test_quiet_output_when_not_a_terminal(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(train_module.sys.stdout, "isatty", lambda: True)
-    console = train_module.Console(total=10, completed=2, title="R-cnn")
+    monkeypatch.setattr(progress_module.sys.stdout, "isatty", lambda: True)
+    console = progress_module.Console(total=10, completed=2, title="R-cnn")
     assert console.progress is not None
     console.advance(5)
     console.advance(6, loss=0.5, rate=12.0)

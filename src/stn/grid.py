@@ -26,6 +26,20 @@ RESERVED = {"seed": "--seeds", "run_dir": "--out", "trainer": "--preset", "train
 ROW_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+=-]{0,99}")  # rows may hold spaces ("ST-CNN Aff"), never a /
 
 
+# Table 1's rows, the paper's labels and the config choices that build them: the one list the code uses (stn
+# models, stn bench). experiments/table1/grid.yaml states the same rows as data (tests/test_grid.py checks).
+TABLE1_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("FCN", ("model=fcn", "transformer=none")),
+    ("CNN", ("model=cnn", "transformer=none")),
+    ("ST-FCN Aff", ("model=st_fcn", "transformer=affine")),
+    ("ST-FCN Proj", ("model=st_fcn", "transformer=projective")),
+    ("ST-FCN TPS", ("model=st_fcn", "transformer=tps")),
+    ("ST-CNN Aff", ("model=st_cnn", "transformer=affine")),
+    ("ST-CNN Proj", ("model=st_cnn", "transformer=projective")),
+    ("ST-CNN TPS", ("model=st_cnn", "transformer=tps")),
+)
+
+
 class TableError(UserError):
     """A table that cannot run: bad grid file, unknown row/column, stale or mismatched cell folder."""
 

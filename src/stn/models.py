@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stn.config import Config, ConfigError, TransformerConfig, compose
+from stn.grid import TABLE1_MODELS
 from stn.spatial import SpatialTransformer
 
 NUM_CLASSES = 10
@@ -447,16 +448,6 @@ def build_model(cfg: Config, *, fast: bool = True) -> DigitClassifier:
 
 # ---- Table 1's parameter counts ----------------------------------------------------------------------
 
-TABLE1_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("FCN", ("model=fcn", "transformer=none")),
-    ("CNN", ("model=cnn", "transformer=none")),
-    ("ST-FCN Aff", ("model=st_fcn", "transformer=affine")),
-    ("ST-FCN Proj", ("model=st_fcn", "transformer=projective")),
-    ("ST-FCN TPS", ("model=st_fcn", "transformer=tps")),
-    ("ST-CNN Aff", ("model=st_cnn", "transformer=affine")),
-    ("ST-CNN Proj", ("model=st_cnn", "transformer=projective")),
-    ("ST-CNN TPS", ("model=st_cnn", "transformer=tps")),
-)
 
 
 @dataclass(frozen=True)
