@@ -13,6 +13,8 @@ on the first 2000 test digits:
   transformer rectifies every digit to one "mean pose": `residual_std_deg` is its std around the circular mean
   (identity transformer: the distortion's own, 52 deg for U(-90, 90)). `st_rotation_std_deg` is the spread of the
   transformer's own rotation; `corr` the correlation of that rotation with the true angle (-1: it undoes it).
+- `residual_shift_std_px`: the spread (norm of the per-axis std over digits) of where the transformer output's
+  centre lands in the upright digit, in digit pixels: how well it undoes translation (RTS, TC).
 - scale of the transformer's map (sqrt |det|): its median and p5/p95 (zoom-out shows as > 1: the output
   samples a wider region than the input, so the digit shrinks).
 Appends one JSON line to experiments/rectify/results.jsonl and keeps the weights in runs/rectify/.
@@ -25,6 +27,9 @@ Variants (each alone):
               PyTorch's default (kaiming uniform, a=sqrt(5)) shrinks activations by ~1/sqrt(3) per layer, so
               the 20 features the regression layer reads start small, and so do its weight gradients
   no_pool     (RTS, TC) no average pooling after the transformer (dataset.st_output_pool=1)
+  loc_fc      (ST-CNN) the ST-FCN's localisation net (FC 32 -> FC 32 on the full-size input) instead of the
+              convolutional one: separates "which localisation net" from "which classifier" (the ST-FCN, whose
+              FCN classifier cannot absorb rotations itself, learns to rotate within a few hundred steps)
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from stn.config import compose  # noqa: E402
 from stn.data import build_data  # noqa: E402
+from stn.models import Standardize, fc_localisation  # noqa: E402
+from stn.spatial import SpatialTransformer  # noqa: E402
 from stn.train import build_scheduler, evaluate, fit_step, keep_freed_memory, prepare_model  # noqa: E402
 
-VARIANTS = ("paper", "loc_lr10", "loc_lr01", "loc_kaiming", "no_pool")
+VARIANTS = ("paper", "loc_lr10", "loc_lr01", "loc_kaiming", "no_pool", "loc_fc")
 
 
 def rotation_deg(m: torch.Tensor) -> torch.Tensor:
@@ -76,6 +83,8 @@ def rectification(model: nn.Module, test_set, count: int = 2000) -> dict[str, fl
     if st is None:
         raise SystemExit("the rotation probe needs an affine transformer")
     composed = true[:, :, :2] @ st[:, :, :2]  # transformer output -> upright digit (linear parts)
+    # where the transformer output's centre lands in the upright digit, in digit pixels (14 per unit)
+    shift = 14.0 * ((true[:, :, :2] @ st[:, :, 2:])[..., 0] + true[:, :, 2])  # (B, 2)
     st_rot, residual = rotation_deg(st[:, :, :2]), rotation_deg(composed)
     true_angle = test_set.params["angle_deg"][:count].double()
     scale = st[:, :, :2].det().abs().sqrt()
@@ -85,6 +94,7 @@ def rectification(model: nn.Module, test_set, count: int = 2000) -> dict[str, fl
         "st_rotation_std_deg": float(st_rot.std()), "corr": float(corr),
         "scale_median": float(scale.median()), "scale_p5": float(scale.quantile(0.05)),
         "scale_p95": float(scale.quantile(0.95)),
+        "residual_shift_std_px": float(shift.std(dim=0).norm()),  # 0 when every digit is centred alike
     }  # fmt: skip
 
 
@@ -110,6 +120,12 @@ def main() -> None:
     keep_freed_memory()
     model = prepare_model(cfg, device)
     stream, test_set = build_data(cfg, device)
+    if args.variant == "loc_fc":
+        torch.manual_seed(10_000 + args.seed)
+        size = cfg.dataset.size
+        model.transformers[0] = SpatialTransformer(*fc_localisation(1, size, downsample=False), "affine",
+                                                   preprocess=Standardize())
+        model = model.to(memory_format=torch.channels_last)
     if args.variant == "loc_kaiming":
         torch.manual_seed(10_000 + args.seed)
         for transformer in model.transformers:
