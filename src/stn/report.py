@@ -214,31 +214,26 @@ def log_table_to_wandb(
     """One W&B run for the whole table (job_type "table"), in the per-cell runs' group, so a dashboard can
     be built from the group. Its offline folder lands where the per-cell runs' do (./wandb or $WANDB_DIR),
     so one `wandb sync` uploads them all. Never fails: warns and returns None; returns the run's folder."""
-    from stn.tracking import has_wandb_credentials, say_once
+    from stn.tracking import effective_mode, init_run, say_once
 
     mode = template.logger.mode
     if mode == "disabled":
         return None
-    if mode == "online" and not has_wandb_credentials():
-        say_once(
-            "logger.mode=online but no API key (WANDB_API_KEY or a netrc entry): logging offline instead"
-        )
-        mode = "offline"
+    mode = effective_mode(mode)
     try:
         import wandb
 
-        with wandb.init(
+        with init_run(
+            mode,
             project=template.logger.project,
             entity=template.logger.entity,
             group=meta["group"],
             job_type="table",
             name=f"{meta['group']}-table",
             tags=["table", grid.name, meta["preset"], *template.logger.tags],
-            mode=mode,
             config={
                 k: meta[k] for k in ("grid", "name", "preset", "seeds", "overrides", "executor", "table_dir")
             },
-            settings=wandb.Settings(console="off", silent=True),
             reinit="create_new",
         ) as run:
             payload: dict[str, Any] = {

@@ -1,5 +1,6 @@
 """Weights & Biases, as an optional layer over the run folder's own metrics.jsonl and summary.json.
 
+The package's one `wandb.init` is `init_run` (the table's own W&B run, stn.report, goes through it too).
 One `with Tracker(cfg, run_dir) as tracker:` per run: the run is always finished on exit, so runs started in
 a loop never merge (lightning-hydra-template#289). W&B must never stop training: `logger.mode=online` with
 no API key falls back to offline (said once per process), and any exception from wandb (init, log, images,
@@ -47,6 +48,32 @@ def has_wandb_credentials() -> bool:
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(entry and entry[2])
+
+
+def effective_mode(mode: str) -> str:
+    """logger.mode as it can run here: `online` without credentials becomes `offline` (said once)."""
+    if mode == "online" and not has_wandb_credentials():
+        say_once(
+            "logger.mode=online but no API key (WANDB_API_KEY or a netrc entry): logging offline instead; "
+            "upload later with `wandb sync wandb/offline-run-*`"
+        )
+        return "offline"
+    return mode
+
+
+def init_run(mode: str, **kwargs: Any) -> Any:
+    """The package's one `wandb.init`: our settings (no console capture, silent) and per-run folder; the
+    caller passes project, group, name, config, ... and handles failures (W&B must never stop stn)."""
+    import wandb
+
+    return wandb.init(
+        mode=mode,
+        # Decided per run: wandb would otherwise keep the first run's folder for the whole process.
+        dir=os.environ.get("WANDB_DIR") or os.getcwd(),
+        # console="off": our progress bar is not W&B's business; silent: we print the one line that matters.
+        settings=wandb.Settings(console="off", silent=True),
+        **kwargs,
+    )
 
 
 def image_pairs(model: nn.Module, images: Tensor) -> Tensor:
@@ -104,17 +131,11 @@ class Tracker:
     def start(self) -> None:
         if self.mode == "disabled":
             return
-        if self.mode == "online" and not has_wandb_credentials():
-            say_once(
-                "logger.mode=online but no API key (WANDB_API_KEY or a netrc entry): logging offline instead; "
-                "upload later with `wandb sync wandb/offline-run-*`"
-            )
-            self.mode = "offline"
+        self.mode = effective_mode(self.mode)
         cfg = self.cfg
         try:
-            import wandb
-
-            self.run = wandb.init(
+            self.run = init_run(
+                self.mode,
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 group=cfg.logger.group,
@@ -123,11 +144,6 @@ class Tracker:
                 notes=f"run folder: {self.run_dir}",
                 tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
                 config=to_dict(cfg),
-                mode=self.mode,
-                # Decided per run: wandb would otherwise keep the first run's folder for the whole process.
-                dir=os.environ.get("WANDB_DIR") or os.getcwd(),
-                # console="off": our progress bar is not W&B's business; silent: we print the one line that matters.
-                settings=wandb.Settings(console="off", silent=True),
             )
         except Exception as err:  # W&B must never stop training
             self._give_up("init", err)
