@@ -2,8 +2,12 @@
 
 Every run is described by a frozen `Config` built from the YAML groups in `conf/` (dataset, model,
 transformer, trainer, logger) plus command-line overrides such as `dataset=RTS model=st_cnn
-transformer=tps trainer.iterations=2000`. A wrong key, a wrong type or an impossible combination fails
-here, at start-up, with a `ConfigError` naming the key, never after an hour of training.
+transformer=tps trainer.iterations=2000`. A wrong key, a wrong type, a value out of its range (`RANGES`;
+NaN and inf everywhere), an unsafe name or an impossible combination fails here, at start-up, before torch or
+MNIST load, with a `ConfigError` holding one line per problem (key, value, fix), never after an hour of
+training. The checks of what a command writes (`output_problems`, `picture_problems`) and the note on an
+overridden schedule (`schedule_warning`) live here too. `UserError` is the base of every error the user fixes
+by changing the command or its inputs (the CLI's exit code 2).
 """
 
 from __future__ import annotations

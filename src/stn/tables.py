@@ -1,5 +1,7 @@
-"""Reproduce a results table of the paper: a grid of runs, resumable, fanned out with submitit.
+"""Reproduce a results table of the paper: plan its runs, reuse what is done, aggregate the seeds.
 
+Owns planning and aggregation; the grid file's schema is `stn.grid`, running the jobs `stn.launch`
+(submitit), the outputs `stn.report`, the reuse rule ("is this finished cell stale?") `stn.runs.is_stale`.
 A table is a YAML file (`experiments/table1/grid.yaml`): `rows` and `columns` map the paper's labels to
 config overrides, `cells` lists which (row, column) pairs exist and the paper's error for each. Every
 cell x seed becomes one `Config` (row + column overrides, `trainer=<preset>`, the user's overrides, then
