@@ -244,6 +244,15 @@ def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(cwd: Path, data_dir
     assert not (cwd / "run" / ".lock").exists() and (cwd / "run" / "summary.json").is_file()
 
 
+def test_a_failure_during_the_run_exits_1_and_touches_only_its_folder(cwd: Path, data_dir: Path) -> None:
+    before = tree(cwd)
+    result = runner.invoke(app, ["train", *SMALL, f"data_dir={data_dir}", "run_dir=run", "trainer.lr=1e10"])
+    assert result.exit_code == 1 and "NaN/inf at step" in result.stderr and "Traceback" not in result.output
+    after = tree(cwd)
+    assert {k: v for k, v in after.items() if not k.startswith("run/")} == before
+    assert not (cwd / "run" / "summary.json").exists() and not (cwd / "run" / ".lock").exists()
+
+
 # ---------------------------------------------------------------------------------- real processes
 
 

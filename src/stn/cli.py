@@ -32,6 +32,7 @@ from stn.config import (  # noqa: E402
     MAX_PICTURES,
     Config,
     ConfigError,
+    RunError,
     UserError,
     compose,
     group_choices,
@@ -100,17 +101,18 @@ def refuse(problems: list[str]) -> None:
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
     """Turn the package's errors into `error:` lines and exit codes: UserError (config, arguments, files,
-    MNIST, run folders) 2; anything that failed during the run (TrainingError, TableError of a run, OSError) 1."""
+    MNIST, run folders) 2; RunError (a run that failed, e.g. a NaN loss) and OSError 1. Anything else is a
+    bug and keeps its traceback."""
     try:
         yield
-    except typer.Exit:  # an exit code already chosen (click's Exit is a RuntimeError)
+    except typer.Exit:  # an exit code already chosen
         raise
     except UserError as err:
         fail(str(err), 2)
-    except OSError as err:
-        fail(f"{type(err).__name__}: {err}", 1)
-    except RuntimeError as err:  # TrainingError and its kin: the run itself failed
+    except RunError as err:  # TrainingError: the run itself failed
         fail(str(err), 1)
+    except OSError as err:  # a disk that filled up, a folder removed under a running command
+        fail(f"{type(err).__name__}: {err}", 1)
 
 
 @app.command(help=f"Train one configuration.\n\nConfig groups and their choices:\n\n{_groups_help()}")

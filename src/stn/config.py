@@ -32,6 +32,10 @@ class UserError(ValueError):
     """Something the user fixes by changing the command or its inputs (the CLI exits with code 2)."""
 
 
+class RunError(RuntimeError):
+    """A run that failed while running (the CLI's exit code 1), e.g. a non-finite loss."""
+
+
 class ConfigError(UserError):
     """A configuration that cannot run; one line per problem, naming the key, its value and the fix."""
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import Config, TrainerConfig, to_dict, to_yaml
+from stn.config import Config, RunError, TrainerConfig, to_dict, to_yaml
 from stn.device import (  # noqa: F401 (resolve_device, keep_freed_memory: part of the training API)
     cpu_has_bf16,
     keep_freed_memory,
@@ -66,7 +66,7 @@ from stn.runs import (
 from stn.tracking import Tracker
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
     """A run that cannot go on; the message names the step or file and what to do."""
 
 
