@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from stn.config import Config, RunError, TrainerConfig, to_dict, to_yaml
 from stn.device import (  # noqa: F401 (resolve_device, keep_freed_memory: part of the training API)
+    check_memory,
     cpu_has_bf16,
     keep_freed_memory,
     resolve_device,
@@ -228,6 +229,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
             print("warning: trainer.cpu_precision=bf16 on a CPU without bf16 hardware: bf16 is emulated here and "
                   "much slower than float32; use trainer.cpu_precision=float32 (or auto)", file=sys.stderr)
     model = prepare_model(cfg, device)
+    check_memory(model, cfg, device)  # before the data is built: a too-large batch never starts
     optimizer, parameters = build_optimizer(model, cfg.trainer), count_parameters(model)
     scheduler = build_scheduler(optimizer, cfg.trainer)
     stream, test_set = build_data(cfg, device)
