@@ -108,6 +108,27 @@ def data_preview(
     typer.echo(f"wrote {path}")
 
 
+@data_app.command("card")
+def data_card(
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder (gets <dataset>.md/.json/.png) or x.md.")] = Path(
+        "cards"),
+    count: Annotated[int, typer.Option("--count", "-n", help="How many test-set draws to measure.")] = 5000,
+    png: Annotated[bool, typer.Option(help="Also draw a PNG of the histograms.")] = True,
+) -> None:
+    """Write a dataset card: digit size, ink off the canvas, displacement, folded quads (see stn.cards)."""
+    config = load_config(overrides)
+    from stn.cards import write_card
+    from stn.data import MNISTDataError
+
+    try:
+        paths = write_card(config, out, count=count, png=png)
+    except (MNISTDataError, ValueError) as err:  # ValueError: a bad --count
+        fail(str(err))
+        return
+    typer.echo(f"wrote {', '.join(map(str, paths))}")
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
