@@ -259,6 +259,36 @@ def visualize(
     typer.echo(f"wrote {path}")
 
 
+@app.command("recovery")
+def recovery(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. <run folder>/checkpoints/last.pt")],
+    data_dir: Annotated[
+        str | None, typer.Option(help="MNIST root (default: $STN_DATA_DIR, else the checkpoint's data_dir).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Measure the first N test digits only.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full result (per class) here.")] = None,
+) -> None:
+    """How consistently the transformer undoes each test digit's known distortion (see stn.recovery)."""
+    import json
+
+    from stn.data import MNISTDataError
+    from stn.recovery import format_summary, recovery_checkpoint
+    from stn.visualize import VisualizeError
+
+    if limit is not None and limit < 1:
+        fail(f"--limit {limit} must be at least 1")
+    try:
+        summary = recovery_checkpoint(checkpoint, data_dir=data_dir, limit=limit)
+    except (VisualizeError, MNISTDataError) as err:
+        fail(str(err))
+        return
+    typer.echo(format_summary(summary))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=1) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
 @bench_app.command("data")
 def bench_data_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides (data_dir=... picks MNIST).")] = None,
