@@ -25,7 +25,7 @@ from stn.data import (
 )
 
 CPU = torch.device("cpu")
-READINGS = ("P", "P_box", "P_box20", "P_diag", "P_redraw")
+READINGS = ("P", "P_image", "P_box20", "P_box", "P_diag", "P_redraw")
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +148,11 @@ def test_digit_box_reading_moves_each_digits_own_box(configs):
         draw_distortion(configs["P_box"], 2, torch.Generator().manual_seed(1), CPU)
 
 
-def test_box20_reading_moves_the_central_20px_box(configs):
-    params = draw_distortion(configs["P_box20"], 3, torch.Generator().manual_seed(2), CPU)
+@pytest.mark.parametrize("name, low, high", [("P_box20", 3.5, 23.5), ("P_image", -0.5, 27.5)])
+def test_box20_and_image_readings_move_their_scaled_box(configs, name, low, high):
+    params = draw_distortion(configs[name], 3, torch.Generator().manual_seed(2), CPU)
     scale = params["scale"].double()[:, None, None]
-    box = torch.tensor([[3.5, 3.5], [23.5, 3.5], [23.5, 23.5], [3.5, 23.5]], dtype=torch.float64)
+    box = torch.tensor([[low, low], [high, low], [high, high], [low, high]], dtype=torch.float64)
     torch.testing.assert_close(params["corner_points"].double(), 13.5 + scale * (box - 13.5), atol=1e-5, rtol=0)
 
 

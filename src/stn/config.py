@@ -39,11 +39,12 @@ class DatasetConfig:
     translate: bool = False  # place the (scaled) 28x28 digit at a uniformly random spot of the canvas
     corner_std: float = 0.0  # P: std of the normal offset of each of the four corners
     # P, readings of the paper's words (experiments/datasets/README.md): which four corners move (canvas: the
-    # 28x28 canvas corners; digit_box: the corners of the digit's ink bounding box; box20: those of the central
-    # 20x20 box MNIST size-normalised its digits into), how (per_axis: N(0, std) independently in x and y;
-    # diagonal: one N(0, std) stretch along the corner's diagonal, outward positive) and what happens to draws
-    # whose moved corners form a folded (non-convex) quad (keep them, or redraw them).
-    corner_frame: str = "canvas"  # canvas | digit_box | box20
+    # 28x28 canvas corners; image: those of the 28x28 digit image after its scaling; box20: those of the central
+    # 20x20 box MNIST size-normalised its digits into, scaled; digit_box: those of the digit's ink bounding box,
+    # scaled), how (per_axis: N(0, std) independently in x and y; diagonal: one N(0, std) stretch along the
+    # corner's diagonal, outward positive) and what happens to draws whose moved corners form a folded
+    # (non-convex) quad (keep them, or redraw them).
+    corner_frame: str = "canvas"  # canvas | image | box20 | digit_box
     corner_direction: str = "per_axis"  # per_axis | diagonal
     folded: str = "keep"  # keep | redraw
     tps_std: float = 0.0  # E: std of the normal offset of each thin-plate-spline control point
@@ -144,7 +145,7 @@ class Config:
 TRANSFORM_TYPES = ("none", "affine", "projective", "tps")
 MODEL_NAMES = ("fcn", "cnn", "st_fcn", "st_cnn")
 LOGGER_MODES = ("online", "offline", "disabled")
-CORNER_FRAMES = ("canvas", "digit_box", "box20")
+CORNER_FRAMES = ("canvas", "image", "box20", "digit_box")
 CORNER_DIRECTIONS = ("per_axis", "diagonal")
 FOLDED_CHOICES = ("keep", "redraw")
 

@@ -12,8 +12,9 @@ with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n -
 translation per axis from U[-(S/2 - 14 scale), +(S/2 - 14 scale)], which keeps the scaled 28x28 box (before
 rotation) inside the canvas, and so the disc it inscribes at any angle, where MNIST's ink lies. P follows the
 scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px per axis
-(the default reading; `corner_frame` (canvas | digit_box: each digit's ink bounding box | box20: the central
-20x20 box MNIST normalised its digits into), `corner_direction` and `folded` select others, see `draw_corners`), and
+(the default reading; `corner_frame` (canvas | image: the scaled 28x28 digit image's corners | box20: the
+central 20x20 box MNIST normalised its digits into, scaled | digit_box: each digit's ink bounding box, scaled),
+`corner_direction` and `folded` select others, see `draw_corners`), and
 E follows it with a thin plate spline whose 4x4 control points sample the scaled digit at offsets drawn from
 N(0, tps_std) px. TC pastes the digit at a whole-pixel position of the 60x60 canvas and composes six 6x6
 patches of other digits with max(), so clutter never darkens a digit pixel.
@@ -180,7 +181,7 @@ def _check_dataset(cfg: DatasetConfig) -> None:
             f"dataset {cfg.name}: a digit scaled by scale_max={cfg.scale_max} ({DIGIT * cfg.scale_max:.1f} px) "
             f"does not fit the canvas size={cfg.size}: lower dataset.scale_max or raise dataset.size"
         )
-    readings = {"corner_frame": ("canvas", "digit_box", "box20"), "corner_direction": ("per_axis", "diagonal"),
+    readings = {"corner_frame": ("canvas", "image", "box20", "digit_box"), "corner_direction": ("per_axis", "diagonal"),
                 "folded": ("keep", "redraw")}
     for key, allowed in readings.items():
         if getattr(cfg, key) not in allowed:
@@ -428,8 +429,9 @@ def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, 
                 raise ValueError(f"dataset {cfg.name}: corner_frame=digit_box needs the digits (pass digits=)")
             boxes = digit_boxes(digits.to(device))
             points = forward_points(size, angle, scale, translation, boxes).float()
-        elif cfg.corner_frame == "box20":
-            box = canvas_corners(MNIST_BOX, batch, device).double() + (DIGIT - MNIST_BOX) / 2
+        elif cfg.corner_frame in ("box20", "image"):
+            side = MNIST_BOX if cfg.corner_frame == "box20" else DIGIT
+            box = canvas_corners(side, batch, device).double() + (DIGIT - side) / 2
             points = forward_points(size, angle, scale, translation, box).float()
         else:
             points = canvas_corners(size, batch, device)
