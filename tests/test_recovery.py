@@ -180,14 +180,16 @@ def test_p_identity_and_oracle_against_per_sample_homographies():
     assert result["overall"]["rotation_mean_deg"] == pytest.approx(30.0, abs=1e-3)
 
 
-def test_a_draw_near_its_horizon_is_lost_for_the_pose_only():
+def test_points_off_the_digit_and_near_a_horizon_are_left_out():
     params, labels, size = draws("P", 4)
-    params["source_projective"][0] = torch.tensor([1.0, 0, 0, 0, 1.0, 0, 1.0, 0])  # w = x + 1: 0 on the left edge
+    params["source_projective"][0] = torch.tensor([1.0, 0, 5.0, 0, 1.0, 0, 0, 0])  # shows x + 5: never the digit
+    params["source_projective"][1] = torch.tensor([1.0, 0, 0, 0, 1.0, 0, 1.0, 0])  # w = x + 1: 0 on the left edge
     points, _ = output_points(size)
     result = recovery_from_grids(points.expand(4, *points.shape), points, (size, size), params, labels, "P")
     assert result["samples"] == 4 and result["lost_fraction"] == pytest.approx(0.25)
     assert result["overall"]["pose_count"] == 3 and result["overall"]["count"] == 4
     assert math.isfinite(result["overall"]["grid_residual_px"])
+    assert math.isfinite(result["overall"]["position_rms_px"])
 
 
 class FakeModel:

@@ -10,7 +10,8 @@ says which digit point the transformer shows at g: its output is the digit warpe
 undoes every distortion makes C the same map for every digit, not necessarily the identity: the paper's
 transformers rectify to a "mean pose". So the metric is the spread of C around its mean over the test set:
 
-- **pose**: C is fitted (least squares over a grid of output points) by an affine map, and its inverse, the
+- **pose**: C is fitted by an affine map (least squares over the output grid points whose C(g) lies in the
+  digit's 28x28 frame, where the output shows the digit), and its inverse, the
   forward map digit -> output, is read as the pose the digit is shown in, in the datasets' own convention
   (`stn.data`: output = position + scale * Rot(angle) digit, angles counter-clockwise on screen, px): for the
   identity transformer the pose is exactly the drawn distortion (R: the drawn angle; RTS: angle, scale,
@@ -27,9 +28,9 @@ class's mean pose). `before` is the same measured for the identity transformer: 
 (R: about 52 deg, the std of U(-90, 90)). Units: output px are the transformer's output pixels (for the
 default output size, the canvas's); digit px are the 28x28 digit's.
 
-For the pose, a sample whose composed map leaves [-10, 10] at any grid point (five digit widths from the centre;
-near a homography's horizon: about 5% of P's draws for the identity transformer, whose output corners lie
-outside the moved corners' quad) is "lost": counted (lost_fraction), and left out of the pose statistics. For
+A sample with fewer than MIN_POINTS grid points in the digit's frame (the transformer shows it tiny, or
+elsewhere; a homography may also throw it away) is "lost" for the pose: counted (lost_fraction) and left out
+of the pose statistics. Affine maps are fitted exactly, so for R, RTS and TC the fit is no approximation. For
 transformer.placement=features the grid lives on feature maps, whose coordinates are taken as the image's
 (approximate: `approximate` is set). Parallel transformers: the first one is measured.
 """
@@ -48,7 +49,7 @@ from stn.data import DIGIT, TestSet, source_points
 from stn.spatial import target_points
 
 POINTS = 12  # at most POINTS x POINTS output grid points per sample (evenly spread pixel centres)
-LOST = 10.0  # |C(g)| beyond this (normalised digit coordinates: 5 digit widths) marks a sample lost
+MIN_POINTS = 6  # grid points in the digit's frame needed to fit a sample's pose
 HEADLINE = {
     "R": ("rotation_std_deg",),
     "RTS": ("rotation_std_deg", "log_scale_std", "position_rms_px"),
@@ -72,13 +73,20 @@ def point_indices(height: int, width: int) -> Tensor:
     return (rows[:, None] * width + cols[None, :]).reshape(-1)
 
 
-def _pose(composed: Tensor, output: Tensor) -> dict[str, Tensor]:
-    """Least-squares affine fit digit_px = A output_px + b per sample; the forward pose from its inverse.
+def in_frame(composed: Tensor) -> Tensor:
+    """(B, N) bool: composed (B, N, 2) digit px from the centre lies in the 28x28 digit frame (finite)."""
+    return torch.isfinite(composed).all(-1) & (composed.abs().amax(-1) <= DIGIT / 2)
 
-    composed (B, N, 2) digit px, output (N, 2) output px (both from their centres), float64.
+
+def _pose(composed: Tensor, output: Tensor, inside: Tensor) -> dict[str, Tensor]:
+    """Weighted least-squares affine fit digit_px = A output_px + b per sample over its `inside` points, and the
+    forward pose from its inverse. composed (B, N, 2) digit px, output (N, 2) output px (both from their
+    centres), inside (B, N) bool; float64.
     """
-    design = torch.cat([output, torch.ones_like(output[:, :1])], dim=1)  # (N, 3)
-    fit = torch.linalg.pinv(design) @ composed  # (B, 3, 2): rows A^T (2) and b (1)
+    weight = inside.double()[..., None]  # (B, N, 1)
+    design = torch.cat([output, torch.ones_like(output[:, :1])], dim=1) * weight  # (B, N, 3)
+    target = torch.where(inside[..., None], composed, 0.0)  # weight 0 (and no inf) outside
+    fit = torch.linalg.pinv(design) @ target  # (B, 3, 2): rows A^T (2) and b (1)
     linear, shift = fit[:, :2].transpose(1, 2), fit[:, 2]  # A (B, 2, 2), b (B, 2)
     forward = torch.linalg.inv(linear)  # digit -> output: M = s Rot(angle), Rot = [[c, s], [-s, c]]
     angle = torch.rad2deg(torch.atan2(forward[:, 0, 1] - forward[:, 1, 0], forward[:, 0, 0] + forward[:, 1, 1]))
@@ -89,7 +97,7 @@ def _pose(composed: Tensor, output: Tensor) -> dict[str, Tensor]:
 
 def grid_residual(composed: Tensor) -> float:
     """composed (B, N, 2) digit px from the centre (may hold inf/nan) -> the framed residual (module docstring)."""
-    inside = torch.isfinite(composed).all(-1) & (composed.abs().amax(-1) <= DIGIT / 2)  # (B, N)
+    inside = in_frame(composed)  # (B, N)
     weight = inside.double()[..., None]
     values = torch.where(inside[..., None], composed, 0.0)
     count = weight.sum(0)  # (N, 1)
@@ -132,8 +140,8 @@ def recovery_from_grids(grid: Tensor, output_points: Tensor, output_size: tuple[
     the B samples' distortion params (`TestSet.params`); labels (B,).
     """
     composed = source_points(params, grid.double()) * (DIGIT / 2)  # (B, N, 2) digit px from the digit centre
-    finite = torch.isfinite(composed).all(-1).all(-1)
-    kept = finite & (composed.abs().amax((1, 2)) <= LOST * DIGIT / 2) if len(composed) else finite
+    inside = in_frame(composed)
+    kept = inside.sum(1) >= MIN_POINTS
     height, width = output_size
     output = output_points.double() * torch.tensor([width / 2, height / 2], dtype=torch.float64)  # output px
     labels = labels.cpu()
@@ -146,7 +154,7 @@ def recovery_from_grids(grid: Tensor, output_points: Tensor, output_size: tuple[
     }
     if not bool(kept.any()):
         return result
-    pose = _pose(composed[kept], output)
+    pose = _pose(composed[kept], output, inside[kept])
     result["overall"] = _spread(pose, composed)
     result["per_class"] = {}
     for label in sorted(set(labels.tolist())):
@@ -219,7 +227,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if not summary:
         return "no spatial transformer: nothing to measure"
     if "overall" not in summary:
-        return f"all {summary['samples']} samples lost (composed map beyond the digit): nothing to measure"
+        return f"all {summary['samples']} samples lost (the output never shows the digit's frame): nothing to measure"
     units = {"rotation_std_deg": "deg", "log_scale_std": "", "position_rms_px": "px", "grid_residual_px": "px"}
     after, before = summary["overall"], summary["before"].get("overall", {})
     lines = [f"recovery on {summary['dataset']} ({summary['samples']} test digits, {summary['points']} grid points "
