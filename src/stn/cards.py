@@ -183,7 +183,7 @@ def card_png(card: dict[str, Any], stats: dict[str, Tensor], out: Path) -> None:
 
     keys = [key for key in LABELS if key in stats]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6))
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=True):
         values = stats[key][torch.isfinite(stats[key])].numpy()  # vanished draws have no displacement
         low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
         span = (low, high) if high - low > 1e-6 else (low - 0.5, high + 0.5)  # e.g. plain: all exactly 1

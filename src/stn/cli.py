@@ -266,7 +266,9 @@ def recovery(
         str | None, typer.Option(help="MNIST root (default: $STN_DATA_DIR, else the checkpoint's data_dir).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Measure the first N test digits only.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full result (per class) here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the full result (per class) here.")
+    ] = None,
 ) -> None:
     """How consistently the transformer undoes each test digit's known distortion (see stn.recovery)."""
     import json

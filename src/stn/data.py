@@ -181,8 +181,8 @@ def _check_dataset(cfg: DatasetConfig) -> None:
             f"dataset {cfg.name}: a digit scaled by scale_max={cfg.scale_max} ({DIGIT * cfg.scale_max:.1f} px) "
             f"does not fit the canvas size={cfg.size}: lower dataset.scale_max or raise dataset.size"
         )
-    readings = {"corner_frame": ("canvas", "image", "box20", "digit_box"), "corner_direction": ("per_axis", "diagonal"),
-                "folded": ("keep", "redraw")}
+    readings = {"corner_frame": ("canvas", "image", "box20", "digit_box"),
+                "corner_direction": ("per_axis", "diagonal"), "folded": ("keep", "redraw")}
     for key, allowed in readings.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"dataset {cfg.name}: {key}={getattr(cfg, key)!r} is not one of {allowed}")

@@ -230,8 +230,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         return f"all {summary['samples']} samples lost (the output never shows the digit's frame): nothing to measure"
     units = {"rotation_std_deg": "deg", "log_scale_std": "", "position_rms_px": "px", "grid_residual_px": "px"}
     after, before = summary["overall"], summary["before"].get("overall", {})
+    note = " [approximate: features placement]" if summary.get("approximate") else ""
     lines = [f"recovery on {summary['dataset']} ({summary['samples']} test digits, {summary['points']} grid points "
-             f"each; lost {summary['lost_fraction']:.2%}){' [approximate: features placement]' if summary.get('approximate') else ''}"]
+             f"each; pose lost for {summary['lost_fraction']:.2%}){note}"]
     for key in summary["headline"]:
         was = f" (identity transformer: {before[key]:.3f})" if key in before else ""
         lines.append(f"  {key}: {after[key]:.3f} {units[key]}{was}")
