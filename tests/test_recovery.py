@@ -272,3 +272,20 @@ def test_fit_summary_and_the_cli_report_recovery(tmp_path, data_dir):
     assert set(saved["per_class"]) == {str(c) for c in range(10)}
     missing = CliRunner().invoke(app, ["recovery", str(tmp_path / "nope.pt")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+@pytest.mark.parametrize("name", ["R", "RTS", "P", "E", "TC"])
+def test_source_points_continue_the_sampling_grid(name):
+    """`source_points` (cards and recovery evaluate the distortion with it) equals `source_grid` at the pixel
+    centres, both in float64, and takes per-sample points as well as shared ones."""
+    from stn.data import source_grid, source_points
+
+    params, _, size = draws(name, 16)
+    as64 = {key: value.double() if value.is_floating_point() else value for key, value in params.items()}
+    grid = source_grid(as64, size).reshape(16, -1, 2)
+    shared = target_points(size, size, dtype=torch.float64)
+    finite = torch.isfinite(grid).all(-1)
+    got = source_points(params, shared)
+    torch.testing.assert_close(got[finite], grid[finite], atol=1e-9, rtol=1e-9)
+    per_sample = source_points(params, shared.expand(16, *shared.shape))
+    torch.testing.assert_close(per_sample[finite], grid[finite], atol=1e-9, rtol=1e-9)
