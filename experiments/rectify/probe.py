@@ -27,6 +27,9 @@ Variants (each alone):
               PyTorch's default (kaiming uniform, a=sqrt(5)) shrinks activations by ~1/sqrt(3) per layer, so
               the 20 features the regression layer reads start small, and so do its weight gradients
   no_pool     (RTS, TC) no average pooling after the transformer (dataset.st_output_pool=1)
+  loc_frozen  the localisation net at learning rate 0: the transformer stays the identity, so what is left is the
+              rest of the ST model (on RTS and TC: the 2x average pooling after the transformer, which halves the
+              resolution the classifier sees until the transformer learns to zoom in)
   loc_fc      (ST-CNN) the ST-FCN's localisation net (FC 32 -> FC 32 on the full-size input) instead of the
               convolutional one: separates "which localisation net" from "which classifier" (the ST-FCN, whose
               FCN classifier cannot absorb rotations itself, learns to rotate within a few hundred steps)
@@ -55,7 +58,7 @@ from stn.models import Standardize, fc_localisation  # noqa: E402
 from stn.spatial import SpatialTransformer  # noqa: E402
 from stn.train import build_scheduler, evaluate, fit_step, keep_freed_memory, prepare_model  # noqa: E402
 
-VARIANTS = ("paper", "loc_lr10", "loc_lr01", "loc_kaiming", "no_pool", "loc_fc")
+VARIANTS = ("paper", "loc_lr10", "loc_lr01", "loc_kaiming", "no_pool", "loc_fc", "loc_frozen")
 
 
 def rotation_deg(m: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,7 @@ def main() -> None:
                     nn.init.zeros_(layer.bias)
     loc = [p for n, p in model.named_parameters() if n.startswith("transformers.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("transformers.")]
-    loc_lr = cfg.trainer.lr * {"loc_lr10": 10.0, "loc_lr01": 0.1}.get(args.variant, 1.0)
+    loc_lr = cfg.trainer.lr * {"loc_lr10": 10.0, "loc_lr01": 0.1, "loc_frozen": 0.0}.get(args.variant, 1.0)
     optimizer = torch.optim.SGD([{"params": rest}, {"params": loc, "lr": loc_lr}], lr=cfg.trainer.lr,
                                 momentum=cfg.trainer.momentum)
     scheduler = build_scheduler(optimizer, cfg.trainer)
