@@ -51,6 +51,15 @@ class DatasetConfig:
     scale_max: float = 1.0
     translate: bool = False  # place the (scaled) 28x28 digit at a uniformly random spot of the canvas
     corner_std: float = 0.0  # P: std of the normal offset of each of the four corners
+    # P, readings of the paper's words (experiments/datasets/README.md): which four corners move (canvas: the
+    # 28x28 canvas corners; image: those of the 28x28 digit image after its scaling; box20: those of the central
+    # 20x20 box MNIST size-normalised its digits into, scaled; digit_box: those of the digit's ink bounding box,
+    # scaled), how (per_axis: N(0, std) independently in x and y; diagonal: one N(0, std) stretch along the
+    # corner's diagonal, outward positive) and what happens to draws whose moved corners form a folded
+    # (non-convex) quad (keep them, or redraw them).
+    corner_frame: str = "canvas"  # canvas | image | box20 | digit_box
+    corner_direction: str = "per_axis"  # per_axis | diagonal
+    folded: str = "keep"  # keep | redraw
     tps_std: float = 0.0  # E: std of the normal offset of each thin-plate-spline control point
     tps_grid: int = 4  # E: control points per side (4 -> 16 points)
     clutter: int = 0  # TC: number of clutter patches cut from other digits
@@ -153,6 +162,9 @@ class Config:
 TRANSFORM_TYPES = ("none", "affine", "projective", "tps")
 MODEL_NAMES = ("fcn", "cnn", "st_fcn", "st_cnn")
 LOGGER_MODES = ("online", "offline", "disabled")
+CORNER_FRAMES = ("canvas", "image", "box20", "digit_box")
+CORNER_DIRECTIONS = ("per_axis", "diagonal")
+FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
 
 
@@ -287,6 +299,11 @@ def dataset_problems(cfg: DatasetConfig) -> list[str]:
     if cfg.translate and DIGIT * cfg.scale_max > cfg.size:
         errors.append(f"dataset.scale_max={cfg.scale_max}: a digit of {DIGIT * cfg.scale_max:.1f} px does not fit "
                       f"the canvas dataset.size={cfg.size}; lower dataset.scale_max or raise dataset.size")
+    # P readings (fields added with the dataset cards, see stn.cards)
+    for key, allowed in (("corner_frame", CORNER_FRAMES), ("corner_direction", CORNER_DIRECTIONS),
+                         ("folded", FOLDED_CHOICES)):
+        if getattr(cfg, key) not in allowed:
+            errors.append(f"dataset.{key}={getattr(cfg, key)!r} is not one of {allowed}")
     if cfg.clutter and cfg.clutter_size > min(DIGIT, cfg.size):
         errors.append(f"dataset.clutter_size={cfg.clutter_size}: must lie in [1, {min(DIGIT, cfg.size)}]")
     return errors

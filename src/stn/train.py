@@ -4,7 +4,8 @@ The loop is flat and hand-written: TrainStream batch -> `train_step` (SGD with m
 per iteration, so the paper's "lr / 10 every 50k iterations" is `lr_step=50000, lr_gamma=0.1`. The loss
 stays on the device and is read back (one host-device sync) only every `trainer.log_every` steps; a
 non-finite loss is pinned to its exact step on the device as well, and stops the run with a TrainingError.
-The run folder, checkpoints and resume rules are `stn.runs`'s; this module only trains.
+The run folder, checkpoints and resume rules are `stn.runs`'s; this module only trains. Transformer models'
+summary.json also holds recovery/* keys (how well the transformer undoes the distortion: `stn.recovery`).
 
 Resuming restores model, optimizer, scheduler, RNG states and the data stream's position, so on the CPU
 (float32, no autocast) a run stopped and resumed ends with exactly the weights of an uninterrupted one
@@ -47,6 +48,7 @@ from stn.device import (  # noqa: F401 (resolve_device, keep_freed_memory: part 
     runtime_flags,
 )
 from stn.progress import Console, stop_on_signals
+from stn.recovery import recovery_metrics
 from stn.runs import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
@@ -375,6 +377,7 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
             tracker.log_images(run.model, run.test_set.images[:count], run.test_set.labels[:count], run.step)
             run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
             summary = make_summary(run, meter, test_error, tracker.info)
+            summary.update(recovery_metrics(run.model, run.test_set, cfg))  # stn.recovery: flat recovery/* keys
             tracker.set_summary(summary)
     finally:
         console.close()
