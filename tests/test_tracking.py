@@ -174,3 +174,31 @@ def test_tracker_disabled_is_a_no_op(tmp_path: Path) -> None:
         tracker.set_summary({"test_error": 1.0})
         assert not tracker.enabled and tracker.info is None
     assert not (tmp_path / "wandb").exists()
+
+
+def test_online_without_a_reachable_server_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A key but no network: wandb.init(mode=online) fails (here at once; for real after init_timeout, bounded
+    by tracking.ONLINE_TIMEOUT_S): the run is logged offline instead, and the user is told."""
+    import stn.tracking as tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    real_init = wandb.init
+    modes = []
+
+    def unreachable(**kwargs: Any) -> Any:
+        modes.append(kwargs["mode"])
+        assert kwargs["settings"].init_timeout == tracking.ONLINE_TIMEOUT_S
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    summary = fit(small(tmp_path, "logger.mode=online"))
+    assert modes == ["online", "offline"]
+    assert summary["wandb"]["mode"] == "offline"
+    assert offline_run(tmp_path)["summary"]["test_error"] == summary["test_error"]
+    err = capsys.readouterr().err
+    assert "could not reach W&B" in err and "wandb sync" in err

@@ -61,19 +61,35 @@ def effective_mode(mode: str) -> str:
     return mode
 
 
+ONLINE_TIMEOUT_S = 30  # how long `online` may wait for the W&B server before falling back to offline
+
+
 def init_run(mode: str, **kwargs: Any) -> Any:
     """The package's one `wandb.init`: our settings (no console capture, silent) and per-run folder; the
-    caller passes project, group, name, config, ... and handles failures (W&B must never stop stn)."""
+    caller passes project, group, name, config, ... `online` waits at most ONLINE_TIMEOUT_S for the server
+    and then, or on any other failure to go online, starts the run offline and says so once. Other failures
+    propagate: the caller handles them (W&B must never stop stn)."""
     import wandb
 
-    return wandb.init(
-        mode=mode,
-        # Decided per run: wandb would otherwise keep the first run's folder for the whole process.
-        dir=os.environ.get("WANDB_DIR") or os.getcwd(),
-        # console="off": our progress bar is not W&B's business; silent: we print the one line that matters.
-        settings=wandb.Settings(console="off", silent=True),
-        **kwargs,
-    )
+    def start(mode: str) -> Any:
+        return wandb.init(
+            mode=mode,
+            # Decided per run: wandb would otherwise keep the first run's folder for the whole process.
+            dir=os.environ.get("WANDB_DIR") or os.getcwd(),
+            # console="off": our progress bar is not W&B's business; silent: we print the one line that matters.
+            settings=wandb.Settings(console="off", silent=True, init_timeout=ONLINE_TIMEOUT_S),
+            **kwargs,
+        )
+
+    if mode != "online":
+        return start(mode)
+    try:
+        return start("online")
+    except Exception as err:  # no network, a server that does not answer in time, a rejected key
+        reason = " ".join(str(err).split())[:200]
+        say_once(f"logger.mode=online could not reach W&B within {ONLINE_TIMEOUT_S} s ({type(err).__name__}: "
+                 f"{reason}); logging offline instead, upload later with `wandb sync wandb/offline-run-*`")
+        return start("offline")
 
 
 def image_pairs(model: nn.Module, images: Tensor) -> Tensor:
@@ -145,6 +161,8 @@ class Tracker:
                 tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
                 config=to_dict(cfg),
             )
+            if self.run is not None and self.mode == "online" and self.run.settings.mode != "online":
+                self.mode = "offline"  # init_run fell back
         except Exception as err:  # W&B must never stop training
             self._give_up("init", err)
 
