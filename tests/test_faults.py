@@ -134,6 +134,8 @@ def test_picture_commands_check_their_arguments(cwd: Path, data_dir: Path) -> No
     refused(cwd, [*preview, "--count", "100000"], "--count 100000")
     refused(cwd, [*preview, "--split", "val"], "--split 'val'")
     refused(cwd, [*preview, "dataset.test_limit=5", "--count", "6"], "--count 6")
+    refused(cwd, ["data", "card", f"data_dir={data_dir}", "--out", "keep.txt/cards"], "--out keep.txt/cards")
+    refused(cwd, ["recovery", "keep.txt", "--json", "keep.txt/r.json"], "--json keep.txt/r.json")
     refused(cwd, ["visualize", "missing.pt"], "checkpoint missing.pt")
     refused(cwd, ["visualize", "keep.txt", "--out", "x.bmp"], "--out x.bmp")
     refused(cwd, ["visualize", "keep.txt", "--count", "0"], "--count 0")

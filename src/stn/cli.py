@@ -172,6 +172,7 @@ def data_card(
 ) -> None:
     """Write a dataset card: digit size, ink off the canvas, displacement, folded quads (see stn.cards)."""
     config = load_config(overrides)
+    refuse(folder_problems("--out", out.parent if out.suffix == ".md" else out, label=f"--out {out}"))
     from stn.cards import write_card
 
     try:
