@@ -101,6 +101,19 @@ def test_a_dead_processs_lock_is_taken_over_another_hosts_is_not(tmp_path: Path)
         pass
 
 
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preempted and requeued on another node: same SLURM_JOB_ID, another host; another job's lock holds."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (folder / LOCK).write_text(json.dumps({"pid": 1, "host": "node-a", "job": "4242"}))
+    with locked(folder):
+        assert json.loads((folder / LOCK).read_text())["job"] == "4242"
+    (folder / LOCK).write_text(json.dumps({"pid": 1, "host": "node-a", "job": "777"}))
+    with pytest.raises(RunFolderError, match="on node-a"), locked(folder):
+        pass
+
+
 def test_which_folders_a_run_may_use(tmp_path: Path) -> None:
     check_usable(tmp_path / "new")  # missing: created later
     (tmp_path / "empty").mkdir()

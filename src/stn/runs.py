@@ -11,7 +11,8 @@ Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
     metrics.jsonl        one JSON object per log/eval: step, loss, lr, images_per_s, time_s | test_error
     summary.json         written last, atomically: its presence means the run finished
     checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
-    .lock                while a process writes the folder: {"pid", "host"}; a dead pid's lock is taken over
+    .lock                while a process writes the folder: {"pid", "host", "job"}; a dead pid's lock (same
+                         host), or the lock of the same Slurm job before its requeue, is taken over
 
 Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
 "config", "clock"}, tensors and primitives only, so it loads with torch.load(weights_only=True).
@@ -325,7 +326,9 @@ def locked(folder: Path) -> Iterator[None]:
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    mine = {"pid": os.getpid(), "host": socket.gethostname()}
+    # A Slurm job requeued after preemption keeps its SLURM_JOB_ID but may land on another node: the lock of
+    # its previous incarnation is taken over (that incarnation is gone once the job runs again).
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -335,7 +338,8 @@ def locked(folder: Path) -> Iterator[None]:
                 pid, host = int(holder["pid"]), str(holder["host"])
             except (OSError, ValueError, KeyError, TypeError):  # half-written by a process killed at once
                 holder, pid, host = {}, -1, mine["host"]
-            if host == mine["host"] and (pid < 0 or not _alive(pid)):
+            same_job = mine["job"] is not None and holder.get("job") == mine["job"]
+            if same_job or (host == mine["host"] and (pid < 0 or not _alive(pid))):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             raise RunFolderError(
