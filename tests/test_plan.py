@@ -82,6 +82,10 @@ def test_pack_chunks_covers_every_step_once_within_the_budget() -> None:
     assert pack_chunks(groups, costs, budget_s=100, done={"small": 300, "big": 5000, "mid": 1200}) == []
     with pytest.raises(PlanError):
         pack_chunks(groups, costs, budget_s=3, overhead_s=5)
+    # a slow device: less than one granule fits a chunk, so a chunk takes the steps that fit
+    slow = pack_chunks(groups[:1], unit_costs(groups[:1], {"small": 2.0}), budget_s=50, granularity=100,
+                       overhead_s=10)
+    assert [(s.start, s.end) for c in slow for s in c][:2] == [(0, 20), (20, 40)] and len(slow) == 15
 
 
 def test_cost_model_uses_the_nearest_measured_k_and_falls_back_to_flops() -> None:
@@ -89,6 +93,10 @@ def test_cost_model_uses_the_nearest_measured_k_and_falls_back_to_flops() -> Non
     table = CostModel(table=[{"kind": "a", "size": 28, "k": 1, "images_per_s": 100.0},
                              {"kind": "a", "size": 28, "k": 8, "images_per_s": 600.0}])
     assert table.images_per_s(groups[0]) == (600.0, "measured (K=8)")
+    scaled = CostModel(table=[{"kind": "a", "size": 42, "k": 9, "images_per_s": 100.0, "flops_per_image": 2e6}])
+    rate, how = scaled.images_per_s(groups[0])  # 28px: fewer FLOPs per image than the measured 42px row
+    assert how == "measured at 42px, scaled by FLOPs (K=9)"
+    assert rate == pytest.approx(100.0 * 2e6 / scaled.flops_per_image(groups[0]))
     flops = CostModel(flops_per_s=1e9)
     rate, how = flops.images_per_s(groups[0])
     assert how == "FLOP estimate" and rate == pytest.approx(1e9 / flops.flops_per_image(groups[0]))

@@ -37,6 +37,10 @@ bench_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+from stn.engine_cli import bench as _engine_bench, engine_app  # noqa: E402  (the batched engine: stn engine ...)
+
+app.add_typer(engine_app, name="engine")
+bench_app.command("engine", help="The batched engine's throughput (= stn engine bench).")(_engine_bench)
 
 OVERRIDES_HELP = "Config overrides, Hydra syntax: dataset=RTS model=st_cnn transformer=tps trainer.iterations=500"
 

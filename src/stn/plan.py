@@ -161,10 +161,18 @@ class CostModel:
         return self._flops[key]
 
     def images_per_s(self, group: Group) -> tuple[float, str]:
-        rows = [r for r in self.table if r.get("kind") == group.kind and int(r.get("size", 0)) == group.size]
-        if rows:
-            best = min(rows, key=lambda r: (abs(math.log(int(r["k"]) / group.k)), -int(r["k"])))
-            return float(best["images_per_s"]), f"measured (K={best['k']})"
+        """Measured rate of this kind at the nearest K: at this canvas size, else at another size scaled by
+        the FLOPs per image (rows that carry flops_per_image); else the FLOP estimate."""
+        rows = [r for r in self.table if r.get("kind") == group.kind]
+        same = [r for r in rows if int(r.get("size", 0)) == group.size]
+        other = [r for r in rows if r.get("flops_per_image")]
+        for candidates, how in ((same, "measured"), (other, "measured at {size}px, scaled by FLOPs")):
+            if candidates:
+                best = min(candidates, key=lambda r: (abs(math.log(int(r["k"]) / group.k)), -int(r["k"])))
+                rate = float(best["images_per_s"])
+                if candidates is other:
+                    rate *= float(best["flops_per_image"]) / self.flops_per_image(group)
+                return rate, how.format(size=best.get("size")) + f" (K={best['k']})"
         return self.flops_per_s / self.flops_per_image(group), "FLOP estimate"
 
     def seconds_per_step(self, group: Group) -> float:
@@ -207,14 +215,14 @@ def pack_chunks(groups: Sequence[Group], costs: CostModel, budget_s: float, *, d
                                                      None)):
         step, per_step = done.get(group.gid, 0), costs.seconds_per_step(group)
         while step < group.iterations:
-            room = int((left - overhead_s) / per_step) // granularity * granularity if left > overhead_s else 0
+            fits = int((left - overhead_s) / per_step) if left > overhead_s else 0
+            room = fits // granularity * granularity
             if room <= 0:
-                if not chunks[-1]:  # even an empty chunk cannot hold one granule: take one anyway
-                    room = granularity
-                else:
+                if chunks[-1]:  # start a new chunk
                     chunks.append([])
                     left = budget_s
                     continue
+                room = max(fits, 1)  # an empty chunk that holds less than a granule (a slow device): what fits
             end = min(group.iterations, step + room)
             seconds = overhead_s + (end - step) * per_step
             chunks[-1].append(Segment(group.gid, step, end, seconds))
@@ -359,13 +367,21 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
         save_results(state_dir, results)
         (state_dir / PARTIAL).unlink(missing_ok=True)
         log(f"{group.gid}: test error {[round(e, 2) for e in errors]}")
+        write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
+    return write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
+
+
+def write_progress(groups: Sequence[Group], state_dir: Path, results: dict[str, dict[str, Any]], costs: CostModel,
+                   budget_s: float, seconds: float, device: torch.device) -> dict[str, Any]:
+    """progress.json and results.csv from what is saved now (written after every group, so a killed chunk
+    still leaves its finished cells readable)."""
     partial = load_partial(state_dir)
     done = progress_of(groups, results, partial)
     remaining = pack_chunks(groups, costs, max(budget_s, 60.0), done=done)
     record = {
         "groups": len(groups), "done": sum(group_done(g, results) for g in groups),
         "partial": None if partial is None else {"gid": partial["gid"], "step": done[partial["gid"]]},
-        "seconds": clock() - started, "device": str(device),
+        "seconds": seconds, "device": str(device),
         "estimated_chunks_left": len(remaining),
         "estimated_seconds_left": sum(s.seconds for c in remaining for s in c),
     }
