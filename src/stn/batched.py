@@ -402,9 +402,9 @@ class BatchedModels:
             raise EngineError(f"test sets of different lengths: {count}")
         total = count.pop()
         wrong = torch.zeros(self.k, dtype=torch.int64, device=self.device)
-        distinct = len({id(t) for t in test_sets}) == 1
+        shared = len({id(t) for t in test_sets}) == 1  # one test set for all: read each chunk once
         for start in range(0, total, batch_size):
-            if distinct:
+            if shared:
                 chunk = test_sets[0].images[start:start + batch_size].to(self.device)
                 with self._amp():
                     logits = self._forward_shared(self.params, self.buffers, self._inputs(chunk[None])[0])

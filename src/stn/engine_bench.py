@@ -8,7 +8,8 @@ kernels `stn train` uses; "vmap": one batched call per layer), on one dataset:
 - FLOP/s: FLOPs per training image (FlopCounterMode, `stn.bench.model_flops_per_image`) x step images/s,
   and % of a matmul peak measured in the same process (float32 on the CPU; bf16 and float32 on CUDA);
 - peak memory: CUDA's max_memory_allocated per measurement; on the CPU the process's peak RSS (ru_maxrss,
-  process-wide, so it only grows from row to row).
+  process-wide, so it only grows from row to row);
+- host-device syncs per step (data + step) that torch's sync debug mode reports (CUDA only).
 Timing syncs the device before reading the clock. The result's "cost" rows (kind, size, K, the best
 pipeline images/s over modes) are the planner's cost table (`stn.plan.CostModel.load`).
 """
@@ -64,7 +65,7 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                  device: str = "cpu", options: EngineOptions = EngineOptions(), data_dir: str | None = None,
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; returns {"device", "device_name", "torch", "peak_flops", "rows": [...], "cost": [...]}."""
-    from stn.bench import measure_matmul_peak, model_flops_per_image
+    from stn.bench import _count_syncs, measure_matmul_peak, model_flops_per_image
     from stn.data import load_mnist
 
     known = dict(TABLE1_MODELS)
@@ -101,6 +102,10 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                 step_s = _timed(lambda e=engine, x=images, y=targets: e.step(x, y), steps, dev)
                 pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), steps, dev)
                 data_s = _timed(stream.next, steps, dev)
+                counted = {"syncs": 0}
+                with _count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
+                    for _ in range(steps):
+                        engine.step(*stream.next())
                 per_step = k * batch_size
                 row = {
                     "kind": kind, "dataset": dataset, "size": base.dataset.size, "mode": mode, "k": k,
@@ -110,6 +115,7 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                     "tflops": flops * per_step / step_s / 1e12,
                     "percent_of_peak": 100 * flops * per_step / step_s / peaks[peak_key],
                     "peak_memory_mb": _memory_mb(dev), "parameters_per_model": engine.parameters_per_model,
+                    "syncs_per_step": counted["syncs"] / steps if dev.type == "cuda" else None,
                 }  # fmt: skip
                 rows.append(row)
                 log(f"{kind:12s} {mode:4s} K={k:<3d} step {row['step_images_per_s']:>11,.0f} img/s  pipeline "
@@ -133,11 +139,12 @@ def format_engine_table(result: dict[str, Any]) -> str:
              f"{result['threads']} threads; matmul peak "
              + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in result["peak_flops"].items()), "",
              "| model | size | mode | K | step images/s | pipeline images/s | data images/s | TFLOP/s | % peak "
-             "| peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak MB | syncs/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['kind']} | {r['size']} | {r['mode']} | {r['k']} | {r['step_images_per_s']:,.0f} | "
                      f"{r['pipeline_images_per_s']:,.0f} | {r['data_images_per_s']:,.0f} | {r['tflops']:.3f} | "
-                     f"{r['percent_of_peak']:.1f} | {r['peak_memory_mb']:,.0f} |")
+                     f"{r['percent_of_peak']:.1f} | {r['peak_memory_mb']:,.0f} | "
+                     f"{'-' if r.get('syncs_per_step') is None else format(r['syncs_per_step'], 'g')} |")
     by = {(r["kind"], r["mode"], r["k"]): r for r in result["rows"]}
     ratios = []
     for (kind, mode, k), r in by.items():
