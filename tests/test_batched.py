@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from stn.batched import (
     BatchedModels,
     BatchedStream,
+    BlockStream,
     EngineError,
     EngineOptions,
     GroupRun,
     StackedSGD,
+    make_stream,
     shape_signature,
     train_for,
 )
@@ -235,11 +237,14 @@ def test_shapes_that_differ_are_refused(mnist) -> None:
     assert len({shape_signature(c) for c in same}) == 1
 
 
-def test_resume_from_state_is_exact(mnist) -> None:
+@pytest.mark.parametrize("data", ["exact", "block"])
+def test_resume_from_state_is_exact(data, mnist) -> None:
     cfgs = configs(KINDS["ST-CNN Aff"], seeds=(0, 1))
+    options = EngineOptions(data=data, block_steps=2)
 
     def fresh() -> GroupRun:
-        return GroupRun(BatchedModels(cfgs, CPU), BatchedStream(cfgs, *mnist, CPU), iterations=6, log_every=2)
+        return GroupRun(BatchedModels(cfgs, CPU, options), make_stream(cfgs, *mnist, CPU, options), iterations=6,
+                        log_every=2)
 
     straight = fresh()
     straight.advance(6)
@@ -311,3 +316,39 @@ def test_bf16_autocast_keeps_the_transformer_in_float32(mnist) -> None:
         handle.remove()
     assert seen["theta"] == torch.float32 and torch.isfinite(losses).all()
     assert all(p.dtype == torch.float32 for p in engine.params.values())
+
+
+def test_block_stream_keeps_each_models_epoch_order(mnist) -> None:
+    """Same digits and labels per step as each model's TrainStream; on plain MNIST (no random warp) the same
+    images too. 7 steps in blocks of 3 with 3 batches per epoch: crosses blocks and epochs."""
+    for dataset in ("plain", "R", "TC"):
+        cfgs = configs(KINDS["CNN"], datasets=(dataset,), seeds=(0, 4))
+        block = BlockStream(cfgs, *mnist, CPU, block_steps=3)
+        own = [TrainStream(*mnist, cfg.dataset, cfg.trainer.batch_size, cfg.seed, CPU) for cfg in cfgs]
+        for _ in range(7):
+            images, labels = block.next()
+            for k, stream in enumerate(own):
+                ref_images, ref_labels = stream.next()
+                assert torch.equal(labels[k], ref_labels)
+                if dataset == "plain":
+                    assert torch.equal(images[k], ref_images)
+        if dataset != "plain":
+            assert not torch.equal(images[0], images[1])
+
+
+def test_block_stream_resumes_mid_block_and_is_reproducible(mnist) -> None:
+    cfgs = configs(KINDS["CNN"], datasets=("P", "E"), seeds=(0, 1))
+    straight = BlockStream(cfgs, *mnist, CPU, block_steps=4)
+    expected = [straight.next() for _ in range(9)]
+    first = BlockStream(cfgs, *mnist, CPU, block_steps=4)
+    for _ in range(5):
+        first.next()
+    resumed = BlockStream(cfgs, *mnist, CPU, block_steps=4)
+    resumed.load_state_dict(first.state_dict())
+    for images, labels in expected[5:]:
+        got_images, got_labels = resumed.next()
+        assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
+    with pytest.raises(EngineError, match="block"):
+        BatchedStream(cfgs, *mnist, CPU).load_state_dict(first.state_dict())
+    with pytest.raises(EngineError, match="same block_steps"):
+        BlockStream(cfgs, *mnist, CPU, block_steps=2).load_state_dict(first.state_dict())

@@ -12,10 +12,9 @@ import dataclasses
 import os
 import sys
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stn.batched import BatchedModels, BatchedStream
+from stn.batched import BatchedModels, BatchedStream, BlockStream
 from stn.config import compose
 from stn.data import load_mnist
 from stn.models import TABLE1_MODELS
@@ -33,8 +32,9 @@ class Count(TorchDispatchMode):
 
 def main() -> None:
     digits, labels = load_mnist(os.environ.get("STN_DATA_DIR", "data"), train=True)
-    print("| model | dataset | K | ops in data (K batches) | ops in the step | step ops / K |")
-    print("|---|---|---|---|---|---|")
+    print("| model | dataset | K | ops in data (K batches), exact | per step, block data (T=32) | ops in the step "
+          "| step ops / K |")
+    print("|---|---|---|---|---|---|---|")
     kinds = dict(TABLE1_MODELS)
     for label in sys.argv[1:] or ["FCN", "CNN", "ST-CNN Aff", "ST-CNN TPS"]:
         for dataset in ("R", "P", "E", "TC") if label in ("FCN", "CNN") else ("R",):
@@ -48,7 +48,12 @@ def main() -> None:
                     batch = stream.next()
                 with Count() as step:
                     engine.step(*batch)
-                print(f"| {label} | {dataset} | {k} | {data.ops} | {step.ops} | {step.ops / k:.0f} |")
+                block = BlockStream(cfgs, digits, labels, "cpu", block_steps=32)
+                with Count() as blocked:
+                    for _ in range(32):
+                        block.next()
+                print(f"| {label} | {dataset} | {k} | {data.ops} | {blocked.ops / 32:.1f} | {step.ops} | "
+                      f"{step.ops / k:.0f} |")
 
 
 if __name__ == "__main__":

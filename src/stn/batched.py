@@ -203,10 +203,118 @@ class BatchedStream:
         return [stream.state_dict() for stream in self.streams]
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        if not isinstance(states, list):
+            raise EngineError("this stream state was saved with block streams (data=block): resume with those")
         if len(states) != len(self.streams):
             raise EngineError(f"stream state holds {len(states)} streams, this engine has {len(self.streams)}")
         for stream, state in zip(self.streams, states, strict=True):
             stream.load_state_dict(state)
+
+
+class BlockStream:
+    """K training streams drawn `block_steps` steps at a time: far fewer kernel launches than BatchedStream.
+
+    Each model keeps its own epoch order (its `TrainStream`'s permutation, so every step it sees the same
+    digits and labels as `stn train seed=k` would), but the distortions are not its TrainStream's: per
+    dataset, one generator per block, seeded by (the models' seeds, the dataset, the block index), draws the
+    distortions of all its models' next `block_steps` batches, and one `apply_distortion` warps them. Every
+    model's stream stays independent of the others' draws within a block (disjoint slices of one draw),
+    reproducible and resumable (the state is the block's start and the offset in it), with the distribution
+    `stn.data` defines; it is simply not the same sample as the exact streams. Memory: block_steps * K * B
+    images of S x S float32 (32 x 9 x 256 at 28x28: 231 MB), plus the warp's grid, twice that.
+    """
+
+    def __init__(self, cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
+                 *, block_steps: int = 32) -> None:
+        if block_steps < 1:
+            raise EngineError(f"block_steps={block_steps} must be at least 1")
+        self.inner = BatchedStream(cfgs, digits, labels, device, fused=False)
+        self.streams, self.device, self.block_steps = self.inner.streams, self.inner.device, int(block_steps)
+        if any(s.cfg.fixed_train for s in self.streams):
+            raise EngineError("dataset.fixed_train distorts once up front: use the exact streams (data=exact)")
+        self.groups = self.inner.groups
+        self.block = 0  # index of the next block to draw
+        self.offset = 0  # steps served from the current buffer
+        self.buffer: tuple[Tensor, Tensor] | None = None
+        self.block_start: list[dict[str, Any]] = self.inner.state_dict()  # stream states where the buffer began
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def _indices(self, stream: TrainStream) -> Tensor:
+        """The digit indices of this model's next block_steps batches (its epoch order), advancing it."""
+        parts = []
+        for _ in range(self.block_steps):
+            start = stream.position * stream.batch_size
+            parts.append(stream._permutation()[start:start + stream.batch_size])
+            stream.position += 1
+            if stream.position == stream.batches_per_epoch:
+                stream.epoch, stream.position = stream.epoch + 1, 0
+        return torch.cat(parts)  # (T * B,)
+
+    def _fill(self) -> None:
+        from stn.data import _generator
+
+        self.block_start = self.inner.state_dict()
+        steps, k = self.block_steps, len(self.streams)
+        first = self.streams[0]
+        batch, size = first.batch_size, first.cfg.size
+        images = torch.empty(steps, k, batch, 1, size, size, device=self.device)
+        labels = torch.empty(steps, k, batch, dtype=torch.int64, device=self.device)
+        for cfg, members in self.groups:
+            index = torch.stack([self._indices(self.streams[m]).view(steps, batch) for m in members], dim=1)
+            flat = index.reshape(-1)  # (T * K_d * B,), step-major
+            lead = self.streams[members[0]]
+            seeds = tuple(self.streams[m].seed for m in members)
+            generator = _generator(self.device, "block", seeds, cfg.name, self.block)
+            pool = 0 if lead.clutter_source is None else len(lead.clutter_source)
+            params = draw_distortion(cfg, len(flat), generator, self.device, clutter_pool=pool)
+            warped = apply_distortion(lead.digits.index_select(0, flat), params, cfg.size, lead.clutter_source,
+                                      cfg.clutter_size, whole_pixel=draws_whole_pixels(cfg))
+            where = torch.tensor(members, device=self.device)
+            images.index_copy_(1, where, warped.view(steps, len(members), batch, 1, size, size))
+            labels.index_copy_(1, where, lead.labels.index_select(0, flat).view(steps, len(members), batch))
+        self.buffer = (images, labels)
+        self.block += 1
+        self.offset = 0
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """images (K, B, 1, S, S) float32, labels (K, B): the next step of every model."""
+        if self.buffer is None or self.offset == self.block_steps:
+            self._fill()
+        images, labels = self.buffer  # type: ignore[misc]
+        self.offset += 1
+        return images[self.offset - 1], labels[self.offset - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current block began, its index and how far into it we are (it is redrawn on load)."""
+        if self.buffer is None:
+            return {"block": self.block, "offset": 0, "streams": self.inner.state_dict(),
+                    "block_steps": self.block_steps}
+        return {"block": self.block - 1, "offset": self.offset, "streams": self.block_start,
+                "block_steps": self.block_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise EngineError("this stream state was saved with the exact streams (data=exact): resume with those")
+        if int(state["block_steps"]) != self.block_steps:
+            raise EngineError(f"stream state was drawn in blocks of {state['block_steps']} steps, this stream "
+                              f"uses {self.block_steps}: resume with the same block_steps")
+        self.inner.load_state_dict(state["streams"])
+        self.block, self.buffer = int(state["block"]), None
+        if state["offset"]:
+            self._fill()
+            self.offset = int(state["offset"])
+
+
+def make_stream(cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
+                options: EngineOptions) -> BatchedStream | BlockStream:
+    """The data streams `options.data` asks for: "exact" (BatchedStream) or "block" (BlockStream)."""
+    if options.data == "exact":
+        return BatchedStream(cfgs, digits, labels, device, fused=options.fused_data)
+    if options.data == "block":
+        return BlockStream(cfgs, digits, labels, device, block_steps=options.block_steps)
+    raise EngineError(f"data={options.data!r}: expected 'exact' or 'block'")
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -226,6 +334,10 @@ class EngineOptions:
     # "vmap": one batched call per layer (grouped convs, batched matmuls); "loop": a Python loop over the
     # K models, each through the same kernels as `stn train` (the exactness reference and the K-runs baseline)
     mode: str = "vmap"
+    # "exact": each model's batches are its `stn train` stream's (BatchedStream); "block": drawn block_steps
+    # steps at a time per dataset (BlockStream: same epoch order, other distortion samples, ~K*T fewer launches)
+    data: str = "exact"
+    block_steps: int = 32
 
 
 def _nhwc(x: Tensor) -> Tensor:
@@ -303,7 +415,10 @@ class BatchedModels:
     # ---- forward and loss
 
     def _amp(self) -> Any:
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.options.amp)
+        # cache_enabled=False: autocast's cache of cast weights must not outlive a CUDA-graph capture (PyTorch's
+        # CUDA-graph notes); each weight is used once per forward here, so the cache saves nothing anyway
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.options.amp,
+                              cache_enabled=False)
 
     def _inputs(self, images: Tensor) -> Tensor:
         images = images.to(self.options.dtype)
@@ -455,7 +570,7 @@ class GroupRun:
     """One batched group being trained: engine, data, on-device accumulators, and its finished figures."""
 
     engine: BatchedModels
-    stream: BatchedStream
+    stream: Any  # BatchedStream | BlockStream
     iterations: int
     log_every: int = 100
     loss_sum: Tensor | None = None

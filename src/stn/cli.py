@@ -37,7 +37,9 @@ bench_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
-from stn.engine_cli import bench as _engine_bench, engine_app  # noqa: E402  (the batched engine: stn engine ...)
+# the batched engine: stn engine bench|plan|run, and stn bench engine
+from stn.engine_cli import bench as _engine_bench  # noqa: E402
+from stn.engine_cli import engine_app  # noqa: E402
 
 app.add_typer(engine_app, name="engine")
 bench_app.command("engine", help="The batched engine's throughput (= stn engine bench).")(_engine_bench)

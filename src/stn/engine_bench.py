@@ -4,7 +4,8 @@ For each Table 1 model kind, each K and each engine mode ("loop": K models one a
 kernels `stn train` uses; "vmap": one batched call per layer), on one dataset:
 - step images/s: `BatchedModels.step` alone on a fixed batch (forward, backward, SGD update), K * B images
   per step;
-- pipeline images/s: `BatchedStream.next` + step, what training runs (the data drawn per model, warped once);
+- pipeline images/s: the stream's next() + step, what training runs (options.data: "exact" draws each model's
+  `stn train` batches, warped once per dataset; "block" draws block_steps steps at a time);
 - FLOP/s: FLOPs per training image (FlopCounterMode, `stn.bench.model_flops_per_image`) x step images/s,
   and % of a matmul peak measured in the same process (float32 on the CPU; bf16 and float32 on CUDA);
 - peak memory: CUDA's max_memory_allocated per measurement; on the CPU the process's peak RSS (ru_maxrss,
@@ -17,6 +18,7 @@ pipeline images/s over modes) are the planner's cost table (`stn.plan.CostModel.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import resource
 import time
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, BatchedStream, EngineOptions, sync
+from stn.batched import BatchedModels, BlockStream, EngineOptions, make_stream, sync
 from stn.config import compose
 from stn.models import TABLE1_MODELS
 
@@ -54,6 +56,13 @@ def _timed(run: Callable[[], Any], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _to_block_start(stream: Any) -> None:
+    """Advance a BlockStream to the end of its current block (the next next() draws a new one); else nothing."""
+    if isinstance(stream, BlockStream) and stream.buffer is not None:
+        while stream.offset < stream.block_steps:
+            stream.next()
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -62,12 +71,13 @@ def _memory_mb(device: torch.device) -> float:
 
 def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: Sequence[int] = (1, 3, 9),
                  modes: Sequence[str] = ("loop", "vmap"), batch_size: int = 256, steps: int = 5, warmup: int = 2,
-                 device: str = "cpu", options: EngineOptions = EngineOptions(), data_dir: str | None = None,
+                 device: str = "cpu", options: EngineOptions | None = None, data_dir: str | None = None,
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; returns {"device", "device_name", "torch", "peak_flops", "rows": [...], "cost": [...]}."""
     from stn.bench import _count_syncs, measure_matmul_peak, model_flops_per_image
     from stn.data import load_mnist
 
+    options = options or EngineOptions()
     known = dict(TABLE1_MODELS)
     kinds = list(kinds or known)
     unknown = [k for k in kinds if k not in known]
@@ -92,7 +102,7 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 engine = BatchedModels(cfgs, dev, dataclasses.replace(options, mode=mode))
-                stream = BatchedStream(cfgs, digits, labels, dev, fused=options.fused_data)
+                stream = make_stream(cfgs, digits, labels, dev, options)
                 images, targets = stream.next()
                 compile_start = time.perf_counter()
                 for _ in range(warmup):
@@ -100,8 +110,13 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                 sync(dev)
                 warm_s = time.perf_counter() - compile_start
                 step_s = _timed(lambda e=engine, x=images, y=targets: e.step(x, y), steps, dev)
-                pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), steps, dev)
-                data_s = _timed(stream.next, steps, dev)
+                # block data: time whole blocks from a block boundary, so each draw is counted once per block
+                data_steps = steps if options.data != "block" else \
+                    options.block_steps * max(1, math.ceil(steps / options.block_steps))
+                _to_block_start(stream)
+                pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), data_steps, dev)
+                _to_block_start(stream)
+                data_s = _timed(stream.next, data_steps, dev)
                 counted = {"syncs": 0}
                 with _count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
                     for _ in range(steps):

@@ -28,10 +28,12 @@ def _list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str):
+def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
+             data: str = "exact", block_steps: int = 32):
     from stn.batched import EngineOptions
 
-    return EngineOptions(amp=amp, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, mode=mode)
+    return EngineOptions(amp=amp, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, mode=mode,
+                         data=data, block_steps=block_steps)
 
 
 def _device(name: str) -> str:
@@ -47,6 +49,9 @@ ChannelsLast = Annotated[bool, typer.Option("--channels-last/--no-channels-last"
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the batched loss.")]
 Graph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture each step as a CUDA graph.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+Data = Annotated[str, typer.Option(help="exact: each model's `stn train` batches; block: drawn --block-steps "
+                                       "steps at a time (far fewer launches, other distortion samples).")]
+BlockSteps = Annotated[int, typer.Option(help="Steps per drawn block with --data block.")]
 Override = Annotated[list[str] | None, typer.Option("--override", "-o", help="Config override (repeatable).")]
 
 
@@ -64,6 +69,8 @@ def bench(
     channels_last: ChannelsLast = False,
     compile: Compile = False,
     cuda_graph: Graph = False,
+    data: Data = "exact",
+    block_steps: BlockSteps = 32,
     out: Annotated[Path | None, typer.Option(help="Write the result (and the planner's cost table) as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as markdown too.")] = None,
     override: Override = None,
@@ -75,7 +82,7 @@ def bench(
     start = time.perf_counter()
     result = bench_engine(_list(kinds), dataset=dataset, ks=[int(k) for k in _list(ks) or [1]],
                           modes=_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
-                          device=device, options=_options(device, amp, channels_last, compile, cuda_graph, "vmap"),
+                          device=device, options=_options(device, amp, channels_last, compile, cuda_graph, "vmap", data, block_steps),
                           overrides=override or [], log=lambda line: typer.echo(line, err=True))
     result["wall_s"] = time.perf_counter() - start
     result["load_average"] = os.getloadavg()
@@ -148,6 +155,7 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
         device: Device = "auto", amp: Amp = True, channels_last: ChannelsLast = False, compile: Compile = False,
         cuda_graph: Graph = False,
         mode: Annotated[str, typer.Option(help="Engine mode: vmap | loop.")] = "vmap",
+        data: Data = "exact", block_steps: BlockSteps = 32,
         override: Override = None) -> None:
     """Train the table's groups from the saved progress until done or --budget seconds; resumable."""
     from stn.plan import CostModel, run_table
@@ -157,7 +165,8 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
     groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
     typer.echo(f"{len(groups)} groups, {sum(g.k for g in groups)} models on {device}; planning took "
                f"{time.perf_counter() - start:.1f} s", err=True)
-    options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode)
+    options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
+                       block_steps)
     record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                        options=options, costs=CostModel.load(cost, flops),
                        log=lambda line: typer.echo(line, err=True))

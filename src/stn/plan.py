@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, BatchedStream, EngineOptions, GroupRun, shape_signature, train_for
+from stn.batched import BatchedModels, EngineOptions, GroupRun, make_stream, shape_signature, train_for
 from stn.config import Config, compose
 
 RESULTS = "results.json"
@@ -301,7 +301,7 @@ def _test_sets(members: Sequence[Member], data_dir: str, device: torch.device, c
 
 
 def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float, device: str | torch.device,
-              options: EngineOptions = EngineOptions(), costs: CostModel | None = None,
+              options: EngineOptions | None = None, costs: CostModel | None = None,
               log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter,
               max_groups: int | None = None) -> dict[str, Any]:
     """Train from the saved progress in `state_dir` until every group is done or `budget_s` is spent.
@@ -311,6 +311,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     """
     from stn.data import load_mnist
 
+    options = options or EngineOptions()
     started = clock()
     deadline = started + budget_s
     state_dir = Path(state_dir)
@@ -337,7 +338,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
         cfgs = [m.config for m in group.members]
         digits, labels = load_mnist(cfgs[0].data_dir, train=True)
         engine = BatchedModels(cfgs, device, options)
-        stream = BatchedStream(cfgs, digits, labels, device, fused=options.fused_data)
+        stream = make_stream(cfgs, digits, labels, device, options)
         run = GroupRun(engine, stream, iterations=group.iterations, log_every=group.trainer.log_every)
         if partial is not None and partial["gid"] == group.gid:
             run.load_state_dict(partial["state"])

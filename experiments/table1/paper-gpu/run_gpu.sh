@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Table 1 at the paper's schedule on one GPU with the batched engine (issue 11); prepared in issue 10.
 # Run from the repo root, on the GPU machine through the device tool (see README.md beside this file):
-#   run(command="bash experiments/table1/paper-gpu/run_gpu.sh check", carry=[".whl", ".data"], timeout_s=420)
+#   run(command="bash experiments/table1/paper-gpu/run_gpu.sh check", carry=[".whl", ".data"], timeout_s=480)
 #   run(command="bash experiments/table1/paper-gpu/run_gpu.sh table", carry=[".whl", ".data", ".state"], timeout_s=600)
 # check (~3-4 min): CUDA tests, engine bench (-> the planner's cost table), the paper-table plan, and the
 #   whole table at the quick schedule with one seed (comparable with experiments/table1/quick-cpu/).
 # table: the paper table, 3 seeds, from the state in .state/ (results.json, partial.pt, bench.json: copy
 #   the previous call's returned files there) until BUDGET seconds; writes the new state to $OUT.
 # Everything it needs beyond the GPU image's Python comes along: .whl/ (bundle.sh), .data/ (MNIST, gzipped).
-# Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS BENCH_ARGS SUBSET_ARGS
-# TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
+# Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS DATA (exact | block: the
+# data streams of the table step, see src/stn/batched.py) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
 # adds the torch.compile (inductor) test, a minute or more of compiling.
 set -uo pipefail
 step=${1:-check}
@@ -51,14 +51,17 @@ check)
   timeout ${T_TESTS:-120} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py tests/test_spatial.py} > "$OUT/tests.txt" 2>&1
   say "tests rc=$? ($(tail -1 "$OUT/tests.txt"))"
   say "bench"
-  timeout ${T_BENCH:-100} $ENGINE bench --device "$DEVICE" $FAST --out "$OUT/bench.json" --markdown "$OUT/bench.md" \
+  timeout ${T_BENCH:-80} $ENGINE bench --device "$DEVICE" $FAST --out "$OUT/bench.json" --markdown "$OUT/bench.md" \
     ${BENCH_ARGS:---ks 1,9 --modes loop,vmap --steps 20 --warmup 3} >> "$LOG" 2>&1
   say "bench rc=$?"
+  timeout ${T_BENCH:-80} $ENGINE bench --device "$DEVICE" $FAST --data block --out "$OUT/bench_block.json" \
+    ${BENCH_BLOCK_ARGS:---ks 9 --modes vmap --steps 32 --warmup 3} >> "$LOG" 2>&1
+  say "bench (block data) rc=$?"
   $ENGINE plan --preset paper --seeds 0,1,2 --cost "$OUT/bench.json" --budget 540 >> "$LOG" 2>&1
   say "one-seed subset"
   rm -rf /tmp/stn-subset
   timeout ${T_SUBSET:-100} $ENGINE run --device "$DEVICE" $FAST --state /tmp/stn-subset --cost "$OUT/bench.json" \
-    ${SUBSET_ARGS:---preset quick --seeds 0 --budget 75} > "$OUT/subset_progress.json" 2>> "$LOG"
+    ${SUBSET_ARGS:---preset quick --seeds 0 --budget 75 --data block} > "$OUT/subset_progress.json" 2>> "$LOG"
   say "subset rc=$?"
   cp /tmp/stn-subset/results.csv "$OUT/subset_results.csv" 2>/dev/null
   ;;
@@ -70,7 +73,7 @@ table)
   [ -f $COST ] || COST=/dev/null
   say "table from $(ls $STATE | tr '\n' ' ')"
   $ENGINE run --device "$DEVICE" $FAST --state $STATE --cost $COST --preset "${PRESET:-paper}" \
-    --seeds "${SEEDS:-0,1,2}" --budget "${BUDGET:-540}" ${TABLE_ARGS:-} > "$OUT/progress.json" 2>> "$LOG"
+    --seeds "${SEEDS:-0,1,2}" --budget "${BUDGET:-540}" --data "${DATA:-exact}" ${TABLE_ARGS:-} > "$OUT/progress.json" 2>> "$LOG"
   say "table rc=$?"
   rm -f "$OUT/partial.pt"
   for f in results.json results.csv partial.pt; do [ -f $STATE/$f ] && cp $STATE/$f "$OUT/"; done
