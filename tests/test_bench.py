@@ -25,7 +25,7 @@ from stn.config import compose
 from stn.data import apply_distortion, distort, draws_whole_pixels
 from stn.models import InputGradConv2d, _ConvFoldInputGrad, build_model, conv_relu_pool, fold_patches
 from stn.spatial import SpatialTransformer
-from stn.train import keep_freed_memory
+from stn.train import cpu_has_bf16, keep_freed_memory
 
 runner = CliRunner()
 RATIO_LINE = re.compile(r"^(?P<model>.+) ratio: (?P<ratio>\d+\.\d\d)$")
@@ -246,10 +246,14 @@ def test_stn_bench_tiny_run_ends_with_a_ratio_line_per_model(data_dir):
     ])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    ratios = [RATIO_LINE.match(line) for line in lines[-2:]]
-    assert all(ratios), lines[-2:]
-    assert [match["model"] for match in ratios] == ["CNN", "ST-CNN Aff"]
+    # float32 ratio lines, then (only on a CPU with bf16 hardware) one bf16 ratio line per model
+    expected = ["CNN", "ST-CNN Aff"] + (["CNN bf16", "ST-CNN Aff bf16"] if cpu_has_bf16() else [])
+    ratios = [RATIO_LINE.match(line) for line in lines[-len(expected):]]
+    assert all(ratios), lines[-len(expected):]
+    assert [match["model"] for match in ratios] == expected
     assert all(float(match["ratio"]) > 0 for match in ratios)
+    assert ("bf16 hardware yes" if cpu_has_bf16() else "bf16 hardware no") in result.output
+    assert "measured bf16 matmul" in result.output
     rows = [line for line in lines if line.startswith("| CNN ") or line.startswith("| ST-CNN Aff ")]
     assert len(rows) == 2
     for row in rows:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import stn.train as train_module
-from stn.config import Config, compose, from_container, to_dict
+from stn.config import Config, ConfigError, compose, from_container, to_dict
 from stn.data import MNISTDataError, TestSet, load_mnist, make_test_set
 from stn.models import build_model, count_parameters
 from stn.train import (
@@ -31,14 +31,16 @@ from stn.train import (
     load_checkpoint,
     newest_run_dir,
     resolve_device,
+    resolve_precision,
 )
 
 SUMMARY_KEYS = {
     "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
-    "device", "parameters", "torch_version", "dataset", "model", "transformer", "seed", "resumed_from",
+    "device", "precision", "parameters", "torch_version", "dataset", "model", "transformer", "seed", "resumed_from",
     "finished_at", "wandb",
 }  # fmt: skip
-CHECKPOINT_KEYS = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config", "clock"}
+CHECKPOINT_KEYS = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config", "clock",
+                   "precisions"}
 
 
 def small(tmp_path: Path, *overrides: str) -> Config:
@@ -68,6 +70,7 @@ def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert summary["steps"] == cfg.trainer.iterations == 20
     assert summary["device"] == "cpu" and summary["resumed_from"] is None and summary["wandb"] is None
+    assert summary["precision"] == "float32"  # the presets' CPU default
     assert 0.0 <= summary["test_error"] <= 100.0 and summary["images_per_s"] > 0
     assert summary["parameters"] == count_parameters(build_model(cfg))
     # config.yaml is the config as run: it validates back into the same Config, run_dir filled in.
@@ -129,6 +132,30 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    train = train_module
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    base = compose(["trainer=smoke"]).trainer
+    assert base.amp and base.cpu_precision == "float32"
+    # trainer.amp is CUDA's switch only; the CPU follows trainer.cpu_precision.
+    assert resolve_precision(base, cpu) == "float32" and resolve_precision(base, cuda) == "bf16"
+    assert resolve_precision(dataclasses.replace(base, amp=False), cuda) == "float32"
+    assert resolve_precision(dataclasses.replace(base, cpu_precision="bf16"), cpu) == "bf16"
+    auto = dataclasses.replace(base, cpu_precision="auto")
+    for hardware, expected in ((True, "bf16"), (False, "float32")):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda hardware=hardware: hardware)
+        assert resolve_precision(auto, cpu) == expected
+        assert train.runtime_flags(auto, cpu) == (expected == "bf16", base.channels_last)
+    with pytest.raises(ConfigError, match="trainer.cpu_precision='fp16' is not one of"):
+        compose(["trainer.cpu_precision=fp16"])
+
+
+def test_a_bf16_run_records_its_precision(tmp_path: Path) -> None:
+    """cpu_precision=bf16 trains under CPU autocast (even where it is emulated) and says so in the summary."""
+    summary = fit(small(tmp_path, "trainer.iterations=2", "trainer.cpu_precision=bf16", "model=fcn"))
+    assert summary["precision"] == "bf16" and summary["steps"] == 2
 
 
 def test_resume_is_bit_exact_on_cpu(tmp_path: Path) -> None:

@@ -385,7 +385,7 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
     ratios), ours_rounds, reference_rounds, achieved (FLOP/s of ours), ceiling (images/s at the first peak),
     ceiling_ratio (ceiling / reference), syncs_per_step (ours, CUDA only, else None)]}.
     """
-    from stn.train import keep_freed_memory, resolve_device
+    from stn.train import cpu_has_bf16, keep_freed_memory, resolve_device
 
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu":
@@ -400,19 +400,34 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
             peak["nominal bf16 dense"], peak["nominal fp32"] = nominal[0] * 1e12, nominal[1] * 1e12
         peak["measured bf16 matmul"] = measure_matmul_peak(device, torch.bfloat16)
     peak["measured matmul peak" if device.type == "cpu" else "measured fp32 matmul"] = measure_matmul_peak(device)
-    log(f"device {device} ({name}), torch threads {torch.get_num_threads()}, reference DataLoader workers "
-        f"{workers}, batch {settings.batch_size}, dataset {cfg.dataset.name}; peak "
-        + ", ".join(f"{key} {value / 1e9:,.0f} GFLOP/s" for key, value in peak.items()))
+    # On the CPU both precisions are measured; bf16 sides are timed only where the CPU has bf16 hardware
+    # (emulated bf16 runs two orders of magnitude below float32: timing a model in it would take hours).
+    bf16_hardware = device.type == "cpu" and cpu_has_bf16()
+    if device.type == "cpu":
+        peak["measured bf16 matmul"] = measure_matmul_peak(device, torch.bfloat16, size=None if bf16_hardware
+                                                           else 256, repeats=5 if bf16_hardware else 1)
+    isa = (f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 hardware {'yes' if bf16_hardware else 'no'}"
+           if device.type == "cpu" else "")
+    log(f"device {device} ({name}{', ' + isa if isa else ''}), torch threads {torch.get_num_threads()}, "
+        f"reference DataLoader workers {workers}, batch {settings.batch_size}, dataset {cfg.dataset.name}; peak "
+        + ", ".join(f"{key} {value / 1e9:,.1f} GFLOP/s" for key, value in peak.items()))
+    if device.type == "cpu" and not bf16_hardware:
+        log("bf16 not timed per model: this CPU has no bf16 hardware (see the bf16 matmul peak above)")
     sync = _sync(device)
-    top_peak = next(iter(peak.values()))  # CUDA: nominal bf16 (training runs in bf16); CPU: the measured matmul
+    top_peak = next(iter(peak.values()))  # CUDA: nominal bf16 (training runs in bf16); CPU: the float32 matmul
     rows = []
     for label, choice in models:
         model_cfg = compose([*(o for o in overrides if not o.startswith(("model=", "transformer="))), *choice])
         model_cfg = replace(model_cfg, seed=settings.seed,
                             trainer=replace(model_cfg.trainer, batch_size=settings.batch_size))
         flops = model_flops_per_image(model_cfg)
+        if device.type == "cpu":  # "ours" is float32 on the CPU; "ours_bf16" its bf16-autocast twin
+            model_cfg = replace(model_cfg, trainer=replace(model_cfg.trainer, cpu_precision="float32"))
         sides = {"ours": _ours(model_cfg, digits, labels, device),
                  "reference": _reference(model_cfg, device, workers)}
+        if bf16_hardware:
+            bf16_cfg = replace(model_cfg, trainer=replace(model_cfg.trainer, cpu_precision="bf16"))
+            sides["ours_bf16"] = _ours(bf16_cfg, digits, labels, device)
         rates = _alternate(sides, settings, sync)
         syncs = sides["ours"].syncs()
         del sides  # the reference's DataLoader workers exit here
@@ -421,8 +436,16 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
         ceiling = top_peak / flops  # images/s if every FLOP ran at the peak
         row = {"model": label, "flops_per_image": flops, "ours": ours, "reference": reference, "ratio": ratio,
                "ours_rounds": rates["ours"], "reference_rounds": rates["reference"], "achieved": flops * ours,
-               "ceiling": ceiling, "ceiling_ratio": ceiling / reference, "syncs_per_step": syncs}
+               "ceiling": ceiling, "ceiling_ratio": ceiling / reference, "syncs_per_step": syncs,
+               "ours_bf16": None, "ratio_bf16": None}
+        if "ours_bf16" in rates:
+            row["ours_bf16"] = statistics.median(rates["ours_bf16"])
+            row["ratio_bf16"] = statistics.median(
+                a / b for a, b in zip(rates["ours_bf16"], rates["reference"], strict=True))
+            row["achieved_bf16"] = flops * row["ours_bf16"]
         log(f"{label}: ours {ours:,.0f} images/s, reference {reference:,.0f} images/s, ratio {ratio:.2f}"
+            + ("" if row["ours_bf16"] is None else
+               f"; ours bf16 {row['ours_bf16']:,.0f} images/s, ratio {row['ratio_bf16']:.2f}")
             + ("" if syncs is None else f", ours {syncs:.2f} host-device syncs per step"))
         rows.append(row)
     return {"device": str(device), "device_name": name, "threads": torch.get_num_threads(), "workers": workers,
@@ -473,15 +496,25 @@ def format_train_table(result: dict[str, Any]) -> str:
     peak_name, peak = next(iter(result["peak"].items()))  # nominal bf16 on CUDA, the measured matmul on a CPU
     head = ["model", "MFLOP/image (fwd+bwd)", "ours images/s", "reference images/s", "ours / reference",
             "ours GFLOP/s", f"% of {peak_name}", "at peak: images/s", "at peak / reference"]
+    bf16 = any(row.get("ours_bf16") for row in result["rows"])
+    if bf16:
+        bf16_peak = result["peak"]["measured bf16 matmul"]
+        head += ["ours bf16 images/s", "bf16 / reference", "% of measured bf16 matmul"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         cells = [row["model"], f"{row['flops_per_image'] / 1e6:.1f}", f"{row['ours']:,.0f}",
                  f"{row['reference']:,.0f}", f"{row['ratio']:.2f}x", f"{row['achieved'] / 1e9:.1f}",
                  f"{100 * row['achieved'] / peak:.1f}", f"{row['ceiling']:,.0f}", f"{row['ceiling_ratio']:.1f}x"]
+        if bf16:
+            cells += [f"{row['ours_bf16']:,.0f}", f"{row['ratio_bf16']:.2f}x",
+                      f"{100 * row['achieved_bf16'] / bf16_peak:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def ratio_lines(result: dict[str, Any]) -> str:
     """One `<model> ratio: X.XX` line per model (ours / reference images/s), the last lines of `stn bench`."""
-    return "\n".join(RATIO_FORMAT.format(model=row["model"], ratio=row["ratio"]) for row in result["rows"])
+    lines = [RATIO_FORMAT.format(model=row["model"], ratio=row["ratio"]) for row in result["rows"]]
+    lines += [RATIO_FORMAT.format(model=f"{row['model']} bf16", ratio=row["ratio_bf16"])
+              for row in result["rows"] if row.get("ratio_bf16") is not None]
+    return "\n".join(lines)

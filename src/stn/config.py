@@ -84,6 +84,10 @@ class TrainerConfig:
     lr_gamma: float = 0.1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
+    # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where
+    # the CPU has bf16 hardware, else float32). `amp` keeps meaning "CUDA only", so recorded configs keep
+    # their meaning; the precision a run actually used is in its summary.json.
+    cpu_precision: str = "float32"
     channels_last: bool = True  # NHWC activations and conv weights (CPU and CUDA: faster on both)
     compile: bool = False  # torch.compile the model
     eval_every: int = 10_000  # evaluate on the test set every this many steps (and always at the end)
@@ -136,6 +140,7 @@ class Config:
 TRANSFORM_TYPES = ("none", "affine", "projective", "tps")
 MODEL_NAMES = ("fcn", "cnn", "st_fcn", "st_cnn")
 LOGGER_MODES = ("online", "offline", "disabled")
+CPU_PRECISIONS = ("float32", "bf16", "auto")
 
 
 def conf_dir() -> Path:
@@ -177,6 +182,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("transformer.placement=features needs model=st_cnn (an FCN has no feature maps)")
     if cfg.transformer.parallel < 1:
         raise ConfigError(f"transformer.parallel={cfg.transformer.parallel} must be >= 1")
+    if cfg.trainer.cpu_precision not in CPU_PRECISIONS:
+        raise ConfigError(f"trainer.cpu_precision={cfg.trainer.cpu_precision!r} is not one of {CPU_PRECISIONS}")
     if cfg.logger.mode not in LOGGER_MODES:
         raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not one of {LOGGER_MODES}")
     positive = {

@@ -623,6 +623,16 @@ def _check_not_stale(job: Job) -> None:
             f"{saved} is not a readable config ({err}); delete {job.run_dir} to re-run it"
         ) from None
     current = to_dict(job.config)
+    summary_path = job.run_dir / "summary.json"
+    wanted = job.config.trainer.cpu_precision
+    if wanted != "auto" and summary_path.is_file():
+        summary = _read_summary(summary_path)
+        used = summary.get("precision", "float32")  # runs from before the setting were float32 on the CPU
+        if str(summary.get("device", "cpu")).startswith("cpu") and used != wanted:
+            raise TableError(
+                f"cell folder {job.run_dir} was trained in {used} on the CPU, but this table asks for "
+                f"trainer.cpu_precision={wanted}. Use another --out, or delete the folder to re-run it"
+            )
     changed = [
         f"{key}: {a!r} -> {b!r}" for key, a, b in _diff_dicts(previous, current) if key not in _RUNTIME_KEYS
     ]

@@ -11,11 +11,12 @@ Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
     summary.json         written last, atomically: its presence means the run finished
     checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
 
-Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
+Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream", "precisions",
 "config", "clock"}, tensors and primitives only, so it loads with torch.load(weights_only=True). Resuming
 restores all of it, so on the CPU (float32, no autocast) a run stopped and resumed ends with exactly the
-weights of an uninterrupted one (tests/test_train.py checks torch.equal). bf16 autocast (trainer.amp) applies
-on CUDA only, so CPU runs stay float32; channels_last (trainer.channels_last) applies on both: on the CPU it
+weights of an uninterrupted one (tests/test_train.py checks torch.equal). Precision: bf16 autocast on CUDA
+with trainer.amp, on the CPU with trainer.cpu_precision (float32 by default; `resolve_precision`), recorded as
+summary["precision"]; channels_last (trainer.channels_last) applies on both: on the CPU it
 makes oneDNN's convolutions and the max-pooling faster (experiments/bench/train.md). On the CPU, `fit` also
 keeps freed memory in the process (`keep_freed_memory`): a training step frees and reallocates the same large
 activations every iteration, and returning them to the kernel made every step page-fault them in again.
@@ -86,9 +87,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    Without it bf16 is emulated: on a 2-core AMD EPYC exposing AVX2 only, a 1024^2 bf16 matmul ran at
+    0.9 GFLOP/s against 133 in float32 (experiments/bench/precision.md).
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def resolve_precision(trainer: TrainerConfig, device: torch.device) -> str:
+    """The arithmetic a run uses on `device`: 'bf16' (autocast) or 'float32'.
+
+    CUDA: trainer.amp. CPU: trainer.cpu_precision, where 'auto' is bf16 only on CPUs with bf16 hardware.
+    """
+    if device.type == "cuda":
+        return "bf16" if trainer.amp else "float32"
+    if trainer.cpu_precision == "auto":
+        return "bf16" if cpu_has_bf16() else "float32"
+    return trainer.cpu_precision
+
+
 def runtime_flags(trainer: TrainerConfig, device: torch.device) -> tuple[bool, bool]:
-    """(amp, channels_last) as they apply on `device`: bf16 autocast on CUDA only, channels_last anywhere."""
-    return trainer.amp and device.type == "cuda", trainer.channels_last
+    """(amp, channels_last) as they apply on `device`: bf16 autocast per `resolve_precision`, channels_last anywhere."""
+    return resolve_precision(trainer, device) == "bf16", trainer.channels_last
 
 
 def keep_freed_memory() -> bool:
@@ -454,7 +479,9 @@ def fit(cfg: Config) -> dict[str, Any]:
     """Train `cfg` to the end (or resume it) and return the summary also written to <run_dir>/summary.json.
 
     Summary keys: test_error (%), run_dir, run_name, steps, wall_time_s (all invocations), train_time_s,
-    images_per_s (training throughput, evaluation excluded), final_loss, device, parameters, torch_version,
+    images_per_s (training throughput, evaluation excluded), final_loss, device, precision (float32 | bf16 |
+    bf16+float32 for a run resumed in another precision),
+    parameters, torch_version,
     dataset, model, transformer, seed, resumed_from (step or null), finished_at, wandb ({mode, id, path, dir}
     or null). Raises TrainingError (bad checkpoint, non-finite loss, no device) or TrainingInterrupted.
     """
@@ -468,8 +495,12 @@ def fit(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.trainer.device)
     trainer = cfg.trainer
     amp, channels_last = runtime_flags(trainer, device)
+    precision = "bf16" if amp else "float32"
     if device.type == "cpu":
         keep_freed_memory()
+        if amp and not cpu_has_bf16():
+            print("warning: trainer.cpu_precision=bf16 on a CPU without bf16 hardware: bf16 is emulated here and "
+                  "much slower than float32; use trainer.cpu_precision=float32 (or auto)", file=sys.stderr)
     state = None
     if found is not None and start == "resume":
         state = load_checkpoint(found / CHECKPOINT, device)
@@ -485,9 +516,11 @@ def fit(cfg: Config) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, run_dir=str(folder))
     write_atomic(folder / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
     step, clock = 0, {"wall_time_s": 0.0, "train_time_s": 0.0}
+    precisions = [precision]  # every precision this run has trained in, across invocations
     if state is not None:
         restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
         step, clock = int(state["step"]), dict(state.get("clock", clock))
+        precisions = sorted(set(state.get("precisions", ["float32"])) | {precision})
     metrics_path = folder / "metrics.jsonl"
     if state is not None:
         truncate_metrics(metrics_path, step)
@@ -563,7 +596,8 @@ def fit(cfg: Config) -> dict[str, Any]:
                     check_finite(before_checkpoint=True)
                     clock["wall_time_s"] = wall_before + time.perf_counter() - started
                     save_checkpoint(folder / CHECKPOINT,
-                                    checkpoint_state(step, model, optimizer, scheduler, stream, cfg, clock))
+                                    checkpoint_state(step, model, optimizer, scheduler, stream, cfg, clock)
+                                    | {"precisions": precisions})
                 paused += time.perf_counter() - pause_start
                 if stopping and not last:
                     console.close()
@@ -583,7 +617,8 @@ def fit(cfg: Config) -> dict[str, Any]:
                 "test_error": test_error, "run_dir": str(folder), "run_name": cfg.run_name, "steps": step,
                 "wall_time_s": clock["wall_time_s"], "train_time_s": clock["train_time_s"],
                 "images_per_s": run_images / run_seconds if run_seconds else None,
-                "final_loss": final_loss, "device": str(device), "parameters": parameters,
+                "final_loss": final_loss, "device": str(device), "precision": "+".join(precisions),
+                "parameters": parameters,
                 "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
                 "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": resumed_from,
                 "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": tracker.info,

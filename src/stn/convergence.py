@@ -1,0 +1,445 @@
+"""The convergence study: Table 1 cells trained at growing fractions of the paper's training budget.
+
+The paper trains every model on 150k x 256 = 38.4M distorted images (SGD, lr 0.01, /10 every 50k). A budget
+here is a fraction of those images, e.g. "1/50" = 768k images = 6000 steps of batch 128, with the paper's lr
+shape: the same base rate, divided by 10 after one and two thirds of the steps. A study file
+(experiments/convergence/study.yaml) names the Table 1 rows and columns (from the grid file, which also holds
+the paper's numbers), the budgets and the seeds. `run_study` trains the cells one after the other, in order
+of budget, then seed, then column, then row (so the cheapest complete picture comes first), and appends one
+row per finished cell to the study's results.csv at once: the CSV is the record, committed as it grows, and a
+rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
+continues from it on the next call. Every row names the CPU (or GPU) and the precision it ran in: one study
+keeps one precision (the study file pins it), and `plot_study` draws one picture per dataset: test error
+against training images, both on log axes, a line per model with its seed spread, the paper's value dashed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from stn.config import Config, ConfigError, compose
+
+PAPER_STEPS, PAPER_BATCH = 150_000, 256
+PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model
+DEFAULT_STUDY = Path("experiments/convergence/study.yaml")
+COLUMNS = (
+    "recipe", "dataset", "model", "budget", "images", "steps", "batch_size", "seed", "test_error", "paper",
+    "wall_time_s", "train_time_s", "images_per_s", "precision", "device", "cpu", "torch", "commit", "finished_at",
+)  # fmt: skip
+
+
+class StudyError(ValueError):
+    """A study that cannot run: a bad study file, budget, seed list or name; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """Some Table 1 rows x columns, trained at some budgets."""
+
+    rows: list[str]
+    columns: list[str]
+    budgets: list[str]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    grid: Any  # stn.tables.Grid: rows, columns and the paper's numbers
+    recipe: str  # a label for the training recipe, e.g. "paper-sgd"
+    batch_size: int
+    overrides: list[str]  # for every cell, e.g. trainer=quick trainer.cpu_precision=float32
+    parts: list[Part]
+    seeds: list[int]
+    results: Path  # the CSV record
+    runs_dir: Path  # run folders (checkpoints), not committed
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study."""
+
+    row: str
+    column: str
+    budget: str
+    seed: int
+    config: Config
+    paper: float | None
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return self.row, self.column, self.budget, self.seed
+
+
+@dataclass
+class StudyReport:
+    done: list[dict[str, Any]] = field(default_factory=list)  # rows finished by this call
+    skipped: int = 0  # already in the CSV
+    stopped: Cell | None = None  # interrupted (checkpointed) cell, if any
+    failed: list[tuple[Cell, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+
+
+def parse_budget(text: str) -> Fraction:
+    """'1/50' -> Fraction(1, 50); also '0.02' or '1'. A budget is a fraction of the paper's 38.4M images."""
+    try:
+        value = Fraction(str(text).strip())
+    except (ValueError, ZeroDivisionError):
+        raise StudyError(f"budget {text!r} is not a fraction like 1/50 or 0.02") from None
+    if not 0 < value <= 1:
+        raise StudyError(f"budget {text!r} must be in (0, 1]: a fraction of the paper's {PAPER_IMAGES:,} images")
+    return value
+
+
+def budget_steps(budget: str, batch_size: int) -> int:
+    """Steps of `batch_size` that see budget x 38.4M images (rounded to a multiple of 3 for the lr drops)."""
+    steps = round(parse_budget(budget) * PAPER_IMAGES / batch_size / 3) * 3
+    if steps < 3:
+        raise StudyError(f"budget {budget} is under 3 steps of batch {batch_size}")
+    return steps
+
+
+def budget_overrides(budget: str, batch_size: int) -> list[str]:
+    """The trainer settings of one budget: the paper's lr shape (/10 at 1/3 and 2/3) on its step count."""
+    steps = budget_steps(budget, batch_size)
+    return [
+        f"trainer.batch_size={batch_size}", f"trainer.iterations={steps}", f"trainer.lr_step={steps // 3}",
+        f"trainer.eval_every={steps}", f"trainer.checkpoint_every={min(500, steps)}",
+        f"trainer.log_every={min(100, steps)}",
+    ]  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- the study
+
+
+def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
+    """Read and check a study file; every problem names the file and the key."""
+    from stn.tables import TableError, load_grid
+
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} not found (the default is {DEFAULT_STUDY}; pass --study PATH)")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:
+        raise StudyError(f"study file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"study file {path}: expected a mapping with keys name, grid, parts, seeds")
+    for key in ("name", "grid", "parts", "seeds", "batch_size"):
+        if key not in raw:
+            raise StudyError(f"study file {path}: missing key '{key}'")
+    try:
+        grid = load_grid(raw["grid"])
+    except TableError as err:
+        raise StudyError(f"study file {path}: {err}") from None
+    seeds = _seeds(raw["seeds"], f"study file {path}: seeds")
+    batch = raw["batch_size"]
+    if not isinstance(batch, int) or batch < 1:
+        raise StudyError(f"study file {path}: batch_size={batch!r} must be a positive integer")
+    if not isinstance(raw["parts"], list) or not raw["parts"]:
+        raise StudyError(f"study file {path}: parts must be a non-empty list of {{rows, columns, budgets}}")
+    parts = []
+    for index, entry in enumerate(raw["parts"]):
+        where = f"study file {path}: parts[{index}]"
+        if not isinstance(entry, dict) or not {"rows", "columns", "budgets"} <= set(entry):
+            raise StudyError(f"{where} must have rows, columns and budgets")
+        part = Part(rows=[str(r) for r in entry["rows"]], columns=[str(c) for c in entry["columns"]],
+                    budgets=[str(b) for b in entry["budgets"]])
+        _known(part.rows, list(grid.rows), f"{where}.rows", "row")
+        _known(part.columns, list(grid.columns), f"{where}.columns", "column")
+        for budget in part.budgets:
+            try:
+                budget_steps(budget, batch)
+            except StudyError as err:
+                raise StudyError(f"{where}.budgets: {err}") from None
+        for row in part.rows:
+            for column in part.columns:
+                if (row, column) not in grid.cells:
+                    raise StudyError(f"{where}: {row} / {column} is not a cell of {grid.path}")
+        parts.append(part)
+    overrides = [str(o) for o in raw.get("overrides", [])]
+    name = str(raw["name"])
+    return Study(name=name, path=path, grid=grid, recipe=str(raw.get("recipe", "paper-sgd")), batch_size=batch,
+                 overrides=overrides, parts=parts, seeds=seeds,
+                 results=Path(raw.get("results", path.parent / "results.csv")),
+                 runs_dir=Path(raw.get("runs_dir", f"runs/{name}")))
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    try:
+        seeds = [int(s) for s in value]
+    except (TypeError, ValueError):
+        raise StudyError(f"{where}: {value!r} must be a list of integers, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise StudyError(f"{where}: {value!r} must be non-negative integers, at least one")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"{where}: {value!r} repeats a seed; each seed is one run")
+    return seeds
+
+
+def _known(given: Sequence[str], known: Sequence[str], where: str, what: str) -> None:
+    unknown = [g for g in given if g not in known]
+    if unknown:
+        raise StudyError(f"{where}: unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+
+
+def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None,
+         budgets: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[Cell]:
+    """The study's cells (filtered), ordered by budget, seed, column, row; configs composed and checked."""
+    if rows:
+        _known(rows, list(study.grid.rows), "--rows", "row")
+    if columns:
+        _known(columns, list(study.grid.columns), "--columns", "column")
+    if budgets:
+        _known(budgets, sorted({b for p in study.parts for b in p.budgets}, key=parse_budget), "--budgets", "budget")
+    chosen_seeds = study.seeds if seeds is None else _seeds(list(seeds), "--seeds")
+    wanted = []
+    for part in study.parts:
+        for budget in part.budgets:
+            for column in part.columns:
+                for row in part.rows:
+                    if (not rows or row in rows) and (not columns or column in columns) and \
+                            (not budgets or budget in budgets):
+                        wanted.append((row, column, budget))
+    wanted = list(dict.fromkeys(wanted))
+    row_order, column_order = list(study.grid.rows), list(study.grid.columns)
+    cells = []
+    for seed in chosen_seeds:
+        for row, column, budget in wanted:
+            overrides = [*study.grid.columns[column], *study.grid.rows[row], *study.overrides,
+                         *budget_overrides(budget, study.batch_size), f"seed={seed}",
+                         f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
+                         f"logger.group={study.name}"]
+            try:
+                config = compose(overrides)
+            except ConfigError as err:
+                raise StudyError(f"{row} / {column} at {budget}: {err}") from None
+            cells.append(Cell(row, column, budget, seed, config, study.grid.cells[(row, column)]))
+    cells.sort(key=lambda c: (parse_budget(c.budget), c.seed, column_order.index(c.column), row_order.index(c.row)))
+    return cells
+
+
+def cell_dir(study: Study, row: str, column: str, budget: str, seed: int) -> Path:
+    slug = row.lower().replace(" ", "_").replace("-", "_")
+    return study.runs_dir / column / slug / budget.replace("/", "_") / f"seed{seed}"
+
+
+# -------------------------------------------------------------------------------------------- the record
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            return []
+        missing = [c for c in ("recipe", "dataset", "model", "budget", "seed", "test_error") if c not in reader.fieldnames]
+        if missing:
+            raise StudyError(f"{path} lacks the columns {missing}: it is not a study record; move it away")
+        return list(reader)
+
+
+def append_result(path: Path, row: dict[str, Any]) -> None:
+    """Add one row to the CSV (rewritten atomically, so a kill never leaves half a line)."""
+    rows = read_results(path)
+    rows.append({c: row.get(c, "") for c in COLUMNS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def recorded_keys(study: Study) -> set[tuple[str, str, str, int]]:
+    return {(r["model"], r["dataset"], r["budget"], int(r["seed"])) for r in read_results(study.results)
+            if r["recipe"] == study.recipe}
+
+
+def machine() -> str:
+    """The CPU model and its vector ISA as torch sees it, e.g. 'AMD EPYC (AVX2, 2 cores)'."""
+    import torch
+
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    """The checkout's commit, '+dirty' when the code (src/, conf/) differs from it; '' outside git."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True).stdout
+
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "conf").strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -> dict[str, Any]:
+    """One CSV row; `commit` is the code's commit when the study process started (the code it runs)."""
+    import torch
+
+    device = str(summary.get("device", "cpu"))
+    return {
+        "recipe": study.recipe, "dataset": cell.column, "model": cell.row, "budget": cell.budget,
+        "images": cell.config.trainer.iterations * cell.config.trainer.batch_size,
+        "steps": cell.config.trainer.iterations, "batch_size": cell.config.trainer.batch_size, "seed": cell.seed,
+        "test_error": f"{float(summary['test_error']):.2f}", "paper": "" if cell.paper is None else cell.paper,
+        "wall_time_s": f"{float(summary.get('wall_time_s') or 0):.0f}",
+        "train_time_s": f"{float(summary.get('train_time_s') or 0):.0f}",
+        "images_per_s": f"{float(summary.get('images_per_s') or 0):.0f}",
+        "precision": summary.get("precision", ""), "device": device,
+        "cpu": machine() if device.startswith("cpu") else torch.cuda.get_device_name(),
+        "torch": torch.__version__, "commit": commit,
+        "finished_at": summary.get("finished_at", dt.datetime.now().isoformat(timespec="seconds")),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config], dict] | None = None,
+              log: Callable[[str], None] = print, max_cells: int | None = None) -> StudyReport:
+    """Train the cells not yet in the record, appending each finished one; stop at the first interruption."""
+    from stn.train import TrainingError, TrainingInterrupted
+
+    if fit_fn is None:
+        from stn.train import fit as fit_fn
+    report = StudyReport()
+    commit = git_commit()  # the code this process imported, even if the checkout moves on meanwhile
+    done = recorded_keys(study)
+    todo = [c for c in cells if c.key not in done]
+    report.skipped = len(cells) - len(todo)
+    log(f"study {study.name} ({study.recipe}): {len(cells)} cells, {report.skipped} recorded in {study.results}, "
+        f"{len(todo)} to train")
+    for index, cell in enumerate(todo[:max_cells] if max_cells else todo, start=1):
+        what = f"[{index}/{len(todo)}] {cell.row} / {cell.column} at {cell.budget} seed {cell.seed}"
+        log(f"{what}: {cell.config.trainer.iterations} steps of {cell.config.trainer.batch_size}")
+        try:
+            summary = fit_fn(cell.config)
+        except TrainingInterrupted as err:
+            report.stopped = cell
+            log(f"{what}: stopped with a checkpoint ({err}); rerun to continue")
+            break
+        except TrainingError as err:
+            report.failed.append((cell, str(err)))
+            log(f"{what}: FAILED: {err}")
+            continue
+        row = result_row(study, cell, summary, commit)
+        append_result(study.results, row)
+        report.done.append(row)
+        log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
+    return report
+
+
+# --------------------------------------------------------------------------------------------- plotting
+
+
+def aggregate(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """(recipe, dataset, model, budget) -> {images, errors, mean, std, paper}."""
+    out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["recipe"], r["dataset"], r["model"], r["budget"])
+        entry = out.setdefault(key, {"images": int(r["images"]), "errors": [], "paper": r.get("paper") or None})
+        entry["errors"].append(float(r["test_error"]))
+    for entry in out.values():
+        errors = entry["errors"]
+        entry["mean"] = statistics.fmean(errors)
+        entry["std"] = statistics.stdev(errors) if len(errors) > 1 else None
+        entry["paper"] = None if entry["paper"] in (None, "") else float(entry["paper"])
+    return out
+
+
+def plot_study(results: Path, out_dir: Path) -> list[Path]:
+    """One PNG per dataset: test error vs training images (log-log), a line per model and recipe (mean over
+    seeds, the band from min to max seed), the paper's error dashed at the paper's image count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = aggregate(read_results(results))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in sorted({k[1] for k in table}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        keys = sorted({(k[0], k[2]) for k in table if k[1] == dataset})
+        colors = plt.cm.tab20.colors  # type: ignore[attr-defined]
+        for index, (recipe, model) in enumerate(keys):
+            color = colors[index % len(colors)]
+            points = sorted(((v["images"], v) for k, v in table.items() if k[:3] == (recipe, dataset, model)),
+                            key=lambda point: point[0])
+            xs = [p[0] for p in points]
+            style = "-" if recipe == "paper-sgd" else ":"
+            ax.plot(xs, [p[1]["mean"] for p in points], style, marker="o", color=color,
+                    label=f"{model}" + ("" if recipe == "paper-sgd" else f" [{recipe}]"))
+            ax.fill_between(xs, [min(p[1]["errors"]) for p in points], [max(p[1]["errors"]) for p in points],
+                            color=color, alpha=0.2)
+            for x, (_, v) in zip(xs, points, strict=True):
+                ax.annotate(str(len(v["errors"])), (x, v["mean"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+            paper = next((p[1]["paper"] for p in points if p[1]["paper"] is not None), None)
+            if paper is not None and recipe == "paper-sgd":
+                ax.axhline(paper, color=color, linestyle="--", linewidth=0.8)
+                ax.plot([PAPER_IMAGES], [paper], marker="*", color=color, markersize=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training images (paper: 38.4M, the stars)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{dataset}: test error vs training budget (band: seed min-max; n = seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out_dir / f"{dataset}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def summary_table(results: Path) -> str:
+    """Markdown: per (dataset, model), mean ± std (n) at every budget, beside the paper."""
+    table = aggregate(read_results(results))
+    budgets = sorted({k[3] for k in table}, key=parse_budget)
+    head = ["recipe", "dataset", "model", *budgets, "paper (1/1)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for recipe, dataset, model in sorted({k[:3] for k in table}):
+        cells = []
+        paper = None
+        for budget in budgets:
+            entry = table.get((recipe, dataset, model, budget))
+            if entry is None:
+                cells.append("")
+                continue
+            paper = entry["paper"] if entry["paper"] is not None else paper
+            spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
+            cells.append(f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})")
+        lines.append("| " + " | ".join([recipe, dataset, model, *cells, "" if paper is None else f"{paper}"]) + " |")
+    return "\n".join(lines)

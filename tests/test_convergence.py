@@ -1,0 +1,148 @@
+"""The convergence study: budgets, planning order, the CSV record and its resume, plots, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stn.cli import app
+from stn.convergence import (
+    PAPER_IMAGES,
+    StudyError,
+    budget_overrides,
+    budget_steps,
+    load_study,
+    parse_budget,
+    plan,
+    plot_study,
+    read_results,
+    run_study,
+    summary_table,
+)
+from stn.train import TrainingInterrupted
+
+GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+runner = CliRunner()
+
+
+def write_study(tmp_path: Path, **changes: str) -> Path:
+    text = {
+        "name": "study", "recipe": "paper-sgd", "grid": str(GRID), "batch_size": "128",
+        "overrides": "[trainer=smoke, trainer.device=cpu, logger.mode=disabled]", "seeds": "[0, 1]",
+        "results": str(tmp_path / "record" / "results.csv"), "runs_dir": str(tmp_path / "runs"),
+        "parts": "\n  - {rows: [CNN, FCN], columns: [E, R], budgets: ['1/50', '1/250']}",
+    }  # fmt: skip
+    text.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in text.items()))
+    return path
+
+
+def test_budgets_are_fractions_of_the_papers_images() -> None:
+    assert PAPER_IMAGES == 150_000 * 256
+    assert parse_budget("1/50") == Fraction(1, 50) and parse_budget("0.02") == Fraction(1, 50)
+    # 1/250 of 38.4M images at batch 128: the quick preset's 1200 steps; 1/50: 6000; the paper: 150k of 256.
+    assert budget_steps("1/250", 128) == 1200 and budget_steps("1/50", 128) == 6000
+    assert budget_steps("1", 256) == 150_000
+    # the paper's lr shape: drops after one and two thirds of the steps, evaluated at the end
+    assert budget_overrides("1/50", 128)[:4] == [
+        "trainer.batch_size=128", "trainer.iterations=6000", "trainer.lr_step=2000", "trainer.eval_every=6000"]
+    for bad in ("0", "2", "-1/50", "1/0", "fifty"):
+        with pytest.raises(StudyError, match="budget"):
+            parse_budget(bad)
+
+
+def test_plan_orders_cells_by_budget_then_seed_and_composes_each(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path))
+    cells = plan(study)
+    assert len(cells) == 2 * 2 * 2 * 2
+    # cheapest budget first, then seed, then the grid's column and row order (R before E, FCN before CNN)
+    assert [c.key for c in cells[:5]] == [
+        ("FCN", "R", "1/250", 0), ("CNN", "R", "1/250", 0), ("FCN", "E", "1/250", 0), ("CNN", "E", "1/250", 0),
+        ("FCN", "R", "1/250", 1)]
+    first = cells[0]
+    assert first.config.dataset.name == "R" and first.config.model.name == "fcn" and first.config.seed == 0
+    assert first.config.trainer.iterations == 1200 and first.config.trainer.lr_step == 400
+    assert first.config.trainer.resume and Path(first.config.run_dir) == tmp_path / "runs/R/fcn/1_250/seed0"
+    assert first.paper == 2.1  # Table 1, FCN on R
+    only = plan(study, rows=["CNN"], columns=["E"], budgets=["1/50"], seeds=[1])
+    assert [c.key for c in only] == [("CNN", "E", "1/50", 1)]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seeds": "[0, 0]"}, "repeats a seed"),
+        ({"seeds": "[a]"}, "must be a list of integers"),
+        ({"batch_size": "0"}, "batch_size=0 must be a positive integer"),
+        ({"parts": "\n  - {rows: [CNN], columns: [Q], budgets: ['1/50']}"}, "unknown column 'Q'"),
+        ({"parts": "\n  - {rows: [CNN], columns: [R], budgets: ['3']}"}, r"must be in \(0, 1\]"),
+        ({"parts": "\n  - {rows: [ST-FCN Proj], columns: [TC], budgets: ['1/50']}"}, "not a cell"),
+        ({"grid": "nowhere.yaml"}, "grid file nowhere.yaml not found"),
+    ],
+)
+def test_bad_study_files_name_the_key(tmp_path: Path, changes: dict[str, str], message: str) -> None:
+    with pytest.raises(StudyError, match=message):
+        load_study(write_study(tmp_path, **changes))
+
+
+def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path))
+    cells = plan(study, budgets=["1/250"], seeds=[0])
+    calls = []
+
+    def fake_fit(cfg):  # test error = 10 * seed + 1 for FCN, 2 for CNN: checks rows land on the right cell
+        calls.append((cfg.dataset.name, cfg.model.name))
+        if len(calls) == 3:
+            raise TrainingInterrupted("stopped", 5, Path(cfg.run_dir), 143)
+        return {"test_error": 1.0 if cfg.model.name == "fcn" else 2.0, "device": "cpu", "precision": "float32",
+                "wall_time_s": 3.0, "train_time_s": 2.0, "images_per_s": 100.0}
+
+    report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
+    assert len(report.done) == 2 and report.stopped is not None and report.stopped.key == ("FCN", "E", "1/250", 0)
+    rows = read_results(study.results)
+    assert [(r["model"], r["dataset"], r["test_error"], r["paper"]) for r in rows] == [
+        ("FCN", "R", "1.00", "2.1"), ("CNN", "R", "2.00", "1.2")]
+    assert rows[0]["precision"] == "float32" and rows[0]["cpu"] and rows[0]["images"] == str(1200 * 128)
+    calls.clear()
+    report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
+    assert calls == [("E", "fcn"), ("E", "cnn")] and report.skipped == 2  # the interrupted cell comes back
+    assert len(read_results(study.results)) == 4
+
+
+def test_plot_and_summary_from_a_record(tmp_path: Path) -> None:
+    record = tmp_path / "results.csv"
+    rows = [("CNN", "1/250", 0, 4.0), ("CNN", "1/250", 1, 5.0), ("CNN", "1/50", 0, 2.0), ("FCN", "1/50", 0, 9.0)]
+    with record.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["recipe", "dataset", "model", "budget", "images", "seed", "test_error", "paper"])
+        for model, budget, seed, error in rows:
+            images = int(parse_budget(budget) * PAPER_IMAGES)
+            writer.writerow(["paper-sgd", "R", model, budget, images, seed, error, 1.2 if model == "CNN" else 2.1])
+    table = summary_table(record)
+    assert "| paper-sgd | R | CNN | 4.50 ± 0.71 (2) | 2.00 (1) | 1.2 |" in table
+    assert "| paper-sgd | R | FCN |  | 9.00 (1) | 2.1 |" in table
+    written = plot_study(record, tmp_path / "plots")
+    assert [p.name for p in written] == ["R.png"] and written[0].stat().st_size > 10_000
+
+
+def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:
+    path = write_study(tmp_path)
+    for args, message in (
+        (["--budgets", "1/3"], "unknown budget '1/3'"),
+        (["--seeds", "0,x"], "must be integers"),
+        (["--seeds", "1,1"], "repeats a seed"),
+        (["--columns", "Q"], "unknown column 'Q'"),
+        (["--max-cells", "0"], "--max-cells 0 must be at least 1"),
+    ):
+        result = runner.invoke(app, ["convergence", "run", "--study", str(path), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["convergence", "run", "--study", str(path), "--dry-run", "--rows", "CNN",
+                                 "--columns", "R", "--seeds", "0"])
+    assert result.exit_code == 0 and result.output.count("to train") == 2
+    assert not (tmp_path / "runs").exists()  # a dry run trains and writes nothing
