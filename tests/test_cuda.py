@@ -128,15 +128,18 @@ def test_bf16_smoke_training_learns_on_cuda(data_dir) -> None:
     assert theta_dtype["dtype"] == torch.float32
 
 
+@pytest.mark.parametrize("data", ["exact", "block"])
 @pytest.mark.parametrize("dataset", ["R", "TC"])
-def test_no_host_sync_in_data_and_step(dataset: str, data_dir) -> None:
+def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> None:
     """Drawing the K batches and the (graphed) step never wait for the GPU (torch's sync debug mode)."""
+    from stn.batched import make_stream
     from stn.bench import _count_syncs
 
     digits, labels = load_mnist(data_dir, train=True)
     cfgs = configs("ST-CNN Aff" if dataset == "R" else "ST-FCN Aff", (0, 1, 2), dataset)
-    run = GroupRun(BatchedModels(cfgs, CUDA, EngineOptions(amp=True, cuda_graph=True)),
-                   BatchedStream(cfgs, digits, labels, CUDA), iterations=10, log_every=10)
+    options = EngineOptions(amp=True, cuda_graph=True, data=data, block_steps=2)
+    run = GroupRun(BatchedModels(cfgs, CUDA, options), make_stream(cfgs, digits, labels, CUDA, options),
+                   iterations=10, log_every=10)
     run.advance(2)  # warm-up and graph capture
     counted = {"syncs": 0}
     with _count_syncs(CUDA, counted):

@@ -233,6 +233,8 @@ class BlockStream:
         if any(s.cfg.fixed_train for s in self.streams):
             raise EngineError("dataset.fixed_train distorts once up front: use the exact streams (data=exact)")
         self.groups = self.inner.groups
+        # each dataset's model positions, on the device once (a host-to-device copy per block could wait)
+        self.where = [torch.tensor(members, device=self.device) for _, members in self.groups]
         self.block = 0  # index of the next block to draw
         self.offset = 0  # steps served from the current buffer
         self.buffer: tuple[Tensor, Tensor] | None = None
@@ -261,7 +263,7 @@ class BlockStream:
         batch, size = first.batch_size, first.cfg.size
         images = torch.empty(steps, k, batch, 1, size, size, device=self.device)
         labels = torch.empty(steps, k, batch, dtype=torch.int64, device=self.device)
-        for cfg, members in self.groups:
+        for (cfg, members), where in zip(self.groups, self.where, strict=True):
             index = torch.stack([self._indices(self.streams[m]).view(steps, batch) for m in members], dim=1)
             flat = index.reshape(-1)  # (T * K_d * B,), step-major
             lead = self.streams[members[0]]
@@ -271,7 +273,6 @@ class BlockStream:
             params = draw_distortion(cfg, len(flat), generator, self.device, clutter_pool=pool)
             warped = apply_distortion(lead.digits.index_select(0, flat), params, cfg.size, lead.clutter_source,
                                       cfg.clutter_size, whole_pixel=draws_whole_pixels(cfg))
-            where = torch.tensor(members, device=self.device)
             images.index_copy_(1, where, warped.view(steps, len(members), batch, 1, size, size))
             labels.index_copy_(1, where, lead.labels.index_select(0, flat).view(steps, len(members), batch))
         self.buffer = (images, labels)
