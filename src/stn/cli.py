@@ -120,6 +120,27 @@ def data_preview(
     typer.echo(f"wrote {path}")
 
 
+@data_app.command("card")
+def data_card(
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder (gets <dataset>.md/.json/.png) or x.md.")] = Path(
+        "cards"),
+    count: Annotated[int, typer.Option("--count", "-n", help="How many test-set draws to measure.")] = 5000,
+    png: Annotated[bool, typer.Option(help="Also draw a PNG of the histograms.")] = True,
+) -> None:
+    """Write a dataset card: digit size, ink off the canvas, displacement, folded quads (see stn.cards)."""
+    config = load_config(overrides)
+    from stn.cards import write_card
+    from stn.data import MNISTDataError
+
+    try:
+        paths = write_card(config, out, count=count, png=png)
+    except (MNISTDataError, ValueError) as err:  # ValueError: a bad --count
+        fail(str(err))
+        return
+    typer.echo(f"wrote {', '.join(map(str, paths))}")
+
+
 def _csv(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
@@ -248,6 +269,38 @@ def visualize(
         fail(str(err))
         return
     typer.echo(f"wrote {path}")
+
+
+@app.command("recovery")
+def recovery(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. <run folder>/checkpoints/last.pt")],
+    data_dir: Annotated[
+        str | None, typer.Option(help="MNIST root (default: $STN_DATA_DIR, else the checkpoint's data_dir).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Measure the first N test digits only.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the full result (per class) here.")
+    ] = None,
+) -> None:
+    """How consistently the transformer undoes each test digit's known distortion (see stn.recovery)."""
+    import json
+
+    from stn.data import MNISTDataError
+    from stn.recovery import format_summary, recovery_checkpoint
+    from stn.visualize import VisualizeError
+
+    if limit is not None and limit < 1:
+        fail(f"--limit {limit} must be at least 1")
+    try:
+        summary = recovery_checkpoint(checkpoint, data_dir=data_dir, limit=limit)
+    except (VisualizeError, MNISTDataError) as err:
+        fail(str(err))
+        return
+    typer.echo(format_summary(summary))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=1) + "\n")
+        typer.echo(f"wrote {json_out}")
 
 
 @bench_app.command("data")

@@ -38,6 +38,15 @@ class DatasetConfig:
     scale_max: float = 1.0
     translate: bool = False  # place the (scaled) 28x28 digit at a uniformly random spot of the canvas
     corner_std: float = 0.0  # P: std of the normal offset of each of the four corners
+    # P, readings of the paper's words (experiments/datasets/README.md): which four corners move (canvas: the
+    # 28x28 canvas corners; image: those of the 28x28 digit image after its scaling; box20: those of the central
+    # 20x20 box MNIST size-normalised its digits into, scaled; digit_box: those of the digit's ink bounding box,
+    # scaled), how (per_axis: N(0, std) independently in x and y; diagonal: one N(0, std) stretch along the
+    # corner's diagonal, outward positive) and what happens to draws whose moved corners form a folded
+    # (non-convex) quad (keep them, or redraw them).
+    corner_frame: str = "canvas"  # canvas | image | box20 | digit_box
+    corner_direction: str = "per_axis"  # per_axis | diagonal
+    folded: str = "keep"  # keep | redraw
     tps_std: float = 0.0  # E: std of the normal offset of each thin-plate-spline control point
     tps_grid: int = 4  # E: control points per side (4 -> 16 points)
     clutter: int = 0  # TC: number of clutter patches cut from other digits
@@ -140,6 +149,9 @@ class Config:
 TRANSFORM_TYPES = ("none", "affine", "projective", "tps")
 MODEL_NAMES = ("fcn", "cnn", "st_fcn", "st_cnn")
 LOGGER_MODES = ("online", "offline", "disabled")
+CORNER_FRAMES = ("canvas", "image", "box20", "digit_box")
+CORNER_DIRECTIONS = ("per_axis", "diagonal")
+FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
 
 
@@ -209,6 +221,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"dataset.size={cfg.dataset.size} is smaller than an MNIST digit (28)")
     if not cfg.dataset.scale_min <= cfg.dataset.scale_max:
         raise ConfigError("dataset.scale_min must not exceed dataset.scale_max")
+    # P readings (fields added with the dataset cards, see stn.cards)
+    for key, allowed in (("corner_frame", CORNER_FRAMES), ("corner_direction", CORNER_DIRECTIONS),
+                         ("folded", FOLDED_CHOICES)):
+        if getattr(cfg.dataset, key) not in allowed:
+            raise ConfigError(f"dataset.{key}={getattr(cfg.dataset, key)!r} is not one of {allowed}")
     return cfg
 
 

@@ -6,7 +6,7 @@ shape: the same base rate, divided by 10 after one and two thirds of the steps. 
 (experiments/convergence/study.yaml) names the Table 1 rows and columns (from the grid file, which also holds
 the paper's numbers), the budgets and the seeds. `run_study` trains the cells one after the other, in order
 of budget, then seed, then column, then row (so the cheapest complete picture comes first), and appends one
-row per finished cell to the study's results.csv at once: the CSV is the record, committed as it grows, and a
+row per finished cell (with its distortion-recovery headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and a
 rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
 continues from it on the next call. Every row names the CPU (or GPU) and the precision it ran in: one study
 keeps one precision (the study file pins it), and `plot_study` draws one picture per dataset: test error
@@ -37,6 +37,7 @@ DEFAULT_STUDY = Path("experiments/convergence/study.yaml")
 COLUMNS = (
     "recipe", "dataset", "model", "budget", "images", "steps", "batch_size", "seed", "test_error", "paper",
     "wall_time_s", "train_time_s", "images_per_s", "precision", "device", "cpu", "torch", "commit", "finished_at",
+    "recovery", "recovery_before",
 )  # fmt: skip
 
 
@@ -319,7 +320,16 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
         "cpu": machine() if device.startswith("cpu") else torch.cuda.get_device_name(),
         "torch": torch.__version__, "commit": commit,
         "finished_at": summary.get("finished_at", dt.datetime.now().isoformat(timespec="seconds")),
+        "recovery": recovery_text(summary, "recovery/"), "recovery_before": recovery_text(summary, "recovery/before/"),
     }  # fmt: skip
+
+
+def recovery_text(summary: dict[str, Any], prefix: str) -> str:
+    """The run's distortion-recovery headline (stn.recovery), e.g. 'rotation_std_deg=51.9'; '' without a
+    transformer."""
+    values = {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix) and "/" not in k[len(prefix):]
+              and isinstance(v, (int, float)) and k[len(prefix):] not in ("lost_fraction", "rotation_mean_deg")}
+    return " ".join(f"{key}={value:.3g}" for key, value in sorted(values.items()))
 
 
 # ---------------------------------------------------------------------------------------------- running

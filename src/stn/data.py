@@ -11,7 +11,10 @@ canvas) of R, RTS, plain and TC is
 with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n - 1) / 2. RTS draws the
 translation per axis from U[-(S/2 - 14 scale), +(S/2 - 14 scale)], which keeps the scaled 28x28 box (before
 rotation) inside the canvas, and so the disc it inscribes at any angle, where MNIST's ink lies. P follows the
-scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px, and
+scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px per axis
+(the default reading; `corner_frame` (canvas | image: the scaled 28x28 digit image's corners | box20: the
+central 20x20 box MNIST normalised its digits into, scaled | digit_box: each digit's ink bounding box, scaled),
+`corner_direction` and `folded` select others, see `draw_corners`), and
 E follows it with a thin plate spline whose 4x4 control points sample the scaled digit at offsets drawn from
 N(0, tps_std) px. TC pastes the digit at a whole-pixel position of the 60x60 canvas and composes six 6x6
 patches of other digits with max(), so clutter never darkens a digit pixel.
@@ -178,6 +181,11 @@ def _check_dataset(cfg: DatasetConfig) -> None:
             f"dataset {cfg.name}: a digit scaled by scale_max={cfg.scale_max} ({DIGIT * cfg.scale_max:.1f} px) "
             f"does not fit the canvas size={cfg.size}: lower dataset.scale_max or raise dataset.size"
         )
+    readings = {"corner_frame": ("canvas", "image", "box20", "digit_box"),
+                "corner_direction": ("per_axis", "diagonal"), "folded": ("keep", "redraw")}
+    for key, allowed in readings.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"dataset {cfg.name}: {key}={getattr(cfg, key)!r} is not one of {allowed}")
     if cfg.clutter and not 0 < cfg.clutter_size <= min(DIGIT, cfg.size):
         raise ValueError(f"dataset.clutter_size={cfg.clutter_size} must lie in [1, {min(DIGIT, cfg.size)}]")
 
@@ -201,11 +209,14 @@ def distortion_params(
     translation: Tensor,
     corner_offsets: Tensor | None = None,
     tps_offsets: Tensor | None = None,
+    corner_points: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The sampling grid's parameters for given distortions (deterministic; `distort` draws the inputs).
 
     angle_deg, scale (B,); translation (B, 2) px (x, y) of the digit centre from the canvas centre;
-    corner_offsets (B, 4, 2) px for the corners (-1,-1), (1,-1), (1,1), (-1,1) of the canvas (projective);
+    corner_offsets (B, 4, 2) px for the corners (-1,-1), (1,-1), (1,1), (-1,1) of the canvas (projective), or
+    for the four points corner_points (B, 4, 2) (canvas pixel coordinates, same order: top-left, top-right,
+    bottom-right, bottom-left) when those are given (P's digit_box reading);
     tps_offsets (B, k*k, 2) px for the row-major k x k control points over the canvas (thin plate spline).
     Returns these plus exactly one of source_affine (B, 6), source_projective (B, 8) or source_tps (B, 2k*k):
     the `stn.spatial` theta of the grid mapping output canvas points to source digit points, i.e. what
@@ -226,8 +237,12 @@ def distortion_params(
         "translation": translation.float(),
     }
     if corner_offsets is not None:
-        corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=work,
-                               device=corner_offsets.device).expand(len(corner_offsets), 4, 2)
+        if corner_points is None:
+            corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=work,
+                                   device=corner_offsets.device).expand(len(corner_offsets), 4, 2)
+        else:
+            corners = (2 * corner_points.to(work) + 1) / size - 1  # pixel -> normalised (spatial.pixel_to_norm)
+            params["corner_points"] = corner_points.float()
         moved = corners + corner_offsets.to(work) * (2.0 / size)
         inverse = _homography(moved, corners)  # output point -> pre-warp (scaled-digit) canvas point
         affine3 = torch.cat([affine, torch.tensor([0.0, 0.0, 1.0], dtype=work, device=affine.device)
@@ -259,14 +274,132 @@ def source_grid(params: dict[str, Tensor], size: int) -> Tensor:
     return affine_grid(params["source_affine"], size, size)
 
 
+def source_points(params: dict[str, Tensor], points: Tensor) -> Tensor:
+    """Evaluate the distortion's output -> source map at arbitrary points, in float64.
+
+    points: normalised canvas coordinates (N, 2), shared by the batch, or (B, N, 2) per sample (they may lie
+    outside [-1, 1]). Returns (B, N, 2) normalised source-digit coordinates: the same map `source_grid`
+    samples at the pixel centres, continued to any point (a homography is undefined on its horizon line).
+    """
+    key = "source_projective" if "source_projective" in params else "source_tps" if "source_tps" in params \
+        else "source_affine"
+    theta = params[key].double()
+    batch = len(theta)
+    points = points.to(device=theta.device, dtype=torch.float64)
+    if points.dim() == 2:
+        points = points.expand(batch, *points.shape)
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (B, N, 3)
+    if key == "source_affine":
+        return homogeneous @ theta.reshape(-1, 2, 3).transpose(1, 2)
+    if key == "source_projective":
+        matrix = torch.cat([theta, torch.ones_like(theta[:, :1])], dim=1).reshape(-1, 3, 3)
+        uvw = homogeneous @ matrix.transpose(1, 2)
+        return uvw[..., :2] / uvw[..., 2:]
+    from stn.spatial import _tps_inverse, _tps_kernel
+
+    k = math.isqrt(theta.shape[1] // 2)
+    control = tps_control_points(k, device=theta.device, dtype=torch.float64)  # (K, 2)
+    squared = (points[:, :, None, :] - control[None, None]).pow(2).sum(-1)  # (B, N, K)
+    basis = torch.cat([_tps_kernel(squared), homogeneous[..., 2:], points], dim=-1)  # (B, N, K+3): U, 1, x, y
+    weights = basis @ _tps_inverse(k).to(theta.device)[:, : k * k]  # (B, N, K)
+    return weights @ theta.reshape(batch, k * k, 2)
+
+
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float,
              device: torch.device) -> Tensor:
     return torch.rand(shape, generator=generator, device=device) * (high - low) + low
 
 
+def canvas_corners(size: int, batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """(B, 4, 2) pixel coordinates of the canvas's outer corners: top-left, top-right, bottom-right, bottom-left."""
+    edge = torch.tensor([[-0.5, -0.5], [size - 0.5, -0.5], [size - 0.5, size - 0.5], [-0.5, size - 0.5]],
+                        device=device)
+    return edge.expand(batch, 4, 2).clone()
+
+
+def digit_boxes(digits: Tensor) -> Tensor:
+    """(B, 4, 2) digit-pixel corners (TL, TR, BR, BL) of each digit's ink bounding box (outer pixel edges).
+
+    Ink = any pixel > 0. A blank digit gets the whole 28x28 box.
+    """
+    ink = digits.reshape(len(digits), DIGIT, DIGIT) > 0
+    index = torch.arange(DIGIT, device=digits.device)
+    cols, rows = ink.any(1), ink.any(2)  # (B, 28): columns / rows holding ink
+    big = DIGIT + 1
+
+    def span(mask: Tensor) -> tuple[Tensor, Tensor]:
+        low = torch.where(mask, index, big).amin(1)
+        high = torch.where(mask, index, -big).amax(1)
+        blank = ~mask.any(1)
+        return torch.where(blank, 0, low).double() - 0.5, torch.where(blank, DIGIT - 1, high).double() + 0.5
+
+    (x0, x1), (y0, y1) = span(cols), span(rows)
+    return torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1),
+                        torch.stack([x0, y1], -1)], 1)
+
+
+def forward_points(size: int, angle_deg: Tensor, scale: Tensor, translation: Tensor, points: Tensor) -> Tensor:
+    """Digit pixel coordinates (B, N, 2) -> where the affine part of the distortion puts them in the canvas (px).
+
+    canvas = centre_S + translation + scale * Rot(angle) (digit - centre_28), Rot = [[c, s], [-s, c]] (counter-
+    clockwise on screen, y down), in float64.
+    """
+    angle = torch.deg2rad(angle_deg.double())
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (B, 2, 2)
+    centred = points.double() - (DIGIT - 1) / 2
+    moved = (centred @ rot.transpose(1, 2)) * scale.double()[:, None, None]
+    return moved + translation.double()[:, None, :] + (size - 1) / 2
+
+
+def quad_folded(quad: Tensor) -> Tensor:
+    """(B, 4, 2) corners in the order TL, TR, BR, BL (y down) -> (B,) bool: the quad is not convex with the
+    undistorted orientation (a turn of the boundary is not strictly clockwise on screen: a dent, a bow tie or a
+    mirror image). A homography onto such a quad folds the plane inside it (its horizon crosses the quad)."""
+    edges = quad.roll(-1, dims=1) - quad  # edge i: corner i -> corner i+1
+    following = edges.roll(-1, dims=1)
+    turn = edges[..., 0] * following[..., 1] - edges[..., 1] * following[..., 0]  # (B, 4) z of the cross products
+    return ~(turn > 0).all(1)
+
+
+MNIST_BOX = 20  # MNIST's digits were size-normalised into a 20x20 box, centred (by mass) in the 28x28 image
+MAX_REDRAWS = 1000  # folded=redraw: rounds of redrawing before giving up (a fold has probability ~1e-2 per draw)
+
+
+def draw_corners(cfg: DatasetConfig, points: Tensor, generator: torch.Generator) -> Tensor:
+    """P: (B, 4, 2) px offsets for the corners `points` (B, 4, 2) (canvas px, TL, TR, BR, BL), per cfg's reading.
+
+    per_axis: N(0, corner_std) independently in x and y (8 numbers per draw). diagonal: one N(0, corner_std)
+    amount per corner, along the unit vector from the quad's centre to that corner (outward positive; 4 numbers).
+    folded=redraw: draws whose moved quad is folded (`quad_folded`) are drawn again, all four corners, from the
+    same generator until none is (deterministic, but a sync per round on CUDA).
+    """
+    batch, device = len(points), points.device
+
+    def draw() -> Tensor:
+        if cfg.corner_direction == "per_axis":
+            return torch.randn(batch, 4, 2, generator=generator, device=device) * cfg.corner_std
+        outward = points - points.mean(1, keepdim=True)
+        unit = (outward / outward.norm(dim=-1, keepdim=True)).float()
+        return torch.randn(batch, 4, generator=generator, device=device)[..., None] * cfg.corner_std * unit
+
+    offsets = draw()
+    if cfg.folded == "keep":
+        return offsets
+    for _ in range(MAX_REDRAWS):
+        folded = quad_folded(points.double() + offsets.double())
+        if not bool(folded.any()):
+            return offsets
+        offsets = torch.where(folded[:, None, None], draw(), offsets)
+    raise RuntimeError(f"dataset {cfg.name}: still folded quads after {MAX_REDRAWS} redraws (corner_std too large?)")
+
+
 def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, device: torch.device,
-                    clutter_pool: int = 0) -> dict[str, Tensor]:
-    """Draw one batch of random distortions for `cfg`; `clutter_pool` = how many digits clutter may come from."""
+                    clutter_pool: int = 0, digits: Tensor | None = None) -> dict[str, Tensor]:
+    """Draw one batch of random distortions for `cfg`; `clutter_pool` = how many digits clutter may come from.
+
+    digits (B, 28, 28): needed only by P's corner_frame=digit_box reading (their ink boxes are the corners).
+    """
     _check_dataset(cfg)
     size = cfg.size
     angle = _uniform(generator, (batch,), -cfg.rotation, cfg.rotation, device) if cfg.rotation else \
@@ -286,12 +419,26 @@ def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, 
         # The box's inscribed disc then stays inside whatever the rotation (MNIST ink lies within that disc).
         room = size / 2 - (DIGIT / 2) * scale  # (B,)
         translation = (torch.rand(batch, 2, generator=generator, device=device) * 2 - 1) * room[:, None]
-    corners = tps = None
-    if cfg.corner_std > 0:
+    corners = tps = points = None
+    default_reading = cfg.corner_frame == "canvas" and cfg.corner_direction == "per_axis" and cfg.folded == "keep"
+    if cfg.corner_std > 0 and default_reading:  # today's P: kept on its original code path (same bytes)
         corners = torch.randn(batch, 4, 2, generator=generator, device=device) * cfg.corner_std
+    elif cfg.corner_std > 0:
+        if cfg.corner_frame == "digit_box":
+            if digits is None:
+                raise ValueError(f"dataset {cfg.name}: corner_frame=digit_box needs the digits (pass digits=)")
+            boxes = digit_boxes(digits.to(device))
+            points = forward_points(size, angle, scale, translation, boxes).float()
+        elif cfg.corner_frame in ("box20", "image"):
+            side = MNIST_BOX if cfg.corner_frame == "box20" else DIGIT
+            box = canvas_corners(side, batch, device).double() + (DIGIT - side) / 2
+            points = forward_points(size, angle, scale, translation, box).float()
+        else:
+            points = canvas_corners(size, batch, device)
+        corners = draw_corners(cfg, points, generator)
     if cfg.tps_std > 0:
         tps = torch.randn(batch, cfg.tps_grid ** 2, 2, generator=generator, device=device) * cfg.tps_std
-    params = distortion_params(size, angle, scale, translation, corners, tps)
+    params = distortion_params(size, angle, scale, translation, corners, tps, corner_points=points)
     if cfg.clutter:
         if clutter_pool <= 0:
             raise ValueError(f"dataset {cfg.name} has clutter={cfg.clutter} patches: pass clutter_source (digits)")
@@ -395,7 +542,7 @@ def distort(digits: Tensor, cfg: DatasetConfig, generator: torch.Generator,
     if digits.dim() != 3 or digits.shape[1:] != (DIGIT, DIGIT):
         raise ValueError(f"digits must be (B, 28, 28), got {tuple(digits.shape)}")
     pool = 0 if clutter_source is None else len(clutter_source)
-    params = draw_distortion(cfg, len(digits), generator, device, clutter_pool=pool)
+    params = draw_distortion(cfg, len(digits), generator, device, clutter_pool=pool, digits=digits)
     images = apply_distortion(digits, params, cfg.size, clutter_source, cfg.clutter_size,
                               whole_pixel=draws_whole_pixels(cfg))
     return images, params

@@ -8,7 +8,8 @@ non-finite loss is pinned to its exact step on the device as well, and stops the
 Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
     config.yaml          the resolved config as run (run_dir filled in)
     metrics.jsonl        one JSON object per log/eval: step, loss, lr, images_per_s, time_s | test_error
-    summary.json         written last, atomically: its presence means the run finished
+    summary.json         written last, atomically: its presence means the run finished (with recovery/*
+                         keys for transformer models: `stn.recovery`)
     checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
 
 Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream", "precisions",
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stn.config import Config, TrainerConfig, to_dict, to_yaml
+from stn.recovery import recovery_metrics
 from stn.tracking import Tracker
 
 CHECKPOINT_VERSION = 1
@@ -623,6 +625,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                 "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": resumed_from,
                 "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": tracker.info,
             }  # fmt: skip
+            summary.update(recovery_metrics(model, test_set, cfg))  # stn.recovery: flat recovery/* keys
             tracker.set_summary(summary)
     finally:
         console.close()
