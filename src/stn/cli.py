@@ -63,6 +63,12 @@ convergence_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(convergence_app, name="convergence")
+# the batched engine: stn engine bench|plan|run, and stn bench engine
+from stn.engine_cli import bench as _engine_bench  # noqa: E402
+from stn.engine_cli import engine_app  # noqa: E402
+
+app.add_typer(engine_app, name="engine")
+bench_app.command("engine", help="The batched engine's throughput (= stn engine bench).")(_engine_bench)
 
 OVERRIDES_HELP = "Config overrides, Hydra syntax: dataset=RTS model=st_cnn transformer=tps trainer.iterations=500"
 

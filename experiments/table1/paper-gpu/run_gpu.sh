@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Table 1 at the paper's schedule on one GPU with the batched engine (issue 11); prepared in issue 10.
+# Run from the repo root, on the GPU machine through the device tool (see README.md beside this file):
+#   run(command="bash experiments/table1/paper-gpu/run_gpu.sh check", carry=[".whl", ".data"], timeout_s=480)
+#   run(command="bash experiments/table1/paper-gpu/run_gpu.sh table", carry=[".whl", ".data", ".state"], timeout_s=600)
+# check (~3-4 min): CUDA tests, engine bench (-> the planner's cost table), the paper-table plan, and the
+#   whole table at the quick schedule with one seed (comparable with experiments/table1/quick-cpu/).
+# table: the paper table, 3 seeds, from the state in .state/ (results.json, partial.pt, bench.json: copy
+#   the previous call's returned files there) until BUDGET seconds; writes the new state to $OUT.
+# Everything it needs beyond the GPU image's Python comes along: .whl/ (bundle.sh), .data/ (MNIST, gzipped).
+# Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS DATA (exact | block: the
+# data streams of the table step, see src/stn/batched.py) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
+# adds the torch.compile (inductor) test, a minute or more of compiling.
+set -uo pipefail
+step=${1:-check}
+OUT=${OUT:-/tmp/stn-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE WANDB_MODE=disabled
+PY=${PYTHON:-python3}
+LOG="$OUT/log.txt"
+say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+t0=$(date +%s)
+
+# Packages the image lacks, from the carried wheels, into /tmp/site (never torch: the image's own is used).
+if ! $PY -c "import hydra, omegaconf" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { say "wheel install failed"; exit 3; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# MNIST from the carried .data/ (gzipped raw files), unless STN_DATA_DIR already points at a copy.
+if [ -z "${STN_DATA_DIR:-}" ]; then
+  export STN_DATA_DIR=/tmp/mnist
+  mkdir -p $STN_DATA_DIR/MNIST/raw
+  for f in .data/MNIST/raw/*.gz; do
+    target=$STN_DATA_DIR/MNIST/raw/$(basename "$f" .gz)
+    [ -f "$target" ] || gunzip -c "$f" > "$target" || { say "cannot unpack $f"; exit 4; }
+  done
+fi
+DEVICE=${DEVICE:-cuda}
+ENGINE="$PY -m stn.engine_cli"
+FAST="--amp --cuda-graph"
+[ "$DEVICE" = cpu ] && FAST="--no-amp --no-cuda-graph"
+say "step $step on $DEVICE; setup $(( $(date +%s) - t0 )) s"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" >> "$LOG" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv >> "$LOG" 2>&1
+
+case "$step" in
+check)
+  say "tests"
+  timeout ${T_TESTS:-120} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py tests/test_spatial.py} > "$OUT/tests.txt" 2>&1
+  say "tests rc=$? ($(tail -1 "$OUT/tests.txt"))"
+  say "bench"
+  timeout ${T_BENCH:-80} $ENGINE bench --device "$DEVICE" $FAST --out "$OUT/bench.json" --markdown "$OUT/bench.md" \
+    ${BENCH_ARGS:---ks 1,9 --modes loop,vmap --steps 20 --warmup 3} >> "$LOG" 2>&1
+  say "bench rc=$?"
+  timeout ${T_BENCH:-80} $ENGINE bench --device "$DEVICE" $FAST --data block --out "$OUT/bench_block.json" \
+    ${BENCH_BLOCK_ARGS:---ks 9 --modes vmap --steps 32 --warmup 3} >> "$LOG" 2>&1
+  say "bench (block data) rc=$?"
+  $ENGINE plan --preset paper --seeds 0,1,2 --cost "$OUT/bench.json" --budget 540 >> "$LOG" 2>&1
+  say "one-seed subset"
+  rm -rf /tmp/stn-subset
+  timeout ${T_SUBSET:-100} $ENGINE run --device "$DEVICE" $FAST --state /tmp/stn-subset --cost "$OUT/bench.json" \
+    ${SUBSET_ARGS:---preset quick --seeds 0 --budget 75 --data block} > "$OUT/subset_progress.json" 2>> "$LOG"
+  say "subset rc=$?"
+  cp /tmp/stn-subset/results.csv "$OUT/subset_results.csv" 2>/dev/null
+  ;;
+table)
+  STATE=/tmp/stn-state
+  mkdir -p $STATE
+  [ -d .state ] && cp -n .state/results.json .state/partial.pt $STATE/ 2>/dev/null
+  COST=.state/bench.json
+  [ -f $COST ] || COST=/dev/null
+  say "table from $(ls $STATE | tr '\n' ' ')"
+  $ENGINE run --device "$DEVICE" $FAST --state $STATE --cost $COST --preset "${PRESET:-paper}" \
+    --seeds "${SEEDS:-0,1,2}" --budget "${BUDGET:-540}" --data "${DATA:-exact}" ${TABLE_ARGS:-} > "$OUT/progress.json" 2>> "$LOG"
+  say "table rc=$?"
+  rm -f "$OUT/partial.pt"
+  for f in results.json results.csv partial.pt; do [ -f $STATE/$f ] && cp $STATE/$f "$OUT/"; done
+  ;;
+*)
+  say "unknown step $step: use check or table"; exit 2 ;;
+esac
+say "done in $(( $(date +%s) - t0 )) s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,0 +1,661 @@
+"""Many models of one shape trained together in one process: the batched engine.
+
+K models that share one architecture (the seeds of a Table 1 cell; one architecture across the 28x28
+datasets R, P and E) are stacked parameter by parameter (`torch.func.stack_module_state`) and run as one
+function, `vmap(functional_call)`: PyTorch's batching rules turn the K convolutions into one grouped
+convolution and the K linear layers into one batched matmul, so a step costs one set of kernel launches for
+all K models instead of K. Each model keeps everything that makes it itself:
+
+- its initialisation: built exactly as `stn.train.prepare_model` builds it (`torch.manual_seed(cfg.seed)`,
+  then `build_model`), with the paper's layer order and plain nn.Conv2d (`build_model(cfg, fast=False)`:
+  the fast layout's `autograd.Function` does not run under torch.func; same state dict either way);
+- its data stream: batch b of epoch e of model k is `TrainStream(seed=cfg_k.seed)`'s batch, drawn from the
+  same per-(seed, epoch, batch) generators; the draws are per model (small), the warps of every model that
+  shares a dataset are one `grid_sample` over all their images (`BatchedStream`);
+- its loss (cross-entropy in float32 as `stn.train.train_step` computes it), its momentum buffer and its
+  learning-rate schedule (`StackedSGD`: torch.optim.SGD's arithmetic, momentum, weight decay, StepLR).
+
+The summed loss's gradient w.r.t. model k's slice of the stacked parameters is model k's own gradient (the
+models share no computation), so "K batched models" equals "K runs of `stn train seed=k`" up to the
+summation order inside the batched kernels (tests/test_batched.py checks this in float64 for every kind).
+
+Options (`EngineOptions`): bf16 autocast (theta, grids and sampling stay float32: `SpatialTransformer`
+turns autocast off around them), channels_last, `torch.compile` of the loss function, and a CUDA graph of
+the whole step (forward, backward, SGD update; data is generated eagerly into the graph's static inputs).
+The step never reads anything back to the host: the per-model losses accumulate on the device and are read
+every `log_every` steps; a non-finite loss is pinned to its step per model on the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stn.config import Config, DatasetConfig, TrainerConfig
+from stn.data import TrainStream, apply_distortion, draw_distortion, draws_whole_pixels
+
+ENGINE_STATE_VERSION = 1
+
+
+class EngineError(RuntimeError):
+    """Models that cannot be batched together, or a state that does not fit; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------- model shape
+
+
+def shape_signature(cfg: Config) -> str:
+    """What must agree for two configs to be batched: the module tree with every layer's shape, the input size
+    and the transformer's pooling. Built on the meta device (no memory, no initialisation)."""
+    from stn.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg, fast=False)
+    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return f"size={cfg.dataset.size}|pool={cfg.dataset.st_output_pool}|{model!r}|{shapes}"
+
+
+def build_member(cfg: Config) -> nn.Module:
+    """Model k as `stn.train.prepare_model` initialises it (seeded by cfg.seed), paper layer order, on the CPU."""
+    from stn.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg, fast=False)
+
+
+# ----------------------------------------------------------------------------------------------- the SGD
+
+
+class StackedSGD:
+    """torch.optim.SGD (momentum, dampening 0, no Nesterov, weight decay) + StepLR for stacked parameters.
+
+    The arithmetic is torch's: d = g + wd * p; b = momentum * b + d (b = d on the first step); p -= lr * b.
+    The momentum buffers start at zero, so the first update's `0 * momentum + d` is d exactly, as torch's
+    clone. The rate follows StepLR's recursion (lr *= gamma every lr_step steps, on the host), so step s
+    (1-based) trains with the same float as torch's scheduler gives it. `lr_tensor` holds the same rate on
+    the device for the CUDA-graph step, which cannot take a new Python float per replay.
+    """
+
+    def __init__(self, params: Sequence[Tensor], trainer: TrainerConfig) -> None:
+        self.params = list(params)
+        self.momentum, self.weight_decay = float(trainer.momentum), float(trainer.weight_decay)
+        self.base_lr, self.lr_step, self.gamma = float(trainer.lr), int(trainer.lr_step), float(trainer.lr_gamma)
+        self.lr = self.base_lr
+        self.steps = 0  # updates done so far
+        self.buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.lr_tensor = torch.full((), self.lr, dtype=torch.float64, device=self.params[0].device)
+
+    def _directions(self) -> list[Tensor]:
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            raise EngineError("a stacked parameter has no gradient: call backward before the update")
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
+        if self.momentum:
+            torch._foreach_mul_(self.buffers, self.momentum)
+            torch._foreach_add_(self.buffers, grads)
+            return self.buffers
+        return grads
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """p -= lr * direction with the host's rate (bitwise torch.optim.SGD's single-tensor arithmetic)."""
+        torch._foreach_add_(self.params, self._directions(), alpha=-self.lr)
+
+    @torch.no_grad()
+    def update_from_tensor(self) -> None:
+        """The same update reading the rate from `lr_tensor` (capturable in a CUDA graph)."""
+        directions = self._directions()
+        scale = (-self.lr_tensor).to(self.params[0].dtype)
+        torch._foreach_add_(self.params, torch._foreach_mul(directions, scale))
+
+    def advance(self) -> None:
+        """The scheduler's step, once per iteration after the update (StepLR's recursive form)."""
+        self.steps += 1
+        if self.steps % self.lr_step == 0:
+            self.lr = self.lr * self.gamma
+            self.lr_tensor.fill_(self.lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "steps": self.steps, "buffers": [b.detach().clone() for b in self.buffers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["buffers"]) != len(self.buffers):
+            raise EngineError("optimizer state has another number of parameters")
+        with torch.no_grad():
+            for mine, saved in zip(self.buffers, state["buffers"], strict=True):
+                mine.copy_(saved)
+        self.lr, self.steps = float(state["lr"]), int(state["steps"])
+        self.lr_tensor.fill_(self.lr)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class BatchedStream:
+    """K training streams, one per model, each the exact `TrainStream(seed=cfg_k.seed)` of `stn train`.
+
+    next() -> images (K, B, 1, S, S) float32, labels (K, B). Per model: its epoch permutation and its batch's
+    distortion draws come from the model's own generators (as `TrainStream.next`); the warps of all models
+    with the same dataset are then applied in one `apply_distortion` call over their K_d * B digits.
+    fused=False calls each stream's own next() instead (the reference the fused path is tested against).
+    """
+
+    def __init__(self, cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
+                 *, fused: bool = True) -> None:
+        self.device = torch.device(device)
+        digits, labels = digits.to(self.device), labels.to(self.device)  # one copy shared by all K streams
+        self.streams = [TrainStream(digits, labels, cfg.dataset, cfg.trainer.batch_size, cfg.seed, self.device)
+                        for cfg in cfgs]
+        sizes = {s.cfg.size for s in self.streams}
+        batches = {s.batch_size for s in self.streams}
+        if len(sizes) != 1 or len(batches) != 1:
+            raise EngineError(f"batched streams need one canvas size and batch size, got {sizes} and {batches}")
+        self.fused = fused and not any(s.cfg.fixed_train for s in self.streams)
+        groups: dict[DatasetConfig, list[int]] = {}
+        for k, stream in enumerate(self.streams):
+            groups.setdefault(stream.cfg, []).append(k)
+        self.groups = list(groups.items())
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        if not self.fused:
+            pairs = [stream.next() for stream in self.streams]
+            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        from stn.data import _generator
+
+        images: list[Tensor | None] = [None] * len(self.streams)
+        labels: list[Tensor | None] = [None] * len(self.streams)
+        for cfg, members in self.groups:
+            chosen, params = [], []
+            for k in members:
+                stream = self.streams[k]
+                start = stream.position * stream.batch_size
+                index = stream._permutation()[start:start + stream.batch_size]
+                generator = _generator(self.device, stream.seed, "batch", stream.epoch, stream.position)
+                pool = 0 if stream.clutter_source is None else len(stream.clutter_source)
+                params.append(draw_distortion(cfg, len(index), generator, self.device, clutter_pool=pool))
+                chosen.append(stream.digits.index_select(0, index))
+                labels[k] = stream.labels.index_select(0, index)
+                stream.position += 1
+                if stream.position == stream.batches_per_epoch:
+                    stream.epoch, stream.position = stream.epoch + 1, 0
+            merged = {key: torch.cat([p[key] for p in params]) for key in params[0]}
+            first = self.streams[members[0]]
+            warped = apply_distortion(torch.cat(chosen), merged, cfg.size, first.clutter_source, cfg.clutter_size,
+                                      whole_pixel=draws_whole_pixels(cfg))
+            for i, k in enumerate(members):
+                images[k] = warped[i * first.batch_size:(i + 1) * first.batch_size]
+        return torch.stack(images), torch.stack(labels)  # type: ignore[arg-type]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [stream.state_dict() for stream in self.streams]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        if not isinstance(states, list):
+            raise EngineError("this stream state was saved with block streams (data=block): resume with those")
+        if len(states) != len(self.streams):
+            raise EngineError(f"stream state holds {len(states)} streams, this engine has {len(self.streams)}")
+        for stream, state in zip(self.streams, states, strict=True):
+            stream.load_state_dict(state)
+
+
+class BlockStream:
+    """K training streams drawn `block_steps` steps at a time: far fewer kernel launches than BatchedStream.
+
+    Each model keeps its own epoch order (its `TrainStream`'s permutation, so every step it sees the same
+    digits and labels as `stn train seed=k` would), but the distortions are not its TrainStream's: per
+    dataset, one generator per block, seeded by (the models' seeds, the dataset, the block index), draws the
+    distortions of all its models' next `block_steps` batches, and one `apply_distortion` warps them. Every
+    model's stream stays independent of the others' draws within a block (disjoint slices of one draw),
+    reproducible and resumable (the state is the block's start and the offset in it), with the distribution
+    `stn.data` defines; it is simply not the same sample as the exact streams. Memory: block_steps * K * B
+    images of S x S float32 (32 x 9 x 256 at 28x28: 231 MB), plus the warp's grid, twice that.
+    """
+
+    def __init__(self, cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
+                 *, block_steps: int = 32) -> None:
+        if block_steps < 1:
+            raise EngineError(f"block_steps={block_steps} must be at least 1")
+        self.inner = BatchedStream(cfgs, digits, labels, device, fused=False)
+        self.streams, self.device, self.block_steps = self.inner.streams, self.inner.device, int(block_steps)
+        if any(s.cfg.fixed_train for s in self.streams):
+            raise EngineError("dataset.fixed_train distorts once up front: use the exact streams (data=exact)")
+        self.groups = self.inner.groups
+        # each dataset's model positions, on the device once (a host-to-device copy per block could wait)
+        self.where = [torch.tensor(members, device=self.device) for _, members in self.groups]
+        self.block = 0  # index of the next block to draw
+        self.offset = 0  # steps served from the current buffer
+        self.buffer: tuple[Tensor, Tensor] | None = None
+        self.block_start: list[dict[str, Any]] = self.inner.state_dict()  # stream states where the buffer began
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def _indices(self, stream: TrainStream) -> Tensor:
+        """The digit indices of this model's next block_steps batches (its epoch order), advancing it."""
+        parts = []
+        for _ in range(self.block_steps):
+            start = stream.position * stream.batch_size
+            parts.append(stream._permutation()[start:start + stream.batch_size])
+            stream.position += 1
+            if stream.position == stream.batches_per_epoch:
+                stream.epoch, stream.position = stream.epoch + 1, 0
+        return torch.cat(parts)  # (T * B,)
+
+    def _fill(self) -> None:
+        from stn.data import _generator
+
+        self.block_start = self.inner.state_dict()
+        steps, k = self.block_steps, len(self.streams)
+        first = self.streams[0]
+        batch, size = first.batch_size, first.cfg.size
+        images = torch.empty(steps, k, batch, 1, size, size, device=self.device)
+        labels = torch.empty(steps, k, batch, dtype=torch.int64, device=self.device)
+        for (cfg, members), where in zip(self.groups, self.where, strict=True):
+            index = torch.stack([self._indices(self.streams[m]).view(steps, batch) for m in members], dim=1)
+            flat = index.reshape(-1)  # (T * K_d * B,), step-major
+            lead = self.streams[members[0]]
+            seeds = tuple(self.streams[m].seed for m in members)
+            generator = _generator(self.device, "block", seeds, cfg.name, self.block)
+            pool = 0 if lead.clutter_source is None else len(lead.clutter_source)
+            params = draw_distortion(cfg, len(flat), generator, self.device, clutter_pool=pool)
+            warped = apply_distortion(lead.digits.index_select(0, flat), params, cfg.size, lead.clutter_source,
+                                      cfg.clutter_size, whole_pixel=draws_whole_pixels(cfg))
+            images.index_copy_(1, where, warped.view(steps, len(members), batch, 1, size, size))
+            labels.index_copy_(1, where, lead.labels.index_select(0, flat).view(steps, len(members), batch))
+        self.buffer = (images, labels)
+        self.block += 1
+        self.offset = 0
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """images (K, B, 1, S, S) float32, labels (K, B): the next step of every model."""
+        if self.buffer is None or self.offset == self.block_steps:
+            self._fill()
+        images, labels = self.buffer  # type: ignore[misc]
+        self.offset += 1
+        return images[self.offset - 1], labels[self.offset - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current block began, its index and how far into it we are (it is redrawn on load)."""
+        if self.buffer is None:
+            return {"block": self.block, "offset": 0, "streams": self.inner.state_dict(),
+                    "block_steps": self.block_steps}
+        return {"block": self.block - 1, "offset": self.offset, "streams": self.block_start,
+                "block_steps": self.block_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise EngineError("this stream state was saved with the exact streams (data=exact): resume with those")
+        if int(state["block_steps"]) != self.block_steps:
+            raise EngineError(f"stream state was drawn in blocks of {state['block_steps']} steps, this stream "
+                              f"uses {self.block_steps}: resume with the same block_steps")
+        self.inner.load_state_dict(state["streams"])
+        self.block, self.buffer = int(state["block"]), None
+        if state["offset"]:
+            self._fill()
+            self.offset = int(state["offset"])
+
+
+def make_stream(cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
+                options: EngineOptions) -> BatchedStream | BlockStream:
+    """The data streams `options.data` asks for: "exact" (BatchedStream) or "block" (BlockStream)."""
+    if options.data == "exact":
+        return BatchedStream(cfgs, digits, labels, device, fused=options.fused_data)
+    if options.data == "block":
+        return BlockStream(cfgs, digits, labels, device, block_steps=options.block_steps)
+    raise EngineError(f"data={options.data!r}: expected 'exact' or 'block'")
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the batched step runs. Defaults: eager float32 (the CPU path, bit-for-bit torch's arithmetic)."""
+
+    dtype: torch.dtype = torch.float32  # parameter dtype (float64 for the equality tests)
+    amp: bool = False  # bf16 autocast of the forward (CUDA); theta, grids and sampling stay float32
+    channels_last: bool = False  # each model's images and conv weights in NHWC layout
+    compile: bool = False  # torch.compile the loss function (forward + loss)
+    compile_backend: str = "inductor"  # e.g. "eager" to check tracing without a C++ compiler
+    cuda_graph: bool = False  # capture forward + backward + update as one CUDA graph (CUDA only)
+    fused_data: bool = True  # one warp per dataset for all models (see BatchedStream)
+    # "vmap": one batched call per layer (grouped convs, batched matmuls); "loop": a Python loop over the
+    # K models, each through the same kernels as `stn train` (the exactness reference and the K-runs baseline)
+    mode: str = "vmap"
+    # "exact": each model's batches are its `stn train` stream's (BatchedStream); "block": drawn block_steps
+    # steps at a time per dataset (BlockStream: same epoch order, other distortion samples, ~K*T fewer launches)
+    data: str = "exact"
+    block_steps: int = 32
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """(..., C, H, W) with each trailing (C, H, W) block laid out channels-last."""
+    if x.dim() < 4:
+        return x
+    order = list(range(x.dim() - 3)) + [x.dim() - 2, x.dim() - 1, x.dim() - 3]
+    back = list(range(x.dim() - 3)) + [x.dim() - 1, x.dim() - 3, x.dim() - 2]
+    return x.permute(order).contiguous().permute(back)
+
+
+class BatchedModels:
+    """K models of one shape, as stacked parameters and one vmapped forward; see the module docstring.
+
+    cfgs: one full Config per model (dataset, model, transformer, trainer, seed). The trainers must agree on
+    the optimisation settings (batch size, lr, momentum, weight decay, schedule): they share one update.
+    """
+
+    def __init__(self, cfgs: Sequence[Config], device: torch.device | str = "cpu",
+                 options: EngineOptions = EngineOptions()) -> None:
+        if not cfgs:
+            raise EngineError("no models to batch")
+        self.cfgs, self.device, self.options = list(cfgs), torch.device(device), options
+        signatures = {shape_signature(cfg) for cfg in self.cfgs}
+        if len(signatures) != 1:
+            raise EngineError("these models differ in shape and cannot be batched: "
+                              + ", ".join(f"{c.run_name}(seed {c.seed})" for c in self.cfgs))
+        keys = ("batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma")
+        trainers = {tuple(getattr(c.trainer, k) for k in keys) for c in self.cfgs}
+        if len(trainers) != 1:
+            raise EngineError(f"batched models share one optimiser: their trainer.{keys} differ ({trainers})")
+        if options.cuda_graph and self.device.type != "cuda":
+            raise EngineError("cuda_graph needs a CUDA device")
+        members = [build_member(cfg) for cfg in self.cfgs]
+        params, buffers = torch.func.stack_module_state(members)
+        self.base = copy.deepcopy(members[0]).to("meta")  # the module structure; its own tensors are unused
+        self.parameters_per_model = sum(p.numel() for p in members[0].parameters())
+        self.names = list(params)
+
+        def prepare(t: Tensor) -> Tensor:
+            t = t.detach().to(device=self.device, dtype=options.dtype if t.is_floating_point() else t.dtype)
+            return _nhwc(t) if options.channels_last and t.dim() == 5 else t.contiguous()
+
+        self.params = {n: prepare(p).requires_grad_() for n, p in params.items()}
+        self.buffers = {n: prepare(b) for n, b in buffers.items()}
+        self.optimizer = StackedSGD(list(self.params.values()), self.cfgs[0].trainer)
+        self.step_count = 0
+
+        def one(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+            return torch.func.functional_call(self.base, (params, buffers), (x,))
+
+        if options.mode == "vmap":
+            self._forward = torch.func.vmap(one, in_dims=(0, 0, 0))
+            self._forward_shared = torch.func.vmap(one, in_dims=(0, 0, None))
+        elif options.mode == "loop":
+            def looped(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, shared: bool = False
+                       ) -> Tensor:
+                return torch.stack([one({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()},
+                                        x if shared else x[k]) for k in range(self.k)])
+
+            self._forward = looped
+            self._forward_shared = functools.partial(looped, shared=True)
+        else:
+            raise EngineError(f"engine mode {options.mode!r}: expected 'vmap' or 'loop'")
+        loss_fn = self._losses
+        if options.compile:
+            loss_fn = torch.compile(loss_fn, backend=options.compile_backend)
+        self._loss_fn = loss_fn
+        self._graph: Any = None
+
+    @property
+    def k(self) -> int:
+        return len(self.cfgs)
+
+    # ---- forward and loss
+
+    def _amp(self) -> Any:
+        # cache_enabled=False: autocast's cache of cast weights must not outlive a CUDA-graph capture (PyTorch's
+        # CUDA-graph notes); each weight is used once per forward here, so the cache saves nothing anyway
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.options.amp,
+                              cache_enabled=False)
+
+    def _inputs(self, images: Tensor) -> Tensor:
+        images = images.to(self.options.dtype)
+        return _nhwc(images) if self.options.channels_last else images
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (K, B, C, S, S) -> logits (K, B, 10)."""
+        with self._amp():
+            return self._forward(self.params, self.buffers, self._inputs(images))
+
+    def _losses(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor,
+                labels: Tensor) -> Tensor:
+        with self._amp():
+            logits = self._forward(params, buffers, images)  # (K, B, 10)
+        # As train_step: cross-entropy of float32 logits, the mean over each model's own batch.
+        per_image = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        return per_image.view(labels.shape).mean(dim=1)  # (K,)
+
+    def losses(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self._loss_fn(self.params, self.buffers, self._inputs(images), labels)
+
+    # ---- one step
+
+    def _eager_step(self, images: Tensor, labels: Tensor) -> Tensor:
+        for p in self.params.values():
+            p.grad = None
+        losses = self.losses(images, labels)
+        losses.sum().backward()  # model k's slice of every gradient is d loss_k / d params_k
+        self.optimizer.update()
+        return losses.detach()
+
+    def step(self, images: Tensor, labels: Tensor) -> Tensor:
+        """One SGD step of all K models on their own batches; returns the (K,) losses, on the device."""
+        if self.options.cuda_graph:
+            losses = self._graph_step(images, labels)
+        else:
+            losses = self._eager_step(images, labels)
+        self.optimizer.advance()
+        self.step_count += 1
+        return losses
+
+    def _graph_step(self, images: Tensor, labels: Tensor) -> Tensor:
+        if self._graph is None:
+            self._capture(images, labels)
+        static_images, static_labels, static_losses, graph = self._graph
+        static_images.copy_(self._inputs(images))
+        static_labels.copy_(labels)
+        graph.replay()
+        return static_losses.clone()
+
+    def _capture(self, images: Tensor, labels: Tensor) -> None:
+        """Capture forward + backward + update (rate from the device tensor). Warm-up steps on a side stream
+        first, as CUDA graphs need; they are real steps only if `warmup` of them ran, so the warm-up here
+        runs on throwaway copies of the parameters and momentum (the models are left untouched)."""
+        static_images = self._inputs(images).clone()
+        static_labels = labels.clone()
+        saved = ({n: p.detach().clone() for n, p in self.params.items()},
+                 [b.clone() for b in self.optimizer.buffers])
+
+        def body() -> Tensor:
+            losses = self._loss_fn(self.params, self.buffers, static_images, static_labels)
+            losses.sum().backward()
+            self.optimizer.update_from_tensor()
+            return losses.detach()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                for p in self.params.values():
+                    p.grad = None
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params.values():
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_losses = body()
+        with torch.no_grad():  # undo the warm-up and capture updates
+            for name, p in self.params.items():
+                p.copy_(saved[0][name])
+            for mine, old in zip(self.optimizer.buffers, saved[1], strict=True):
+                mine.copy_(old)
+        self._graph = (static_images, static_labels, static_losses, graph)
+
+    # ---- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, test_sets: Sequence[Any], batch_size: int = 1000) -> list[float]:
+        """Test error (%) of each model on its own test set (`stn.data.TestSet`, one per model; shared sets
+        are read once per chunk). The same argmax rule as `stn.train.evaluate`."""
+        if len(test_sets) != self.k:
+            raise EngineError(f"{len(test_sets)} test sets for {self.k} models")
+        count = {len(t) for t in test_sets}
+        if len(count) != 1:
+            raise EngineError(f"test sets of different lengths: {count}")
+        total = count.pop()
+        wrong = torch.zeros(self.k, dtype=torch.int64, device=self.device)
+        shared = len({id(t) for t in test_sets}) == 1  # one test set for all: read each chunk once
+        for start in range(0, total, batch_size):
+            if shared:
+                chunk = test_sets[0].images[start:start + batch_size].to(self.device)
+                with self._amp():
+                    logits = self._forward_shared(self.params, self.buffers, self._inputs(chunk[None])[0])
+            else:
+                chunk = torch.stack([t.images[start:start + batch_size] for t in test_sets]).to(self.device)
+                logits = self.forward(chunk)
+            labels = torch.stack([t.labels[start:start + batch_size] for t in test_sets]).to(self.device)
+            wrong += (logits.argmax(dim=-1) != labels).sum(dim=1)
+        return [100.0 * int(w) / total for w in wrong.cpu()]
+
+    # ---- state
+
+    def member_state_dict(self, k: int) -> dict[str, Tensor]:
+        """Model k's weights as a plain state dict (loads into `build_model(cfg_k)`, fast or not)."""
+        state = {n: p.detach()[k].contiguous().clone() for n, p in self.params.items()}
+        state.update({n: b[k].clone() for n, b in self.buffers.items()})
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": ENGINE_STATE_VERSION, "step": self.step_count,
+                "params": {n: p.detach().clone() for n, p in self.params.items()},
+                "buffers": {n: b.clone() for n, b in self.buffers.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "members": [(c.run_name, c.seed) for c in self.cfgs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != ENGINE_STATE_VERSION:
+            raise EngineError(f"engine state version {state.get('version')}, this stn reads {ENGINE_STATE_VERSION}")
+        members = [tuple(m) for m in state["members"]]
+        mine = [(c.run_name, c.seed) for c in self.cfgs]
+        if members != mine:
+            raise EngineError(f"engine state holds models {members}, this engine has {mine}")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["params"][name])
+            for name, b in self.buffers.items():
+                b.copy_(state["buffers"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self._graph = None
+
+
+# ------------------------------------------------------------------------------------------ a training run
+
+
+@dataclass
+class GroupRun:
+    """One batched group being trained: engine, data, on-device accumulators, and its finished figures."""
+
+    engine: BatchedModels
+    stream: Any  # BatchedStream | BlockStream
+    iterations: int
+    log_every: int = 100
+    loss_sum: Tensor | None = None
+    bad_step: Tensor | None = None
+    logged_step: int = 0
+    last_losses: list[float] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0  # wall time spent in steps (all invocations)
+    images: int = 0  # training images seen, all models together (all invocations)
+
+    def __post_init__(self) -> None:
+        device = self.engine.device
+        self.loss_sum = torch.zeros(self.engine.k, device=device)
+        self.bad_step = torch.full((self.engine.k,), -1, dtype=torch.int64, device=device)
+        self.logged_step = self.engine.step_count
+
+    @property
+    def step(self) -> int:
+        return self.engine.step_count
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.iterations
+
+    def advance(self, steps: int) -> int:
+        """Up to `steps` more steps (never past `iterations`), no host sync; returns the steps taken."""
+        steps = min(steps, self.iterations - self.step)
+        for _ in range(steps):
+            images, labels = self.stream.next()
+            losses = self.engine.step(images, labels)
+            self.loss_sum += losses
+            self.bad_step = torch.where((self.bad_step < 0) & ~losses.isfinite(), self.step, self.bad_step)
+        return steps
+
+    def read_losses(self) -> list[float]:
+        """The mean loss per model since the last read (one host-device sync)."""
+        since = self.step - self.logged_step
+        if since > 0:
+            self.last_losses = (self.loss_sum / since).tolist()
+            self.loss_sum.zero_()
+            self.logged_step = self.step
+        return self.last_losses
+
+    def bad_steps(self) -> list[int]:
+        return [int(s) for s in self.bad_step.cpu()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine.state_dict(), "streams": self.stream.state_dict(),
+                "train_seconds": self.train_seconds, "images": self.images, "last_losses": self.last_losses,
+                "bad_step": self.bad_step.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.stream.load_state_dict(state["streams"])
+        self.train_seconds, self.images = float(state["train_seconds"]), int(state["images"])
+        self.last_losses = list(state["last_losses"])
+        self.bad_step = state["bad_step"].to(self.engine.device)
+        self.logged_step = self.engine.step_count
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_for(run: GroupRun, deadline: float, *, clock: Callable[[], float] = time.perf_counter,
+              slice_steps: int | None = None) -> int:
+    """Train `run` until it finishes or `deadline` (clock seconds) would be passed; returns the steps done.
+
+    Steps go in slices of `slice_steps` (default: log_every); after each slice the device is synced (the
+    loss is read) and the slice's time measured, and another slice starts only if one more fits before the
+    deadline at the slowest rate seen so far. Losses are read at each slice end: one sync per slice.
+    """
+    per_slice = slice_steps or run.log_every
+    done, worst = 0, 0.0
+    while not run.done:
+        start = clock()
+        if worst and start + worst > deadline:
+            break
+        taken = run.advance(per_slice)
+        run.read_losses()
+        sync(run.engine.device)
+        seconds = clock() - start
+        worst = max(worst, seconds * per_slice / max(taken, 1))
+        run.train_seconds += seconds
+        run.images += taken * run.engine.k * run.stream.streams[0].batch_size
+        done += taken
+    return done

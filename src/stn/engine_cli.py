@@ -1,0 +1,178 @@
+"""`stn engine ...`: the batched engine's commands (bench, plan, run). Also runnable as `python -m stn.engine_cli`.
+
+    stn engine bench --kinds CNN,"ST-CNN Aff" --ks 1,3,9 --device cuda --out bench.json
+    stn engine plan --preset paper --seeds 0,1,2 --cost bench.json --budget 540
+    stn engine run --preset paper --seeds 0,1,2 --state state/ --budget 540 --device cuda --amp --cuda-graph
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch loads
+
+import typer  # noqa: E402
+
+engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
+                         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+GRID = Path("experiments/table1/grid.yaml")
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
+             data: str = "exact", block_steps: int = 32):
+    from stn.batched import EngineOptions
+
+    return EngineOptions(amp=amp, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, mode=mode,
+                         data=data, block_steps=block_steps)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast (theta, grids, sampling stay fp32).")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC images and weights.")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the batched loss.")]
+Graph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture each step as a CUDA graph.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+Data = Annotated[str, typer.Option(help="exact: each model's `stn train` batches; block: drawn --block-steps "
+                                       "steps at a time (far fewer launches, other distortion samples).")]
+BlockSteps = Annotated[int, typer.Option(help="Steps per drawn block with --data block.")]
+Override = Annotated[list[str] | None, typer.Option("--override", "-o", help="Config override (repeatable).")]
+
+
+@engine_app.command("bench")
+def bench(
+    kinds: Annotated[str | None, typer.Option(help="Comma-separated Table 1 rows (default: all eight).")] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset of every measurement.")] = "R",
+    ks: Annotated[str, typer.Option(help="Models per batch to measure, comma-separated.")] = "1,3,9",
+    modes: Annotated[str, typer.Option(help="Engine modes: loop, vmap.")] = "loop,vmap",
+    batch_size: Annotated[int, typer.Option(help="Batch per model.")] = 256,
+    steps: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
+    device: Device = "auto",
+    amp: Amp = False,
+    channels_last: ChannelsLast = False,
+    compile: Compile = False,
+    cuda_graph: Graph = False,
+    data: Data = "exact",
+    block_steps: BlockSteps = 32,
+    out: Annotated[Path | None, typer.Option(help="Write the result (and the planner's cost table) as JSON.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the table as markdown too.")] = None,
+    override: Override = None,
+) -> None:
+    """Images/s per model kind, 1 model vs K batched, loop vs vmap; FLOP/s, % of peak, peak memory."""
+    from stn.engine_bench import bench_engine, format_engine_table
+
+    device = _device(device)
+    start = time.perf_counter()
+    result = bench_engine(_list(kinds), dataset=dataset, ks=[int(k) for k in _list(ks) or [1]],
+                          modes=_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
+                          device=device, options=_options(device, amp, channels_last, compile, cuda_graph, "vmap", data, block_steps),
+                          overrides=override or [], log=lambda line: typer.echo(line, err=True))
+    result["wall_s"] = time.perf_counter() - start
+    result["load_average"] = os.getloadavg()
+    table = format_engine_table(result)
+    typer.echo(table)
+    typer.echo(f"\nwall time {result['wall_s']:.1f} s; load average {result['load_average'][0]:.2f}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table + "\n")
+
+
+def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
+            max_k: int | None):
+    from stn.plan import make_groups, table_members
+
+    members = table_members(grid, [int(s) for s in _list(seeds) or ["0"]], preset, override or [],
+                            _list(rows), _list(columns))
+    return make_groups(members, max_k=max_k)
+
+
+Grid = Annotated[Path, typer.Option(help="The grid file.")]
+Preset = Annotated[str, typer.Option(help="Trainer preset: smoke | quick | paper.")]
+Seeds = Annotated[str, typer.Option(help="Seeds, comma-separated.")]
+Rows = Annotated[str | None, typer.Option(help="Rows to run (default: all).")]
+Columns = Annotated[str | None, typer.Option(help="Columns to run (default: all).")]
+Cost = Annotated[Path | None, typer.Option(help="Cost table: the JSON `stn engine bench --out` writes.")]
+Flops = Annotated[float, typer.Option(help="Achieved FLOP/s assumed where the cost table has no row.")]
+MaxK = Annotated[int | None, typer.Option(help="At most this many models per group.")]
+
+
+@engine_app.command("plan")
+def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", rows: Rows = None,
+         columns: Columns = None, cost: Cost = None, flops: Flops = 1e14, max_k: MaxK = None,
+         budget: Annotated[float, typer.Option(help="Seconds per chunk.")] = 540.0,
+         override: Override = None) -> None:
+    """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
+    from stn.plan import CostModel, pack_chunks, run_order
+
+    groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
+    costs = CostModel.load(cost, flops)
+    total = 0.0
+    for group in run_order(groups, costs):
+        rate, how = costs.images_per_s(group)
+        seconds = costs.seconds_per_step(group) * group.iterations
+        total += seconds
+        typer.echo(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
+                   f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
+    chunks = pack_chunks(groups, costs, budget)
+    typer.echo(f"\n{len(groups)} groups, {sum(g.k for g in groups)} models, {total:.0f} s estimated; "
+               f"{len(chunks)} chunk(s) of at most {budget:.0f} s")
+    for i, chunk in enumerate(chunks):
+        if i == 12 and len(chunks) > 13:
+            typer.echo(f"  ... {len(chunks) - 13} more chunks ...")
+            continue
+        if 12 <= i < len(chunks) - 1:
+            continue
+        typer.echo(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
+                   + f"  ({sum(s.seconds for s in chunk):.0f} s)")
+
+
+@engine_app.command("run")
+def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", rows: Rows = None,
+        columns: Columns = None, cost: Cost = None, flops: Flops = 1e14, max_k: MaxK = None,
+        state: Annotated[Path, typer.Option(help="State folder: results.json, partial.pt, progress.json.")]
+        = Path("engine-state"),
+        budget: Annotated[float, typer.Option(help="Stop (with a checkpoint) after this many seconds.")] = 540.0,
+        device: Device = "auto", amp: Amp = True, channels_last: ChannelsLast = False, compile: Compile = False,
+        cuda_graph: Graph = False,
+        mode: Annotated[str, typer.Option(help="Engine mode: vmap | loop.")] = "vmap",
+        data: Data = "exact", block_steps: BlockSteps = 32,
+        override: Override = None) -> None:
+    """Train the table's groups from the saved progress until done or --budget seconds; resumable."""
+    from stn.plan import CostModel, run_table
+
+    start = time.perf_counter()
+    device = _device(device)
+    groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
+    typer.echo(f"{len(groups)} groups, {sum(g.k for g in groups)} models on {device}; planning took "
+               f"{time.perf_counter() - start:.1f} s", err=True)
+    options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
+                       block_steps)
+    record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
+                       options=options, costs=CostModel.load(cost, flops),
+                       log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(record, indent=1))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    engine_app()

@@ -1,0 +1,147 @@
+"""CUDA checks of the spatial transformer and the batched engine (skipped without a GPU).
+
+Run by experiments/table1/paper-gpu/run_gpu.sh on the GPU machine. Comparisons are in float64 where the
+question is arithmetic (CPU vs CUDA, CUDA graph vs eager, compiled vs eager, channels_last vs not), so the
+tolerance is the one tests/test_batched.py derives (RTOL = 1e-9 of each tensor's largest entry); the ST-CNN's
+max-pool ties (see there) are avoided by feeding noise images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from stn.batched import BatchedModels, BatchedStream, EngineOptions, GroupRun, train_for
+from stn.config import compose
+from stn.data import load_mnist
+from stn.models import TABLE1_MODELS
+from stn.spatial import identity_params, make_grid, sample
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+RTOL = 1e-9
+KINDS = dict(TABLE1_MODELS)
+
+
+def configs(label: str, seeds=(0, 1, 2), dataset: str = "R", *extra: str):
+    return [compose([f"dataset={dataset}", *KINDS[label], "trainer=smoke", "trainer.batch_size=16",
+                     "trainer.lr_step=2", "trainer.weight_decay=0.001", "dataset.train_limit=64", f"seed={s}",
+                     *extra]) for s in seeds]
+
+
+def noise_batches(k: int, steps: int, size: int = 28):
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.rand(k, 16, 1, size, size, generator=generator, dtype=torch.float64),
+             torch.randint(0, 10, (k, 16), generator=generator)) for _ in range(steps)]
+
+
+def close_params(a: BatchedModels, b: BatchedModels) -> None:
+    for name, p in a.params.items():
+        q = b.params[name].to(p.device)
+        scale = float(p.abs().max()) or 1.0
+        assert float((p - q).abs().max()) <= RTOL * scale, name
+
+
+@pytest.mark.parametrize("kind", ["affine", "projective", "tps"])
+@pytest.mark.parametrize("size", [28, 42, 60])
+def test_identity_warps_return_the_input(kind: str, size: int) -> None:
+    images = torch.rand(4, 1, size, size, device=CUDA)
+    theta = identity_params(kind).to(CUDA).repeat(4, 1)
+    out = sample(images, make_grid(kind, theta, size, size))
+    # pixel centres map to themselves up to float32 rounding of the grid: bilinear weights off by ~1e-6
+    torch.testing.assert_close(out, images, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["affine", "projective", "tps"])
+def test_float64_gradcheck_of_grid_and_sampler_on_cuda(kind: str) -> None:
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    theta = identity_params(kind).to(CUDA, torch.float64).repeat(2, 1)
+    theta = (theta + 0.05 * torch.randn(theta.shape, generator=generator, device=CUDA, dtype=torch.float64))
+    theta.requires_grad_()
+    images = torch.rand(2, 1, 9, 9, generator=generator, device=CUDA, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, x: sample(x, make_grid(kind, t, 7, 7)), (theta, images))
+
+
+@pytest.mark.parametrize("label", ["FCN", "CNN", "ST-FCN TPS"])
+def test_cuda_engine_equals_cpu_engine_on_real_batches(label: str, data_dir) -> None:
+    digits, labels = load_mnist(data_dir, train=True)
+    cfgs = configs(label)
+    cpu = BatchedModels(cfgs, "cpu", EngineOptions(dtype=torch.float64))
+    gpu = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64))
+    stream = BatchedStream(cfgs, digits, labels, "cpu")
+    for _ in range(4):
+        images, targets = stream.next()
+        cpu.step(images, targets)
+        gpu.step(images.to(CUDA), targets.to(CUDA))
+    close_params(cpu, gpu)
+
+
+@pytest.mark.parametrize("label", ["ST-CNN Aff", "ST-CNN Proj", "ST-CNN TPS"])
+def test_cuda_graph_and_channels_last_equal_eager(label: str) -> None:
+    cfgs = configs(label, seeds=(0, 1))
+    eager = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64))
+    graph = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64, cuda_graph=True))
+    nhwc = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64, channels_last=True))
+    cpu = BatchedModels(cfgs, "cpu", EngineOptions(dtype=torch.float64))
+    for images, targets in noise_batches(2, 4):
+        losses = eager.step(images.to(CUDA), targets.to(CUDA))
+        torch.testing.assert_close(graph.step(images.to(CUDA), targets.to(CUDA)), losses, rtol=1e-6, atol=0)
+        nhwc.step(images.to(CUDA), targets.to(CUDA))
+        cpu.step(images, targets)
+    close_params(eager, graph)
+    close_params(eager, nhwc)
+    close_params(cpu, eager)
+
+
+@pytest.mark.skipif(os.environ.get("STN_CUDA_COMPILE_TEST") != "1",
+                    reason="inductor compiles for a minute or more: STN_CUDA_COMPILE_TEST=1 runs it")
+def test_compiled_step_equals_eager_on_cuda() -> None:
+    cfgs = configs("ST-CNN Aff", seeds=(0, 1))
+    eager = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64))
+    compiled = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64, compile=True))
+    for images, targets in noise_batches(2, 3):
+        eager.step(images.to(CUDA), targets.to(CUDA))
+        compiled.step(images.to(CUDA), targets.to(CUDA))
+    close_params(eager, compiled)
+
+
+def test_bf16_smoke_training_learns_on_cuda(data_dir) -> None:
+    """ST-CNN Aff, K=3, bf16 autocast + CUDA graph, 300 steps of 64 on R: the loss falls well below its
+    untrained value log(10) = 2.30 (a loose bar: this checks that the graphed bf16 step learns at all)."""
+    digits, labels = load_mnist(data_dir, train=True)
+    cfgs = [dataclasses.replace(c, trainer=dataclasses.replace(c.trainer, batch_size=64, iterations=300,
+                                                               lr_step=10_000))
+            for c in configs("ST-CNN Aff", (0, 1, 2), "R", "dataset.train_limit=null")]
+    engine = BatchedModels(cfgs, CUDA, EngineOptions(amp=True, cuda_graph=True))
+    run = GroupRun(engine, BatchedStream(cfgs, digits, labels, CUDA), iterations=300, log_every=50)
+    train_for(run, deadline=float("inf"))
+    assert run.done and run.bad_steps() == [-1, -1, -1]
+    assert max(run.last_losses) < 1.2, run.last_losses
+    theta_dtype = {}
+    hook = engine.base.transformers[0].regression.register_forward_hook(
+        lambda m, i, o: theta_dtype.setdefault("dtype", o.dtype))
+    engine.forward(torch.rand(3, 2, 1, 28, 28, device=CUDA))
+    hook.remove()
+    assert theta_dtype["dtype"] == torch.float32
+
+
+@pytest.mark.parametrize("data", ["exact", "block"])
+@pytest.mark.parametrize("dataset", ["R", "TC"])
+def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> None:
+    """Drawing the K batches and the (graphed) step never wait for the GPU (torch's sync debug mode)."""
+    from stn.batched import make_stream
+    from stn.bench import _count_syncs
+
+    digits, labels = load_mnist(data_dir, train=True)
+    cfgs = configs("ST-CNN Aff" if dataset == "R" else "ST-FCN Aff", (0, 1, 2), dataset)
+    options = EngineOptions(amp=True, cuda_graph=True, data=data, block_steps=2)
+    run = GroupRun(BatchedModels(cfgs, CUDA, options), make_stream(cfgs, digits, labels, CUDA, options),
+                   iterations=10, log_every=10)
+    run.advance(2)  # warm-up and graph capture
+    counted = {"syncs": 0}
+    with _count_syncs(CUDA, counted):
+        run.advance(5)
+    assert counted["syncs"] == 0
