@@ -96,7 +96,7 @@ def slug(text: str) -> str:
 def table_members(grid_path: str | Path, seeds: Sequence[int], preset: str, overrides: Sequence[str] = (),
                   rows: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> list[Member]:
     """One Member per selected cell x seed of the grid file, composed like `stn reproduce-table` does."""
-    from stn.tables import load_grid, select_cells
+    from stn.grid import load_grid, select_cells
 
     grid = load_grid(grid_path)
     members = []
