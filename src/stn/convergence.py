@@ -392,6 +392,7 @@ def plot_study(results: Path, out_dir: Path) -> list[Path]:
     """One PNG per dataset: test error vs training images (log-log), a line per model and recipe (mean over
     seeds, the band from min to max seed), the paper's error dashed at the paper's image count."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -402,7 +403,7 @@ def plot_study(results: Path, out_dir: Path) -> list[Path]:
     for dataset in sorted({k[1] for k in table}):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         keys = sorted({(k[0], k[2]) for k in table if k[1] == dataset})
-        colors = plt.cm.tab20.colors  # type: ignore[attr-defined]
+        colors = plt.cm.tab10.colors  # type: ignore[attr-defined]
         for index, (recipe, model) in enumerate(keys):
             color = colors[index % len(colors)]
             points = sorted(((v["images"], v) for k, v in table.items() if k[:3] == (recipe, dataset, model)),
@@ -422,6 +423,9 @@ def plot_study(results: Path, out_dir: Path) -> list[Path]:
                 ax.plot([PAPER_IMAGES], [paper], marker="*", color=color, markersize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FormatStrFormatter("%g")  # 0.8, 2, 10 rather than 8x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("training images (paper: 38.4M, the stars)")
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{dataset}: test error vs training budget (band: seed min-max; n = seeds)")
