@@ -202,3 +202,39 @@ def test_online_without_a_reachable_server_falls_back_to_offline(
     assert offline_run(tmp_path)["summary"]["test_error"] == summary["test_error"]
     err = capsys.readouterr().err
     assert "could not reach W&B" in err and "wandb sync" in err
+
+
+def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop at step 8 (trainer.stop_after), resume to 20: both invocations log to one W&B run id (kept in
+    the checkpoint), the second resumes it, and together their offline logs hold every step once."""
+    from stn.runs import CHECKPOINT, load_checkpoint
+    from stn.train import TrainingInterrupted
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "one"
+    with pytest.raises(TrainingInterrupted):
+        fit(small(tmp_path, "logger.mode=offline", f"run_dir={run_dir}", "trainer.stop_after=8"))
+    first_id = load_checkpoint(run_dir / CHECKPOINT, torch.device("cpu"))["wandb_id"]
+    inits: list[dict[str, Any]] = []
+    real_init = wandb.init
+
+    def recording_init(**kwargs: Any) -> Any:
+        inits.append(kwargs)
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    summary = fit(small(tmp_path, "logger.mode=offline", f"run_dir={run_dir}", "trainer.resume=true"))
+    assert summary["resumed_from"] == 8 and summary["wandb"]["id"] == first_id
+    assert inits[0]["id"] == first_id and inits[0]["resume"] == "allow"
+    folders = sorted(tmp_path.glob("wandb/offline-run-*"))  # one per invocation, as wandb writes offline
+    assert len(folders) == 2 and all(folder.name.endswith(f"-{first_id}") for folder in folders)
+    first = read_run(folders[0], lambda run: "id" in run and any("loss" in row for row in run["history"]))
+    second = read_run(folders[1], lambda run: "id" in run and "test_error" in run["summary"])
+    assert first["id"] == second["id"] == first_id
+    steps = [row["_step"] for run in (first, second) for row in run["history"] if "loss" in row]
+    local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [m["step"] for m in local if "loss" in m] and max(steps) == 20 and len(set(steps)) == len(steps)
+    # The checkpoint at the end still names the run, and a fresh training gets another id.
+    assert load_checkpoint(run_dir / CHECKPOINT, torch.device("cpu"))["wandb_id"] == first_id
+    other = fit(small(tmp_path, "logger.mode=offline"))
+    assert other["wandb"]["id"] != first_id and "resume" not in inits[-1]

@@ -15,7 +15,8 @@ Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
                          host), or the lock of the same Slurm job before its requeue, is taken over
 
 Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
-"config", "clock"}, tensors and primitives only, so it loads with torch.load(weights_only=True).
+"config", "clock", "precisions", "wandb_id" (the W&B run a resume continues, when W&B was on)}, tensors
+and primitives only, so it loads with torch.load(weights_only=True).
 """
 
 from __future__ import annotations

@@ -123,13 +123,20 @@ class Tracker:
 
     `run_dir` is the run's own folder: its path goes into the W&B config (run_dir) and W&B's notes, so a
     W&B run leads back to config.yaml, metrics.jsonl and the checkpoint. W&B's files go to ./wandb.
+    `run_id` (from the checkpoint when resuming) continues that W&B run; `Tracker.run_id` is the id to keep.
+    Offline, each invocation writes its own wandb/offline-run-*-<id> folder with the same id; `wandb sync`
+    uploads them in start order into the one run. Steps logged after the checkpoint a crashed invocation
+    resumed from are not rewound: W&B keeps the first value of a step, which is that invocation's.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, run_id: str | None = None) -> None:
         self.cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
         self.run_dir = Path(run_dir)
         self.run: Any = None
         self.mode = cfg.logger.mode
+        # The W&B run id of this training, kept in its checkpoint: a resumed training continues that W&B run
+        # (id=..., resume="allow") instead of starting a second run of the same name.
+        self.run_id = run_id
 
     def __enter__(self) -> Tracker:
         self.start()
@@ -149,9 +156,11 @@ class Tracker:
             return
         self.mode = effective_mode(self.mode)
         cfg = self.cfg
+        resume = {"id": self.run_id, "resume": "allow"} if self.run_id else {}
         try:
             self.run = init_run(
                 self.mode,
+                **resume,
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 group=cfg.logger.group,
@@ -163,6 +172,8 @@ class Tracker:
             )
             if self.run is not None and self.mode == "online" and self.run.settings.mode != "online":
                 self.mode = "offline"  # init_run fell back
+            if self.run is not None:
+                self.run_id = str(self.run.id)
         except Exception as err:  # W&B must never stop training
             self._give_up("init", err)
 

@@ -206,11 +206,13 @@ class Session:
     resumed_from: int | None = None
     precisions: list[str] = field(default_factory=list)  # every precision this run has trained in
     clock: dict[str, float] = field(default_factory=lambda: {"wall_time_s": 0.0, "train_time_s": 0.0})
+    wandb_id: str | None = None  # this training's W&B run, continued on resume (stn.tracking.Tracker)
 
     def checkpoint(self) -> None:
         state = checkpoint_state(self.step, self.model, self.optimizer, self.scheduler, self.stream, self.cfg,
                                  self.clock)
-        save_checkpoint(self.folder / CHECKPOINT, state | {"precisions": self.precisions})
+        extra = {"precisions": self.precisions} | ({"wandb_id": self.wandb_id} if self.wandb_id else {})
+        save_checkpoint(self.folder / CHECKPOINT, state | extra)
 
     def evaluate(self) -> float:
         return evaluate(self.forward, self.test_set, self.cfg.trainer.eval_batch_size, amp=self.amp,
@@ -252,6 +254,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     session.step = session.resumed_from = int(state["step"])
     session.clock = dict(state.get("clock", session.clock))
     session.precisions = sorted(set(state.get("precisions", ["float32"])) | set(session.precisions))
+    session.wandb_id = state.get("wandb_id")
     truncate_metrics(metrics, session.step)
     return session
 
@@ -336,7 +339,8 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
     meter, test_error = Meter(run, started), math.nan
     console = Console(trainer.iterations, run.step, cfg.run_name)
     try:
-        with Tracker(cfg, run.folder) as tracker, stop_on_signals() as stop:
+        with Tracker(cfg, run.folder, run.wandb_id) as tracker, stop_on_signals() as stop:
+            run.wandb_id = tracker.run_id  # kept even while W&B is off for an invocation
             while run.step < trainer.iterations:
                 lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
                 loss = fit_step(run.forward, run.optimizer, run.scheduler, run.stream, amp=run.amp,
