@@ -188,3 +188,35 @@ def test_cli_stop_after_says_how_to_continue(tmp_path: Path) -> None:
     resumed = runner.invoke(app, [*args, "trainer.resume=true"])
     assert resumed.exit_code == 0 and "resuming" in resumed.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from"] == 5
+
+
+def test_wandb_environment_variables_sit_between_the_command_line_and_the_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_NAME",
+                 "WANDB_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    default = compose().logger
+    assert (default.mode, default.project, default.entity, default.group, default.name, default.tags) == (
+        "offline", "stn", None, None, None, [])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "envproj")
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "g")
+    monkeypatch.setenv("WANDB_NAME", "nice name")
+    monkeypatch.setenv("WANDB_TAGS", "a, b,,c")
+    env = compose().logger
+    assert (env.mode, env.project, env.entity, env.group, env.name, env.tags) == (
+        "disabled", "envproj", "team", "g", "nice name", ["a", "b", "c"])
+    # A logger.* value on the command line wins over its variable; the others still come from the environment.
+    cli = compose(["logger.mode=offline", "logger.project=cliproj", "logger.tags=[x]", "logger.name=n"]).logger
+    assert (cli.mode, cli.project, cli.entity, cli.name, cli.tags) == ("offline", "cliproj", "team", "n", ["x"])
+    # wandb's older mode names and WANDB_DISABLED are honoured; a bad WANDB_MODE is named in the error.
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert compose().logger.mode == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert compose().logger.mode == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="logger.mode='sometimes' \\(WANDB_MODE='sometimes'"):
+        compose()

@@ -33,7 +33,8 @@ def offline_run(root: Path, timeout_s: float = 60.0) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _wandb_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No outside W&B settings: the mode and folder come from the config and the working directory."""
-    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP"):
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP",
+                 "WANDB_NAME", "WANDB_TAGS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -238,3 +239,19 @@ def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeyp
     assert load_checkpoint(run_dir / CHECKPOINT, torch.device("cpu"))["wandb_id"] == first_id
     other = fit(small(tmp_path, "logger.mode=offline"))
     assert other["wandb"]["id"] != first_id and "resume" not in inits[-1]
+
+
+def test_wandb_environment_variables_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WANDB_MODE=disabled writes no W&B run at all; WANDB_PROJECT / WANDB_NAME / WANDB_TAGS name the run
+    (read back from the offline log), below a logger.* value given on the command line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    summary = fit(small(tmp_path))
+    assert summary["wandb"] is None and not (tmp_path / "wandb").exists()
+    monkeypatch.setenv("WANDB_PROJECT", "envproj")
+    monkeypatch.setenv("WANDB_NAME", "from-env")
+    monkeypatch.setenv("WANDB_TAGS", "t1,t2")
+    summary = fit(small(tmp_path, "logger.mode=offline", "logger.tags=[cli]"))  # the command line wins
+    run = offline_run(tmp_path)
+    assert run["name"] == "from-env" and run["tags"] == ["R", "cnn", "none", "cli"]
+    assert run["config"]["logger"]["project"] == "envproj" and summary["wandb"]["path"].endswith("envproj/" + run["id"])

@@ -130,6 +130,7 @@ class LoggerConfig:
     project: str = "stn"
     entity: str | None = None
     group: str | None = None
+    name: str | None = None  # the W&B run's display name; None = the run name
     tags: list[str] = field(default_factory=list)
     images: int = 8  # input/rectified pairs logged at the end
 
@@ -313,7 +314,8 @@ def problems(cfg: Config) -> list[str]:
     """Every reason `cfg` cannot run, one line each naming the key, its value and the fix ([] = it can)."""
     errors = _range_errors(cfg) + _name_errors(cfg) + _pairing_errors(cfg)
     if cfg.logger.mode not in LOGGER_MODES:
-        errors.append(f"logger.mode={cfg.logger.mode!r}: not one of {', '.join(LOGGER_MODES)}")
+        source = f" (WANDB_MODE={os.environ['WANDB_MODE']!r} in the environment)" if os.environ.get("WANDB_MODE") else ""
+        errors.append(f"logger.mode={cfg.logger.mode!r}{source}: not one of {', '.join(LOGGER_MODES)}")
     if cfg.trainer.cpu_precision not in CPU_PRECISIONS:
         errors.append(f"trainer.cpu_precision={cfg.trainer.cpu_precision!r} is not one of {CPU_PRECISIONS}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.trainer.device):
@@ -331,8 +333,35 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names, still accepted by wandb
+
+
+def wandb_mode_from_env(default: str) -> str:
+    """logger.mode's default as W&B documents its variables: WANDB_MODE (dryrun = offline, run = online),
+    else WANDB_DISABLED=true means disabled, else `default`. A logger.mode override replaces it entirely."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode:
+        return WANDB_MODE_ALIASES.get(mode, mode)
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
+    return default
+
+
+def wandb_tags_from_env() -> list[str]:
+    """WANDB_TAGS as W&B reads it: comma-separated tags."""
+    return [tag.strip() for tag in os.environ.get("WANDB_TAGS", "").split(",") if tag.strip()]
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/logger/wandb.yaml uses for W&B's environment variables."""
+    OmegaConf.register_new_resolver("stn.wandb_mode", wandb_mode_from_env, replace=True)
+    OmegaConf.register_new_resolver("stn.wandb_tags", wandb_tags_from_env, replace=True)
+
+
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Compose `conf/config.yaml` with Hydra-style overrides into a validated, frozen `Config`."""
+    """Compose `conf/config.yaml` with Hydra-style overrides into a validated, frozen `Config`.
+
+    W&B's environment variables are read here (conf/logger/wandb.yaml), below any logger.* override."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
@@ -342,6 +371,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     # conf/config.yaml lists `stn_schema` first in its defaults, so every typed field exists (and is
     # type-checked) during composition: `dataset.train_limit=100` works although no YAML names it.
     ConfigStore.instance().store(name="stn_schema", node=_writable_schema())
+    register_resolvers()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):

@@ -164,7 +164,7 @@ class Tracker:
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 group=cfg.logger.group,
-                name=cfg.run_name,
+                name=cfg.logger.name or cfg.run_name,
                 job_type="train",
                 notes=f"run folder: {self.run_dir}",
                 tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
