@@ -67,8 +67,17 @@ def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.Mo
     assert all("lr" in row and "images_per_s" in row for row in run["history"] if "loss" in row)
     logged_errors = {row["_step"]: row["test_error"] for row in run["history"] if "test_error" in row}
     assert logged_errors == {m["step"]: m["test_error"] for m in local if "test_error" in m}
-    # The summary, including the final test error fit() returned.
-    assert run["summary"]["test_error"] == summary["test_error"]
+    # The curves are plotted against images seen (step x batch size); the test error's best and last values
+    # are W&B's own summaries of its curve (define_metric), the last one being what fit() returned.
+    batch = cfg.trainer.batch_size
+    assert all(row["images_seen"] == row["_step"] * batch for row in run["history"] if "loss" in row or
+               "test_error" in row)
+    assert run["metrics"]["images_seen"] == {"step_metric": "", "summary": []}
+    for key in ("loss", "lr", "images_per_s"):
+        assert run["metrics"][key] == {"step_metric": "images_seen", "summary": []}
+    assert run["metrics"]["test_error"] == {"step_metric": "images_seen", "summary": ["last", "min"]}
+    assert run["summary"]["test_error"] == {"min": min(logged_errors.values()), "last": summary["test_error"]}
+    assert run["summary"]["test_error_best"] == min(logged_errors.values())
     assert run["summary"]["steps"] == summary["steps"] == 20
     # Three input/rectified pairs as images (media keys arrive flattened: input_rectified/count, ...),
     # each 28 + 2 + 28 pixels wide, enlarged 3x, logged at the last step; their PNGs are in the run folder.
@@ -134,7 +143,7 @@ def test_online_without_credentials_falls_back_to_offline(
     assert not has_wandb_credentials()
     summary = fit(small(tmp_path, "logger.mode=online"))
     assert summary["wandb"]["mode"] == "offline"
-    assert offline_run(tmp_path)["summary"]["test_error"] == summary["test_error"]
+    assert offline_run(tmp_path)["summary"]["test_error"]["last"] == summary["test_error"]
     assert "no API key" in capsys.readouterr().err
 
 
@@ -200,7 +209,7 @@ def test_online_without_a_reachable_server_falls_back_to_offline(
     summary = fit(small(tmp_path, "logger.mode=online"))
     assert modes == ["online", "offline"]
     assert summary["wandb"]["mode"] == "offline"
-    assert offline_run(tmp_path)["summary"]["test_error"] == summary["test_error"]
+    assert offline_run(tmp_path)["summary"]["test_error"]["last"] == summary["test_error"]
     err = capsys.readouterr().err
     assert "could not reach W&B" in err and "wandb sync" in err
 
@@ -228,10 +237,13 @@ def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeyp
     assert summary["resumed_from"] == 8 and summary["wandb"]["id"] == first_id
     assert inits[0]["id"] == first_id and inits[0]["resume"] == "allow"
     folders = sorted(tmp_path.glob("wandb/offline-run-*"))  # one per invocation, as wandb writes offline
-    assert len(folders) == 2 and all(folder.name.endswith(f"-{first_id}") for folder in folders)
+    assert len(folders) == 2 and all(f"-{first_id}" in folder.name for folder in folders)  # (-1: same second)
     first = read_run(folders[0], lambda run: "id" in run and any("loss" in row for row in run["history"]))
     second = read_run(folders[1], lambda run: "id" in run and "test_error" in run["summary"])
     assert first["id"] == second["id"] == first_id
+    # test_error_best covers both invocations (W&B's own min covers what each invocation logged).
+    errors = [row["test_error"] for run in (first, second) for row in run["history"] if "test_error" in row]
+    assert second["summary"]["test_error_best"] == min(errors)
     steps = [row["_step"] for run in (first, second) for row in run["history"] if "loss" in row]
     local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [m["step"] for m in local if "loss" in m] and max(steps) == 20 and len(set(steps)) == len(steps)

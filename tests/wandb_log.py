@@ -52,10 +52,11 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 
 def parse_run(folder: Path) -> dict[str, Any]:
-    """id, tags, group, job_type, name, config, history rows and summary of the offline run in `folder`
-    (a wandb/offline-run-* folder)."""
+    """id, tags, group, job_type, name, config, history rows, summary and metric definitions (define_metric:
+    name -> {"step_metric", "summary": sorted aggregations}) of the offline run in `folder` (a
+    wandb/offline-run-* folder)."""
     (log,) = folder.glob("run-*.wandb")
-    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "file": log}
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "metrics": {}, "file": log}
     for record in read_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -67,6 +68,13 @@ def parse_run(folder: Path) -> dict[str, Any]:
         elif kind == "history":
             run["history"].append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
                                    for item in record.history.item})
+            continue
+        elif kind == "metric":
+            summary = record.metric.summary
+            run["metrics"][record.metric.name] = {
+                "step_metric": record.metric.step_metric,
+                "summary": sorted(field.name for field, value in summary.ListFields() if value is True),
+            }
             continue
         elif kind == "summary":
             for item in record.summary.update:

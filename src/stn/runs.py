@@ -205,6 +205,13 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def best_test_error(path: Path) -> float | None:
+    """The lowest test error in metrics.jsonl (every invocation of a resumed run), None before any evaluation."""
+    errors = [record["test_error"] for record in map(json.loads, path.read_text().splitlines())
+              if "test_error" in record] if path.is_file() else []
+    return min(errors) if errors else None
+
+
 # ------------------------------------------------------------------------------------------ run folders
 
 

@@ -118,6 +118,11 @@ def enlarge(images: Tensor, side: int = 96) -> Tensor:
     return images.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)
 
 
+IMAGES_SEEN = "images_seen"  # the x axis of the training curves: step x trainer.batch_size
+CURVES = ("loss", "lr", "images_per_s", "test_error")  # what train.py logs, plotted against images seen
+SUMMARISED = ("test_error",)  # W&B summarises these itself (min and last): never overwritten by set_summary
+
+
 class Tracker:
     """A W&B run for one training run, or nothing at all; never raises out of its methods.
 
@@ -174,8 +179,16 @@ class Tracker:
                 self.mode = "offline"  # init_run fell back
             if self.run is not None:
                 self.run_id = str(self.run.id)
+                self._define_metrics()
         except Exception as err:  # W&B must never stop training
             self._give_up("init", err)
+
+    def _define_metrics(self) -> None:
+        """The curves against images seen (step x batch size: presets differ in batch size, so steps do not
+        compare across them), and the test error's best (min) and last values in the summary."""
+        self.run.define_metric(IMAGES_SEEN)
+        for key in CURVES:
+            self.run.define_metric(key, step_metric=IMAGES_SEEN, summary="min,last" if key == "test_error" else None)
 
     def _give_up(self, where: str, err: BaseException) -> None:
         say_once(f"{where} failed ({type(err).__name__}: {err}); training continues without W&B for this run")
@@ -190,7 +203,7 @@ class Tracker:
         if self.run is None:
             return
         try:
-            self.run.log(metrics, step=step)
+            self.run.log(metrics | {IMAGES_SEEN: step * self.cfg.trainer.batch_size}, step=step)
         except Exception as err:
             self._give_up("log", err)
 
@@ -212,10 +225,13 @@ class Tracker:
             self._give_up("image logging", err)
 
     def set_summary(self, summary: dict[str, Any]) -> None:
+        """`summary` (flat keys only) into the W&B summary, except test_error, which W&B keeps as
+        {"min", "last"} from the logged curve (define_metric)."""
         if self.run is None:
             return
         try:
-            self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+            self.run.summary.update({k: v for k, v in summary.items()
+                                     if not isinstance(v, dict) and k not in SUMMARISED})
         except Exception as err:
             self._give_up("summary", err)
 

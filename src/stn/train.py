@@ -54,6 +54,7 @@ from stn.runs import (
     CHECKPOINT_VERSION,
     CheckpointError,
     append_metrics,
+    best_test_error,
     check_resumable,
     check_step,
     finished_summary,
@@ -376,13 +377,15 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
             if run.step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
                 meter.check_finite()
                 test_error = run.evaluate()
+                tracker.log({"test_error": test_error}, run.step)
             console.close()
             count = cfg.logger.images
             tracker.log_images(run.model, run.test_set.images[:count], run.test_set.labels[:count], run.step)
             run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
             summary = make_summary(run, meter, test_error, tracker.info)
             summary.update(recovery_metrics(run.model, run.test_set, cfg))  # stn.recovery: flat recovery/* keys
-            tracker.set_summary(summary)
+            # W&B's test_error {min, last} covers what this invocation logged; test_error_best every invocation.
+            tracker.set_summary(summary | {"test_error_best": best_test_error(run.folder / "metrics.jsonl")})
     finally:
         console.close()
     write_json(run.folder / "summary.json", summary)
