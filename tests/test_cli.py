@@ -26,3 +26,21 @@ def test_cli_help_lists_exactly_the_registered_commands():
         assert result.exit_code == 0
         assert listed_commands(result.output) == set(command.commands), (path, result.output)
     assert {"train", "data", "reproduce-table", "models", "visualize", "bench"} <= set(group.commands)
+
+
+def test_version_and_python_dash_m(tmp_path) -> None:
+    """`stn --version` prints the installed version; `python -m stn` is the same command (run from another folder)."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"stn {version('stn')}\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "stn", "--version"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == result.output
+    done = subprocess.run([sys.executable, "-m", "stn", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "reproduce-table" in done.stdout and "Usage: stn" in done.stdout

@@ -57,3 +57,26 @@ def test_the_grid_files_rows_are_the_table1_models() -> None:
     assert list(rows) == [label for label, _ in TABLE1_MODELS]
     for label, choice in TABLE1_MODELS:
         assert compose(rows[label]) == compose(list(choice)), label
+
+
+def test_the_default_grid_is_found_outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from another folder, the default grid path resolves to the checkout's copy (editable install) or,
+    without one, to the copy pyproject.toml ships inside the package (stn/grids/table1.yaml)."""
+    import stn.grid as grid_module
+    from stn.grid import DEFAULT_GRID, PACKAGED_GRIDS, locate_grid
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert load_grid(DEFAULT_GRID).path == repo / DEFAULT_GRID
+    assert locate_grid("other.yaml") == Path("other.yaml")  # only the default falls back
+    # The wheel ships the grid where PACKAGED_GRIDS looks for it.
+    packaged = PACKAGED_GRIDS[DEFAULT_GRID].relative_to(repo / "src").as_posix()
+    assert f'"{DEFAULT_GRID.as_posix()}" = "{packaged}"' in (repo / "pyproject.toml").read_text()
+    # An installed stn (no checkout above it) reads the packaged copy.
+    installed = tmp_path / "site" / "stn"
+    (installed / "grids").mkdir(parents=True)
+    (installed / "grids" / "table1.yaml").write_text((repo / DEFAULT_GRID).read_text())
+    monkeypatch.setattr(grid_module, "__file__", str(installed / "grid.py"))
+    monkeypatch.setattr(grid_module, "PACKAGED_GRIDS", {DEFAULT_GRID: installed / "grids" / "table1.yaml"})
+    loaded = load_grid(DEFAULT_GRID)
+    assert loaded.path == installed / "grids" / "table1.yaml" and loaded.name == "table1"

@@ -70,6 +70,32 @@ from stn.engine_cli import engine_app  # noqa: E402
 app.add_typer(engine_app, name="engine")
 bench_app.command("engine", help="The batched engine's throughput (= stn engine bench).")(_engine_bench)
 
+
+
+def package_version() -> str:
+    """The installed stn's version (pyproject.toml's), or 'unknown' when stn runs from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stn")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"stn {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print stn's version and exit.")] = False,
+) -> None:
+    """Spatial Transformer Networks (Jaderberg et al., 2015): distorted MNIST, training, Table 1."""
+
+
 OVERRIDES_HELP = "Config overrides, Hydra syntax: dataset=RTS model=st_cnn transformer=tps trainer.iterations=500"
 
 

@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 from stn.config import SAFE_NAME, UserError
 
 DEFAULT_GRID = Path("experiments/table1/grid.yaml")
+# The same file inside an installed stn (pyproject.toml ships it), for `stn reproduce-table` run anywhere.
+PACKAGED_GRIDS = {DEFAULT_GRID: Path(__file__).resolve().parent / "grids" / "table1.yaml"}
 # Overrides the table sets itself, per cell; the user picks them through the command's options instead.
 RESERVED = {"seed": "--seeds", "run_dir": "--out", "trainer": "--preset", "trainer.resume": "(always true)"}
 ROW_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+=-]{0,99}")  # rows may hold spaces ("ST-CNN Aff"), never a /
@@ -58,9 +60,21 @@ class Grid:
     source: str = ""
 
 
-def load_grid(path: Path | str) -> Grid:
-    """Read and check a grid file; every problem names the file and the key."""
+def locate_grid(path: Path | str) -> Path:
+    """`path`; the default grid (experiments/table1/grid.yaml) when it is not there (stn run outside the
+    checkout): the checkout's copy beside an editable install, else the copy packaged in stn/grids/."""
     path = Path(path)
+    if path.is_file() or path not in PACKAGED_GRIDS:
+        return path
+    for candidate in (Path(__file__).resolve().parents[2] / path, PACKAGED_GRIDS[path]):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def load_grid(path: Path | str) -> Grid:
+    """Read and check a grid file (`locate_grid`); every problem names the file and the key."""
+    path = locate_grid(path)
     if not path.is_file():
         raise TableError(
             f"grid file {path} not found (the paper's Table 1 is {DEFAULT_GRID}; pass --grid PATH)"
