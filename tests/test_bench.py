@@ -281,7 +281,7 @@ def test_stn_bench_tiny_run_ends_with_a_ratio_line_per_model(data_dir):
     result = runner.invoke(app, [
         "bench", "--models", "cnn,st_cnn_aff", "--rounds", "1", "--steps", "1", "--warmup", "1", "--min-turn", "0",
         "--batch-size", "8", "--workers", "0", "--threads", "1", "--device", "cpu",
-        "-o", f"data_dir={data_dir}", "-o", "dataset.train_limit=256",
+        "--override", f"data_dir={data_dir}", "--override", "dataset.train_limit=256",
     ])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()

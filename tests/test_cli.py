@@ -44,3 +44,37 @@ def test_version_and_python_dash_m(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-m", "stn", "--help"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "reproduce-table" in done.stdout and "Usage: stn" in done.stdout
+
+
+def test_choice_types_match_what_they_choose_from() -> None:
+    """The CLI's Literal choices are the config groups and module constants they stand for."""
+    from typing import get_args
+
+    from stn import cli, engine_cli
+    from stn.batched import EngineOptions
+    from stn.config import TRAINER_PRESETS, group_choices
+    from stn.launch import EXECUTORS
+
+    assert sorted(TRAINER_PRESETS) == sorted(group_choices("trainer"))
+    assert get_args(cli.Executor) == EXECUTORS
+    assert get_args(engine_cli.Mode)[0] == EngineOptions().mode and get_args(engine_cli.DataChoice)[0] == EngineOptions().data
+
+
+def test_short_flags_mean_one_thing_everywhere() -> None:
+    """Every short flag (-o, -n, -d, ...) stands for the same long option in every command: -o is --out,
+    and --override has no short form."""
+    import typer.main
+
+    meanings: dict[str, set[str]] = {}
+
+    def walk(command) -> None:
+        for param in getattr(command, "params", []):
+            longs = [name for name in param.opts if name.startswith("--")]
+            for short in (name for name in param.opts + param.secondary_opts if len(name) == 2):
+                meanings.setdefault(short, set()).update(longs)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    assert meanings.get("-o") == {"--out"}
+    assert {short: longs for short, longs in meanings.items() if len(longs) != 1} == {}

@@ -16,7 +16,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 # OpenMP worker threads that find no work spin-wait by default. When other processes also load every core
 # (parallel table cells, a shared machine), a torch op's threads wait for descheduled spinners: on a busy
@@ -29,6 +29,7 @@ import typer  # noqa: E402
 
 from stn.config import (  # noqa: E402
     GROUPS,
+    TrainerPreset,
     MAX_PICTURES,
     Config,
     ConfigError,
@@ -96,6 +97,11 @@ def main(
     """Spatial Transformer Networks (Jaderberg et al., 2015): distorted MNIST, training, Table 1."""
 
 
+# Options with a fixed set of values are Literal types: Typer shows the choices in --help, and a value outside
+# them exits 2 listing them. (stn.launch is not imported for its EXECUTORS: commands import lazily.)
+Executor = Literal["local", "slurm", "debug"]  # = stn.launch.EXECUTORS (tests/test_cli.py checks)
+Split = Literal["test", "train"]
+# Short flags mean one thing everywhere (tests/test_cli.py): -o is --out, -n is --count; --override is long-only.
 OVERRIDES_HELP = "Config overrides, Hydra syntax: dataset=RTS model=st_cnn transformer=tps trainer.iterations=500"
 
 
@@ -177,14 +183,13 @@ def data_preview(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("preview.png"),
     count: Annotated[int, typer.Option("--count", "-n", help="How many samples to draw.")] = 64,
     split: Annotated[
-        str, typer.Option(help="test (the fixed test set) or train (fresh training distortions).")
+        Split, typer.Option(help="test (the fixed test set) or train (fresh training distortions).")
     ] = "test",
 ) -> None:
     """Write a PNG grid of distorted samples with their labels."""
     config = load_config(overrides)
     limit = (config.dataset.test_limit or 10_000) if split == "test" else (config.dataset.train_limit or 60_000)
-    refuse([f"--split {split!r}: choose test or train"] * (split not in ("test", "train"))
-           + [f"--count {count}: choose 1 to {min(MAX_PICTURES, limit)} (pictures are capped at {MAX_PICTURES}; "
+    refuse([f"--count {count}: choose 1 to {min(MAX_PICTURES, limit)} (pictures are capped at {MAX_PICTURES}; "
               f"the {split} split has {limit} digits)"] * (not 1 <= count <= min(MAX_PICTURES, limit))
            + picture_problems("--out", out, "preview"))
     from stn.visualize import preview
@@ -243,8 +248,8 @@ def reproduce_table(
     rows: Annotated[str | None, typer.Option(help='Row labels, e.g. "CNN,ST-CNN Aff" (default: all).')] = None,
     columns: Annotated[str | None, typer.Option(help="Column labels, e.g. R,RTS (default: all).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean ± std per cell.")] = "0",
-    preset: Annotated[str, typer.Option(help="Trainer preset: smoke | quick | paper.")] = "quick",
-    executor: Annotated[str, typer.Option(help="local (processes here) | slurm | debug (in-process).")] = "local",
+    preset: Annotated[TrainerPreset, typer.Option(help="Trainer preset.")] = "quick",
+    executor: Annotated[Executor, typer.Option(help="local (processes here), slurm, debug (in-process).")] = "local",
     parallel: Annotated[int | None, typer.Option(help="Runs at once (local: 1; slurm: all).")] = None,
     out: Annotated[Path | None, typer.Option(help="Table folder (runs/tables/<grid>-<preset>).")] = None,
     slurm_partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
@@ -386,7 +391,7 @@ def recovery(
 @bench_app.command("data")
 def bench_data_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides (data_dir=... picks MNIST).")] = None,
-    images: Annotated[int, typer.Option("--images", "-n", help="Images per measurement (the reference's epoch).")] = 8192,
+    images: Annotated[int, typer.Option("--images", help="Images per measurement (the reference's epoch).")] = 8192,
     batch_size: Annotated[int, typer.Option(help="Batch size of both pipelines.")] = 256,
     workers: Annotated[str, typer.Option(help="DataLoader worker counts of the reference, comma-separated.")] = "0,2",
     datasets: Annotated[str, typer.Option(help="Datasets to measure, comma-separated.")] = "plain,R,RTS,P,E,TC",
@@ -465,7 +470,7 @@ def bench_train_command(
         help="The reference DataLoader's workers (default: one per CPU, at most 4).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads for both sides; 0 = torch's default.")] = 0,
     override: Annotated[list[str] | None, typer.Option(
-        "--override", "-o", help="Config override for every model (repeatable), e.g. -o trainer.compile=true.")]
+        "--override", help="Config override for every model (repeatable), e.g. --override trainer.compile=true.")]
     = None,
 ) -> None:
     """Training images/s per model: our pipeline vs DataLoader + eager float32, with FLOP/s against the peak.

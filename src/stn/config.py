@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -167,6 +167,8 @@ CORNER_FRAMES = ("canvas", "image", "box20", "digit_box")
 CORNER_DIRECTIONS = ("per_axis", "diagonal")
 FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
+TrainerPreset = Literal["smoke", "quick", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
+TRAINER_PRESETS: tuple[str, ...] = get_args(TrainerPreset)
 
 
 def conf_dir() -> Path:

@@ -12,16 +12,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch loads
 
 import typer  # noqa: E402
 
+from stn.config import TrainerPreset  # noqa: E402
+
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 GRID = Path("experiments/table1/grid.yaml")
+Mode = Literal["vmap", "loop"]  # stn.batched.EngineOptions.mode
+DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -49,10 +53,10 @@ ChannelsLast = Annotated[bool, typer.Option("--channels-last/--no-channels-last"
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the batched loss.")]
 Graph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture each step as a CUDA graph.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
-Data = Annotated[str, typer.Option(help="exact: each model's `stn train` batches; block: drawn --block-steps "
+Data = Annotated[DataChoice, typer.Option(help="exact: each model's `stn train` batches; block: drawn --block-steps "
                                        "steps at a time (far fewer launches, other distortion samples).")]
 BlockSteps = Annotated[int, typer.Option(help="Steps per drawn block with --data block.")]
-Override = Annotated[list[str] | None, typer.Option("--override", "-o", help="Config override (repeatable).")]
+Override = Annotated[list[str] | None, typer.Option("--override", help="Config override (repeatable).")]
 
 
 @engine_app.command("bench")
@@ -107,7 +111,7 @@ def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str 
 
 
 Grid = Annotated[Path, typer.Option(help="The grid file.")]
-Preset = Annotated[str, typer.Option(help="Trainer preset: smoke | quick | paper.")]
+Preset = Annotated[TrainerPreset, typer.Option(help="Trainer preset.")]
 Seeds = Annotated[str, typer.Option(help="Seeds, comma-separated.")]
 Rows = Annotated[str | None, typer.Option(help="Rows to run (default: all).")]
 Columns = Annotated[str | None, typer.Option(help="Columns to run (default: all).")]
@@ -154,7 +158,7 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
         budget: Annotated[float, typer.Option(help="Stop (with a checkpoint) after this many seconds.")] = 540.0,
         device: Device = "auto", amp: Amp = True, channels_last: ChannelsLast = False, compile: Compile = False,
         cuda_graph: Graph = False,
-        mode: Annotated[str, typer.Option(help="Engine mode: vmap | loop.")] = "vmap",
+        mode: Annotated[Mode, typer.Option(help="Engine mode.")] = "vmap",
         data: Data = "exact", block_steps: BlockSteps = 32,
         override: Override = None) -> None:
     """Train the table's groups from the saved progress until done or --budget seconds; resumable."""
