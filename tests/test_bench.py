@@ -26,7 +26,8 @@ from stn.bench import (
 from stn.cli import app
 from stn.config import compose
 from stn.data import apply_distortion, distort, draws_whole_pixels
-from stn.models import InputGradConv2d, _ConvFoldInputGrad, build_model, conv_relu_pool, fold_patches
+from stn.fastconv import InputGradConv2d, _ConvFoldInputGrad, fold_patches
+from stn.models import build_model, conv_relu_pool
 from stn.spatial import SpatialTransformer
 from stn.train import cpu_has_bf16
 

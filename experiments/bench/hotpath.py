@@ -67,7 +67,8 @@ def micro(batch: int) -> None:
     """Single ops at the ST-CNN's first conv on R (62 filters 9x9 on 28x28 -> 20x20), batch `batch`."""
     import torch.nn.functional as F
 
-    from stn.models import InputGradConv2d, conv_relu_pool, fold_patches
+    from stn.fastconv import InputGradConv2d, fold_patches
+    from stn.models import conv_relu_pool
 
     torch.manual_seed(0)
     conv = InputGradConv2d(1, 62, 9)

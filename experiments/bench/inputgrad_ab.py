@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stn.config import compose
-from stn.models import InputGradConv2d, build_model
+from stn.fastconv import InputGradConv2d
+from stn.models import build_model
 
 
 def plain_first_conv(model: nn.Module) -> nn.Module:
