@@ -130,8 +130,9 @@ class Tracker:
     W&B run leads back to config.yaml, metrics.jsonl and the checkpoint. W&B's files go to ./wandb.
     `run_id` (from the checkpoint when resuming) continues that W&B run; `Tracker.run_id` is the id to keep.
     Offline, each invocation writes its own wandb/offline-run-*-<id> folder with the same id; `wandb sync`
-    uploads them in start order into the one run. Steps logged after the checkpoint a crashed invocation
-    resumed from are not rewound: W&B keeps the first value of a step, which is that invocation's.
+    uploads them in start order into the one run (wandb >= 0.29). Steps a crashed invocation logged after its
+    last checkpoint are not rewound: online, W&B ignores a step below the run's last one, so those steps keep
+    the crashed invocation's values (metrics.jsonl, truncated to the checkpoint, has the resumed ones).
     """
 
     def __init__(self, cfg: Config, run_dir: Path, run_id: str | None = None) -> None:
