@@ -9,6 +9,11 @@ finish) is reported once and turns the tracker off for the rest of the run.
 Offline runs go where wandb puts them by default, `./wandb/offline-run-*` under the working directory (or
 $WANDB_DIR), so a later `wandb sync wandb/offline-run-*` finds them; `Tracker.info` (id, path, folder) ends up
 in summary.json. `logger.mode=disabled` never imports wandb and writes no wandb folder.
+
+The logger.* settings already hold W&B's environment variables (WANDB_MODE, WANDB_PROJECT, ...: read by
+conf/logger/wandb.yaml, below any logger.* override; README "Runs, checkpoints, W&B"). One training is one
+W&B run across stops and resumes (`Tracker.run_id`, kept in the checkpoint). Curves are plotted against
+images_seen (define_metric); the test error is summarised as {min, last}.
 """
 
 from __future__ import annotations
