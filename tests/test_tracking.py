@@ -20,7 +20,7 @@ from stn.config import Config, compose, to_dict
 from stn.models import build_model
 from stn.tracking import Tracker, has_wandb_credentials, image_pairs
 from stn.train import fit
-from wandb_log import read_run
+from wandb_log import read_records, read_run
 
 
 def offline_run(root: Path, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -241,6 +241,9 @@ def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeyp
     first = read_run(folders[0], lambda run: "id" in run and any("loss" in row for row in run["history"]))
     second = read_run(folders[1], lambda run: "id" in run and "test_error" in run["summary"])
     assert first["id"] == second["id"] == first_id
+    # The cut-off invocation carries W&B's preempting mark (a resumable stop, not a crash); the last does not.
+    kinds = [[record.WhichOneof("record_type") for record in read_records(run["file"])] for run in (first, second)]
+    assert "preempting" in kinds[0] and "preempting" not in kinds[1]
     # test_error_best covers both invocations (W&B's own min covers what each invocation logged).
     errors = [row["test_error"] for run in (first, second) for row in run["history"] if "test_error" in row]
     assert second["summary"]["test_error_best"] == min(errors)

@@ -205,6 +205,16 @@ class Tracker:
             except Exception:  # already reported; nothing more to do
                 pass
 
+    def mark_preempting(self) -> None:
+        """The training stops to be resumed (a signal, trainer.stop_after): W&B's preempting mark, so the cut-off
+        invocation reads as preempted rather than as a plain failure."""
+        if self.run is None:
+            return
+        try:
+            self.run.mark_preempting()
+        except Exception as err:
+            self._give_up("mark_preempting", err)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is None:
             return

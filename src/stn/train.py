@@ -373,6 +373,7 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                 meter.paused += time.perf_counter() - pause_start
                 if stopping and not last:
                     console.close()
+                    tracker.mark_preempting()
                     raise interrupted(run, stop)
             if run.step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
                 meter.check_finite()
