@@ -29,11 +29,11 @@ import typer  # noqa: E402
 
 from stn.config import (  # noqa: E402
     GROUPS,
-    TrainerPreset,
     MAX_PICTURES,
     Config,
     ConfigError,
     RunError,
+    TrainerPreset,
     UserError,
     compose,
     folder_problems,
