@@ -259,3 +259,18 @@ def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) ->
     assert row["status"] == "done" and float(row["ours_mean"]) == pytest.approx(
         summary["test_error"], abs=1e-4
     )
+
+
+@pytest.mark.slow
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(data_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WANDB_MODE=disabled (no logger.mode on the command line): neither the cell nor the table's own W&B run
+    writes anything, and the table still finishes."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = data_env / "table"
+    result = CliRunner().invoke(app, ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R",
+                                      "--preset", "smoke", "--executor", "debug", "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "1 runs ran (1 fresh, 0 resumed, 0 failed)" in result.output
+    summary = json.loads((out / "cells" / "R_cnn" / "seed0" / "summary.json").read_text())
+    assert summary["wandb"] is None
+    assert not (data_env / "wandb").exists() and not list(data_env.rglob("offline-run-*"))
