@@ -293,10 +293,12 @@ def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
     cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+    # What SIGINT did before: Python's default handler in a terminal, SIG_IGN when pytest runs in the background.
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="SIGINT") as stopped:
         fit(cfg)
     assert stopped.value.exit_code == 130 and stopped.value.step == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # fit's handler is gone, the previous one is back
     monkeypatch.setattr(train_module, "train_step", real_step)
     assert fit(with_trainer(cfg, resume=True))["resumed_from"] == 3
 
