@@ -340,3 +340,21 @@ def test_different_batches_get_different_distortions(datasets):
     images, params = distort(digits, datasets["E"], generator)
     assert not torch.equal(images[0], images[1])
     assert not torch.equal(params["tps_offsets"][0], params["tps_offsets"][1])
+
+
+def test_a_pixel_on_the_homographys_horizon_shows_background_not_nan() -> None:
+    """Found in training (P, seed 2, step 1103): a source point at infinity made the whole batch NaN."""
+    size = 28
+    column0 = (2 * 0 + 1) / size - 1  # normalised x of the first pixel column's centre
+    g = -1.0 / column0  # perspective row (g, 0): 1 + g * x_t = 0 exactly on column 0
+    theta = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, g, 0.0]])
+    digits = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    raw = source_grid({"source_projective": theta}, size)
+    assert not torch.isfinite(raw).all()  # the case is real: the grid has a point at infinity
+    images = apply_distortion(digits, {"source_projective": theta}, size)
+    assert torch.isfinite(images).all()
+    assert (images[0, 0, :, 0] == 0).all()  # the horizon column is background
+    # elsewhere the sampler is untouched: equal to sampling the raw grid where it is finite
+    finite = torch.isfinite(raw).all(-1)[0]  # (H, W)
+    expected = sample(digits[:, None].float() / 255, torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw)))
+    assert torch.equal(images[0, 0][finite], expected[0, 0][finite])

@@ -362,6 +362,9 @@ def _clutter_pixels(source: Tensor, params: dict[str, Tensor], size: int, patch:
     return flat.reshape(batch, -1), values.reshape(batch, -1)
 
 
+HORIZON = 4.0  # where a source point at infinity is sent: well outside the [-1, 1] source, so it samples zeros
+
+
 def apply_distortion(digits: Tensor, params: dict[str, Tensor], size: int,
                      clutter_source: Tensor | None = None, clutter_size: int = 6,
                      whole_pixel: bool | None = None) -> Tensor:
@@ -387,7 +390,11 @@ def apply_distortion(digits: Tensor, params: dict[str, Tensor], size: int,
         if clutter is not None:  # amax with the canvas: clutter never darkens a digit pixel
             canvas.scatter_reduce_(1, clutter[0], clutter[1], reduce="amax")
         return canvas.reshape(batch, 1, size, size)
-    images = sample(_as_float(digits), source_grid(params, size))
+    # A projective draw can put an output pixel exactly on its horizon (denominator 0: an infinite or NaN
+    # source point; seen once in 1103 P batches of seed 2). Such a point lies beyond the digit: send it far
+    # outside the source, where the sampler's zero padding shows background. Finite points are untouched.
+    grid = torch.nan_to_num(source_grid(params, size), nan=HORIZON, posinf=HORIZON, neginf=-HORIZON)
+    images = sample(_as_float(digits), grid)
     if clutter is not None:
         canvas = torch.zeros(batch, size * size, device=digits.device)
         canvas.scatter_reduce_(1, clutter[0], clutter[1], reduce="amax")
