@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from geometry import blob, centroid, pixel_homography
 from stn.config import DatasetConfig, compose
 from stn.data import (
     TrainStream,
@@ -33,18 +34,8 @@ def datasets() -> dict[str, DatasetConfig]:
     return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "E", "TC")}
 
 
-def blob(x: float, y: float, sigma: float = 1.2) -> torch.Tensor:
-    """A (1, 28, 28) Gaussian spot centred at pixel (x, y)."""
-    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    return torch.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * sigma**2))[None]
 
 
-def centroid(image: torch.Tensor) -> tuple[float, float]:
-    """Intensity-weighted (x, y) pixel position of a (1, 1, S, S) image."""
-    image = image[0, 0].double()
-    rows, cols = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in image.shape), indexing="ij")
-    mass = image.sum()
-    return float((image * cols).sum() / mass), float((image * rows).sum() / mass)
 
 
 def one(value: float) -> torch.Tensor:
@@ -91,14 +82,6 @@ def test_rotation_scale_translation_match_the_closed_form(angle, scale, shift, s
     assert got_y == pytest.approx(expected_y, abs=0.15)
 
 
-def pixel_homography(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Independent 4-point DLT in pixel coordinates (numpy), H[2, 2] = 1."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(source, target, strict=True):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    return np.append(np.linalg.solve(np.array(rows), np.array(rhs)), 1.0).reshape(3, 3)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.8])

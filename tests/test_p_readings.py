@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from geometry import blob, centroid, pixel_homography
 from stn.config import ConfigError, DatasetConfig, compose
 from stn.data import (
     apply_distortion,
@@ -33,25 +34,10 @@ def configs() -> dict[str, DatasetConfig]:
     return {name: compose([f"dataset={name}"]).dataset for name in READINGS}
 
 
-def blob(x: float, y: float, sigma: float = 1.0) -> torch.Tensor:
-    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    return torch.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * sigma**2))[None]
 
 
-def centroid(image: torch.Tensor) -> tuple[float, float]:
-    image = image[0, 0].double()
-    rows, cols = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in image.shape), indexing="ij")
-    return float((image * cols).sum() / image.sum()), float((image * rows).sum() / image.sum())
 
 
-def pixel_homography(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Independent 4-point DLT in pixel coordinates (numpy), H[2, 2] = 1."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(source, target, strict=True):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    return np.append(np.linalg.solve(np.array(rows), np.array(rhs)), 1.0).reshape(3, 3)
 
 
 def rectangle_digits(boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
@@ -126,7 +112,7 @@ def test_a_marked_pixel_lands_where_the_box_homography_says(box, scale):
     params = distortion_params(28, torch.zeros(1), torch.tensor([scale]), torch.zeros(1, 2),
                                torch.tensor(offsets[None]).float(), corner_points=points.float())
     x, y = 11.0, 16.0
-    out = apply_distortion(blob(x, y), params, 28)
+    out = apply_distortion(blob(x, y, sigma=1.0), params, 28)
     corners = points[0].numpy()
     u, v, w = pixel_homography(corners, corners + offsets) @ np.array([13.5 + scale * (x - 13.5),
                                                                        13.5 + scale * (y - 13.5), 1.0])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from geometry import pixel_homography
 from stn.config import compose
 from stn.data import TestSet, apply_distortion, draw_distortion
 from stn.recovery import flat_summary, format_summary, point_indices, recovery_from_grids, recovery_summary
@@ -140,13 +141,6 @@ def framed_residual(composed: np.ndarray) -> float:
     return total / pairs
 
 
-def pixel_homography(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(source, target, strict=True):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    return np.append(np.linalg.solve(np.array(rows), np.array(rhs)), 1.0).reshape(3, 3)
 
 
 def apply_h(h: np.ndarray, points: np.ndarray) -> np.ndarray:
