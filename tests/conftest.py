@@ -15,3 +15,11 @@ def data_dir() -> Path:
     if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.fail("these tests read real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir: Path):
+    """MNIST's training split (digits uint8 (60000, 28, 28), labels (60000,))."""
+    from stn.mnist import load_mnist
+
+    return load_mnist(data_dir, train=True)

@@ -26,45 +26,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stn.batched import (
-    BatchedModels,
-    BatchedStream,
-    BlockStream,
-    EngineError,
-    EngineOptions,
-    GroupRun,
-    StackedSGD,
-    make_stream,
-    shape_signature,
-    train_for,
-)
+from engine_setup import CPU, KINDS, configs
+from stn.batched import BatchedModels, EngineError, EngineOptions, StackedSGD, shape_signature
+from stn.batched_data import BatchedStream
 from stn.config import compose
-from stn.data import TrainStream, load_mnist, make_test_set
-from stn.models import TABLE1_MODELS, build_model
+from stn.data import TrainStream, make_test_set
+from stn.mnist import load_mnist
+from stn.models import build_model
 from stn.train import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model
 
 RTOL = 1e-9
-CPU = torch.device("cpu")
-KINDS = dict(TABLE1_MODELS)
 STEPS = 5  # with lr_step=2: the rate changes twice; with 24 digits and batch 8: an epoch ends every 3 steps
-
-
-def configs(choice: tuple[str, ...], *, datasets: tuple[str, ...] = ("R",), seeds: tuple[int, ...] = (0, 1, 2),
-            extra: tuple[str, ...] = ()) -> list:
-    out = []
-    for dataset in datasets:
-        for seed in seeds:
-            out.append(compose([
-                f"dataset={dataset}", *choice, "trainer=smoke", "trainer.device=cpu", "trainer.batch_size=8",
-                "trainer.lr_step=2", "trainer.weight_decay=0.001", "trainer.channels_last=false",
-                "dataset.train_limit=24", "dataset.test_limit=40", "logger.mode=disabled", f"seed={seed}", *extra,
-            ]))  # fmt: skip
-    return out
-
-
-@pytest.fixture(scope="module")
-def mnist(data_dir):
-    return load_mnist(data_dir, train=True)
 
 
 class Float64Stream:
@@ -213,21 +185,6 @@ def test_stacked_sgd_tensor_rate_update_matches_float_rate() -> None:
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=5 * 2.3e-16 * float(a[0].detach().abs().max()) * 4)
 
 
-@pytest.mark.parametrize("dataset", ["R", "RTS", "P", "E", "TC"])
-def test_fused_stream_equals_each_models_train_stream(dataset, mnist) -> None:
-    cfgs = configs(KINDS["CNN"], datasets=(dataset,), seeds=(0, 5, 9))
-    fused = BatchedStream(cfgs, *mnist, CPU)
-    own = [TrainStream(*mnist, cfg.dataset, cfg.trainer.batch_size, cfg.seed, CPU) for cfg in cfgs]
-    for _ in range(4):  # crosses an epoch boundary (3 batches per epoch)
-        images, labels = fused.next()
-        for k, stream in enumerate(own):
-            ref_images, ref_labels = stream.next()
-            assert torch.equal(labels[k], ref_labels)
-            # per-image warps: the same kernel on the same inputs, whatever else is in the batch
-            torch.testing.assert_close(images[k], ref_images, rtol=0, atol=1e-6)
-    assert fused.state_dict() == [s.state_dict() for s in own]
-
-
 def test_shapes_that_differ_are_refused(mnist) -> None:
     cfgs = configs(KINDS["CNN"], datasets=("R", "RTS"), seeds=(0,))
     assert shape_signature(cfgs[0]) != shape_signature(cfgs[1])
@@ -235,38 +192,6 @@ def test_shapes_that_differ_are_refused(mnist) -> None:
         BatchedModels(cfgs, CPU)
     same = configs(KINDS["ST-CNN TPS"], datasets=("R", "P", "E"), seeds=(0,))
     assert len({shape_signature(c) for c in same}) == 1
-
-
-@pytest.mark.parametrize("data", ["exact", "block"])
-def test_resume_from_state_is_exact(data, mnist) -> None:
-    cfgs = configs(KINDS["ST-CNN Aff"], seeds=(0, 1))
-    options = EngineOptions(data=data, block_steps=2)
-
-    def fresh() -> GroupRun:
-        return GroupRun(BatchedModels(cfgs, CPU, options), make_stream(cfgs, *mnist, CPU, options), iterations=6,
-                        log_every=2)
-
-    straight = fresh()
-    straight.advance(6)
-    first = fresh()
-    first.advance(3)
-    state = first.state_dict()
-    second = fresh()
-    second.load_state_dict(state)
-    second.advance(10)  # stops at iterations
-    assert second.step == 6 and second.done
-    for name, p in straight.engine.params.items():
-        assert torch.equal(p, second.engine.params[name]), name
-    assert torch.equal(straight.loss_sum, first.loss_sum + second.loss_sum)
-
-
-def test_train_for_stops_before_the_deadline(mnist) -> None:
-    cfgs = configs(KINDS["FCN"], seeds=(0,))
-    run = GroupRun(BatchedModels(cfgs, CPU), BatchedStream(cfgs, *mnist, CPU), iterations=100, log_every=2)
-    ticks = iter(range(1000))
-    done = train_for(run, deadline=5, clock=lambda: float(next(ticks)))  # every clock read: one second later
-    assert 0 < done < 100 and run.step == done and not run.done
-    assert len(run.last_losses) == 1
 
 
 def test_evaluate_is_stn_train_evaluate(mnist, data_dir) -> None:
@@ -316,39 +241,3 @@ def test_bf16_autocast_keeps_the_transformer_in_float32(mnist) -> None:
         handle.remove()
     assert seen["theta"] == torch.float32 and torch.isfinite(losses).all()
     assert all(p.dtype == torch.float32 for p in engine.params.values())
-
-
-def test_block_stream_keeps_each_models_epoch_order(mnist) -> None:
-    """Same digits and labels per step as each model's TrainStream; on plain MNIST (no random warp) the same
-    images too. 7 steps in blocks of 3 with 3 batches per epoch: crosses blocks and epochs."""
-    for dataset in ("plain", "R", "TC"):
-        cfgs = configs(KINDS["CNN"], datasets=(dataset,), seeds=(0, 4))
-        block = BlockStream(cfgs, *mnist, CPU, block_steps=3)
-        own = [TrainStream(*mnist, cfg.dataset, cfg.trainer.batch_size, cfg.seed, CPU) for cfg in cfgs]
-        for _ in range(7):
-            images, labels = block.next()
-            for k, stream in enumerate(own):
-                ref_images, ref_labels = stream.next()
-                assert torch.equal(labels[k], ref_labels)
-                if dataset == "plain":
-                    assert torch.equal(images[k], ref_images)
-        if dataset != "plain":
-            assert not torch.equal(images[0], images[1])
-
-
-def test_block_stream_resumes_mid_block_and_is_reproducible(mnist) -> None:
-    cfgs = configs(KINDS["CNN"], datasets=("P", "E"), seeds=(0, 1))
-    straight = BlockStream(cfgs, *mnist, CPU, block_steps=4)
-    expected = [straight.next() for _ in range(9)]
-    first = BlockStream(cfgs, *mnist, CPU, block_steps=4)
-    for _ in range(5):
-        first.next()
-    resumed = BlockStream(cfgs, *mnist, CPU, block_steps=4)
-    resumed.load_state_dict(first.state_dict())
-    for images, labels in expected[5:]:
-        got_images, got_labels = resumed.next()
-        assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
-    with pytest.raises(EngineError, match="block"):
-        BatchedStream(cfgs, *mnist, CPU).load_state_dict(first.state_dict())
-    with pytest.raises(EngineError, match="same block_steps"):
-        BlockStream(cfgs, *mnist, CPU, block_steps=2).load_state_dict(first.state_dict())

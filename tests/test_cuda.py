@@ -14,7 +14,9 @@ import os
 import pytest
 import torch
 
-from stn.batched import BatchedModels, BatchedStream, EngineOptions, GroupRun, train_for
+from stn.batched import BatchedModels, EngineOptions
+from stn.batched_data import BatchedStream
+from stn.batched_run import GroupRun, train_for
 from stn.config import compose
 from stn.data import load_mnist
 from stn.models import TABLE1_MODELS
@@ -132,7 +134,7 @@ def test_bf16_smoke_training_learns_on_cuda(data_dir) -> None:
 @pytest.mark.parametrize("dataset", ["R", "TC"])
 def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> None:
     """Drawing the K batches and the (graphed) step never wait for the GPU (torch's sync debug mode)."""
-    from stn.batched import make_stream
+    from stn.batched_data import make_stream
     from stn.bench import _count_syncs
 
     digits, labels = load_mnist(data_dir, train=True)

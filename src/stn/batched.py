@@ -11,7 +11,7 @@ all K models instead of K. Each model keeps everything that makes it itself:
   the fast layout's `autograd.Function` does not run under torch.func; same state dict either way);
 - its data stream: batch b of epoch e of model k is `TrainStream(seed=cfg_k.seed)`'s batch, drawn from the
   same per-(seed, epoch, batch) generators; the draws are per model (small), the warps of every model that
-  shares a dataset are one `grid_sample` over all their images (`BatchedStream`);
+  shares a dataset are one `grid_sample` over all their images (`stn.batched_data.BatchedStream`);
 - its loss (cross-entropy in float32 as `stn.train.train_step` computes it), its momentum buffer and its
   learning-rate schedule (`StackedSGD`: torch.optim.SGD's arithmetic, momentum, weight decay, StepLR).
 
@@ -24,15 +24,17 @@ turns autocast off around them), channels_last, `torch.compile` of the loss func
 the whole step (forward, backward, SGD update; data is generated eagerly into the graph's static inputs).
 The step never reads anything back to the host: the per-model losses accumulate on the device and are read
 every `log_every` steps; a non-finite loss is pinned to its step per model on the device.
+
+This module owns the model stack: which configs can be batched, the stacked SGD, the options and
+`BatchedModels` (forward, step, CUDA graph, evaluation, state). The data streams are `stn.batched_data`'s, and
+a group being trained to a deadline is `stn.batched_run`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import Config, DatasetConfig, TrainerConfig
-from stn.data import TrainStream, apply_distortion, draw_distortion, draws_whole_pixels
+from stn.config import Config, TrainerConfig
 
 ENGINE_STATE_VERSION = 1
 
@@ -136,186 +137,6 @@ class StackedSGD:
                 mine.copy_(saved)
         self.lr, self.steps = float(state["lr"]), int(state["steps"])
         self.lr_tensor.fill_(self.lr)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-class BatchedStream:
-    """K training streams, one per model, each the exact `TrainStream(seed=cfg_k.seed)` of `stn train`.
-
-    next() -> images (K, B, 1, S, S) float32, labels (K, B). Per model: its epoch permutation and its batch's
-    distortion draws come from the model's own generators (as `TrainStream.next`); the warps of all models
-    with the same dataset are then applied in one `apply_distortion` call over their K_d * B digits.
-    fused=False calls each stream's own next() instead (the reference the fused path is tested against).
-    """
-
-    def __init__(self, cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
-                 *, fused: bool = True) -> None:
-        self.device = torch.device(device)
-        digits, labels = digits.to(self.device), labels.to(self.device)  # one copy shared by all K streams
-        self.streams = [TrainStream(digits, labels, cfg.dataset, cfg.trainer.batch_size, cfg.seed, self.device)
-                        for cfg in cfgs]
-        sizes = {s.cfg.size for s in self.streams}
-        batches = {s.batch_size for s in self.streams}
-        if len(sizes) != 1 or len(batches) != 1:
-            raise EngineError(f"batched streams need one canvas size and batch size, got {sizes} and {batches}")
-        self.fused = fused and not any(s.cfg.fixed_train for s in self.streams)
-        groups: dict[DatasetConfig, list[int]] = {}
-        for k, stream in enumerate(self.streams):
-            groups.setdefault(stream.cfg, []).append(k)
-        self.groups = list(groups.items())
-
-    def __len__(self) -> int:
-        return len(self.streams)
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        if not self.fused:
-            pairs = [stream.next() for stream in self.streams]
-            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        from stn.data import _generator
-
-        images: list[Tensor | None] = [None] * len(self.streams)
-        labels: list[Tensor | None] = [None] * len(self.streams)
-        for cfg, members in self.groups:
-            chosen, params = [], []
-            for k in members:
-                stream = self.streams[k]
-                start = stream.position * stream.batch_size
-                index = stream._permutation()[start:start + stream.batch_size]
-                generator = _generator(self.device, stream.seed, "batch", stream.epoch, stream.position)
-                pool = 0 if stream.clutter_source is None else len(stream.clutter_source)
-                params.append(draw_distortion(cfg, len(index), generator, self.device, clutter_pool=pool))
-                chosen.append(stream.digits.index_select(0, index))
-                labels[k] = stream.labels.index_select(0, index)
-                stream.position += 1
-                if stream.position == stream.batches_per_epoch:
-                    stream.epoch, stream.position = stream.epoch + 1, 0
-            merged = {key: torch.cat([p[key] for p in params]) for key in params[0]}
-            first = self.streams[members[0]]
-            warped = apply_distortion(torch.cat(chosen), merged, cfg.size, first.clutter_source, cfg.clutter_size,
-                                      whole_pixel=draws_whole_pixels(cfg))
-            for i, k in enumerate(members):
-                images[k] = warped[i * first.batch_size:(i + 1) * first.batch_size]
-        return torch.stack(images), torch.stack(labels)  # type: ignore[arg-type]
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [stream.state_dict() for stream in self.streams]
-
-    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        if not isinstance(states, list):
-            raise EngineError("this stream state was saved with block streams (data=block): resume with those")
-        if len(states) != len(self.streams):
-            raise EngineError(f"stream state holds {len(states)} streams, this engine has {len(self.streams)}")
-        for stream, state in zip(self.streams, states, strict=True):
-            stream.load_state_dict(state)
-
-
-class BlockStream:
-    """K training streams drawn `block_steps` steps at a time: far fewer kernel launches than BatchedStream.
-
-    Each model keeps its own epoch order (its `TrainStream`'s permutation, so every step it sees the same
-    digits and labels as `stn train seed=k` would), but the distortions are not its TrainStream's: per
-    dataset, one generator per block, seeded by (the models' seeds, the dataset, the block index), draws the
-    distortions of all its models' next `block_steps` batches, and one `apply_distortion` warps them. Every
-    model's stream stays independent of the others' draws within a block (disjoint slices of one draw),
-    reproducible and resumable (the state is the block's start and the offset in it), with the distribution
-    `stn.data` defines; it is simply not the same sample as the exact streams. Memory: block_steps * K * B
-    images of S x S float32 (32 x 9 x 256 at 28x28: 231 MB), plus the warp's grid, twice that.
-    """
-
-    def __init__(self, cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
-                 *, block_steps: int = 32) -> None:
-        if block_steps < 1:
-            raise EngineError(f"block_steps={block_steps} must be at least 1")
-        self.inner = BatchedStream(cfgs, digits, labels, device, fused=False)
-        self.streams, self.device, self.block_steps = self.inner.streams, self.inner.device, int(block_steps)
-        if any(s.cfg.fixed_train for s in self.streams):
-            raise EngineError("dataset.fixed_train distorts once up front: use the exact streams (data=exact)")
-        self.groups = self.inner.groups
-        # each dataset's model positions, on the device once (a host-to-device copy per block could wait)
-        self.where = [torch.tensor(members, device=self.device) for _, members in self.groups]
-        self.block = 0  # index of the next block to draw
-        self.offset = 0  # steps served from the current buffer
-        self.buffer: tuple[Tensor, Tensor] | None = None
-        self.block_start: list[dict[str, Any]] = self.inner.state_dict()  # stream states where the buffer began
-
-    def __len__(self) -> int:
-        return len(self.streams)
-
-    def _indices(self, stream: TrainStream) -> Tensor:
-        """The digit indices of this model's next block_steps batches (its epoch order), advancing it."""
-        parts = []
-        for _ in range(self.block_steps):
-            start = stream.position * stream.batch_size
-            parts.append(stream._permutation()[start:start + stream.batch_size])
-            stream.position += 1
-            if stream.position == stream.batches_per_epoch:
-                stream.epoch, stream.position = stream.epoch + 1, 0
-        return torch.cat(parts)  # (T * B,)
-
-    def _fill(self) -> None:
-        from stn.data import _generator
-
-        self.block_start = self.inner.state_dict()
-        steps, k = self.block_steps, len(self.streams)
-        first = self.streams[0]
-        batch, size = first.batch_size, first.cfg.size
-        images = torch.empty(steps, k, batch, 1, size, size, device=self.device)
-        labels = torch.empty(steps, k, batch, dtype=torch.int64, device=self.device)
-        for (cfg, members), where in zip(self.groups, self.where, strict=True):
-            index = torch.stack([self._indices(self.streams[m]).view(steps, batch) for m in members], dim=1)
-            flat = index.reshape(-1)  # (T * K_d * B,), step-major
-            lead = self.streams[members[0]]
-            seeds = tuple(self.streams[m].seed for m in members)
-            generator = _generator(self.device, "block", seeds, cfg.name, self.block)
-            pool = 0 if lead.clutter_source is None else len(lead.clutter_source)
-            params = draw_distortion(cfg, len(flat), generator, self.device, clutter_pool=pool)
-            warped = apply_distortion(lead.digits.index_select(0, flat), params, cfg.size, lead.clutter_source,
-                                      cfg.clutter_size, whole_pixel=draws_whole_pixels(cfg))
-            images.index_copy_(1, where, warped.view(steps, len(members), batch, 1, size, size))
-            labels.index_copy_(1, where, lead.labels.index_select(0, flat).view(steps, len(members), batch))
-        self.buffer = (images, labels)
-        self.block += 1
-        self.offset = 0
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        """images (K, B, 1, S, S) float32, labels (K, B): the next step of every model."""
-        if self.buffer is None or self.offset == self.block_steps:
-            self._fill()
-        images, labels = self.buffer  # type: ignore[misc]
-        self.offset += 1
-        return images[self.offset - 1], labels[self.offset - 1]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the current block began, its index and how far into it we are (it is redrawn on load)."""
-        if self.buffer is None:
-            return {"block": self.block, "offset": 0, "streams": self.inner.state_dict(),
-                    "block_steps": self.block_steps}
-        return {"block": self.block - 1, "offset": self.offset, "streams": self.block_start,
-                "block_steps": self.block_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            raise EngineError("this stream state was saved with the exact streams (data=exact): resume with those")
-        if int(state["block_steps"]) != self.block_steps:
-            raise EngineError(f"stream state was drawn in blocks of {state['block_steps']} steps, this stream "
-                              f"uses {self.block_steps}: resume with the same block_steps")
-        self.inner.load_state_dict(state["streams"])
-        self.block, self.buffer = int(state["block"]), None
-        if state["offset"]:
-            self._fill()
-            self.offset = int(state["offset"])
-
-
-def make_stream(cfgs: Sequence[Config], digits: Tensor, labels: Tensor, device: torch.device | str,
-                options: EngineOptions) -> BatchedStream | BlockStream:
-    """The data streams `options.data` asks for: "exact" (BatchedStream) or "block" (BlockStream)."""
-    if options.data == "exact":
-        return BatchedStream(cfgs, digits, labels, device, fused=options.fused_data)
-    if options.data == "block":
-        return BlockStream(cfgs, digits, labels, device, block_steps=options.block_steps)
-    raise EngineError(f"data={options.data!r}: expected 'exact' or 'block'")
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -562,100 +383,3 @@ class BatchedModels:
         self.step_count = int(state["step"])
         self._graph = None
 
-
-# ------------------------------------------------------------------------------------------ a training run
-
-
-@dataclass
-class GroupRun:
-    """One batched group being trained: engine, data, on-device accumulators, and its finished figures."""
-
-    engine: BatchedModels
-    stream: Any  # BatchedStream | BlockStream
-    iterations: int
-    log_every: int = 100
-    loss_sum: Tensor | None = None
-    bad_step: Tensor | None = None
-    logged_step: int = 0
-    last_losses: list[float] = dataclasses.field(default_factory=list)
-    train_seconds: float = 0.0  # wall time spent in steps (all invocations)
-    images: int = 0  # training images seen, all models together (all invocations)
-
-    def __post_init__(self) -> None:
-        device = self.engine.device
-        self.loss_sum = torch.zeros(self.engine.k, device=device)
-        self.bad_step = torch.full((self.engine.k,), -1, dtype=torch.int64, device=device)
-        self.logged_step = self.engine.step_count
-
-    @property
-    def step(self) -> int:
-        return self.engine.step_count
-
-    @property
-    def done(self) -> bool:
-        return self.step >= self.iterations
-
-    def advance(self, steps: int) -> int:
-        """Up to `steps` more steps (never past `iterations`), no host sync; returns the steps taken."""
-        steps = min(steps, self.iterations - self.step)
-        for _ in range(steps):
-            images, labels = self.stream.next()
-            losses = self.engine.step(images, labels)
-            self.loss_sum += losses
-            self.bad_step = torch.where((self.bad_step < 0) & ~losses.isfinite(), self.step, self.bad_step)
-        return steps
-
-    def read_losses(self) -> list[float]:
-        """The mean loss per model since the last read (one host-device sync)."""
-        since = self.step - self.logged_step
-        if since > 0:
-            self.last_losses = (self.loss_sum / since).tolist()
-            self.loss_sum.zero_()
-            self.logged_step = self.step
-        return self.last_losses
-
-    def bad_steps(self) -> list[int]:
-        return [int(s) for s in self.bad_step.cpu()]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine.state_dict(), "streams": self.stream.state_dict(),
-                "train_seconds": self.train_seconds, "images": self.images, "last_losses": self.last_losses,
-                "bad_step": self.bad_step.cpu()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state["engine"])
-        self.stream.load_state_dict(state["streams"])
-        self.train_seconds, self.images = float(state["train_seconds"]), int(state["images"])
-        self.last_losses = list(state["last_losses"])
-        self.bad_step = state["bad_step"].to(self.engine.device)
-        self.logged_step = self.engine.step_count
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_for(run: GroupRun, deadline: float, *, clock: Callable[[], float] = time.perf_counter,
-              slice_steps: int | None = None) -> int:
-    """Train `run` until it finishes or `deadline` (clock seconds) would be passed; returns the steps done.
-
-    Steps go in slices of `slice_steps` (default: log_every); after each slice the device is synced (the
-    loss is read) and the slice's time measured, and another slice starts only if one more fits before the
-    deadline at the slowest rate seen so far. Losses are read at each slice end: one sync per slice.
-    """
-    per_slice = slice_steps or run.log_every
-    done, worst = 0, 0.0
-    while not run.done:
-        start = clock()
-        if worst and start + worst > deadline:
-            break
-        taken = run.advance(per_slice)
-        run.read_losses()
-        sync(run.engine.device)
-        seconds = clock() - start
-        worst = max(worst, seconds * per_slice / max(taken, 1))
-        run.train_seconds += seconds
-        run.images += taken * run.engine.k * run.stream.streams[0].batch_size
-        done += taken
-    return done

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, BlockStream, EngineOptions, make_stream, sync
+from stn.batched import BatchedModels, EngineOptions
+from stn.batched_data import BlockStream, make_stream
+from stn.batched_run import sync
 from stn.config import compose
 from stn.models import TABLE1_MODELS
 

@@ -13,7 +13,7 @@ run order (shortest group first, so cells finish as early as possible), splittin
 when it does not fit; it is what tells how many loans a table needs.
 
 `run_table` executes from the saved progress until a deadline: groups in run order (a partly trained group
-first), each trained until it finishes or the deadline would pass (`stn.batched.train_for`), then either
+first), each trained until it finishes or the deadline would pass (`stn.batched_run.train_for`), then either
 evaluated (its members' results are written) or checkpointed. Sequential groups leave at most one partly
 trained group, so the state that must travel between loans is `results.json` (every finished member: test
 error, steps, wall time, images/s) plus one `partial.pt` (that group's weights, momentum and data positions).
@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, EngineOptions, GroupRun, make_stream, shape_signature, train_for
+from stn.batched import BatchedModels, EngineOptions, shape_signature
+from stn.batched_data import make_stream
+from stn.batched_run import GroupRun, train_for
 from stn.config import Config, compose
 
 RESULTS = "results.json"
