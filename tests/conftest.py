@@ -23,3 +23,11 @@ def mnist(data_dir: Path):
     from stn.mnist import load_mnist
 
     return load_mnist(data_dir, train=True)
+
+
+@pytest.fixture(scope="session")
+def datasets():
+    """The composed DatasetConfig of every dataset, by name (plain, R, RTS, P, E, TC)."""
+    from stn.config import compose
+
+    return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "E", "TC")}

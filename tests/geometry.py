@@ -1,4 +1,4 @@
-"""Geometry helpers shared by the distortion tests: a marked spot, its centroid, an independent homography."""
+"""Helpers shared by the distortion tests: a marked spot, its centroid, an independent homography, synthetic digits."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def pixel_homography(source: np.ndarray, target: np.ndarray) -> np.ndarray:
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
         rhs += [u, v]
     return np.append(np.linalg.solve(np.array(rows), np.array(rhs)), 1.0).reshape(3, 3)
+
+
+def one(value: float) -> torch.Tensor:
+    """A batch of one scalar parameter, e.g. one angle: tensor([value])."""
+    return torch.tensor([value])
+
+
+def synthetic_digits(count: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (N, 28, 28) random blobby 'digits' inside the central 20x20 box (like MNIST)."""
+    generator = torch.Generator().manual_seed(seed)
+    digits = torch.zeros(count, 28, 28, dtype=torch.uint8)
+    digits[:, 4:24, 4:24] = (torch.rand(count, 20, 20, generator=generator) * 255).to(torch.uint8)
+    return digits

@@ -25,11 +25,13 @@ from stn.bench import (
 )
 from stn.cli import app
 from stn.config import compose
-from stn.data import apply_distortion, distort, draws_whole_pixels
+from stn.data import distort
+from stn.distortions import draws_whole_pixels
 from stn.fastconv import InputGradConv2d, _ConvFoldInputGrad, fold_patches
 from stn.models import build_model, conv_relu_pool
 from stn.spatial import SpatialTransformer
 from stn.train import cpu_has_bf16
+from stn.warp import apply_distortion
 
 runner = CliRunner()
 RATIO_LINE = re.compile(r"^(?P<model>.+) ratio: (?P<ratio>\d+\.\d\d)$")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from stn.cards import card_stats, summarise
 from stn.cli import app
-from stn.data import distortion_params
+from stn.warp import distortion_params
 
 
 def gaussian_digit(x: float, y: float, sigma: float) -> torch.Tensor:

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.config import compose
-from stn.data import apply_distortion, build_data, distort, distortion_params
+from stn.data import build_data, distort
 from stn.mnist import MNIST_FILES, MNISTDataError, load_mnist
+from stn.warp import apply_distortion, distortion_params
 
 runner = CliRunner()
 

@@ -14,16 +14,9 @@ import torch
 
 from geometry import blob, centroid, pixel_homography
 from stn.config import ConfigError, DatasetConfig, compose
-from stn.data import (
-    apply_distortion,
-    canvas_corners,
-    digit_boxes,
-    distort,
-    distortion_params,
-    draw_distortion,
-    forward_points,
-    quad_folded,
-)
+from stn.data import distort
+from stn.distortions import canvas_corners, digit_boxes, draw_distortion, forward_points, quad_folded
+from stn.warp import apply_distortion, distortion_params
 
 CPU = torch.device("cpu")
 READINGS = ("P", "P_image", "P_box20", "P_box", "P_diag", "P_redraw")
@@ -62,7 +55,7 @@ def old_p_draw(cfg: DatasetConfig, batch: int, generator: torch.Generator) -> di
 
 
 def test_default_p_draws_the_same_bytes_as_before(configs, data_dir):
-    from stn.data import load_mnist
+    from stn.mnist import load_mnist
 
     digits = load_mnist(data_dir, train=False)[0][:500]
     cfg = configs["P"]

@@ -14,9 +14,11 @@ import torch
 
 from geometry import pixel_homography
 from stn.config import compose
-from stn.data import TestSet, apply_distortion, draw_distortion
+from stn.data import TestSet
+from stn.distortions import draw_distortion
 from stn.recovery import flat_summary, format_summary, point_indices, recovery_from_grids, recovery_summary
 from stn.spatial import target_points
+from stn.warp import apply_distortion
 
 CPU = torch.device("cpu")
 N = 2000
@@ -272,7 +274,7 @@ def test_fit_summary_and_the_cli_report_recovery(tmp_path, data_dir):
 def test_source_points_continue_the_sampling_grid(name):
     """`source_points` (cards and recovery evaluate the distortion with it) equals `source_grid` at the pixel
     centres, both in float64, and takes per-sample points as well as shared ones."""
-    from stn.data import source_grid, source_points
+    from stn.warp import source_grid, source_points
 
     params, _, size = draws(name, 16)
     as64 = {key: value.double() if value.is_floating_point() else value for key, value in params.items()}

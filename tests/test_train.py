@@ -22,7 +22,8 @@ import stn.device as device_module
 import stn.progress as progress_module
 import stn.train as train_module
 from stn.config import Config, ConfigError, compose, from_container, to_dict
-from stn.data import MNISTDataError, TestSet, load_mnist, make_test_set
+from stn.data import TestSet, make_test_set
+from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters
 from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
 from stn.train import TrainingError, TrainingInterrupted, evaluate, fit, resolve_device, resolve_precision

@@ -27,7 +27,8 @@ import time
 import torch
 
 from stn.config import compose
-from stn.data import TrainStream, load_mnist
+from stn.data import TrainStream
+from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS, build_model
 from stn.train import build_optimizer, build_scheduler, fit_step, keep_freed_memory, prepare_model
 

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from stn.batched import EngineError, EngineOptions
 from stn.config import Config, DatasetConfig
-from stn.data import TrainStream, _generator, apply_distortion, draw_distortion, draws_whole_pixels
+from stn.data import TrainStream, seeded_generator
+from stn.distortions import draw_distortion, draws_whole_pixels
+from stn.warp import apply_distortion
 
 
 class BatchedStream:
@@ -59,7 +61,7 @@ class BatchedStream:
                 stream = self.streams[k]
                 start = stream.position * stream.batch_size
                 index = stream._permutation()[start:start + stream.batch_size]
-                generator = _generator(self.device, stream.seed, "batch", stream.epoch, stream.position)
+                generator = seeded_generator(self.device, stream.seed, "batch", stream.epoch, stream.position)
                 pool = 0 if stream.clutter_source is None else len(stream.clutter_source)
                 params.append(draw_distortion(cfg, len(index), generator, self.device, clutter_pool=pool))
                 chosen.append(stream.digits.index_select(0, index))
@@ -142,7 +144,7 @@ class BlockStream:
             flat = index.reshape(-1)  # (T * K_d * B,), step-major
             lead = self.streams[members[0]]
             seeds = tuple(self.streams[m].seed for m in members)
-            generator = _generator(self.device, "block", seeds, cfg.name, self.block)
+            generator = seeded_generator(self.device, "block", seeds, cfg.name, self.block)
             pool = 0 if lead.clutter_source is None else len(lead.clutter_source)
             params = draw_distortion(cfg, len(flat), generator, self.device, clutter_pool=pool)
             warped = apply_distortion(lead.digits.index_select(0, flat), params, cfg.size, lead.clutter_source,

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stn.config import Config, DatasetConfig, compose
-from stn.data import DIGIT, TrainStream, load_mnist
+from stn.config import DIGIT, Config, DatasetConfig, compose
+from stn.data import TrainStream
+from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS
 from stn.spatial import ALIGN_CORNERS, tps_control_points, tps_grid
 
@@ -52,7 +53,7 @@ DATASETS = ("plain", "R", "RTS", "P", "E", "TC")
 
 @dataclass
 class ReferenceDistortion:
-    """One PIL digit -> (1, S, S) float tensor, drawing the same distortion as `stn.data.draw_distortion`."""
+    """One PIL digit -> (1, S, S) float tensor, drawing the same distortion as `stn.distortions.draw_distortion`."""
 
     cfg: DatasetConfig
     pool: Tensor | None = None  # uint8 (N, 28, 28) digits that TC's clutter is cut from

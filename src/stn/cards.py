@@ -16,7 +16,7 @@ canvas is its centre, pixel for pixel), and from it:
   sits in the undistorted digit centred on the canvas: 0 for the identity, |s - 1| r for ink at radius r under a
   pure scaling, 2 r sin(angle / 2) under a rotation.
 - P only: **folded** = the fraction of draws whose moved corners form a non-convex (or mirrored) quad
-  (`stn.data.quad_folded`), where the homography folds the plane, and **corner displacement** (px) = the mean
+  (`stn.distortions.quad_folded`), where the homography folds the plane, and **corner displacement** (px) = the mean
   length of the corners' offsets. E only: **control displacement** (px) = the mean length of the 16 control
   points' offsets.
 
@@ -36,9 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.config import Config
-from stn.data import DIGIT, canvas_corners, load_mnist, make_test_set, quad_folded, source_points
+from stn.config import DIGIT, Config
+from stn.data import make_test_set
+from stn.distortions import canvas_corners, quad_folded
+from stn.mnist import load_mnist
 from stn.spatial import norm_to_pixel, sample, target_points
+from stn.warp import source_points
 
 BIG = 3  # the re-rendering canvas is BIG times the dataset's side, the dataset's canvas at its centre
 CHUNK = 200  # digits rendered at once (bounds memory: TC's big canvas has 180x180 points)

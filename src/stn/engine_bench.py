@@ -77,7 +77,7 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; returns {"device", "device_name", "torch", "peak_flops", "rows": [...], "cost": [...]}."""
     from stn.bench import _count_syncs, measure_matmul_peak, model_flops_per_image
-    from stn.data import load_mnist
+    from stn.mnist import load_mnist
 
     options = options or EngineOptions()
     known = dict(TABLE1_MODELS)

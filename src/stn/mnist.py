@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from stn.config import DATA_DIR_ENV, UserError
-
-DIGIT = 28  # side of an MNIST digit in pixels
+from stn.config import DATA_DIR_ENV, DIGIT, UserError
 
 # name -> (bytes, md5) of the four uncompressed files torchvision's MNIST reads from <root>/MNIST/raw/
 MNIST_FILES: dict[str, tuple[int, str]] = {

@@ -290,7 +290,8 @@ def load_partial(state_dir: Path) -> dict[str, Any] | None:
 
 
 def _test_sets(members: Sequence[Member], data_dir: str, device: torch.device, cache: dict) -> list[Any]:
-    from stn.data import load_mnist, make_test_set
+    from stn.data import make_test_set
+    from stn.mnist import load_mnist
 
     digits, labels = load_mnist(data_dir, train=False)
     out = []
@@ -311,7 +312,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     Returns the progress record also written to <state_dir>/progress.json: groups done / partial / left,
     seconds used, and the estimate of what is left (`pack_chunks`).
     """
-    from stn.data import load_mnist
+    from stn.mnist import load_mnist
 
     options = options or EngineOptions()
     started = clock()

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.config import Config
-from stn.data import DIGIT, TestSet, source_points
+from stn.config import DIGIT, Config
+from stn.data import TestSet
 from stn.spatial import target_points
+from stn.warp import source_points
 
 POINTS = 12  # at most POINTS x POINTS output grid points per sample (evenly spread pixel centres)
 MIN_POINTS = 6  # grid points in the digit's frame needed to fit a sample's pose
@@ -249,7 +250,8 @@ def recovery_checkpoint(path: Any, data_dir: str | None = None, limit: int | Non
     import os
 
     from stn.config import DATA_DIR_ENV
-    from stn.data import load_mnist, make_test_set
+    from stn.data import make_test_set
+    from stn.mnist import load_mnist
     from stn.visualize import load_checkpoint
 
     model, cfg = load_checkpoint(path)

@@ -178,7 +178,8 @@ def visualize_checkpoint(
 ) -> Path:
     """Draw the first `count` digits of the checkpoint's fixed test set. MNIST is read from `data_dir`,
     else $STN_DATA_DIR, else the data_dir saved in the checkpoint's config."""
-    from stn.data import load_mnist, make_test_set
+    from stn.data import make_test_set
+    from stn.mnist import load_mnist
 
     if count < 1:
         raise ValueError(f"count={count} must be at least 1")
@@ -241,7 +242,8 @@ def preview(cfg: Config, out: Path, count: int = 64, split: str = "test") -> Pat
         raise ValueError(f"split={split!r}: expected 'test' or 'train'")
     if count <= 0:
         raise ValueError(f"count={count} must be positive")
-    from stn.data import TrainStream, load_mnist, make_test_set
+    from stn.data import TrainStream, make_test_set
+    from stn.mnist import load_mnist
 
     dataset = cfg.dataset
     digits, labels = load_mnist(cfg.data_dir, train=split == "train", download=cfg.download)
