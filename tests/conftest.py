@@ -28,6 +28,6 @@ def mnist(data_dir: Path):
 @pytest.fixture(scope="session")
 def datasets():
     """The composed DatasetConfig of every dataset, by name (plain, R, RTS, P, E, TC)."""
-    from stn.config import compose
+    from stn.compose import compose
 
     return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "E", "TC")}

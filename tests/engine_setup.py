@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from stn.config import compose
+from stn.compose import compose
 from stn.models import TABLE1_MODELS
 
 CPU = torch.device("cpu")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from engine_setup import CPU, KINDS, configs
 from stn.batched import BatchedModels, EngineError, EngineOptions, StackedSGD, shape_signature
 from stn.batched_data import BatchedStream
-from stn.config import compose
+from stn.compose import compose
 from stn.data import TrainStream, make_test_set
 from stn.mnist import load_mnist
 from stn.models import build_model

@@ -24,7 +24,7 @@ from stn.bench import (
     nominal_peak,
 )
 from stn.cli import app
-from stn.config import compose
+from stn.compose import compose
 from stn.data import distort
 from stn.distortions import draws_whole_pixels
 from stn.fastconv import InputGradConv2d, _ConvFoldInputGrad, fold_patches

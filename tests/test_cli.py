@@ -52,7 +52,8 @@ def test_choice_types_match_what_they_choose_from() -> None:
 
     from stn import cli, engine_cli
     from stn.batched import EngineOptions
-    from stn.config import TRAINER_PRESETS, group_choices
+    from stn.compose import group_choices
+    from stn.config import TRAINER_PRESETS
     from stn.launch import EXECUTORS
 
     assert sorted(TRAINER_PRESETS) == sorted(group_choices("trainer"))

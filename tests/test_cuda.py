@@ -17,7 +17,7 @@ import torch
 from stn.batched import BatchedModels, EngineOptions
 from stn.batched_data import BatchedStream
 from stn.batched_run import GroupRun, train_for
-from stn.config import compose
+from stn.compose import compose
 from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS
 from stn.spatial import identity_params, make_grid, sample

@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 import stn.device as device_module
 from stn.cli import app
-from stn.config import ConfigError, compose
+from stn.compose import compose
+from stn.config import ConfigError
 from stn.models import build_model
 
 PEAK = """
 import sys, torch, torch.nn.functional as F
-from stn.config import compose
+from stn.compose import compose
 from stn.device import saved_bytes_per_image
 from stn.models import build_model
 cfg = compose(sys.argv[2:]); batch = int(sys.argv[1]); side = cfg.dataset.size

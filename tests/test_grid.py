@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stn.config import compose
+from stn.compose import compose
 from stn.grid import TableError, load_grid, select_cells
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from stn.cli import app
-from stn.config import compose
+from stn.compose import compose
 from stn.data import build_data, distort
 from stn.mnist import MNIST_FILES, MNISTDataError, load_mnist
 from stn.warp import apply_distortion, distortion_params

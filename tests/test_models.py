@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from stn.cli import app
-from stn.config import ConfigError, compose
+from stn.compose import compose
+from stn.config import ConfigError
 from stn.models import (
     CNN_FILTERS_RANGE,
     FCN_UNITS_RANGE,

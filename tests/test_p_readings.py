@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from geometry import blob, centroid, pixel_homography
-from stn.config import ConfigError, DatasetConfig, compose
+from stn.compose import compose
+from stn.config import ConfigError, DatasetConfig
 from stn.data import distort
 from stn.distortions import canvas_corners, digit_boxes, draw_distortion, forward_points, quad_folded
 from stn.warp import apply_distortion, distortion_params

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stn.batched import EngineOptions
-from stn.config import compose
+from stn.compose import compose
 from stn.plan import (
     PARTIAL,
     PROGRESS,

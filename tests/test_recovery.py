@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from geometry import pixel_homography
-from stn.config import compose
+from stn.compose import compose
 from stn.data import TestSet
 from stn.distortions import draw_distortion
 from stn.recovery import flat_summary, format_summary, point_indices, recovery_from_grids, recovery_summary

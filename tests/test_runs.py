@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stn.config import compose, schema_keys, to_dict
+from stn.compose import compose
+from stn.config import schema_keys, to_dict
 from stn.runs import (
     LOCK,
     RunFolderError,

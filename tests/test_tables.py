@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from stn.cli import app
-from stn.config import Config, compose, to_yaml
+from stn.compose import compose
+from stn.config import Config, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
 from stn.tables import PRESETS, aggregate, plan_jobs, reproduce, summarise
 from wandb_log import read_run

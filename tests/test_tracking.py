@@ -16,7 +16,8 @@ import pytest
 import torch
 import wandb
 
-from stn.config import Config, compose, to_dict
+from stn.compose import compose
+from stn.config import Config, to_dict
 from stn.models import build_model
 from stn.tracking import Tracker, has_wandb_credentials, image_pairs
 from stn.train import fit

@@ -21,7 +21,8 @@ from torch import nn
 import stn.device as device_module
 import stn.progress as progress_module
 import stn.train as train_module
-from stn.config import Config, ConfigError, compose, from_container, to_dict
+from stn.compose import compose, from_container
+from stn.config import Config, ConfigError, to_dict
 from stn.data import TestSet, make_test_set
 from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters

@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stn.cli import app
-from stn.config import compose, to_dict
+from stn.compose import compose
+from stn.config import to_dict
 from stn.models import build_model
 
 runner = CliRunner()

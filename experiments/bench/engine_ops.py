@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stn.batched import BatchedModels
 from stn.batched_data import BatchedStream, BlockStream
-from stn.config import compose
+from stn.compose import compose
 from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS
 

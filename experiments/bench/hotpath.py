@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from stn.config import compose
+from stn.compose import compose
 from stn.data import TrainStream
 from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS, build_model

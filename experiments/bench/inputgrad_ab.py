@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stn.config import compose
+from stn.compose import compose
 from stn.fastconv import InputGradConv2d
 from stn.models import build_model
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from stn.config import compose
+from stn.compose import compose
 from stn.data import build_data
 from stn.models import build_model
 from stn.train import build_optimizer, evaluate, train_step

@@ -52,7 +52,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stn.config import compose  # noqa: E402
+from stn.compose import compose  # noqa: E402
 from stn.data import build_data  # noqa: E402
 from stn.models import Standardize, fc_localisation  # noqa: E402
 from stn.spatial import SpatialTransformer  # noqa: E402

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stn.config import DIGIT, Config, DatasetConfig, compose
+from stn.compose import compose
+from stn.config import DIGIT, Config, DatasetConfig
 from stn.data import TrainStream
 from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS

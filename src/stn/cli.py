@@ -27,17 +27,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 
-from stn.config import (  # noqa: E402
-    GROUPS,
+from stn.compose import compose, group_choices  # noqa: E402
+from stn.config import GROUPS, Config, ConfigError, RunError, TrainerPreset, UserError  # noqa: E402
+from stn.validation import (  # noqa: E402
     MAX_PICTURES,
-    Config,
-    ConfigError,
-    RunError,
-    TrainerPreset,
-    UserError,
-    compose,
     folder_problems,
-    group_choices,
     output_problems,
     picture_problems,
     schedule_warning,

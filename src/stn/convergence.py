@@ -29,7 +29,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.config import Config, ConfigError, compose
+from stn.compose import compose
+from stn.config import Config, ConfigError
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
 PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model

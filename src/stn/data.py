@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from stn.config import DIGIT, Config, DatasetConfig
-from stn.distortions import check_dataset, draw_distortion, draws_whole_pixels
+from stn.distortions import draw_distortion, draws_whole_pixels
 from stn.mnist import load_mnist
+from stn.validation import check_dataset
 from stn.warp import apply_distortion
 
 TEST_CHUNK = 1000  # test-set generation chunk: bounds memory, and makes a limited test set a prefix of the full one

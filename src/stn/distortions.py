@@ -16,15 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stn.config import DIGIT, ConfigError, DatasetConfig, dataset_problems
+from stn.config import DIGIT, DatasetConfig
+from stn.validation import check_dataset
 from stn.warp import distortion_params
-
-
-def check_dataset(cfg: DatasetConfig) -> None:
-    """The config boundary's distortion checks (`stn.config.dataset_problems`), for configs built in code."""
-    errors = dataset_problems(cfg)
-    if errors:
-        raise ConfigError(f"dataset {cfg.name}: " + "; ".join(errors))
 
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float,

@@ -30,7 +30,7 @@ import torch
 from stn.batched import BatchedModels, EngineOptions
 from stn.batched_data import BlockStream, make_stream
 from stn.batched_run import sync
-from stn.config import compose
+from stn.compose import compose
 from stn.models import TABLE1_MODELS
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.config import SAFE_NAME, UserError
+from stn.config import UserError
+from stn.validation import SAFE_NAME
 
 DEFAULT_GRID = Path("experiments/table1/grid.yaml")
 # The same file inside an installed stn (pyproject.toml ships it), for `stn reproduce-table` run anywhere.

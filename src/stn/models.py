@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import Config, ConfigError, TransformerConfig, compose
+from stn.compose import compose
+from stn.config import Config, ConfigError, TransformerConfig
 from stn.fastconv import InputGradConv2d
 from stn.grid import TABLE1_MODELS
 from stn.spatial import SpatialTransformer
@@ -278,13 +279,13 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
         return SpatialTransformer(net, features, spec.type, output_size=output_size, tps_grid=spec.tps_grid,
                                   preprocess=Standardize() if reads_pixels else None)
 
-    if spec.placement == "features":  # st_cnn only (config.validate)
+    if spec.placement == "features":  # st_cnn only (stn.validation)
         before = cnn_first_block(1, width, fast=fast)
         side = cnn_first_side(size)
         transformers = nn.ModuleList(
             transformer(fc_localisation(width, side, downsample=True), reads_pixels=False) for _ in range(copies)
         )
-        out_side = spec.output_size or side  # >= 7 (stn.config checks transformer.output_size)
+        out_side = spec.output_size or side  # >= 7 (stn.validation checks transformer.output_size)
         after = cnn_second_block(copies * width, width, out_side, fast=fast)
         return DigitClassifier(name, before, transformers, 1, after, widths)
 

@@ -39,7 +39,8 @@ import torch
 from stn.batched import BatchedModels, EngineOptions, shape_signature
 from stn.batched_data import make_stream
 from stn.batched_run import GroupRun, train_for
-from stn.config import Config, compose
+from stn.compose import compose
+from stn.config import Config
 
 RESULTS = "results.json"
 PARTIAL = "partial.pt"

@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from stn.config import Config, UserError, from_container, to_dict
+from stn.compose import from_container
+from stn.config import Config, UserError, to_dict
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT = Path("checkpoints") / "last.pt"

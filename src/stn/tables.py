@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stn.config import Config, ConfigError, compose, folder_problems, schedule_warning
+from stn.compose import compose
+from stn.config import Config, ConfigError
 from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
 from stn.launch import (
     EXECUTORS,
@@ -38,6 +39,7 @@ from stn.launch import (
 )
 from stn.report import CellResult, log_table_to_wandb, paper_text, plot_bars, write_results
 from stn.runs import CheckpointError, is_stale, read_config
+from stn.validation import folder_problems, schedule_warning
 
 PRESETS = ("smoke", "quick", "paper")
 DEFAULT_SLURM = SlurmOptions()

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.config import DATA_DIR_ENV, Config, ConfigError, UserError, from_container
+from stn.compose import from_container
+from stn.config import DATA_DIR_ENV, Config, ConfigError, UserError
 from stn.models import DigitClassifier, build_model
 from stn.spatial import norm_to_pixel
 

@@ -1,0 +1,138 @@
+"""stn.compose: every dataset x model x transformer combination of conf/ either composes (and builds its model
+and one batch) or fails with a ConfigError naming the fix; typos and wrong types name the key; STN_DATA_DIR
+sets the default data_dir and a command-line data_dir beats it; W&B's variables sit between the command line
+and the defaults.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from stn.compose import compose, group_choices
+from stn.config import DATA_DIR_ENV, ConfigError
+from stn.data import distort
+from stn.models import build_model
+
+DATASETS = group_choices("dataset")
+MODELS = group_choices("model")
+TRANSFORMERS = group_choices("transformer")
+
+
+def test_the_groups_are_the_papers_axes() -> None:
+    assert set(DATASETS) >= {"R", "RTS", "P", "E", "TC", "plain"}
+    assert set(MODELS) == {"fcn", "cnn", "st_fcn", "st_cnn"}
+    assert set(TRANSFORMERS) == {"none", "affine", "projective", "tps"}
+    assert set(group_choices("trainer")) >= {"paper", "quick", "smoke"}
+
+
+# P's readings (P_box, ...) build the same 28x28 models as P: composed and drawn in tests/test_p_readings.py
+SHAPES = [name for name in DATASETS if not name.startswith("P_")]
+
+
+@pytest.mark.parametrize(("dataset", "model", "transformer"), list(itertools.product(SHAPES, MODELS, TRANSFORMERS)))
+def test_every_combination_composes_or_names_the_fix(dataset: str, model: str, transformer: str) -> None:
+    overrides = [f"dataset={dataset}", f"model={model}", f"transformer={transformer}"]
+    valid = model.startswith("st_") == (transformer != "none")
+    if not valid:
+        with pytest.raises(ConfigError) as err:
+            compose(overrides)
+        # The message says what to change: add a transformer, or use the ST model / drop the transformer.
+        fix = "add transformer=" if model.startswith("st_") else f"use model=st_{model}"
+        assert fix in str(err.value)
+        return
+    cfg = compose(overrides)
+    assert (cfg.dataset.name, cfg.model.name, cfg.transformer.type) == (dataset, model, transformer)
+    assert cfg.run_name == "-".join([dataset, model] + ([transformer] if transformer != "none" else []))
+    # The model builds and takes one distorted batch of this dataset (random digits: shapes, not content).
+    generator = torch.Generator().manual_seed(0)
+    digits = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8, generator=generator)
+    images, _ = distort(digits, cfg.dataset, generator, clutter_source=digits)
+    assert images.shape == (2, 1, cfg.dataset.size, cfg.dataset.size)
+    with torch.no_grad():
+        assert build_model(cfg)(images).shape == (2, 10)
+
+
+def test_every_trainer_preset_composes_with_two_lr_drops() -> None:
+    for preset in group_choices("trainer"):
+        cfg = compose([f"trainer={preset}"])
+        assert cfg.trainer.name == preset
+        # Two lr drops within the run, like the paper's 150k iterations with drops at 50k and 100k.
+        assert cfg.trainer.iterations // cfg.trainer.lr_step >= 2
+
+
+def test_presets_have_the_papers_schedule() -> None:
+    paper = compose([]).trainer
+    assert (paper.name, paper.iterations, paper.batch_size, paper.lr, paper.lr_step, paper.lr_gamma) == (
+        "paper", 150_000, 256, 0.01, 50_000, 0.1,
+    )  # fmt: skip
+    assert paper.weight_decay == 0.0
+    quick = compose(["trainer=quick"]).trainer
+    assert quick.iterations < paper.iterations and quick.lr == paper.lr
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.iteratons=5", "trainer.iterations"),  # a typo: the nearest key is suggested
+        ("seeed=3", "did you mean seed"),
+        ("trainer.iterations=abc", "trainer.iterations"),  # a wrong type
+        ("seed=1.5", "seed"),
+        ("logger.mode=loud", "logger.mode"),
+        ("trainer.device=tpu", "trainer.device"),
+        ("trainer.lr=-1", "trainer.lr"),
+        ("trainer.stop_after=0", "trainer.stop_after"),
+        ("dataset=XYZ", "choices for dataset: E, P, P_box, P_box20, P_diag, P_image, P_redraw, R, RTS, TC, plain"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        compose([override])
+
+
+def test_schema_keys_missing_from_the_yaml_can_be_overridden() -> None:
+    # dataset.test_limit is a DatasetConfig field that conf/dataset/*.yaml do not list.
+    assert compose(["dataset.test_limit=10"]).dataset.test_limit == 10
+    assert compose(["dataset.test_limit=10"]).dataset.test_limit == 10
+
+
+def test_data_dir_comes_from_the_environment_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert compose([]).data_dir == "data"
+    monkeypatch.setenv(DATA_DIR_ENV, "/somewhere/mnist")
+    assert compose([]).data_dir == "/somewhere/mnist"
+    assert compose(["data_dir=/elsewhere"]).data_dir == "/elsewhere"  # the command line wins
+
+
+def test_wandb_environment_variables_sit_between_the_command_line_and_the_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_NAME",
+                 "WANDB_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    default = compose().logger
+    assert (default.mode, default.project, default.entity, default.group, default.name, default.tags) == (
+        "offline", "stn", None, None, None, [])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "envproj")
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "g")
+    monkeypatch.setenv("WANDB_NAME", "nice name")
+    monkeypatch.setenv("WANDB_TAGS", "a, b,,c")
+    env = compose().logger
+    assert (env.mode, env.project, env.entity, env.group, env.name, env.tags) == (
+        "disabled", "envproj", "team", "g", "nice name", ["a", "b", "c"])
+    # A logger.* value on the command line wins over its variable; the others still come from the environment.
+    cli = compose(["logger.mode=offline", "logger.project=cliproj", "logger.tags=[x]", "logger.name=n"]).logger
+    assert (cli.mode, cli.project, cli.entity, cli.name, cli.tags) == ("offline", "cliproj", "team", "n", ["x"])
+    # wandb's older mode names and WANDB_DISABLED are honoured; a bad WANDB_MODE is named in the error.
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert compose().logger.mode == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert compose().logger.mode == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="logger.mode='sometimes' \\(WANDB_MODE='sometimes'"):
+        compose()
