@@ -135,7 +135,7 @@ def test_bf16_smoke_training_learns_on_cuda(data_dir) -> None:
 def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> None:
     """Drawing the K batches and the (graphed) step never wait for the GPU (torch's sync debug mode)."""
     from stn.batched_data import make_stream
-    from stn.bench import _count_syncs
+    from stn.measure import count_syncs
 
     digits, labels = load_mnist(data_dir, train=True)
     cfgs = configs("ST-CNN Aff" if dataset == "R" else "ST-FCN Aff", (0, 1, 2), dataset)
@@ -144,6 +144,6 @@ def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> Non
                    iterations=10, log_every=10)
     run.advance(2)  # warm-up and graph capture
     counted = {"syncs": 0}
-    with _count_syncs(CUDA, counted):
+    with count_syncs(CUDA, counted):
         run.advance(5)
     assert counted["syncs"] == 0

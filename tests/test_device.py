@@ -1,8 +1,10 @@
 """stn.device: the memory estimate against measured peak memory, and the refusal of a run that would not fit.
-(Device strings and precision: test_train.py; keep_freed_memory: test_bench.py.)"""
+Also: device strings, the precision a run uses, and keep_freed_memory's effect on glibc's allocator."""
 
 from __future__ import annotations
 
+import dataclasses
+import platform
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ import stn.device as device_module
 from stn.cli import app
 from stn.compose import compose
 from stn.config import ConfigError
+from stn.device import resolve_device, resolve_precision
 from stn.models import build_model
 
 PEAK = """
@@ -77,3 +80,56 @@ def test_the_cli_refuses_it_before_loading_mnist(monkeypatch: pytest.MonkeyPatch
                                       f"data_dir={tmp_path / 'no-mnist-here'}", f"runs_dir={tmp_path / 'runs'}"])
     assert result.exit_code == 2 and "GiB" in result.stderr and "MNIST" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+KEPT_MEMORY = """
+import sys, torch
+from stn.device import keep_freed_memory
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+if sys.argv[1] == 'keep':
+    assert keep_freed_memory()
+base = rss(); block = torch.ones(16 << 20); peak = rss(); del block; after = rss()
+print(peak - base, after - base)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
+def test_keep_freed_memory_keeps_a_freed_block_resident():
+    """A 64 MiB tensor: glibc serves it with mmap and returns it to the kernel on free (resident memory falls
+    back), unless keep_freed_memory made the heap serve and keep it. Fresh processes: the setting is global."""
+    held = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", KEPT_MEMORY, mode], capture_output=True, text=True, check=True)
+        grown, kept = map(int, out.stdout.split())
+        assert grown >= 60 << 20  # the block was touched: 64 MiB resident
+        held[mode] = kept / grown
+    assert held["default"] < 0.1 and held["keep"] > 0.9, held
+
+
+def test_resolve_device() -> None:
+    """Every accepted trainer.device string maps to its torch.device; a CUDA device that is not there is a
+    ConfigError naming the key and what to use instead (exit code 2 through the CLI, before any folder exists)."""
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    missing = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+    for name in missing:
+        with pytest.raises(ConfigError, match=f"trainer.device={name} but .*(auto|cuda:0)") as err:
+            resolve_device(name)
+        assert "cpu" in str(err.value)
+
+
+def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    base = compose(["trainer=smoke"]).trainer
+    assert base.amp and base.cpu_precision == "float32"
+    # trainer.amp is CUDA's switch only; the CPU follows trainer.cpu_precision.
+    assert resolve_precision(base, cpu) == "float32" and resolve_precision(base, cuda) == "bf16"
+    assert resolve_precision(dataclasses.replace(base, amp=False), cuda) == "float32"
+    assert resolve_precision(dataclasses.replace(base, cpu_precision="bf16"), cpu) == "bf16"
+    auto = dataclasses.replace(base, cpu_precision="auto")
+    for hardware, expected in ((True, "bf16"), (False, "float32")):
+        monkeypatch.setattr(device_module, "cpu_has_bf16", lambda hardware=hardware: hardware)
+        assert resolve_precision(auto, cpu) == expected
+        assert device_module.runtime_flags(auto, cpu) == (expected == "bf16", base.channels_last)
+    with pytest.raises(ConfigError, match="trainer.cpu_precision='fp16' is not one of"):
+        compose(["trainer.cpu_precision=fp16"])

@@ -18,16 +18,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import stn.device as device_module
 import stn.progress as progress_module
 import stn.train as train_module
 from stn.compose import compose, from_container
-from stn.config import Config, ConfigError, to_dict
+from stn.config import Config, to_dict
 from stn.data import TestSet, make_test_set
 from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters
 from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
-from stn.train import TrainingError, TrainingInterrupted, evaluate, fit, resolve_device, resolve_precision
+from stn.train import TrainingError, TrainingInterrupted, evaluate, fit
 
 SUMMARY_KEYS = {
     "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
@@ -121,18 +120,6 @@ def test_evaluate_counts_misclassified_percent() -> None:
     assert model.training  # left in train mode
 
 
-def test_resolve_device() -> None:
-    """Every accepted trainer.device string maps to its torch.device; a CUDA device that is not there is a
-    ConfigError naming the key and what to use instead (exit code 2 through the CLI, before any folder exists)."""
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    missing = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
-    for name in missing:
-        with pytest.raises(ConfigError, match=f"trainer.device={name} but .*(auto|cuda:0)") as err:
-            resolve_device(name)
-        assert "cpu" in str(err.value)
-
-
 def test_a_missing_cuda_device_fails_before_a_run_folder_exists(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -142,24 +129,6 @@ def test_a_missing_cuda_device_fails_before_a_run_folder_exists(tmp_path: Path) 
                                       f"runs_dir={tmp_path / 'runs'}", "model=fcn"])
     assert result.exit_code == 2 and "trainer.device=cuda:99" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
-
-
-def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    train = train_module
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    base = compose(["trainer=smoke"]).trainer
-    assert base.amp and base.cpu_precision == "float32"
-    # trainer.amp is CUDA's switch only; the CPU follows trainer.cpu_precision.
-    assert resolve_precision(base, cpu) == "float32" and resolve_precision(base, cuda) == "bf16"
-    assert resolve_precision(dataclasses.replace(base, amp=False), cuda) == "float32"
-    assert resolve_precision(dataclasses.replace(base, cpu_precision="bf16"), cpu) == "bf16"
-    auto = dataclasses.replace(base, cpu_precision="auto")
-    for hardware, expected in ((True, "bf16"), (False, "float32")):
-        monkeypatch.setattr(device_module, "cpu_has_bf16", lambda hardware=hardware: hardware)
-        assert resolve_precision(auto, cpu) == expected
-        assert train.runtime_flags(auto, cpu) == (expected == "bf16", base.channels_last)
-    with pytest.raises(ConfigError, match="trainer.cpu_precision='fp16' is not one of"):
-        compose(["trainer.cpu_precision=fp16"])
 
 
 def test_a_bf16_run_records_its_precision(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from geometry import blob, centroid, one, pixel_homography, synthetic_digits
+from stn.compose import compose
 from stn.data import distort
-from stn.distortions import draw_distortion
+from stn.distortions import draw_distortion, draws_whole_pixels
 from stn.spatial import sample
 from stn.warp import apply_distortion, distortion_params, source_grid
 
@@ -171,3 +172,16 @@ def test_a_pixel_on_the_homographys_horizon_shows_background_not_nan() -> None:
     finite = torch.isfinite(raw).all(-1)[0]  # (H, W)
     expected = sample(digits[:, None].float() / 255, torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw)))
     assert torch.equal(images[0, 0][finite], expected[0, 0][finite])
+
+
+@pytest.mark.parametrize("dataset", ["plain", "R", "RTS", "P", "E", "TC"])
+def test_distort_without_reading_tensors_back_gives_the_same_images(dataset):
+    """distort decides 'whole-pixel paste or sampler' from the config (no host-device sync on CUDA); the
+    inspecting path (whole_pixel=None) must give the same images."""
+    cfg = compose([f"dataset={dataset}"]).dataset
+    generator = torch.Generator().manual_seed(0)
+    digits = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8, generator=generator)
+    images, params = distort(digits, cfg, torch.Generator().manual_seed(1), digits)
+    inspected = apply_distortion(digits, params, cfg.size, digits, cfg.clutter_size, whole_pixel=None)
+    assert draws_whole_pixels(cfg) == (dataset in ("plain", "TC"))
+    assert torch.equal(images, inspected)

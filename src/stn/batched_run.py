@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from stn.batched import BatchedModels
+from stn.device import sync
 
 
 @dataclass
@@ -82,11 +83,6 @@ class GroupRun:
         self.last_losses = list(state["last_losses"])
         self.bad_step = state["bad_step"].to(self.engine.device)
         self.logged_step = self.engine.step_count
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_for(run: GroupRun, deadline: float, *, clock: Callable[[], float] = time.perf_counter,

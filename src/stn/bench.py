@@ -1,37 +1,25 @@
-"""Throughput benchmarks: `bench_train` (`stn bench`) and `bench_data` (`stn bench data`).
+"""`stn bench`: training images/s per model, our pipeline against the usual way, with FLOP/s against the peak.
 
-The reference, in both, is what one would write with torchvision: `datasets.MNIST` + per-image transforms
-(PIL, `torchvision.transforms.v2`) doing the same distortion (`ReferenceDistortion`), batched by a
-`DataLoader`.
-
-`bench_data`: ours is `stn.data.TrainStream` (one grid_sample per batch), exactly what training consumes.
-Both are timed side by side in one process over the same number of images; the ratio is ours (CPU) / the
-faster reference setting.
-
-`bench_train`: training images/s per model. Ours is the whole pipeline as `stn.train.fit` runs it: TrainStream
-on the device, `prepare_model` (the fast layer layout, channels_last), `fit_step` (train_step + scheduler, no
-host-device sync) and fit's on-device loss accumulation. The reference trains the same network (same widths,
-same initialisation; built with the paper's layer order, `build_model(cfg, fast=False)`) in eager float32
-with a plain SGD loop that adds `loss.item()` to a running loss every step (PyTorch's "Training a classifier"
-tutorial; the STN tutorial's loop is the same but reads the loss every 500 batches), fed by the
-torchvision DataLoader above. The two alternate in rounds in one process, so machine load hits both; the ratio
-is the median over rounds of ours / reference. Process-wide settings (threads, OpenMP wait policy, the
-allocator setting `fit` uses on the CPU) apply to both sides. Each model's floating-point operations per image
-(one training step, forward + backward, counted by `torch.utils.flop_counter.FlopCounterMode`) turn images/s
-into FLOP/s, shown against the device's peak: a float32 matmul measured in the same run on the CPU, and on
-CUDA also the nominal dense bf16/fp32 peak of the GPU model (`NOMINAL_PEAK_TFLOPS`).
+Ours is the whole pipeline as `stn.train.fit` runs it: TrainStream on the device, `prepare_model` (the fast
+layer layout, channels_last), `fit_step` (train_step + scheduler, no host-device sync) and fit's on-device
+loss accumulation. The reference trains the same network (same widths, same initialisation; built with the
+paper's layer order, `build_model(cfg, fast=False)`) in eager float32 with a plain SGD loop that adds
+`loss.item()` to a running loss every step (PyTorch's "Training a classifier" tutorial; the STN tutorial's loop
+is the same but reads the loss every 500 batches), fed by torchvision's MNIST + per-image transforms in a
+DataLoader (`stn.bench_data.ReferenceDistortion`). The two alternate in rounds in one process, so machine load
+hits both; the ratio is the median over rounds of ours / reference. Process-wide settings (threads, OpenMP
+wait policy, the allocator setting `fit` uses on the CPU) apply to both sides. Each model's FLOPs per image
+(`stn.measure`) turn images/s into FLOP/s, shown against the device's peak: a float32 matmul measured in the
+same run on the CPU, and on CUDA also the nominal dense bf16/fp32 peak of the GPU model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import functools
 import os
-import random
 import statistics
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,157 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stn.bench_data import ReferenceDistortion
 from stn.compose import compose
-from stn.config import DIGIT, Config, DatasetConfig
+from stn.config import Config
 from stn.data import TrainStream
+from stn.device import cpu_has_bf16, cpu_model, keep_freed_memory, resolve_device, runtime_flags, sync
+from stn.measure import count_syncs, measure_matmul_peak, model_flops_per_image, nominal_peak
 from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS
-from stn.spatial import ALIGN_CORNERS, tps_control_points, tps_grid
-
-DATASETS = ("plain", "R", "RTS", "P", "E", "TC")
-
-
-# ------------------------------------------------------------------------- reference per-image transforms
-
-
-@dataclass
-class ReferenceDistortion:
-    """One PIL digit -> (1, S, S) float tensor, drawing the same distortion as `stn.distortions.draw_distortion`."""
-
-    cfg: DatasetConfig
-    pool: Tensor | None = None  # uint8 (N, 28, 28) digits that TC's clutter is cut from
-
-    def __call__(self, image: Any) -> Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
-        cfg, size = self.cfg, self.cfg.size
-        bilinear = InterpolationMode.BILINEAR
-        angle = random.uniform(-cfg.rotation, cfg.rotation)
-        scale = random.uniform(cfg.scale_min, cfg.scale_max)
-        if cfg.clutter:  # TC: whole-pixel paste into the canvas, then clutter patches composed with max
-            canvas = torch.zeros(1, size, size)
-            y, x = random.randint(0, size - DIGIT), random.randint(0, size - DIGIT)
-            canvas[0, y:y + DIGIT, x:x + DIGIT] = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)[0]
-            c = cfg.clutter_size
-            for _ in range(cfg.clutter):
-                other = self.pool[random.randrange(len(self.pool))]
-                cy, cx = random.randint(0, DIGIT - c), random.randint(0, DIGIT - c)
-                py, px = random.randint(0, size - c), random.randint(0, size - c)
-                patch = other[cy:cy + c, cx:cx + c].float() / 255
-                canvas[0, py:py + c, px:px + c] = torch.maximum(canvas[0, py:py + c, px:px + c], patch)
-            return canvas
-        if size > DIGIT:
-            image = TF.pad(image, [(size - DIGIT) // 2])
-        room = size / 2 - DIGIT / 2 * scale if cfg.translate else 0.0
-        translate = [random.uniform(-room, room), random.uniform(-room, room)]
-        if angle or scale != 1 or room:
-            image = TF.affine(image, angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],
-                              interpolation=bilinear)
-        if cfg.corner_std > 0:
-            corners = [[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]]
-            moved = [[x + random.gauss(0, cfg.corner_std), y + random.gauss(0, cfg.corner_std)] for x, y in corners]
-            image = TF.perspective(image, corners, moved, interpolation=bilinear)
-        tensor = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)  # (1, S, S)
-        if cfg.tps_std > 0:  # per-image thin plate spline: the same warp, one image at a time
-            control = tps_control_points(cfg.tps_grid)
-            offsets = torch.tensor([[random.gauss(0, cfg.tps_std) for _ in range(2)] for _ in range(len(control))])
-            theta = (control + offsets * 2 / size).reshape(1, -1)
-            grid = tps_grid(theta, size, size, grid=cfg.tps_grid)
-            tensor = F.grid_sample(tensor[None], grid, align_corners=ALIGN_CORNERS)[0]
-        return tensor
-
-
-def _time_reference(root: str, cfg: DatasetConfig, images: int, batch_size: int, workers: int) -> float:
-    from torch.utils.data import DataLoader, Subset
-    from torchvision.datasets import MNIST
-
-    dataset = MNIST(root, train=True, download=False)
-    dataset.transform = ReferenceDistortion(cfg, dataset.data if cfg.clutter else None)
-    loader = DataLoader(Subset(dataset, range(images)), batch_size=batch_size, shuffle=True, num_workers=workers)
-    start = time.perf_counter()  # includes worker start-up: a DataLoader pays it every epoch
-    seen = sum(len(labels) for _, labels in loader)
-    return seen / (time.perf_counter() - start)
-
-
-def _time_ours(digits: Tensor, labels: Tensor, cfg: DatasetConfig, images: int, batch_size: int,
-               device: torch.device, min_seconds: float) -> float:
-    stream = TrainStream(digits, labels, cfg, batch_size, seed=0, device=device)
-    stream.next()  # warm-up (first-call allocations, CUDA kernels)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    seen, start = 0, time.perf_counter()
-    while seen < images or time.perf_counter() - start < min_seconds:
-        seen += len(stream.next()[1])
-    sync()
-    return seen / (time.perf_counter() - start)
-
-
-def bench_data(root: str, images: int = 8192, batch_size: int = 256, workers: tuple[int, ...] = (0, 2),
-               datasets: tuple[str, ...] = DATASETS, min_seconds: float = 0.5,
-               threads: int | None = None) -> list[dict[str, Any]]:
-    """Images/s per dataset: ours on the CPU (and CUDA if present) beside the per-image reference.
-
-    `threads` sets torch's intra-op threads for the whole measurement (None: torch's default); the
-    reference's DataLoader workers run one thread each regardless. Returns one row per dataset:
-    {"dataset", "ours_cpu", "ours_cuda" (or None), "ref_w{n}" per worker count, "ratio" = ours_cpu / the
-    fastest reference}.
-    """
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _bench_data(root, images, batch_size, workers, datasets, min_seconds)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _bench_data(root: str, images: int, batch_size: int, workers: tuple[int, ...], datasets: tuple[str, ...],
-                min_seconds: float) -> list[dict[str, Any]]:
-    digits, labels = load_mnist(root, train=True)
-    images = min(images, len(digits))
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    rows = []
-    for name in datasets:
-        cfg = compose([f"dataset={name}"]).dataset
-        row: dict[str, Any] = {"dataset": name, "ours_cuda": None}
-        for device in devices:
-            row[f"ours_{device.type}"] = _time_ours(digits, labels, cfg, images, batch_size, device, min_seconds)
-        for count in workers:
-            row[f"ref_w{count}"] = _time_reference(root, cfg, images, batch_size, count)
-        row["ratio"] = row["ours_cpu"] / max(row[f"ref_w{count}"] for count in workers)
-        rows.append(row)
-    return rows
-
-
-def format_data_table(rows: list[dict[str, Any]], workers: tuple[int, ...] = (0, 2)) -> str:
-    """A Markdown table of `bench_data` rows (images/s, rounded)."""
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None or math.isnan(value) else f"{value:,.0f}"
-
-    head = ["dataset", "ours CPU", "ours CUDA"] + [f"torchvision, {n} workers" for n in workers] + ["ratio (CPU)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["dataset"], fmt(row["ours_cpu"]), fmt(row["ours_cuda"])]
-        cells += [fmt(row[f"ref_w{n}"]) for n in workers] + [f"{row['ratio']:.1f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ training benchmark
 
 # The models `stn bench` measures by default: Table 1's baselines and the ST-CNNs (label, config choices).
 TRAIN_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
     entry for entry in TABLE1_MODELS if not entry[0].startswith("ST-FCN")
-)
-# Nominal dense peaks in TFLOP/s (bf16 tensor cores, fp32), from NVIDIA's data sheets; first match on the
-# device name wins, so the specific names come before "H100".
-NOMINAL_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H100 PCIe", 756.0, 51.0),
-    ("H100 NVL", 835.0, 60.0),
-    ("H100", 989.0, 67.0),  # SXM
-    ("H200", 989.0, 67.0),
-    ("A100", 312.0, 19.5),
 )
 RATIO_FORMAT = "{model} ratio: {ratio:.2f}"  # the last lines of `stn bench`, one per model
 
@@ -210,63 +59,6 @@ class TrainBenchSettings:
 QUICK = TrainBenchSettings(warmup=2, rounds=5, steps=4, min_turn_s=0.3)
 
 
-def nominal_peak(device_name: str) -> tuple[float, float] | None:
-    """(bf16, fp32) nominal dense TFLOP/s of a GPU by name, or None if it is not in NOMINAL_PEAK_TFLOPS."""
-    for key, bf16, fp32 in NOMINAL_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return bf16, fp32
-    return None
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
-                        repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` (size x size) @ (size x size) matmuls on `device`, after a warm-up."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = _sync(device)
-    a @ b
-    sync()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def count_step_flops(model: torch.nn.Module, images: Tensor, labels: Tensor) -> int:
-    """Floating-point operations of one training step (forward, loss, backward) on this batch.
-
-    Counted by FlopCounterMode: 2 per multiply-add of every matmul and convolution, including the backward's
-    weight gradients and the input gradients autograd needs; elementwise ops, pooling and sampling are free.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from stn.train import train_step
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the count leaves the weights as they are
-    with FlopCounterMode(display=False) as counter:
-        train_step(model, optimizer, images, labels)
-    return int(counter.get_total_flops())
-
-
-def model_flops_per_image(cfg: Config, batch: int = 4) -> float:
-    """Training FLOPs per image of cfg's model (the paper's layer order, on the CPU, float32)."""
-    from stn.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, fast=False)
-    size = cfg.dataset.size
-    images, labels = torch.rand(batch, 1, size, size), torch.arange(batch) % 10
-    return count_step_flops(model, images, labels) / batch
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 @dataclass
 class Side:
     """One pipeline under test: run(steps) trains `steps` steps and returns the images used; settle() waits,
@@ -279,7 +71,7 @@ class Side:
 
 def _ours(cfg: Config, digits: Tensor, labels: Tensor, device: torch.device) -> Side:
     """The training loop of `stn.train.fit`, minus logging, evaluation and checkpoints."""
-    from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model, runtime_flags
+    from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model
 
     amp, channels_last = runtime_flags(cfg.trainer, device)
     model = prepare_model(cfg, device)
@@ -292,7 +84,7 @@ def _ours(cfg: Config, digits: Tensor, labels: Tensor, device: torch.device) -> 
                              "syncs": 0}
 
     def run(steps: int) -> int:
-        with _count_syncs(device, state):
+        with count_syncs(device, state):
             for _ in range(steps):
                 loss = fit_step(forward, optimizer, scheduler, stream, amp=amp, channels_last=channels_last)
                 state["step"] += 1
@@ -303,21 +95,6 @@ def _ours(cfg: Config, digits: Tensor, labels: Tensor, device: torch.device) -> 
 
     return Side(run, syncs=lambda: state["syncs"] / max(state["step"], 1) if device.type == "cuda" else None)
 
-
-@contextlib.contextmanager
-def _count_syncs(device: torch.device, state: dict[str, Any]) -> Iterator[None]:
-    """On CUDA, count the host-device synchronisations torch reports (sync debug mode) into state['syncs']."""
-    if device.type != "cuda":
-        yield
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    state["syncs"] += sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def _reference(cfg: Config, device: torch.device, workers: int) -> Side:
@@ -387,14 +164,12 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
     ratios), ours_rounds, reference_rounds, achieved (FLOP/s of ours), ceiling (images/s at the first peak),
     ceiling_ratio (ceiling / reference), syncs_per_step (ours, CUDA only, else None)]}.
     """
-    from stn.train import cpu_has_bf16, keep_freed_memory, resolve_device
-
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu":
         keep_freed_memory()  # as fit does on the CPU; process-wide, so the reference gets it too
     workers = settings.workers if settings.workers is not None else default_workers()
     digits, labels = load_mnist(cfg.data_dir, train=True, download=cfg.download)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} CPUs"
     peak: dict[str, float] = {}
     if device.type == "cuda":
         nominal = nominal_peak(name)
@@ -415,7 +190,6 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
         + ", ".join(f"{key} {value / 1e9:,.1f} GFLOP/s" for key, value in peak.items()))
     if device.type == "cpu" and not bf16_hardware:
         log("bf16 not timed per model: this CPU has no bf16 hardware (see the bf16 matmul peak above)")
-    sync = _sync(device)
     top_peak = next(iter(peak.values()))  # CUDA: nominal bf16 (training runs in bf16); CPU: the float32 matmul
     rows = []
     for label, choice in models:
@@ -430,7 +204,7 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
         if bf16_hardware:
             bf16_cfg = replace(model_cfg, trainer=replace(model_cfg.trainer, cpu_precision="bf16"))
             sides["ours_bf16"] = _ours(bf16_cfg, digits, labels, device)
-        rates = _alternate(sides, settings, sync)
+        rates = _alternate(sides, settings, functools.partial(sync, device))
         syncs = sides["ours"].syncs()
         del sides  # the reference's DataLoader workers exit here
         ours, reference = statistics.median(rates["ours"]), statistics.median(rates["reference"])
@@ -479,16 +253,6 @@ def _alternate(sides: dict[str, Side], settings: TrainBenchSettings,
             sides[name].settle()
     return rates
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    except OSError:
-        pass
-    return f"CPU, {os.cpu_count()} CPUs"
 
 
 def format_train_table(result: dict[str, Any]) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from stn.config import DIGIT, Config
 from stn.data import make_test_set
+from stn.device import cpu_model
 from stn.distortions import canvas_corners, quad_folded
 from stn.mnist import load_mnist
 from stn.spatial import norm_to_pixel, sample, target_points
@@ -102,16 +102,8 @@ def summarise(values: Tensor) -> dict[str, float]:
 
 
 def machine() -> str:
-    """The CPU's model name (Linux), else platform's description; and the torch version."""
-    name = platform.processor() or platform.platform()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, torch {torch.__version__}"
+    """The CPU's model name and the torch version."""
+    return f"{cpu_model()}, torch {torch.__version__}"
 
 
 def build_card(cfg: Config, count: int = DEFAULT_COUNT) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -399,7 +399,7 @@ def bench_data_command(
     import time
 
     config = load_config(overrides)
-    from stn.bench import bench_data, format_data_table
+    from stn.bench_data import bench_data, format_data_table
 
     names = tuple(name.strip() for name in datasets.split(",") if name.strip())
     unknown = [name for name in names if name not in group_choices("dataset")]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
-import platform
 import statistics
 import subprocess
 from collections.abc import Callable, Sequence
@@ -283,13 +282,9 @@ def machine() -> str:
     """The CPU model and its vector ISA as torch sees it, e.g. 'AMD EPYC (AVX2, 2 cores)'."""
     import torch
 
-    name = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+    from stn.device import cpu_model
+
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 
 def git_commit() -> str:

@@ -3,12 +3,14 @@
 `resolve_device` turns trainer.device into a torch.device (a missing CUDA device is a ConfigError);
 `resolve_precision` / `runtime_flags` decide bf16 autocast (CUDA: trainer.amp; CPU: trainer.cpu_precision)
 and channels_last; `keep_freed_memory` tunes glibc's allocator for the CPU training loop; `check_memory`
-refuses a run whose estimated peak memory exceeds what the machine has free.
+refuses a run whose estimated peak memory exceeds what the machine has free. `sync` waits for the device
+(timing, reading losses); `cpu_model` names the CPU for records and benchmark reports.
 """
 
 from __future__ import annotations
 
 import ctypes
+import platform
 import sys
 from typing import Any
 
@@ -28,6 +30,24 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"trainer.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist: "
                           f"use cuda:0 .. cuda:{max(torch.cuda.device_count() - 1, 0)}, auto or cpu")
     return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait until `device` has finished its queued work (CUDA; the CPU computes synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows about the machine."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.platform()
 
 
 def cpu_has_bf16() -> bool:

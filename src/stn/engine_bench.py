@@ -6,7 +6,7 @@ kernels `stn train` uses; "vmap": one batched call per layer), on one dataset:
   per step;
 - pipeline images/s: the stream's next() + step, what training runs (options.data: "exact" draws each model's
   `stn train` batches, warped once per dataset; "block" draws block_steps steps at a time);
-- FLOP/s: FLOPs per training image (FlopCounterMode, `stn.bench.model_flops_per_image`) x step images/s,
+- FLOP/s: FLOPs per training image (FlopCounterMode, `stn.measure.model_flops_per_image`) x step images/s,
   and % of a matmul peak measured in the same process (float32 on the CPU; bf16 and float32 on CUDA);
 - peak memory: CUDA's max_memory_allocated per measurement; on the CPU the process's peak RSS (ru_maxrss,
   process-wide, so it only grows from row to row);
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -29,23 +28,13 @@ import torch
 
 from stn.batched import BatchedModels, EngineOptions
 from stn.batched_data import BlockStream, make_stream
-from stn.batched_run import sync
 from stn.compose import compose
+from stn.device import cpu_model, sync
 from stn.models import TABLE1_MODELS
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def _timed(run: Callable[[], Any], steps: int, device: torch.device) -> float:
@@ -76,7 +65,7 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                  device: str = "cpu", options: EngineOptions | None = None, data_dir: str | None = None,
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; returns {"device", "device_name", "torch", "peak_flops", "rows": [...], "cost": [...]}."""
-    from stn.bench import _count_syncs, measure_matmul_peak, model_flops_per_image
+    from stn.measure import count_syncs, measure_matmul_peak, model_flops_per_image
     from stn.mnist import load_mnist
 
     options = options or EngineOptions()
@@ -120,7 +109,7 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
                 _to_block_start(stream)
                 data_s = _timed(stream.next, data_steps, dev)
                 counted = {"syncs": 0}
-                with _count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
+                with count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
                     for _ in range(steps):
                         engine.step(*stream.next())
                 per_step = k * batch_size

@@ -158,7 +158,7 @@ class CostModel:
         cfg = group.members[0].config
         key = shape_signature(cfg)
         if key not in self._flops:
-            from stn.bench import model_flops_per_image
+            from stn.measure import model_flops_per_image
 
             self._flops[key] = model_flops_per_image(cfg)
         return self._flops[key]

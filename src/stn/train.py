@@ -39,12 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stn.config import Config, RunError, TrainerConfig, to_dict, to_yaml
-from stn.device import (  # noqa: F401 (resolve_device, keep_freed_memory: part of the training API)
+from stn.device import (
     check_memory,
     cpu_has_bf16,
     keep_freed_memory,
     resolve_device,
-    resolve_precision,
     runtime_flags,
 )
 from stn.progress import Console, stop_on_signals
