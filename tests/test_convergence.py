@@ -1,8 +1,7 @@
-"""The convergence study: budgets, planning order, the CSV record and its resume, plots, bad inputs."""
+"""stn.convergence: budgets, planning order, the CSV record and its resume, bad inputs (plots: test_convergence_plot)."""
 
 from __future__ import annotations
 
-import csv
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,10 +17,8 @@ from stn.convergence import (
     load_study,
     parse_budget,
     plan,
-    plot_study,
     read_results,
     run_study,
-    summary_table,
 )
 from stn.train import TrainingInterrupted
 
@@ -115,22 +112,6 @@ def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path:
     report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
     assert calls == [("E", "fcn"), ("E", "cnn")] and report.skipped == 2  # the interrupted cell comes back
     assert len(read_results(study.results)) == 4
-
-
-def test_plot_and_summary_from_a_record(tmp_path: Path) -> None:
-    record = tmp_path / "results.csv"
-    rows = [("CNN", "1/250", 0, 4.0), ("CNN", "1/250", 1, 5.0), ("CNN", "1/50", 0, 2.0), ("FCN", "1/50", 0, 9.0)]
-    with record.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["recipe", "dataset", "model", "budget", "images", "seed", "test_error", "paper"])
-        for model, budget, seed, error in rows:
-            images = int(parse_budget(budget) * PAPER_IMAGES)
-            writer.writerow(["paper-sgd", "R", model, budget, images, seed, error, 1.2 if model == "CNN" else 2.1])
-    table = summary_table(record)
-    assert "| paper-sgd | R | CNN | 4.50 ± 0.71 (2) | 2.00 (1) | 1.2 |" in table
-    assert "| paper-sgd | R | FCN |  | 9.00 (1) | 2.1 |" in table
-    written = plot_study(record, tmp_path / "plots")
-    assert [p.name for p in written] == ["R.png"] and written[0].stat().st_size > 10_000
 
 
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:

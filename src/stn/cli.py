@@ -564,7 +564,8 @@ def convergence_plot(
 ) -> None:
     """Per-dataset PNGs (plots/<study>/, test error vs training images, log-log, the paper dashed) and <study>.md
     beside the record."""
-    from stn.convergence import StudyError, load_study, plot_study, summary_table
+    from stn.convergence import StudyError, load_study
+    from stn.convergence_plot import plot_study, summary_table
 
     try:
         loaded = load_study(study)

@@ -9,8 +9,8 @@ of budget, then seed, then column, then row (so the cheapest complete picture co
 row per finished cell (with its distortion-recovery headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and a
 rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
 continues from it on the next call. Every row names the CPU (or GPU) and the precision it ran in: one study
-keeps one precision (the study file pins it), and `plot_study` draws one picture per dataset: test error
-against training images, both on log axes, a line per model with its seed spread, the paper's value dashed.
+keeps one precision (the study file pins it). Reading the record back into pictures and a table is
+`stn.convergence_plot`'s.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
-import statistics
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -364,93 +363,3 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
         report.done.append(row)
         log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
     return report
-
-
-# --------------------------------------------------------------------------------------------- plotting
-
-
-def aggregate(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
-    """(recipe, dataset, model, budget) -> {images, errors, mean, std, paper}."""
-    out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for r in rows:
-        key = (r["recipe"], r["dataset"], r["model"], r["budget"])
-        entry = out.setdefault(key, {"images": int(r["images"]), "errors": [], "paper": r.get("paper") or None})
-        entry["errors"].append(float(r["test_error"]))
-    for entry in out.values():
-        errors = entry["errors"]
-        entry["mean"] = statistics.fmean(errors)
-        entry["std"] = statistics.stdev(errors) if len(errors) > 1 else None
-        entry["paper"] = None if entry["paper"] in (None, "") else float(entry["paper"])
-    return out
-
-
-def plot_study(results: Path, out_dir: Path) -> list[Path]:
-    """One PNG per dataset: test error vs training images (log-log), a line per model and recipe (mean over
-    seeds, the band from min to max seed), the paper's error dashed at the paper's image count."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = aggregate(read_results(results))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for dataset in sorted({k[1] for k in table}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        keys = sorted({(k[0], k[2]) for k in table if k[1] == dataset})
-        colors = plt.cm.tab10.colors  # type: ignore[attr-defined]
-        for index, (recipe, model) in enumerate(keys):
-            color = colors[index % len(colors)]
-            points = sorted(((v["images"], v) for k, v in table.items() if k[:3] == (recipe, dataset, model)),
-                            key=lambda point: point[0])
-            xs = [p[0] for p in points]
-            style = "-" if recipe == "paper-sgd" else ":"
-            ax.plot(xs, [p[1]["mean"] for p in points], style, marker="o", color=color,
-                    label=f"{model}" + ("" if recipe == "paper-sgd" else f" [{recipe}]"))
-            ax.fill_between(xs, [min(p[1]["errors"]) for p in points], [max(p[1]["errors"]) for p in points],
-                            color=color, alpha=0.2)
-            for x, (_, v) in zip(xs, points, strict=True):
-                ax.annotate(str(len(v["errors"])), (x, v["mean"]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
-            paper = next((p[1]["paper"] for p in points if p[1]["paper"] is not None), None)
-            if paper is not None and recipe == "paper-sgd":
-                ax.axhline(paper, color=color, linestyle="--", linewidth=0.8)
-                ax.plot([PAPER_IMAGES], [paper], marker="*", color=color, markersize=9)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        plain = matplotlib.ticker.FormatStrFormatter("%g")  # 0.8, 2, 10 rather than 8x10^-1
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.set_xlabel("training images (paper: 38.4M, the stars)")
-        ax.set_ylabel("test error (%)")
-        ax.set_title(f"{dataset}: test error vs training budget (band: seed min-max; n = seeds)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        path = out_dir / f"{dataset}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def summary_table(results: Path) -> str:
-    """Markdown: per (dataset, model), mean ± std (n) at every budget, beside the paper."""
-    table = aggregate(read_results(results))
-    budgets = sorted({k[3] for k in table}, key=parse_budget)
-    head = ["recipe", "dataset", "model", *budgets, "paper (1/1)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for recipe, dataset, model in sorted({k[:3] for k in table}):
-        cells = []
-        paper = None
-        for budget in budgets:
-            entry = table.get((recipe, dataset, model, budget))
-            if entry is None:
-                cells.append("")
-                continue
-            paper = entry["paper"] if entry["paper"] is not None else paper
-            spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
-            cells.append(f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})")
-        lines.append("| " + " | ".join([recipe, dataset, model, *cells, "" if paper is None else f"{paper}"]) + " |")
-    return "\n".join(lines)
