@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from stn.compose import compose
 from stn.config import Config, ConfigError
+from stn.runs import write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
 PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model
@@ -260,16 +261,14 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
     """Add one row to the CSV (rewritten atomically, so a kill never leaves half a line)."""
     rows = read_results(path)
     rows.append({c: row.get(c, "") for c in COLUMNS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write)
 
 
 def recorded_keys(study: Study) -> set[tuple[str, str, str, int]]:

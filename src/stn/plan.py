@@ -26,7 +26,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from stn.batched_data import make_stream
 from stn.batched_run import GroupRun, train_for
 from stn.compose import compose
 from stn.config import Config
+from stn.runs import save_checkpoint, write_atomic
 
 RESULTS = "results.json"
 PARTIAL = "partial.pt"
@@ -241,15 +241,6 @@ def _iters(groups: Sequence[Group], gid: str) -> int:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_results(state_dir: Path) -> dict[str, dict[str, Any]]:
     path = state_dir / RESULTS
     if not path.is_file():
@@ -265,7 +256,7 @@ def load_results(state_dir: Path) -> dict[str, dict[str, Any]]:
 
 def save_results(state_dir: Path, results: dict[str, dict[str, Any]]) -> None:
     text = json.dumps({"version": PLAN_VERSION, "members": results}, indent=1) + "\n"
-    _atomic_write(state_dir / RESULTS, lambda tmp: tmp.write_text(text))
+    write_atomic(state_dir / RESULTS, text)
 
 
 def group_done(group: Group, results: dict[str, dict[str, Any]]) -> bool:
@@ -356,7 +347,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
             f"({rate:,.0f} images/s all models), losses {[round(x, 4) for x in run.last_losses]}")
         if not run.done:
             state = {"gid": group.gid, "state": run.state_dict()}
-            _atomic_write(state_dir / PARTIAL, lambda tmp, s=state: torch.save(s, tmp))
+            save_checkpoint(state_dir / PARTIAL, state)
             break
         errors = engine.evaluate(_test_sets(group.members, cfgs[0].data_dir, device, cache),
                                  cfgs[0].trainer.eval_batch_size)
@@ -390,8 +381,8 @@ def write_progress(groups: Sequence[Group], state_dir: Path, results: dict[str, 
         "estimated_chunks_left": len(remaining),
         "estimated_seconds_left": sum(s.seconds for c in remaining for s in c),
     }
-    _atomic_write(state_dir / PROGRESS, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-    _atomic_write(state_dir / TABLE_CSV, lambda tmp: tmp.write_text(table_csv(results)))
+    write_atomic(state_dir / PROGRESS, json.dumps(record, indent=1) + "\n")
+    write_atomic(state_dir / TABLE_CSV, table_csv(results))
     return record
 
 
