@@ -207,19 +207,3 @@ def write_card(cfg: Config, out: str | Path, count: int = DEFAULT_COUNT, png: bo
         paths.append(stem.with_suffix(".png"))
         card_png(card, stats, paths[2])
     return paths
-
-
-def card_table(cards: list[dict[str, Any]]) -> str:
-    """One markdown row per card (medians with p5-p95), for READMEs."""
-    lines = ["| dataset | size p5 / median / p95 | off-canvas ink, mean (draws > 1%) | ink displacement px, "
-             "median (p95) | corners / control points px, mean | folded |", "|---|---|---|---|---|---|"]
-    for card in cards:
-        stats = card["stats"]
-        size, off, ink = stats["size"], stats["off_canvas"], stats["ink_displacement_px"]
-        moved = stats.get("corner_displacement_px") or stats.get("control_displacement_px")
-        lines.append(
-            f"| {card['dataset']} | {size['p5']:.3f} / {size['median']:.3f} / {size['p95']:.3f} | "
-            f"{off['mean']:.2%} ({card['off_canvas_over_1pct']:.1%}) | {ink['median']:.2f} ({ink['p95']:.2f}) | "
-            f"{'-' if moved is None else format(moved['mean'], '.2f')} | "
-            f"{'-' if 'folded_fraction' not in card else format(card['folded_fraction'], '.2%')} |")
-    return "\n".join(lines)

@@ -72,7 +72,6 @@ LOC_CONV_FC_UNITS = 20  # ST-CNN localisation: the fully-connected layer before 
 # Pixel mean and std of the 60k MNIST training digits in [0, 1] (computed: 0.13066, 0.30811).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MATCH_TOLERANCE = 0.05  # a derived width must land within 5% of its parameter target, or the build fails
-CNN_MIN_INPUT = 21  # smallest side the 9x9 conv -> ceil-pool -> 7x7 conv stack accepts
 
 
 @dataclass

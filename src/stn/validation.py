@@ -36,6 +36,7 @@ from stn.config import (
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")  # a folder name on every OS, no path separator
 PICTURE_FORMATS = {"preview": (".png", ".jpg", ".jpeg"), "visualize": (".png", ".jpg", ".jpeg", ".pdf", ".svg")}
+CNN_MIN_INPUT = 21  # smallest side the CNN's 9x9 conv -> ceil-pool 2 -> 7x7 conv (unpadded) accepts
 MAX_PICTURES = 256  # samples per preview / visualize picture (and W&B image pairs: 64)
 
 # Every numeric field's inclusive range (None = no bound on that side); a float's must also be finite.
@@ -124,7 +125,7 @@ def _pairing_errors(cfg: Config) -> list[str]:
                    f"transformer: drop the override" for key, is_set in unused.items() if is_set]
     elif spec.placement == "input":
         side = (spec.output_size or data.size) // data.st_output_pool
-        minimum = 21 if model == "st_cnn" else 1  # 9x9 conv -> ceil-pool 2 -> 7x7 conv, unpadded
+        minimum = CNN_MIN_INPUT if model == "st_cnn" else 1
         if side < minimum:
             errors.append(f"transformer.output_size={spec.output_size}, dataset.st_output_pool="
                           f"{data.st_output_pool}: the classification net gets {side}x{side} inputs, needs at "
