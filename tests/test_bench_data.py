@@ -17,7 +17,7 @@ def pil_digit(seed: int = 0) -> tuple[Image.Image, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     digit = torch.zeros(28, 28, dtype=torch.uint8)
     digit[6:22, 9:19] = torch.randint(1, 256, (16, 10), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(digit.numpy())  # uint8 (28, 28): mode L, digit
+    return Image.fromarray(digit.numpy()), digit  # uint8 (28, 28): PIL mode L
 
 
 @pytest.mark.parametrize("name", ["plain", "R", "RTS", "P", "E", "TC"])
