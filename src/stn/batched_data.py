@@ -98,7 +98,7 @@ class BlockStream:
     distortions of all its models' next `block_steps` batches, and one `apply_distortion` warps them. Every
     model's stream stays independent of the others' draws within a block (disjoint slices of one draw),
     reproducible and resumable (the state is the block's start and the offset in it), with the distribution
-    `stn.data` defines; it is simply not the same sample as the exact streams. Memory: block_steps * K * B
+    `stn.distortions` defines; it is simply not the same sample as the exact streams. Memory: block_steps * K * B
     images of S x S float32 (32 x 9 x 256 at 28x28: 231 MB), plus the warp's grid, twice that.
     """
 

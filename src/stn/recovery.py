@@ -1,6 +1,6 @@
 """Distortion recovery: how consistently a spatial transformer undoes the known distortion of each test digit.
 
-Every test sample carries its distortion (`stn.data`: `source_points(params, q)` maps a point q of the
+Every test sample carries its distortion (`stn.warp`: `source_points(params, q)` maps a point q of the
 distorted canvas to the point of the undistorted digit shown there). The transformer's sampling grid T maps
 each point g of its output to a point T(g) of its input (the distorted canvas). Their composition
 
@@ -13,7 +13,7 @@ transformers rectify to a "mean pose". So the metric is the spread of C around i
 - **pose**: C is fitted by an affine map (least squares over the output grid points whose C(g) lies in the
   digit's 28x28 frame, where the output shows the digit), and its inverse, the
   forward map digit -> output, is read as the pose the digit is shown in, in the datasets' own convention
-  (`stn.data`: output = position + scale * Rot(angle) digit, angles counter-clockwise on screen, px): for the
+  (`stn.warp`: output = position + scale * Rot(angle) digit, angles counter-clockwise on screen, px): for the
   identity transformer the pose is exactly the drawn distortion (R: the drawn angle; RTS: angle, scale,
   translation). Spread: rotation_std_deg (about the circular mean), log_scale_std (natural log),
   position_rms_px (root mean square distance of the digit centre's output position from its mean, output px).
