@@ -87,8 +87,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], cfg: Config, classes: tuple[str, ...]) -> list[str]:
-    """'key: saved -> now' for every key of the given classes whose value differs."""
-    before, now = flatten(saved), flatten(to_dict(cfg))
+    """'key: saved -> now' for every key of the given classes whose value differs. A key the saved config lacks
+    was added to stn after that run was saved, with a default that keeps the old behaviour: it compares as
+    that default."""
+    before, now = flatten(to_dict(Config())) | flatten(saved), flatten(to_dict(cfg))
     keys = [k for k in sorted(set(before) | set(now)) if key_class(k) in classes]
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
