@@ -27,7 +27,7 @@ def mnist(data_dir: Path):
 
 @pytest.fixture(scope="session")
 def datasets():
-    """The composed DatasetConfig of every dataset, by name (plain, R, RTS, P, E, TC)."""
+    """The composed DatasetConfig of every dataset, by name (plain, R, RTS, P, P_axis, E, TC)."""
     from stn.compose import compose
 
-    return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "E", "TC")}
+    return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "P_axis", "E", "TC")}

@@ -59,6 +59,10 @@ class DatasetConfig:
     fixed_train: bool = False  # distort the training set once, up front, instead of afresh each epoch
     test_seed: int = 20151207  # the fixed test set is a pure function of this seed
     train_limit: int | None = None  # use only the first N training digits (tests, smoke runs)
+    # Hold out the last N of MNIST's 60k training digits as a validation set, for choosing hyperparameters
+    # without the test set: training never sees them, and every evaluation of the run is on them (distorted
+    # with test_seed + 1, logged as val_error); the test set is not evaluated at all. 0 = no validation split.
+    validation: int = 0
     test_limit: int | None = None  # evaluate on the first N test digits only (tests, smoke runs)
 
 
@@ -95,6 +99,11 @@ class TrainerConfig:
     weight_decay: float = 0.0
     lr_step: int = 50_000  # divide the learning rate by lr_gamma**-1 every lr_step iterations
     lr_gamma: float = 0.1
+    # step: the paper's (lr * lr_gamma every lr_step steps). onecycle: PyTorch's OneCycleLR over the whole run
+    # with `lr` as its peak (its defaults: 30% warm-up, cosine, momentum cycled 0.85-0.95), a recipe beyond
+    # the paper (experiments/convergence/README.md).
+    schedule: str = "step"
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
     # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where
@@ -158,6 +167,7 @@ CORNER_FRAMES = ("canvas", "image", "box20", "digit_box")
 CORNER_DIRECTIONS = ("per_axis", "diagonal")
 FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
+SCHEDULES = ("step", "onecycle")
 TrainerPreset = Literal["smoke", "quick", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
 TRAINER_PRESETS: tuple[str, ...] = get_args(TrainerPreset)
 

@@ -3,9 +3,10 @@ clutter. What is drawn, and from which ranges, is decided here; turning the draw
 
 RTS draws the translation per axis from U[-(S/2 - 14 scale), +(S/2 - 14 scale)], which keeps the scaled 28x28
 box (before rotation) inside the canvas, and so the disc it inscribes at any angle, where MNIST's ink lies. P
-moves the 28x28 canvas corners by N(0, corner_std) px per axis (the default reading; `corner_frame` (canvas |
-image: the scaled 28x28 digit image's corners | box20: the central 20x20 box MNIST normalised its digits into,
-scaled | digit_box: each digit's ink bounding box, scaled), `corner_direction` and `folded` select others, see
+stretches the 28x28 canvas corners along their diagonals by N(0, corner_std) px (conf/dataset/P.yaml; the
+dataclass default, per axis, is P_axis, the first reading coded; `corner_frame` (canvas | image: the scaled
+28x28 digit image's corners | box20: the central 20x20 box MNIST normalised its digits into, scaled |
+digit_box: each digit's ink bounding box, scaled), `corner_direction` and `folded` select others, see
 `draw_corners`). E moves the 4x4 TPS control points by N(0, tps_std) px. TC places the digit at a whole-pixel
 position of the 60x60 canvas and draws six 6x6 patches (which digit, where in it, where on the canvas).
 Every draw comes from the `torch.Generator` passed in (`stn.data` derives one per batch).
@@ -137,7 +138,7 @@ def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, 
         translation = (torch.rand(batch, 2, generator=generator, device=device) * 2 - 1) * room[:, None]
     corners = tps = points = None
     default_reading = cfg.corner_frame == "canvas" and cfg.corner_direction == "per_axis" and cfg.folded == "keep"
-    if cfg.corner_std > 0 and default_reading:  # today's P: kept on its original code path (same bytes)
+    if cfg.corner_std > 0 and default_reading:  # P_axis, the first P: kept on its original code path (same bytes)
         corners = torch.randn(batch, 4, 2, generator=generator, device=device) * cfg.corner_std
     elif cfg.corner_std > 0:
         if cfg.corner_frame == "digit_box":
