@@ -1,7 +1,8 @@
 """The run record: one run's folder, what it holds, and the rules for continuing it.
 
 Owns everything on disk about a run, so `stn.train` reads as the training loop and `stn.tables` as the
-table: atomic writes, checkpoint save/load, metrics JSONL, where a run lives and how it starts (fresh,
+table: atomic writes, the checkpoint (what it holds, `checkpoint_state`; saved, loaded, and put back into a
+model, optimizer, scheduler and stream, `restore`), metrics JSONL, where a run lives and how it starts (fresh,
 resume, finished), the lock that keeps two processes out of one folder, and the one classification of
 config keys behind both "may this run be resumed with this config?" (`may_resume`) and "is this finished
 run stale for this config?" (`is_stale`).
@@ -29,10 +30,14 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stn.compose import from_container
 from stn.config import Config, UserError, to_dict
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, not with the module
+    import torch
+    from torch import nn
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -187,6 +192,40 @@ def load_checkpoint(path: Path, device: Any) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has format version {state['version']}, this stn reads "
                               f"{CHECKPOINT_VERSION}; delete it to start that run over")
     return state
+
+
+def checkpoint_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any, cfg: Config,
+                     clock: dict[str, float]) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly: weights, momentum, schedule, RNGs, data position."""
+    import torch
+
+    return {
+        "version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "stream": stream.state_dict(), "config": to_dict(cfg), "clock": dict(clock),
+    }  # fmt: skip
+
+
+def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any) -> None:
+    """Load a checkpoint's states into freshly built objects (the inverse of `checkpoint_state`)."""
+    import torch
+
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/data: {str(err).splitlines()[0]}; "
+                            f"delete it to start that run over") from None
+    torch.set_rng_state(state["rng"]["cpu"].cpu())
+    cuda_states = state["rng"]["cuda"]
+    if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import Config, RunError, TrainerConfig, to_dict, to_yaml
+from stn.config import Config, RunError, TrainerConfig, to_yaml
 from stn.device import (
     check_memory,
     cpu_has_bf16,
@@ -50,17 +50,18 @@ from stn.progress import Console, stop_on_signals
 from stn.recovery import recovery_metrics
 from stn.runs import (
     CHECKPOINT,
-    CHECKPOINT_VERSION,
     CheckpointError,
     append_metrics,
     best_test_error,
     check_resumable,
     check_step,
+    checkpoint_state,
     finished_summary,
     load_checkpoint,
     locate_run,
     locked,
     new_run_dir,
+    restore,
     save_checkpoint,
     truncate_metrics,
     write_atomic,
@@ -157,39 +158,6 @@ def evaluate(model: nn.Module, test_set: Any, batch_size: int, *, amp: bool = Fa
 def all_finite(model: nn.Module) -> bool:
     """Whether every parameter is finite (one sync); checked before a checkpoint is allowed to overwrite the last."""
     return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any, cfg: Config,
-                     clock: dict[str, float]) -> dict[str, Any]:
-    """Everything a resumed run needs to continue exactly: weights, momentum, schedule, RNGs, data position."""
-    return {
-        "version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "stream": stream.state_dict(), "config": to_dict(cfg), "clock": dict(clock),
-    }  # fmt: skip
-
-
-def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any) -> None:
-    """Load a checkpoint's states into freshly built objects (the inverse of `checkpoint_state`)."""
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["stream"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/data: {str(err).splitlines()[0]}; "
-                            f"delete it to start that run over") from None
-    torch.set_rng_state(state["rng"]["cpu"].cpu())
-    cuda_states = state["rng"]["cuda"]
-    if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
 # ------------------------------------------------------------------------------------------------- fit
