@@ -348,17 +348,33 @@ def visualize(
     data_dir: Annotated[
         str | None, typer.Option(help="MNIST root (default: $STN_DATA_DIR, else the checkpoint's data_dir).")
     ] = None,
+    recovery_digits: Annotated[int, typer.Option(
+        help="Test digits to measure the distortion recovery on (stn.recovery), shown in the title; 0 = skip.")] = 1000,
+    wandb: Annotated[bool, typer.Option(
+        "--wandb", help="Also log the figure and the recovery to W&B: a 'visualize' run in the training's project "
+        "and group (mode: WANDB_MODE, else the checkpoint's logger.mode), or the run active in this process.")]
+    = False,
 ) -> None:
-    """Draw test digits with the transformer's sampling grid T(G) and its output (the paper's Table 1, right)."""
+    """Draw test digits with the transformer's sampling grid T(G) and its output (the paper's Table 1, right),
+    and print how consistently the transformer undoes the distortions (stn.recovery)."""
     refuse([f"--count {count}: choose 1 to {MAX_PICTURES // 4} (one column per digit)"]
            * (not 1 <= count <= MAX_PICTURES // 4)
+           + [f"--recovery-digits {recovery_digits}: choose 0 to 10000"] * (not 0 <= recovery_digits <= 10_000)
            + [f"checkpoint {checkpoint}: no such file; pass a run's checkpoints/last.pt"] * (not checkpoint.is_file())
            + picture_problems("--out", out, "visualize"))
-    from stn.visualize import visualize_checkpoint
+    from stn.visualize import render_checkpoint
 
     with reported():
-        path = visualize_checkpoint(checkpoint, out, count=count, data_dir=data_dir)
-    typer.echo(f"wrote {path}")
+        rendered = render_checkpoint(checkpoint, out, count=count, data_dir=data_dir, recovery_digits=recovery_digits)
+    if rendered.recovery_text:
+        typer.echo(rendered.recovery_text)
+    typer.echo(f"wrote {rendered.path}")
+    if wandb:
+        from stn.tracking import log_visualization
+
+        where = log_visualization(rendered, checkpoint)
+        if where is not None:
+            typer.echo(f"logged to W&B: {where}")
 
 
 @app.command("recovery")
