@@ -74,6 +74,7 @@ def effective_mode(mode: str) -> str:
     return mode
 
 
+SERVICE_ENV = "WANDB_SERVICE"  # where wandb tells child processes about its service (see init_run)
 ONLINE_TIMEOUT_S = 30  # how long `online` may wait for the W&B server before falling back to offline
 
 
@@ -94,15 +95,24 @@ def init_run(mode: str, **kwargs: Any) -> Any:
             **kwargs,
         )
 
-    if mode != "online":
-        return start(mode)
+    inherited = os.environ.get(SERVICE_ENV)
     try:
-        return start("online")
-    except Exception as err:  # no network, a server that does not answer in time, a rejected key
-        reason = " ".join(str(err).split())[:200]
-        say_once(f"logger.mode=online could not reach W&B within {ONLINE_TIMEOUT_S} s ({type(err).__name__}: "
-                 f"{reason}); logging offline instead, upload later with `wandb sync wandb/offline-run-*`")
-        return start("offline")
+        if mode != "online":
+            return start(mode)
+        try:
+            return start("online")
+        except Exception as err:  # no network, a server that does not answer in time, a rejected key
+            reason = " ".join(str(err).split())[:200]
+            say_once(f"logger.mode=online could not reach W&B within {ONLINE_TIMEOUT_S} s ({type(err).__name__}: "
+                     f"{reason}); logging offline instead, upload later with `wandb sync wandb/offline-run-*`")
+            return start("offline")
+    finally:
+        # wandb advertises the service it started in this process's environment, for child processes to
+        # share. The table process logs its run while it still submits cells: a Slurm job on another node (or
+        # a local cell outliving a stopped table) must not be pointed at this process's service, so the
+        # variable goes (this process keeps its own connection). One set by the caller is left alone.
+        if inherited is None:
+            os.environ.pop(SERVICE_ENV, None)
 
 
 SAMPLE_SIDE = 112  # the W&B sample images' input side in pixels, roughly: 28 px digits are enlarged 4x
