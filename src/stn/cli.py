@@ -377,6 +377,46 @@ def visualize(
             typer.echo(f"logged to W&B: {where}")
 
 
+@app.command("wandb-report")
+def wandb_report(
+    entity: Annotated[str | None, typer.Option(help="W&B entity (default: $WANDB_ENTITY).")] = None,
+    project: Annotated[str | None, typer.Option(help="W&B project (default: $WANDB_PROJECT, else stn).")] = None,
+    group: Annotated[str | None, typer.Option(
+        help="A table's W&B group (its folder name, e.g. table1-quick); default: every table1 run.")] = None,
+    title: Annotated[str | None, typer.Option(help="The report's title.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Build the report and list its panels; send nothing.")]
+    = False,
+) -> None:
+    """Create the Table 1 dashboard as a W&B report (needs wandb-workspaces: pip install 'stn[report]').
+
+    Panels (stn.dashboard): test error and loss against training images per cell (mean, std over seeds), best
+    test error per cell, ours against the paper, the transformers' images, and the table run's tables."""
+    from stn.dashboard import PANELS, DashboardError, Template, build_report, save_report
+
+    entity = entity or os.environ.get("WANDB_ENTITY")
+    refuse(["--entity: give the W&B entity (user or team) that owns the project, or set WANDB_ENTITY"]
+           * (not entity and not dry_run))
+    template = Template(project=project or os.environ.get("WANDB_PROJECT") or "stn", entity=entity or "ENTITY",
+                        group=group)
+    if title:
+        template.title = title
+    with reported():
+        try:
+            if dry_run:
+                build_report(template)
+                for panel in PANELS:
+                    typer.echo(f"{panel.source:>5} {panel.kind:<7} {panel.title}: "
+                               + ", ".join(f"{kind} {name}" for kind, name in panel.keys()))
+                typer.echo(f"built {len(PANELS)} panels for {template.entity}/{template.project}; nothing sent")
+                return
+            url = save_report(template)
+        except DashboardError:
+            raise
+        except Exception as err:  # the W&B server refused or could not be reached
+            fail(f"saving the report failed ({type(err).__name__}: {' '.join(str(err).split())[:300]})", 1)
+    typer.echo(f"saved the report: {url}")
+
+
 @app.command("recovery")
 def recovery(
     checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. <run folder>/checkpoints/last.pt")],
