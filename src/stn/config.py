@@ -136,7 +136,7 @@ class LoggerConfig:
     # At the end of a training, the checkpoint(s) (type "model") and a dataset card ("dataset-card") as W&B
     # artifacts, so whoever syncs the run can download the model and `stn visualize` it (stn.tracking).
     artifacts: bool = True
-    card_draws: int = 1000  # test draws the card artifact measures (stn.cards); 0 = no card
+    card_draws: int = 200  # test draws the card artifact measures (stn.cards; a cheap card: ~1 s); 0 = no card
     # Set by `stn reproduce-table` on its cells: table, row, column, cell, paper value. Tracker puts them in
     # the W&B config (top level) and tags, so a group's dashboard can group by row and column (stn.dashboard).
     cell: dict[str, Any] = field(default_factory=dict)
