@@ -306,7 +306,8 @@ def test_wandb_environment_variables_reach_the_run(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("WANDB_PROJECT", "envproj")
     monkeypatch.setenv("WANDB_NAME", "from-env")
     monkeypatch.setenv("WANDB_TAGS", "t1,t2")
-    summary = fit(small(tmp_path, "logger.mode=offline", "logger.tags=[cli]"))  # the command line wins
+    summary = fit(small(tmp_path, "logger.mode=offline", "logger.tags=[cli]", "logger.artifacts=false"))  # CLI wins
     run = offline_run(tmp_path)
     assert run["name"] == "from-env" and run["tags"] == ["R", "cnn", "none", "cli"]
+    assert run["artifacts"] == []  # logger.artifacts=false: no checkpoint, no card
     assert run["config"]["logger"]["project"] == "envproj" and summary["wandb"]["path"].endswith("envproj/" + run["id"])
