@@ -13,8 +13,9 @@ canvas) of R, RTS, plain and TC is
 with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n - 1) / 2. RTS draws the
 translation per axis from U[-(S/2 - 14 scale), +(S/2 - 14 scale)], which keeps the scaled 28x28 box (before
 rotation) inside the canvas, and so the disc it inscribes at any angle, where MNIST's ink lies. P follows the
-scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px per axis
-(the default reading; `corner_frame` (canvas | image: the scaled 28x28 digit image's corners | box20: the
+scaling with the homography taking the 28x28 canvas corners to corners stretched along their diagonals by
+N(0, corner_std) px (conf/dataset/P.yaml; the dataclass default, per axis, is P_axis, the first reading coded;
+`corner_frame` (canvas | image: the scaled 28x28 digit image's corners | box20: the
 central 20x20 box MNIST normalised its digits into, scaled | digit_box: each digit's ink bounding box, scaled),
 `corner_direction` and `folded` select others, see `draw_corners`), and
 E follows it with a thin plate spline whose 4x4 control points sample the scaled digit at offsets drawn from
@@ -287,7 +288,7 @@ def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, 
         translation = (torch.rand(batch, 2, generator=generator, device=device) * 2 - 1) * room[:, None]
     corners = tps = points = None
     default_reading = cfg.corner_frame == "canvas" and cfg.corner_direction == "per_axis" and cfg.folded == "keep"
-    if cfg.corner_std > 0 and default_reading:  # today's P: kept on its original code path (same bytes)
+    if cfg.corner_std > 0 and default_reading:  # P_axis, the first P: kept on its original code path (same bytes)
         corners = torch.randn(batch, 4, 2, generator=generator, device=device) * cfg.corner_std
     elif cfg.corner_std > 0:
         if cfg.corner_frame == "digit_box":
