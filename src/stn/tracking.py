@@ -15,9 +15,9 @@ conf/logger/wandb.yaml, below any logger.* override; README "Runs, checkpoints, 
 W&B run across stops and resumes (`Tracker.run_id`, kept in the checkpoint). Curves are plotted against
 images_seen (define_metric); the test error is summarised as {min, last}.
 
-At the end of a training (`Tracker.finish_training`): sample images (input with T(G) drawn over it, beside
-the transformer's output), the `stn visualize` figure with the distortion recovery in its caption, and, with
-logger.artifacts, the checkpoint (artifact `model-<run id>`, type "model", aliases last/best) and a dataset card
+At the end of a training (train.fit calls `log_images`, `log_transformations`, `log_artifacts`): sample
+images (the input with T(G) drawn over it, beside the transformer's output), the `stn visualize` figure with
+the distortion recovery in its caption, and, with logger.artifacts, the checkpoint (artifact `model-<run id>`, type "model", aliases last/best) and a dataset card
 (`card-<dataset>`, type "dataset-card", stn.cards) as artifacts. A table's cells carry their row, column,
 cell, table and paper value (logger.cell, set by stn.tables) as top-level W&B config keys and as tags.
 `log_visualization` puts a `stn visualize --wandb` figure in W&B.
@@ -182,7 +182,7 @@ def cell_tags(cfg: Config) -> list[str]:
     if not cell:
         return []
     return [f"row:{cell.get('row')}", f"column:{cell.get('column')}", f"seed:{cfg.seed}",
-            f"paper:{cell.get('paper_test_error')}"]
+            f"paper:{'none' if cell.get('paper_test_error') is None else cell['paper_test_error']}"]
 
 
 IMAGES_SEEN = "images_seen"  # the x axis of the training curves: step x trainer.batch_size
