@@ -8,6 +8,7 @@ as wandb's own Python reader was removed when the SDK moved to its Go core.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,12 @@ def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.Mo
     assert model["name"] == f"model-{run['id']}" and model["type"] == "model" and model["aliases"] == ["last", "latest"]
     assert model["files"] == ["config.yaml", "last.pt", "summary.json"]
     assert model["metadata"]["test_error"] == summary["test_error"] and model["metadata"]["steps"] == 20
+    # What `wandb sync` uploads is the checkpoint itself, which `stn visualize` loads (the colleague's side).
+    from stn.visualize import load_checkpoint
+
+    staged = Path(model["staged"]["last.pt"])
+    assert staged.read_bytes() == (Path(summary["run_dir"]) / "checkpoints" / "last.pt").read_bytes()
+    assert load_checkpoint(staged)[1] == dataclasses.replace(cfg, run_dir=summary["run_dir"])
     assert card["name"] == "card-R" and card["type"] == "dataset-card" and card["files"] == ["R.json", "R.md"]
     assert card["metadata"]["draws"] == cfg.logger.card_draws
 

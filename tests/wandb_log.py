@@ -54,7 +54,8 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 def parse_run(folder: Path) -> dict[str, Any]:
     """id, tags, group, job_type, name, config, history rows, summary, metric definitions (define_metric:
     name -> {"step_metric", "summary": sorted aggregations}) and logged artifacts ({"name", "type", "aliases"
-    (sorted), "files" (sorted paths in the artifact), "metadata"}), and "finished" once the exit record is
+    (sorted), "files" (sorted paths in the artifact), "staged" (path -> the local copy sync uploads),
+    "metadata"}), and "finished" once the exit record is
     there, of the offline run in `folder` (a
     wandb/offline-run-* folder)."""
     (log,) = folder.glob("run-*.wandb")
@@ -87,6 +88,8 @@ def parse_run(folder: Path) -> dict[str, Any]:
             run["artifacts"].append({
                 "name": artifact.name, "type": artifact.type, "aliases": sorted(artifact.aliases),
                 "files": sorted(entry.path for entry in artifact.manifest.contents),
+                # where wandb staged each file's copy for `wandb sync` to upload (WANDB_DATA_DIR)
+                "staged": {entry.path: entry.local_path for entry in artifact.manifest.contents},
                 "metadata": json.loads(artifact.metadata) if artifact.metadata else {},
             })
             continue
