@@ -30,6 +30,7 @@ why the test set is always generated on the CPU and then moved: CPU and GPU runs
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator
@@ -550,8 +551,17 @@ def make_test_set(digits: Tensor, labels: Tensor, cfg: DatasetConfig, device: to
 
 
 def build_data(cfg: Config, device: torch.device | str) -> tuple[TrainStream, TestSet]:
-    """Load MNIST from cfg.data_dir and build the training stream and the fixed test set on `device`."""
+    """Load MNIST from cfg.data_dir and build the training stream and the fixed set the run evaluates on:
+    the test set, or with dataset.validation=N the last N training digits (never trained on), distorted with
+    test_seed + 1 so that no validation draw repeats a test draw."""
     train_digits, train_labels = load_mnist(cfg.data_dir, train=True, download=cfg.download)
+    held = cfg.dataset.validation
+    if held:
+        keep = len(train_digits) - held
+        stream = TrainStream(train_digits[:keep], train_labels[:keep], cfg.dataset, cfg.trainer.batch_size,
+                             cfg.seed, device)
+        seed = dataclasses.replace(cfg.dataset, test_seed=cfg.dataset.test_seed + 1)
+        return stream, make_test_set(train_digits[keep:], train_labels[keep:], seed, device)
     test_digits, test_labels = load_mnist(cfg.data_dir, train=False, download=cfg.download)
     stream = TrainStream(train_digits, train_labels, cfg.dataset, cfg.trainer.batch_size, cfg.seed, device)
     return stream, make_test_set(test_digits, test_labels, cfg.dataset, device)
