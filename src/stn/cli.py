@@ -166,7 +166,7 @@ def train(
         typer.echo(to_yaml(config))
         return
     refuse(output_problems(config))
-    from stn.train import TrainingInterrupted, fit
+    from stn.train import TrainingInterrupted, eval_key, fit
 
     with reported():
         try:
@@ -174,7 +174,8 @@ def train(
         except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
             typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(stopped.exit_code) from None
-    typer.echo(f"test error {summary['test_error']:.2f}% | run folder {summary['run_dir']}")
+    key = eval_key(config)  # val_error for a run on a validation split
+    typer.echo(f"{key.replace('_', ' ')} {summary[key]:.2f}% | run folder {summary['run_dir']}")
 
 
 @data_app.command("preview")
