@@ -103,3 +103,15 @@ def test_a_onecycle_run_cannot_resume_with_other_iterations(tmp_path):
 def test_bad_recipe_settings_name_the_key(overrides, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         compose(["trainer=quick", *overrides])
+
+
+def test_stn_train_reports_the_validation_error(tmp_path, data_dir):
+    from typer.testing import CliRunner
+
+    from stn.cli import app
+
+    result = CliRunner().invoke(app, ["train", "trainer=smoke", "trainer.device=cpu", "logger.mode=disabled",
+                                      f"runs_dir={tmp_path}", f"data_dir={data_dir}", "dataset.train_limit=512",
+                                      "dataset.validation=200"])
+    assert result.exit_code == 0, result.output
+    assert "val error " in result.output and "test error" not in result.output

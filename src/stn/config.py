@@ -133,6 +133,13 @@ class LoggerConfig:
     name: str | None = None  # the W&B run's display name; None = the run name
     tags: list[str] = field(default_factory=list)
     images: int = 8  # input/rectified pairs logged at the end
+    # At the end of a training, the checkpoint(s) (type "model") and a dataset card ("dataset-card") as W&B
+    # artifacts, so whoever syncs the run can download the model and `stn visualize` it (stn.tracking).
+    artifacts: bool = True
+    card_draws: int = 200  # test draws the card artifact measures (stn.cards; a cheap card: ~1 s); 0 = no card
+    # Set by `stn reproduce-table` on its cells: table, row, column, cell, paper value. Tracker puts them in
+    # the W&B config (top level) and tags, so a group's dashboard can group by row and column (stn.dashboard).
+    cell: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

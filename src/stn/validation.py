@@ -56,7 +56,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "trainer.momentum": (0, 1), "trainer.weight_decay": (0, None), "trainer.lr_step": (1, 10**9),
     "trainer.lr_gamma": (0, 1), "trainer.eval_every": (1, 10**9), "trainer.log_every": (1, 10**9),
     "trainer.checkpoint_every": (1, 10**9), "trainer.eval_batch_size": (1, MNIST_TEST),
-    "trainer.stop_after": (1, 10**9), "logger.images": (0, 64), "seed": (0, 2**63 - 1),
+    "trainer.stop_after": (1, 10**9), "logger.images": (0, 64),
+    "logger.card_draws": (0, MNIST_TEST), "seed": (0, 2**63 - 1),
 }  # fmt: skip
 _OPEN_LOW = {"dataset.scale_min", "dataset.scale_max", "trainer.lr", "trainer.lr_gamma"}
 
