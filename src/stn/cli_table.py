@@ -1,0 +1,77 @@
+"""`stn reproduce-table`: the paper's Table 1 grid (or another grid file) through stn.tables and stn.launch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stn.cli_common import OVERRIDES_HELP, Executor, csv_list, parse_seeds, refuse, reported
+from stn.config import TrainerPreset
+
+
+def reproduce_table(
+    overrides: Annotated[list[str] | None, typer.Argument(help=f"{OVERRIDES_HELP} (every cell)")] = None,
+    grid: Annotated[Path, typer.Option(help="The table as data: rows, columns, the paper's numbers.")] = Path(
+        "experiments/table1/grid.yaml"
+    ),
+    rows: Annotated[str | None, typer.Option(help='Row labels, e.g. "CNN,ST-CNN Aff" (default: all).')] = None,
+    columns: Annotated[str | None, typer.Option(help="Column labels, e.g. R,RTS (default: all).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean ± std per cell.")] = "0",
+    preset: Annotated[TrainerPreset, typer.Option(help="Trainer preset.")] = "quick",
+    executor: Annotated[Executor, typer.Option(help="local (processes here), slurm, debug (in-process).")] = "local",
+    parallel: Annotated[int | None, typer.Option(help="Runs at once (local: 1; slurm: all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Table folder (runs/tables/<grid>-<preset>).")] = None,
+    slurm_partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    slurm_gpus: Annotated[int, typer.Option(help="GPUs per Slurm job.")] = 1,
+    slurm_cpus: Annotated[int | None, typer.Option(help="CPUs per Slurm job.")] = None,
+    slurm_time: Annotated[int, typer.Option(help="Minutes per job (Slurm limit; local timeout).")] = 24 * 60,
+) -> None:
+    """Run the paper's Table 1 grid (or another grid file) and report ours beside the paper.
+
+    Rerunning the same command resumes: finished cells are read back, half-finished ones continue from
+    their checkpoint. Writes table.md, results.csv/json and ours_vs_paper.png in the table folder.
+    """
+    from rich.console import Console
+
+    from stn.grid import load_grid
+    from stn.launch import SlurmOptions
+    from stn.report import rich_table
+    from stn.tables import reproduce
+
+    seed_list = parse_seeds(seeds)
+    refuse([f"--parallel {parallel}: must be at least 1"] * (parallel is not None and parallel < 1)
+           + [f"--slurm-gpus {slurm_gpus}: must be 0 or more"] * (slurm_gpus < 0)
+           + [f"--slurm-cpus {slurm_cpus}: must be at least 1"] * (slurm_cpus is not None and slurm_cpus < 1)
+           + [f"--slurm-time {slurm_time}: must be at least 1 (minutes)"] * (slurm_time < 1))
+    console = Console()
+    try:
+        with reported():
+            report = reproduce(
+                grid,
+                rows=csv_list(rows),
+                columns=csv_list(columns),
+                seeds=seed_list,
+                preset=preset,
+                overrides=overrides or [],
+                executor=executor,
+                parallel=parallel,
+                out=out,
+                slurm=SlurmOptions(partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus, time_min=slurm_time),
+                log=lambda line: console.print(line, markup=False, highlight=False),
+            )
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    console.print(rich_table(load_grid(grid), report.cells))
+    stopped = f", {report.stopped} stopped early (rerun to continue)" if report.stopped else ""
+    console.print(
+        f"{report.ran} runs ran ({report.fresh} fresh, {report.resumed} resumed, {report.failed} failed"
+        f"{stopped}), {report.cached} already done. Table folder {report.table_dir} (table.md, "
+        f"results.csv, ours_vs_paper.png); W&B group {report.group}",
+        markup=False,
+        highlight=False,
+    )
+    if report.failed:
+        raise typer.Exit(1)
