@@ -3,10 +3,10 @@
 Typer parses, Hydra's compose API builds the config, plain functions do the work. Config overrides are
 positional `key=value` words, exactly as Hydra takes them:
     stn train dataset=RTS model=st_cnn transformer=tps trainer=quick
-This module owns the root app (`--version`), `stn train`, `stn models`, `stn visualize` and `stn recovery`;
-the sub-apps live in stn.cli_data, cli_table (reproduce-table), cli_bench, cli_convergence and engine_cli,
-the shared error handling and exit codes in stn.cli_common. Each command imports its work module lazily so `stn --help` stays
-fast, and checks its config, arguments and outputs (stn.config) before torch or MNIST load.
+This module owns the root app (`--version`), `stn train` (Hydra's `-m`, `--cfg` and `hydra.*` keys: stn.sweep),
+`stn models`, `stn visualize` and `stn recovery`; the sub-apps live in stn.cli_data, cli_table
+(reproduce-table), cli_bench, cli_convergence and engine_cli, the shared error handling and exit codes in
+stn.cli_common. Each command imports its work module lazily so `stn --help` stays fast, and checks its config, arguments and outputs (stn.config) before torch or MNIST load.
 
 Exit codes: 0 done; 2 something the user fixes by changing the command or its inputs (config, arguments,
 the files it names, a missing or corrupt MNIST, a run folder that cannot be used); 1 a failure during a
@@ -16,25 +16,40 @@ run (a non-finite loss, a failed table cell, an I/O error); 128+N a run stopped 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
 from stn.cli_bench import bench_app
 from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice types, re-exported)
     OVERRIDES_HELP,
+    DatasetName,
     Executor,
+    ExecutorOption,
+    ParallelOption,
+    SlurmCpus,
+    SlurmGpus,
+    SlurmPartition,
+    SlurmTime,
     Split,
     fail,
     groups_help,
+    launch_options,
     load_config,
     refuse,
     reported,
+    typed_command,
 )
 from stn.cli_convergence import convergence_app
 from stn.cli_data import data_app
 from stn.cli_table import reproduce_table
-from stn.config import MAX_PICTURES, folder_problems, group_choices, output_problems, picture_problems
+from stn.config import (
+    MAX_PICTURES,
+    folder_problems,
+    output_problems,
+    picture_problems,
+    schedule_warning,
+)
 from stn.engine_cli import engine_app
 
 app = typer.Typer(
@@ -42,7 +57,7 @@ app = typer.Typer(
     help="Spatial Transformer Networks (Jaderberg et al., 2015): distorted MNIST, training, Table 1.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion [bash|zsh|fish|powershell]
 )
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
@@ -74,27 +89,98 @@ def main(
     """Spatial Transformer Networks (Jaderberg et al., 2015): distorted MNIST, training, Table 1."""
 
 
-@app.command(help=f"Train one configuration.\n\nConfig groups and their choices:\n\n{groups_help()}")
+TRAIN_HELP = f"""Train one configuration, or with -m one run per combination of the swept values.
+
+Hydra's command line: key=value overrides; -m (--multirun) sweeps comma lists, range() and choice() as Hydra's
+basic sweeper does (stn train -m dataset=R,RTS model=cnn,st_cnn: 4 runs), through the executors of
+reproduce-table (--executor, --parallel, --slurm-*). --cfg job|hydra|all prints the composed config and exits.
+hydra.run.dir (one run) and hydra.sweep.dir / hydra.sweep.subdir (a sweep) choose the run folders; each run
+folder's command.txt records the command line.
+
+Config groups and their choices:
+
+{groups_help()}"""
+
+
+@app.command(help=TRAIN_HELP)
 def train(
     overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP)] = None,
-    cfg: Annotated[bool, typer.Option("--cfg", help="Print the resolved config and exit without training.")] = False,
+    multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: one run per combination of the "
+                                           "comma-separated / range() / choice() values.")] = False,
+    cfg: Annotated[bool, typer.Option(
+        "--cfg", "-c", help="Print the composed config and exit without training: --cfg job (stn's config, the "
+                            "default), --cfg hydra (run folders and launcher) or --cfg all (both).")] = False,
+    resolve: Annotated[bool, typer.Option("--resolve", help="Accepted for Hydra's sake: --cfg always prints "
+                                          "resolved values.")] = False,
+    executor: ExecutorOption = "local",
+    parallel: ParallelOption = None,
+    slurm_partition: SlurmPartition = None,
+    slurm_gpus: SlurmGpus = 1,
+    slurm_cpus: SlurmCpus = None,
+    slurm_time: SlurmTime = 24 * 60,
 ) -> None:
-    config = load_config(overrides)
-    if cfg:
-        from stn.config import to_yaml
+    from stn.sweep import CFG_CHOICES, plan
 
-        typer.echo(to_yaml(config))
+    overrides = list(overrides or [])
+    # `--cfg job` as Hydra writes it: the flag's value arrives as a bare word among the overrides (an override
+    # always has `=`, so job / hydra / all cannot be one).
+    kinds = [word for word in overrides if word in CFG_CHOICES] if cfg else []
+    overrides = [word for word in overrides if word not in kinds]
+    bare = [word for word in overrides if "=" not in word] if cfg else []
+    choices = ", ".join(CFG_CHOICES)
+    refuse([f"--cfg {' '.join(kinds)}: give one of {choices}"] * (len(kinds) > 1)
+           + [f"{word}: not a key=value override (after --cfg give one of {choices})" for word in bare])
+    show = (kinds or ["job"])[0] if cfg else None
+    slurm = launch_options(parallel, slurm_partition, slurm_gpus, slurm_cpus, slurm_time)
+    with reported():
+        members, sweep_dir = plan(overrides, multirun)
+    note = schedule_warning(list(members[0].overrides), members[0].config)
+    if note:
+        typer.secho(note, fg=typer.colors.YELLOW, err=True)
+    if show is not None:
+        from stn.sweep import print_configs
+
+        typer.echo(print_configs(members, show, sweep_dir, executor, parallel))
         return
+    command = typed_command(["stn", "train", *["-m"] * multirun, *overrides]
+                            + ["--executor", executor] * (executor != "local")
+                            + ["--parallel", str(parallel)] * bool(parallel))
+    from stn.runs import command_recorded
+
+    if sweep_dir is not None:
+        _sweep(members, sweep_dir, command, executor, parallel, slurm)
+        return
+    config = members[0].config
     refuse(output_problems(config))
     from stn.train import TrainingInterrupted, fit
 
-    with reported():
+    with reported(), command_recorded(command):
         try:
             summary = fit(config)
         except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
             typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(stopped.exit_code) from None
     typer.echo(f"test error {summary['test_error']:.2f}% | run folder {summary['run_dir']}")
+
+
+def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel: int | None, slurm) -> None:
+    """`stn train -m`: the members through stn.launch; exit 1 if one failed, 130 if stopped."""
+    from stn.runs import command_recorded
+    from stn.sweep import run_sweep
+
+    try:
+        with reported(), command_recorded(command):
+            report = run_sweep(members, sweep_dir, command=command, executor=executor, parallel=parallel,
+                               slurm=slurm, log=typer.echo)
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; rerun with trainer.resume=true "
+                    f"hydra.sweep.dir={sweep_dir} to continue", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    done, failed = report.count("done"), report.count("failed")
+    typer.echo(f"{done} of {len(members)} runs done, {failed} failed, {report.count('interrupted')} stopped; "
+               f"sweep folder {report.sweep_dir} (sweep.json)")
+    if failed:
+        raise typer.Exit(1)
 
 
 app.command("reproduce-table")(reproduce_table)
@@ -104,7 +190,9 @@ app.command("reproduce-table")(reproduce_table)
 def models(
     overrides: Annotated[list[str] | None, typer.Argument(help=f"{OVERRIDES_HELP} (applied to every row)")] = None,
     dataset: Annotated[
-        list[str] | None, typer.Option("--dataset", "-d", help="Dataset columns (repeatable); default: R RTS P E TC.")
+        list[str] | None,  # typer takes no list of Literal: checked below, listing the choices as typer does
+        typer.Option("--dataset", "-d", help=f"Dataset columns (repeatable): {', '.join(get_args(DatasetName))}; "
+                                             f"default: R RTS P E TC.")
     ] = None,
 ) -> None:
     """Print every Table 1 model's parameter count and derived width per dataset."""
@@ -114,8 +202,8 @@ def models(
     from stn.models import TABLE1_MODELS, parameter_table
 
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
-    unknown = [name for name in datasets if name not in group_choices("dataset")]
-    refuse([f"--dataset {name!r}: not one of {', '.join(group_choices('dataset'))}" for name in unknown])
+    choices = ", ".join(map(repr, get_args(DatasetName)))
+    refuse([f"--dataset {name!r}: not one of {choices}" for name in datasets if name not in get_args(DatasetName)])
     with reported():
         rows = parameter_table(datasets, overrides or [])
     table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import csv_list, fail, load_config, refuse, reported
+from stn.cli_common import DatasetName, csv_list, fail, load_config, refuse, reported
 from stn.config import group_choices
 from stn.engine_cli import bench as _engine_bench
 
@@ -86,7 +86,7 @@ def bench_train_command(
     models: Annotated[str | None, typer.Option(
         help="Comma-separated models: fcn, cnn, st_fcn_aff, st_cnn_aff, st_cnn_proj, st_cnn_tps, ... "
              "(default: fcn,cnn,st_cnn_aff,st_cnn_proj,st_cnn_tps).")] = None,
-    dataset: Annotated[str, typer.Option(help="Dataset of every measurement.")] = "R",
+    dataset: Annotated[DatasetName, typer.Option(help="Dataset of every measurement.")] = "R",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Batch size of both pipelines (the paper's: 256).")] = 256,
     rounds: Annotated[int | None, typer.Option(help="Alternating timed rounds per side (default 7; quick 5).")]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Literal, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 # OpenMP worker threads that find no work spin-wait by default. When other processes also load every core
 # (parallel table cells, a shared machine), a torch op's threads wait for descheduled spinners: on a busy
@@ -34,10 +35,23 @@ from stn.config import (  # noqa: E402
     schedule_warning,
 )
 
+if TYPE_CHECKING:
+    from stn.launch import SlurmOptions
+
 # Options with a fixed set of values are Literal types: Typer shows the choices in --help, and a value outside
 # them exits 2 listing them. (stn.launch is not imported for its EXECUTORS: commands import lazily.)
 Executor = Literal["local", "slurm", "debug"]  # = stn.launch.EXECUTORS (tests/test_cli.py checks)
 Split = Literal["test", "train"]
+
+
+def _datasets() -> tuple[str, ...]:
+    try:
+        return tuple(group_choices("dataset"))
+    except ConfigError:  # no conf/ folder: every command then fails with that error when it composes
+        return ("R",)
+
+
+DatasetName = Literal[_datasets()]  # type: ignore[valid-type]  # conf/dataset/*.yaml, read when stn starts
 # Short flags mean one thing everywhere (tests/test_cli.py): -o is --out, -n is --count; --override is long-only.
 OVERRIDES_HELP = "Config overrides, Hydra syntax: dataset=RTS model=st_cnn transformer=tps trainer.iterations=500"
 
@@ -107,3 +121,39 @@ def parse_seeds(value: str) -> list[int]:
               for seed in repeated]
            + [f"--seeds {value!r}: seed {seed} is negative; seeds are 0 or more" for seed in seeds if seed < 0])
     return seeds
+
+
+# How runs fan out (stn.launch): the same options for a table's cells and a `stn train -m` sweep's members.
+ExecutorOption = Annotated[Executor, typer.Option(help="local (processes here), slurm, debug (in-process).")]
+ParallelOption = Annotated[int | None, typer.Option(help="Runs at once (local: 1; slurm: all).")]
+SlurmPartition = Annotated[str | None, typer.Option(help="Slurm partition.")]
+SlurmGpus = Annotated[int, typer.Option(help="GPUs per Slurm job.")]
+SlurmCpus = Annotated[int | None, typer.Option(help="CPUs per Slurm job.")]
+SlurmTime = Annotated[int, typer.Option(help="Minutes per job (Slurm limit; local timeout).")]
+
+
+def launch_options(parallel: int | None, partition: str | None, gpus: int, cpus: int | None,
+                   time_min: int) -> SlurmOptions:
+    """The Slurm/local job settings, or exit 2 naming each bad value."""
+    refuse([f"--parallel {parallel}: must be at least 1"] * (parallel is not None and parallel < 1)
+           + [f"--slurm-gpus {gpus}: must be 0 or more"] * (gpus < 0)
+           + [f"--slurm-cpus {cpus}: must be at least 1"] * (cpus is not None and cpus < 1)
+           + [f"--slurm-time {time_min}: must be at least 1 (minutes)"] * (time_min < 1))
+    from stn.launch import SlurmOptions
+
+    return SlurmOptions(partition=partition, gpus=gpus, cpus=cpus, time_min=time_min)
+
+
+def typed_command(words: list[str]) -> str:
+    """The command line as typed, for the run folders' command.txt: this process's argv when it is the stn
+    program (`stn ...` or `python -m stn ...`), else `words`, the command rebuilt from its parsed arguments
+    (stn called in-process, e.g. by typer's CliRunner)."""
+    import shlex
+    import sys
+
+    argv = sys.argv or [""]
+    if Path(argv[0]).name == "stn":
+        return shlex.join(["stn", *argv[1:]])
+    if Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "stn":
+        return shlex.join(["python", "-m", "stn", *argv[1:]])
+    return shlex.join(words)

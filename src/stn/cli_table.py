@@ -7,7 +7,20 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import OVERRIDES_HELP, Executor, csv_list, parse_seeds, refuse, reported
+from stn.cli_common import (
+    OVERRIDES_HELP,
+    ExecutorOption,
+    ParallelOption,
+    SlurmCpus,
+    SlurmGpus,
+    SlurmPartition,
+    SlurmTime,
+    csv_list,
+    launch_options,
+    parse_seeds,
+    reported,
+    typed_command,
+)
 from stn.config import TrainerPreset
 
 
@@ -20,13 +33,14 @@ def reproduce_table(
     columns: Annotated[str | None, typer.Option(help="Column labels, e.g. R,RTS (default: all).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean ± std per cell.")] = "0",
     preset: Annotated[TrainerPreset, typer.Option(help="Trainer preset.")] = "quick",
-    executor: Annotated[Executor, typer.Option(help="local (processes here), slurm, debug (in-process).")] = "local",
-    parallel: Annotated[int | None, typer.Option(help="Runs at once (local: 1; slurm: all).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Table folder (runs/tables/<grid>-<preset>).")] = None,
-    slurm_partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
-    slurm_gpus: Annotated[int, typer.Option(help="GPUs per Slurm job.")] = 1,
-    slurm_cpus: Annotated[int | None, typer.Option(help="CPUs per Slurm job.")] = None,
-    slurm_time: Annotated[int, typer.Option(help="Minutes per job (Slurm limit; local timeout).")] = 24 * 60,
+    executor: ExecutorOption = "local",
+    parallel: ParallelOption = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Table folder (runs/tables/<grid>-<preset>).")]
+    = None,
+    slurm_partition: SlurmPartition = None,
+    slurm_gpus: SlurmGpus = 1,
+    slurm_cpus: SlurmCpus = None,
+    slurm_time: SlurmTime = 24 * 60,
 ) -> None:
     """Run the paper's Table 1 grid (or another grid file) and report ours beside the paper.
 
@@ -36,18 +50,19 @@ def reproduce_table(
     from rich.console import Console
 
     from stn.grid import load_grid
-    from stn.launch import SlurmOptions
     from stn.report import rich_table
+    from stn.runs import command_recorded
     from stn.tables import reproduce
 
     seed_list = parse_seeds(seeds)
-    refuse([f"--parallel {parallel}: must be at least 1"] * (parallel is not None and parallel < 1)
-           + [f"--slurm-gpus {slurm_gpus}: must be 0 or more"] * (slurm_gpus < 0)
-           + [f"--slurm-cpus {slurm_cpus}: must be at least 1"] * (slurm_cpus is not None and slurm_cpus < 1)
-           + [f"--slurm-time {slurm_time}: must be at least 1 (minutes)"] * (slurm_time < 1))
+    slurm = launch_options(parallel, slurm_partition, slurm_gpus, slurm_cpus, slurm_time)
+    command = typed_command(["stn", "reproduce-table", *(overrides or []), "--grid", str(grid), "--seeds", seeds,
+                             "--preset", preset, "--executor", executor]
+                            + ["--rows", rows] * bool(rows) + ["--columns", columns] * bool(columns)
+                            + ["--parallel", str(parallel)] * bool(parallel) + ["--out", str(out)] * bool(out))
     console = Console()
     try:
-        with reported():
+        with reported(), command_recorded(command):
             report = reproduce(
                 grid,
                 rows=csv_list(rows),
@@ -58,7 +73,7 @@ def reproduce_table(
                 executor=executor,
                 parallel=parallel,
                 out=out,
-                slurm=SlurmOptions(partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus, time_min=slurm_time),
+                slurm=slurm,
                 log=lambda line: console.print(line, markup=False, highlight=False),
             )
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch 
 
 import typer  # noqa: E402
 
+from stn.cli_common import DatasetName  # noqa: E402
 from stn.config import TrainerPreset  # noqa: E402
 
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
@@ -62,7 +63,7 @@ Override = Annotated[list[str] | None, typer.Option("--override", help="Config o
 @engine_app.command("bench")
 def bench(
     kinds: Annotated[str | None, typer.Option(help="Comma-separated Table 1 rows (default: all eight).")] = None,
-    dataset: Annotated[str, typer.Option(help="Dataset of every measurement.")] = "R",
+    dataset: Annotated[DatasetName, typer.Option(help="Dataset of every measurement.")] = "R",
     ks: Annotated[str, typer.Option(help="Models per batch to measure, comma-separated.")] = "1,3,9",
     modes: Annotated[str, typer.Option(help="Engine modes: loop, vmap.")] = "loop,vmap",
     batch_size: Annotated[int, typer.Option(help="Batch per model.")] = 256,

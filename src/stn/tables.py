@@ -31,10 +31,9 @@ from stn.launch import (
     EXECUTORS,
     FitFn,
     SlurmOptions,
-    build_executor,
-    cpu_count,
     run_jobs,
     sigterm_as_interrupt,
+    start_pool,
 )
 from stn.report import CellResult, log_table_to_wandb, paper_text, plot_bars, write_results
 from stn.runs import CheckpointError, is_stale, read_config
@@ -57,6 +56,10 @@ class Job:
     def run_dir(self) -> Path:
         assert self.config.run_dir is not None
         return Path(self.config.run_dir)
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} / {self.column} seed {self.seed}"
 
 
 @dataclass
@@ -289,10 +292,7 @@ def reproduce(
     pool, width = None, 1
     threads: int | None = None
     if queue:
-        width = max(1, min(parallel or (len(queue) if executor == "slurm" else 1), len(queue)))
-        # Local cells share this machine's cores; a Slurm job gets its own (cpus_per_task), debug runs in here.
-        threads = max(1, cpu_count() // width) if executor == "local" else None
-        pool = build_executor(executor, table_dir / "submitit", width, slurm)
+        pool, width, threads = start_pool(executor, len(queue), parallel, table_dir / "submitit", slurm)
     refresh()
     log(
         f"table {grid.name} ({preset}): {len(cells)} cells x {len(seeds)} seeds = {len(jobs)} runs; "
