@@ -78,3 +78,37 @@ def test_short_flags_mean_one_thing_everywhere() -> None:
     walk(typer.main.get_command(app))
     assert meanings.get("-o") == {"--out"}
     assert {short: longs for short, longs in meanings.items() if len(longs) != 1} == {}
+
+
+def test_shell_completion_script_and_answers(monkeypatch) -> None:
+    """`stn --show-completion` prints the script for the user's shell (typer detects it; its test switch turns
+    detection off so the shell can be named here); the script's callback completes commands and an option's
+    choices (here through `python -m stn`, as the installed `stn` script does)."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
+    for shell, marker in (("bash", "complete -o default -F _stn_completion stn"), ("zsh", "#compdef stn"),
+                          ("fish", "complete --command stn")):
+        result = runner.invoke(app, ["--show-completion", shell], prog_name="stn")
+        assert result.exit_code == 0 and marker in result.output and "_STN_COMPLETE" in result.output, result.output
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "_STN_COMPLETE": "complete_bash",
+               "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        done = subprocess.run([sys.executable, "-m", "stn"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("stn tr") == ["train"]
+    assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "paper"]
+
+
+def test_dataset_choices_are_the_config_group() -> None:
+    from typing import get_args
+
+    from stn.cli_common import DatasetName
+    from stn.config import group_choices
+
+    assert list(get_args(DatasetName)) == group_choices("dataset")
