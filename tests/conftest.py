@@ -15,3 +15,12 @@ def data_dir() -> Path:
     if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.fail("these tests read real MNIST: set STN_DATA_DIR to the folder holding MNIST/raw/ (see README)")
     return Path(root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stn_cache(tmp_path_factory: pytest.TempPathFactory):
+    """stn's disk cache (stn.cache) in a folder of this test session, never the user's ~/.cache/stn."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("STN_CACHE_DIR", str(tmp_path_factory.mktemp("stn-cache")))
+    yield
+    patch.undo()

@@ -112,3 +112,40 @@ def test_dataset_choices_are_the_config_group() -> None:
     from stn.config import group_choices
 
     assert list(get_args(DatasetName)) == group_choices("dataset")
+
+
+def test_reproduce_table_dry_run_lists_each_run_and_writes_nothing(tmp_path) -> None:
+    """--dry-run plans the table as reproduce would (same folders) and says what each run would do:
+    train (nothing there), resume (a checkpoint), done (a summary.json of the same config)."""
+    import dataclasses
+    from pathlib import Path
+
+    from stn.config import to_yaml
+    from stn.tables import dry_run
+
+    grid = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+    out = tmp_path / "table"
+    args = ["reproduce-table", "--dry-run", "--grid", str(grid), "--rows", "CNN,FCN", "--columns", "R",
+            "--seeds", "0,1", "--preset", "smoke", "--out", str(out)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "4 runs: 0 done, 0 to resume, 4 to train" in result.output and not out.exists()
+
+    _, jobs = dry_run(grid, rows=["CNN", "FCN"], columns=["R"], seeds=[0, 1], preset="smoke", out=out)
+    finished, stopped = jobs[0][0], jobs[1][0]
+    finished.run_dir.mkdir(parents=True)
+    (finished.run_dir / "config.yaml").write_text(to_yaml(finished.config))
+    (finished.run_dir / "summary.json").write_text('{"test_error": 1.0}')
+    (stopped.run_dir / "checkpoints").mkdir(parents=True)
+    (stopped.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "4 runs: 1 done, 1 to resume, 2 to train" in result.output
+    lines = [line.split() for line in result.output.splitlines()[:4]]
+    assert [(words[0], words[3], words[4]) for words in lines] == [  # the grid file's row order
+        ("FCN", "0", "done"), ("FCN", "1", "resume"), ("CNN", "0", "train"), ("CNN", "1", "train")]
+    # A finished folder of another experiment is refused, as reproduce refuses it.
+    other = dataclasses.replace(finished.config, seed=9)
+    (finished.run_dir / "config.yaml").write_text(to_yaml(other))
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2 and "was trained with a different config" in result.output

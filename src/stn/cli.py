@@ -199,25 +199,26 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from stn.models import TABLE1_MODELS, parameter_table
+    from stn.cache import cached_parameter_table
+    from stn.grid import TABLE1_MODELS
 
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
     choices = ", ".join(map(repr, get_args(DatasetName)))
     refuse([f"--dataset {name!r}: not one of {choices}" for name in datasets if name not in get_args(DatasetName)])
     with reported():
-        rows = parameter_table(datasets, overrides or [])
+        rows = cached_parameter_table(datasets, overrides or [])
     table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "
                         "ratio: count / its target, the baseline's count or model.param_budget)")
     table.add_column("model")
     for name in datasets:
         table.add_column(name, justify="right")
-    cells = {(row.model, row.dataset): row for row in rows}
+    cells = {(row["model"], row["dataset"]): row for row in rows}
     for label, _ in TABLE1_MODELS:
         line = [label]
         for name in datasets:
             row = cells[(label, name)]
-            unit = "u" if row.width_name == "fc_units" else "f"
-            line.append(f"{row.params:,} ({row.width}{unit}, {row.params / row.target:.3f})")
+            unit = "u" if row["width_name"] == "fc_units" else "f"
+            line.append(f"{row['params']:,} ({row['width']}{unit}, {row['params'] / row['target']:.3f})")
         table.add_row(*line)
     Console(width=200).print(table)
 

@@ -24,13 +24,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 
+from stn.cache import cached_compose  # noqa: E402
 from stn.config import (  # noqa: E402
     GROUPS,
     Config,
     ConfigError,
     RunError,
     UserError,
-    compose,
     group_choices,
     schedule_warning,
 )
@@ -66,7 +66,7 @@ def groups_help() -> str:
 def load_config(overrides: list[str] | None) -> Config:
     """Compose the config or exit 2 with one line per problem (no traceback); warn about the lr schedule."""
     try:
-        config = compose(overrides or [])
+        config = cached_compose(overrides or [])
     except ConfigError as err:
         fail(str(err), 2)
     note = schedule_warning(overrides or [], config)

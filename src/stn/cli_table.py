@@ -41,6 +41,8 @@ def reproduce_table(
     slurm_gpus: SlurmGpus = 1,
     slurm_cpus: SlurmCpus = None,
     slurm_time: SlurmTime = 24 * 60,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and what each would do (done, "
+                                          "resume, train); train and write nothing.")] = False,
 ) -> None:
     """Run the paper's Table 1 grid (or another grid file) and report ours beside the paper.
 
@@ -61,6 +63,9 @@ def reproduce_table(
                             + ["--rows", rows] * bool(rows) + ["--columns", columns] * bool(columns)
                             + ["--parallel", str(parallel)] * bool(parallel) + ["--out", str(out)] * bool(out))
     console = Console()
+    if dry_run:
+        _dry_run(grid, rows, columns, seed_list, preset, overrides or [], out)
+        return
     try:
         with reported(), command_recorded(command):
             report = reproduce(
@@ -90,3 +95,18 @@ def reproduce_table(
     )
     if report.failed:
         raise typer.Exit(1)
+
+
+def _dry_run(grid: Path, rows: str | None, columns: str | None, seeds: list[int], preset: str,
+             overrides: list[str], out: Path | None) -> None:
+    from stn.tables import dry_run
+
+    with reported():
+        table_dir, jobs = dry_run(grid, rows=csv_list(rows), columns=csv_list(columns), seeds=seeds, preset=preset,
+                                  overrides=overrides, out=out)
+    words = {"cached": "done", "resumed": "resume", "fresh": "train"}
+    for job, state in jobs:
+        typer.echo(f"{job.row:<12} {job.column:>4} seed {job.seed}  {words[state]:<6}  {job.run_dir}")
+    counts = {state: sum(1 for _, s in jobs if s == state) for state in words}
+    typer.echo(f"{len(jobs)} runs: {counts['cached']} done, {counts['resumed']} to resume, {counts['fresh']} to "
+               f"train; table folder {table_dir} (nothing written)")

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stn.config import Config, ConfigError, UserError, compose, output_problems, to_dict, validate
+from stn.cache import cached_compose
+from stn.config import Config, ConfigError, UserError, output_problems, to_dict, validate
 
 CFG_CHOICES = ("job", "hydra", "all")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
@@ -156,7 +157,7 @@ def resolve_dir(key: str, value: str, job: dict[str, Any]) -> str:
 
 def _compose(overrides: list[str], where: str) -> Config:
     try:
-        return compose(overrides)
+        return cached_compose(overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}" if where else str(err)) from None
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stn.config import Config, ConfigError, compose, folder_problems, schedule_warning
+from stn.cache import cached_compose
+from stn.config import Config, ConfigError, folder_problems, schedule_warning
 from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
 from stn.launch import (
     EXECUTORS,
@@ -104,7 +105,7 @@ def plan_jobs(
     for row, column in cells:
         words = [*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides]
         try:
-            base = compose(words)
+            base = cached_compose(words)
         except ConfigError as err:
             raise TableError(f"cell {row}/{column} ({' '.join(words)}): {err}") from None
         # Workers may run elsewhere (Slurm) or in another cwd: pin the data folder.
@@ -194,6 +195,37 @@ def _check_not_stale(job: Job) -> None:
         )
 
 
+def table_folder(grid: Grid, preset: str, template: Config, out: Path | str | None) -> Path:
+    """Where a table lives: --out, else <runs_dir>/tables/<grid name>-<preset>."""
+    return Path(out) if out else Path(template.runs_dir) / "tables" / f"{grid.name}-{preset}"
+
+
+def job_state(job: Job) -> str:
+    """'cached' (finished: summary.json), 'resumed' (a checkpoint to continue) or 'fresh'; TableError if the
+    folder holds another experiment's run."""
+    _check_not_stale(job)
+    if (job.run_dir / "summary.json").is_file():
+        return "cached"
+    return "resumed" if any((job.run_dir / "checkpoints").glob("*.pt")) else "fresh"
+
+
+def dry_run(grid_path: Path | str, *, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None,
+            seeds: Sequence[int] = (0,), preset: str = "quick", overrides: Sequence[str] = (),
+            out: Path | str | None = None) -> tuple[Path, list[tuple[Job, str]]]:
+    """What `reproduce` would do, writing nothing: the table folder and each run with its `job_state`."""
+    grid = load_grid(grid_path)
+    cells = select_cells(grid, rows, columns)
+    check_overrides(overrides, "overrides")
+    try:
+        template = cached_compose([f"trainer={preset}", *overrides])
+    except ConfigError as err:
+        raise TableError(str(err)) from None
+    table_dir = table_folder(grid, preset, template, out).resolve()
+    jobs = plan_jobs(grid, cells, [int(s) for s in seeds], preset, overrides, table_dir,
+                     template.logger.group or table_dir.name)
+    return table_dir, [(job, job_state(job)) for job in jobs]
+
+
 def _previous_wandb_dir(table_dir: Path) -> str | None:
     try:
         return json.loads((table_dir / "results.json").read_text()).get("wandb_dir")
@@ -249,13 +281,13 @@ def reproduce(
     if repeated or any(seed < 0 for seed in seeds):
         raise TableError(f"seeds {seeds}: each seed must be 0 or more and given once (one run folder per seed)")
     try:  # the settings shared by every cell: where runs go, the W&B project and mode
-        template = compose([f"trainer={preset}", *overrides])
+        template = cached_compose([f"trainer={preset}", *overrides])
     except ConfigError as err:
         raise TableError(str(err)) from None
     note = schedule_warning(overrides, template)
     if note:
         log(note)
-    table_dir = Path(out) if out else Path(template.runs_dir) / "tables" / f"{grid.name}-{preset}"
+    table_dir = table_folder(grid, preset, template, out)
     problems = folder_problems("--out" if out else "runs_dir", table_dir)
     if problems:
         raise TableError("\n".join(problems))
