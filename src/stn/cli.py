@@ -92,7 +92,7 @@ def main(
 TRAIN_HELP = f"""Train one configuration, or with -m one run per combination of the swept values.
 
 Hydra's command line: key=value overrides; -m (--multirun) sweeps comma lists, range() and choice() as Hydra's
-basic sweeper does (stn train -m dataset=R,RTS model=cnn,st_cnn: 4 runs), through the executors of
+basic sweeper does (stn train -m dataset=R,RTS model=cnn,fcn: 4 runs), through the executors of
 reproduce-table (--executor, --parallel, --slurm-*). --cfg job|hydra|all prints the composed config and exits.
 hydra.run.dir (one run) and hydra.sweep.dir / hydra.sweep.subdir (a sweep) choose the run folders; each run
 folder's command.txt records the command line.

@@ -1,7 +1,7 @@
 """`stn train` as a Hydra app: `-m` sweeps, `--cfg`, and Hydra's output-directory keys.
 
 Owns what Hydra's own command line would do for `stn train`, on top of stn.config's compose:
-- Sweeps (`stn train -m dataset=R,RTS model=cnn,st_cnn`): the overrides are expanded exactly as Hydra's
+- Sweeps (`stn train -m dataset=R,RTS model=cnn,fcn`): the overrides are expanded exactly as Hydra's
   basic sweeper expands them (its parser and `BasicSweeper.split_arguments`: comma lists, `range()`,
   `choice()`, `glob()`; the cartesian product in the order given), and the members are trained through
   stn.launch, the same executors (local processes, Slurm, debug) that run a table's cells. Without `-m` a
