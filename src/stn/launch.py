@@ -2,9 +2,9 @@
 
 The one fan-out mechanism of the package: a table's cells (stn.tables) and a `stn train -m` sweep's members
 (stn.sweep) both run here. `local` runs them as processes on this machine, `slurm` as Slurm jobs, `debug` in
-this process one after another. Each job calls `run_cell`, which never raises (a failed cell is a result, not a crash of the
-table); `CellTask` is submitit's Checkpointable, so a Slurm preemption requeues the cell, which resumes
-from its checkpoint.
+this process one after another. Each job calls `run_cell`, which never raises (a failed cell is a result,
+not a crash of the table); `CellTask` is submitit's Checkpointable, so a Slurm preemption requeues the cell,
+which resumes from its checkpoint.
 """
 
 from __future__ import annotations

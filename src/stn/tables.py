@@ -9,7 +9,7 @@ seed, run folder `<table>/cells/<cell>/seed<s>`, `trainer.resume=true` and the W
 one call of `stn.train.fit` in a submitit job: `local` (parallel processes on this machine), `slurm` or
 `debug` (in-process, one after another). Rerunning the same command resumes: a cell whose run folder
 holds `summary.json` is read back and never re-run, a half-finished one continues from its checkpoint
-(fit's resume semantics). After every finished cell `results.csv`, `results.json` and `table.md` are
+(fit's resume semantics; `dry_run` says which of the three each run is, writing nothing). After every finished cell `results.csv`, `results.json` and `table.md` are
 rewritten atomically; at the end come a bar chart of ours vs the paper's and a W&B run for the table,
 in the same group as the per-cell runs.
 """
@@ -305,14 +305,12 @@ def reproduce(
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     queue: deque[tuple[Job, str]] = deque()
     for job in jobs:
-        _check_not_stale(job)
-        summary_path = job.run_dir / "summary.json"
-        if summary_path.is_file():
-            runs[(job.cell, job.seed)] = _record(job, "done", "cached", _read_summary(summary_path))
+        state = job_state(job)
+        if state == "cached":
+            runs[(job.cell, job.seed)] = _record(job, "done", "cached", _read_summary(job.run_dir / "summary.json"))
         else:
-            has_checkpoint = any((job.run_dir / "checkpoints").glob("*.pt"))
-            queue.append((job, "resumed" if has_checkpoint else "fresh"))
-            runs[(job.cell, job.seed)] = _record(job, "pending", "resumed" if has_checkpoint else "fresh")
+            queue.append((job, state))
+            runs[(job.cell, job.seed)] = _record(job, "pending", state)
     report = TableReport(table_dir=table_dir, group=group, cells=[], runs=[], cached=len(jobs) - len(queue))
 
     def refresh() -> list[CellResult]:
