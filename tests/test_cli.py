@@ -66,17 +66,20 @@ def test_short_flags_mean_one_thing_everywhere() -> None:
     import typer.main
 
     meanings: dict[str, set[str]] = {}
+    outs_without_o: list[str] = []
 
     def walk(command) -> None:
         for param in getattr(command, "params", []):
             longs = [name for name in param.opts if name.startswith("--")]
+            if "--out" in longs and "-o" not in param.opts:
+                outs_without_o.append(command.name)
             for short in (name for name in param.opts + param.secondary_opts if len(name) == 2):
                 meanings.setdefault(short, set()).update(longs)
         for sub in getattr(command, "commands", {}).values():
             walk(sub)
 
     walk(typer.main.get_command(app))
-    assert meanings.get("-o") == {"--out"}
+    assert meanings.get("-o") == {"--out"} and outs_without_o == []
     assert {short: longs for short, longs in meanings.items() if len(longs) != 1} == {}
 
 

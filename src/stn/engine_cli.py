@@ -76,7 +76,8 @@ def bench(
     cuda_graph: Graph = False,
     data: Data = "exact",
     block_steps: BlockSteps = 32,
-    out: Annotated[Path | None, typer.Option(help="Write the result (and the planner's cost table) as JSON.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Write the result (and the planner's cost table) as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as markdown too.")] = None,
     override: Override = None,
 ) -> None:
