@@ -100,7 +100,7 @@ def test_presets_have_the_papers_schedule() -> None:
         ("trainer.device=tpu", "trainer.device"),
         ("trainer.lr=-1", "trainer.lr"),
         ("trainer.stop_after=0", "trainer.stop_after"),
-        ("dataset=XYZ", "choices for dataset: E, P, P_box, P_box20, P_diag, P_image, P_redraw, R, RTS, TC, plain"),
+        ("dataset=XYZ", "choices for dataset: E, P, P_axis, P_box, P_box20, P_image, P_redraw, R, RTS, TC, plain"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, named: str) -> None:

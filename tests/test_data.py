@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def datasets() -> dict[str, DatasetConfig]:
-    return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "E", "TC")}
+    return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "P_axis", "E", "TC")}
 
 
 
@@ -238,9 +238,12 @@ def test_drawn_parameters_fill_the_configured_ranges(datasets):
     for name in ("P", "E"):
         scale = draw(name)["scale"]
         assert scale.min() >= 0.75 and scale.max() <= 1.0 and scale.min() < 0.752 and scale.max() > 0.998
-    corners = draw("P")["corner_offsets"]
-    assert corners.shape == (n, 4, 2)
-    assert float(corners.std()) == pytest.approx(5.0, rel=0.02) and abs(float(corners.mean())) < 0.05
+    # P stretches each corner by one N(0, 5) amount along its diagonal, so each axis gets amount / sqrt(2);
+    # P_axis moves each corner by N(0, 5) per axis
+    for name, axis_std in (("P", 5.0 / math.sqrt(2)), ("P_axis", 5.0)):
+        corners = draw(name)["corner_offsets"]
+        assert corners.shape == (n, 4, 2)
+        assert float(corners.std()) == pytest.approx(axis_std, rel=0.02) and abs(float(corners.mean())) < 0.05
     tps = draw("E")["tps_offsets"]
     assert tps.shape == (n, 16, 2)
     assert float(tps.std()) == pytest.approx(1.5, rel=0.02) and abs(float(tps.mean())) < 0.02

@@ -1,4 +1,5 @@
-"""P's readings (dataset.corner_frame / corner_direction / folded) against closed forms, and today's P unchanged.
+"""P's readings (dataset.corner_frame / corner_direction / folded) against closed forms, and the former default
+P (now P_axis) unchanged.
 
 Expected positions are computed here in pixel coordinates with an independent numpy DLT, as in test_data.py.
 """
@@ -26,7 +27,7 @@ from stn.data import (
 )
 
 CPU = torch.device("cpu")
-READINGS = ("P", "P_image", "P_box20", "P_box", "P_diag", "P_redraw")
+READINGS = ("P", "P_axis", "P_image", "P_box20", "P_box", "P_redraw")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def rectangle_digits(boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
     return digits
 
 
-# ------------------------------------------------------------------------------------ today's P, unchanged
+# ----------------------------------------------------------- the former default P (P_axis), unchanged
 
 
 def old_p_draw(cfg: DatasetConfig, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -61,11 +62,11 @@ def old_p_draw(cfg: DatasetConfig, batch: int, generator: torch.Generator) -> di
     return distortion_params(cfg.size, angle, scale, translation, corners)
 
 
-def test_default_p_draws_the_same_bytes_as_before(configs, data_dir):
+def test_p_axis_draws_the_bytes_of_the_former_default_p(configs, data_dir):
     from stn.data import load_mnist
 
     digits = load_mnist(data_dir, train=False)[0][:500]
-    cfg = configs["P"]
+    cfg = configs["P_axis"]
     assert (cfg.corner_frame, cfg.corner_direction, cfg.folded) == ("canvas", "per_axis", "keep")
     images, params = distort(digits, cfg, torch.Generator().manual_seed(5))
     old = old_p_draw(cfg, len(digits), torch.Generator().manual_seed(5))
@@ -144,7 +145,7 @@ def test_box20_and_image_readings_move_their_scaled_box(configs, name, low, high
 
 def test_diagonal_moves_stay_on_the_diagonals(configs):
     n = 4000
-    params = draw_distortion(configs["P_diag"], n, torch.Generator().manual_seed(3), CPU)
+    params = draw_distortion(configs["P"], n, torch.Generator().manual_seed(3), CPU)
     offsets = params["corner_offsets"].double()  # (n, 4, 2)
     signs = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)  # outward
     amount = (offsets * signs).sum(-1) / math.sqrt(2)  # signed length along the outward diagonal
@@ -177,7 +178,7 @@ def test_quad_folded_by_hand():
 
 def test_redraw_leaves_no_folded_quad_and_keeps_the_others(configs):
     n = 4000
-    keep = draw_distortion(configs["P"], n, torch.Generator().manual_seed(6), CPU)
+    keep = draw_distortion(configs["P_axis"], n, torch.Generator().manual_seed(6), CPU)
     redraw = draw_distortion(configs["P_redraw"], n, torch.Generator().manual_seed(6), CPU)
     corners = canvas_corners(28, n).double()
     folded_before = quad_folded(corners + keep["corner_offsets"].double())
@@ -200,7 +201,7 @@ def test_readings_are_reproducible_per_seed(configs, name):
 
 
 def test_readings_validate():
-    assert compose(["dataset=P_diag"]).dataset.corner_direction == "diagonal"
+    assert compose(["dataset=P"]).dataset.corner_direction == "diagonal"
     with pytest.raises(ConfigError, match="corner_frame"):
         compose(["dataset=P", "dataset.corner_frame=ink"])
     with pytest.raises(ConfigError, match="folded"):

@@ -61,6 +61,18 @@ def test_may_resume_and_is_stale_answer_different_questions(change: str, resumab
     assert is_stale(saved, compose(["trainer=smoke"])) == []
 
 
+def test_a_key_added_after_a_run_was_saved_compares_as_its_default() -> None:
+    """A checkpoint written before a config key existed resumes when the key keeps its default (the default
+    is the old behaviour), and not when it is set to something else."""
+    saved = to_dict(compose(["trainer=smoke", "dataset=RTS"]))
+    for section, key in (("dataset", "corner_direction"), ("trainer", "schedule"), ("trainer", "nesterov")):
+        del saved[section][key]
+    assert may_resume(saved, compose(["trainer=smoke", "dataset=RTS"])) == []
+    assert is_stale(saved, compose(["trainer=smoke", "dataset=RTS"])) == []
+    changed = may_resume(saved, compose(["trainer=smoke", "dataset=RTS", "trainer.schedule=onecycle"]))
+    assert changed == ["trainer.schedule: 'step' -> 'onecycle'"]
+
+
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
     write_atomic(path, '{"old": 1}\n')

@@ -152,7 +152,7 @@ def train(
         return
     config = members[0].config
     refuse(output_problems(config))
-    from stn.train import TrainingInterrupted, fit
+    from stn.train import TrainingInterrupted, eval_key, fit
 
     with reported(), command_recorded(command):
         try:
@@ -160,7 +160,8 @@ def train(
         except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
             typer.secho(str(stopped), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(stopped.exit_code) from None
-    typer.echo(f"test error {summary['test_error']:.2f}% | run folder {summary['run_dir']}")
+    key = eval_key(config)  # val_error for a run on a validation split
+    typer.echo(f"{key.replace('_', ' ')} {summary[key]:.2f}% | run folder {summary['run_dir']}")
 
 
 def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel: int | None, slurm) -> None:

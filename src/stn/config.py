@@ -68,6 +68,10 @@ class DatasetConfig:
     fixed_train: bool = False  # distort the training set once, up front, instead of afresh each epoch
     test_seed: int = 20151207  # the fixed test set is a pure function of this seed
     train_limit: int | None = None  # use only the first N training digits (tests, smoke runs)
+    # Hold out the last N of MNIST's 60k training digits as a validation set, for choosing hyperparameters
+    # without the test set: training never sees them, and every evaluation of the run is on them (distorted
+    # with test_seed + 1, logged as val_error); the test set is not evaluated at all. 0 = no validation split.
+    validation: int = 0
     test_limit: int | None = None  # evaluate on the first N test digits only (tests, smoke runs)
 
 
@@ -104,6 +108,11 @@ class TrainerConfig:
     weight_decay: float = 0.0
     lr_step: int = 50_000  # divide the learning rate by lr_gamma**-1 every lr_step iterations
     lr_gamma: float = 0.1
+    # step: the paper's (lr * lr_gamma every lr_step steps). onecycle: PyTorch's OneCycleLR over the whole run
+    # with `lr` as its peak (its defaults: 30% warm-up, cosine, momentum cycled 0.85-0.95), a recipe beyond
+    # the paper (experiments/convergence/README.md).
+    schedule: str = "step"
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
     # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where
@@ -167,6 +176,7 @@ CORNER_FRAMES = ("canvas", "image", "box20", "digit_box")
 CORNER_DIRECTIONS = ("per_axis", "diagonal")
 FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
+SCHEDULES = ("step", "onecycle")
 TrainerPreset = Literal["smoke", "quick", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
 TRAINER_PRESETS: tuple[str, ...] = get_args(TrainerPreset)
 
@@ -203,6 +213,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "dataset.tps_grid": (2, 16), "dataset.clutter": (0, 64), "dataset.clutter_size": (1, DIGIT),
     "dataset.st_output_pool": (1, 8), "dataset.test_seed": (0, 2**63 - 1),
     "dataset.train_limit": (1, MNIST_TRAIN), "dataset.test_limit": (1, MNIST_TEST),
+    "dataset.validation": (0, MNIST_TRAIN - 1),
     "model.param_budget": (1, 10**8), "model.fc_units": (1, 1 << 14), "model.conv_filters": (1, 1 << 12),
     "transformer.tps_grid": (2, 16), "transformer.output_size": (1, 512), "transformer.parallel": (1, 16),
     "trainer.iterations": (1, 10**9), "trainer.batch_size": (1, MNIST_TRAIN), "trainer.lr": (0, None),
@@ -232,11 +243,12 @@ def _range_errors(cfg: Config) -> list[str]:
             continue
         low, high = RANGES[key]
         if key == "trainer.batch_size":  # every step needs a full batch of distinct training digits
-            high = cfg.dataset.train_limit or MNIST_TRAIN
+            high = cfg.dataset.train_limit or MNIST_TRAIN - cfg.dataset.validation
         too_low = low is not None and (value <= low if key in _OPEN_LOW else value < low)
         if too_low or (high is not None and value > high):
             interval = f"{'(' if key in _OPEN_LOW else '['}{low}, {high}]"
-            why = " (the training digits: dataset.train_limit or 60000)" if key == "trainer.batch_size" else ""
+            why = (" (the training digits: dataset.train_limit or 60000 - dataset.validation)"
+                   if key == "trainer.batch_size" else "")
             errors.append(f"{key}={value}: outside {interval}{why}; set {key} inside that range")
     return errors
 
@@ -320,6 +332,14 @@ def problems(cfg: Config) -> list[str]:
         errors.append(f"logger.mode={cfg.logger.mode!r}{source}: not one of {', '.join(LOGGER_MODES)}")
     if cfg.trainer.cpu_precision not in CPU_PRECISIONS:
         errors.append(f"trainer.cpu_precision={cfg.trainer.cpu_precision!r} is not one of {CPU_PRECISIONS}")
+    if cfg.trainer.schedule not in SCHEDULES:
+        errors.append(f"trainer.schedule={cfg.trainer.schedule!r} is not one of {SCHEDULES}")
+    if cfg.trainer.nesterov and cfg.trainer.momentum <= 0:
+        errors.append("trainer.nesterov=true needs trainer.momentum > 0")
+    held, limit = cfg.dataset.validation, cfg.dataset.train_limit
+    if held and limit and limit + held > MNIST_TRAIN:
+        errors.append(f"dataset.validation={held} with dataset.train_limit={limit}: the two must fit in MNIST's "
+                      f"{MNIST_TRAIN} training digits; lower one of them")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.trainer.device):
         errors.append(f"trainer.device={cfg.trainer.device!r}: not one of auto, cpu, cuda, cuda:N")
     if not errors:  # the cross-field checks assume sane ranges

@@ -13,8 +13,9 @@ canvas) of R, RTS, plain and TC is
 with Rot counter-clockwise as seen on screen (y points down) and centre_n = (n - 1) / 2. RTS draws the
 translation per axis from U[-(S/2 - 14 scale), +(S/2 - 14 scale)], which keeps the scaled 28x28 box (before
 rotation) inside the canvas, and so the disc it inscribes at any angle, where MNIST's ink lies. P follows the
-scaling with the homography taking the 28x28 canvas corners to corners moved by N(0, corner_std) px per axis
-(the default reading; `corner_frame` (canvas | image: the scaled 28x28 digit image's corners | box20: the
+scaling with the homography taking the 28x28 canvas corners to corners stretched along their diagonals by
+N(0, corner_std) px (conf/dataset/P.yaml; the dataclass default, per axis, is P_axis, the first reading coded;
+`corner_frame` (canvas | image: the scaled 28x28 digit image's corners | box20: the
 central 20x20 box MNIST normalised its digits into, scaled | digit_box: each digit's ink bounding box, scaled),
 `corner_direction` and `folded` select others, see `draw_corners`), and
 E follows it with a thin plate spline whose 4x4 control points sample the scaled digit at offsets drawn from
@@ -29,6 +30,7 @@ why the test set is always generated on the CPU and then moved: CPU and GPU runs
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator
@@ -287,7 +289,7 @@ def draw_distortion(cfg: DatasetConfig, batch: int, generator: torch.Generator, 
         translation = (torch.rand(batch, 2, generator=generator, device=device) * 2 - 1) * room[:, None]
     corners = tps = points = None
     default_reading = cfg.corner_frame == "canvas" and cfg.corner_direction == "per_axis" and cfg.folded == "keep"
-    if cfg.corner_std > 0 and default_reading:  # today's P: kept on its original code path (same bytes)
+    if cfg.corner_std > 0 and default_reading:  # P_axis, the first P: kept on its original code path (same bytes)
         corners = torch.randn(batch, 4, 2, generator=generator, device=device) * cfg.corner_std
     elif cfg.corner_std > 0:
         if cfg.corner_frame == "digit_box":
@@ -549,8 +551,17 @@ def make_test_set(digits: Tensor, labels: Tensor, cfg: DatasetConfig, device: to
 
 
 def build_data(cfg: Config, device: torch.device | str) -> tuple[TrainStream, TestSet]:
-    """Load MNIST from cfg.data_dir and build the training stream and the fixed test set on `device`."""
+    """Load MNIST from cfg.data_dir and build the training stream and the fixed set the run evaluates on:
+    the test set, or with dataset.validation=N the last N training digits (never trained on), distorted with
+    test_seed + 1 so that no validation draw repeats a test draw."""
     train_digits, train_labels = load_mnist(cfg.data_dir, train=True, download=cfg.download)
+    held = cfg.dataset.validation
+    if held:
+        keep = len(train_digits) - held
+        stream = TrainStream(train_digits[:keep], train_labels[:keep], cfg.dataset, cfg.trainer.batch_size,
+                             cfg.seed, device)
+        seed = dataclasses.replace(cfg.dataset, test_seed=cfg.dataset.test_seed + 1)
+        return stream, make_test_set(train_digits[keep:], train_labels[keep:], seed, device)
     test_digits, test_labels = load_mnist(cfg.data_dir, train=False, download=cfg.download)
     stream = TrainStream(train_digits, train_labels, cfg.dataset, cfg.trainer.batch_size, cfg.seed, device)
     return stream, make_test_set(test_digits, test_labels, cfg.dataset, device)

@@ -50,7 +50,7 @@ RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 # - every other key (trainer.iterations, the intervals, amp, channels_last, dataset.test_limit, ...) changes
 #   the outcome but may change between invocations: resumable, but a finished run with another value is stale.
 IDENTITY = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr", "trainer.momentum",
-            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma")
+            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma", "trainer.schedule", "trainer.nesterov")
 RUNTIME = ("data_dir", "download", "runs_dir", "run_dir", "name", "trainer.resume", "trainer.stop_after",
            "trainer.device", "trainer.eval_batch_size", "trainer.compile", "logger")
 OUTCOME_EXCEPTIONS = ("dataset.test_limit",)  # inside an IDENTITY section, but evaluation only
@@ -91,8 +91,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], cfg: Config, classes: tuple[str, ...]) -> list[str]:
-    """'key: saved -> now' for every key of the given classes whose value differs."""
-    before, now = flatten(saved), flatten(to_dict(cfg))
+    """'key: saved -> now' for every key of the given classes whose value differs. A key the saved config lacks
+    was added to stn after that run was saved, with a default that keeps the old behaviour: it compares as
+    that default."""
+    before, now = flatten(to_dict(Config())) | flatten(saved), flatten(to_dict(cfg))
     keys = [k for k in sorted(set(before) | set(now)) if key_class(k) in classes]
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 

@@ -99,12 +99,21 @@ def prepare_model(cfg: Config, device: torch.device) -> nn.Module:
 
 def build_optimizer(model: nn.Module, trainer: TrainerConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=trainer.lr, momentum=trainer.momentum,
-                           weight_decay=trainer.weight_decay)
+                           weight_decay=trainer.weight_decay, nesterov=trainer.nesterov)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.StepLR:
-    """Stepped once per iteration: step s (1-based) trains with lr * lr_gamma ** ((s - 1) // lr_step)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per iteration. step: step s (1-based) trains with lr * lr_gamma ** ((s - 1) // lr_step).
+    onecycle: PyTorch's OneCycleLR over trainer.iterations steps, peaking at lr (its defaults otherwise)."""
+    if trainer.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=trainer.lr, total_steps=trainer.iterations)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=trainer.lr_step, gamma=trainer.lr_gamma)
+
+
+def eval_key(cfg: Config) -> str:
+    """What the run's evaluations are called: val_error on a validation split (dataset.validation), else
+    test_error."""
+    return "val_error" if cfg.dataset.validation else "test_error"
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
@@ -254,6 +263,10 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
         metrics.write_text("")
         return session
     restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
+    if cfg.trainer.schedule == "onecycle" and scheduler.total_steps != cfg.trainer.iterations:
+        # the one cycle spans the run: its shape is fixed by the iterations it was started with
+        raise CheckpointError(f"{folder / CHECKPOINT} runs a one-cycle schedule over {scheduler.total_steps} "
+                              f"steps: resume it with trainer.iterations={scheduler.total_steps}")
     session.step = session.resumed_from = int(state["step"])
     session.clock = dict(state.get("clock", session.clock))
     session.precisions = sorted(set(state.get("precisions", ["float32"])) | set(session.precisions))
@@ -363,11 +376,11 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                 if step % trainer.eval_every == 0 or last:
                     meter.check_finite()
                     test_error = run.evaluate()
-                    append_metrics(run.folder / "metrics.jsonl", {"step": step, "test_error": test_error})
-                    tracker.log({"test_error": test_error}, step)
+                    append_metrics(run.folder / "metrics.jsonl", {"step": step, eval_key(cfg): test_error})
+                    tracker.log({eval_key(cfg): test_error}, step)
                     loss_text = "-" if meter.final_loss is None else f"{meter.final_loss:.4f}"
                     console.line(f"{cfg.run_name} step {step}/{trainer.iterations} | loss {loss_text} | "
-                                 f"lr {lr:.3g} | test error {test_error:.2f}%")
+                                 f"lr {lr:.3g} | {eval_key(cfg).replace('_', ' ')} {test_error:.2f}%")
                 if step % trainer.checkpoint_every == 0 or last or stopping:
                     meter.check_finite(before_checkpoint=True)
                     run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
@@ -380,7 +393,7 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
             if run.step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
                 meter.check_finite()
                 test_error = run.evaluate()
-                tracker.log({"test_error": test_error}, run.step)
+                tracker.log({eval_key(cfg): test_error}, run.step)
             console.close()
             count = cfg.logger.images
             tracker.log_images(run.model, run.test_set.images[:count], run.test_set.labels[:count], run.step)
@@ -407,7 +420,7 @@ def interrupted(run: Session, stop: dict[str, int]) -> TrainingInterrupted:
 def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str, str] | None) -> dict[str, Any]:
     cfg = run.cfg
     return {
-        "test_error": test_error, "run_dir": str(run.folder), "run_name": cfg.run_name, "steps": run.step,
+        eval_key(cfg): test_error, "run_dir": str(run.folder), "run_name": cfg.run_name, "steps": run.step,
         "wall_time_s": run.clock["wall_time_s"], "train_time_s": run.clock["train_time_s"],
         "images_per_s": meter.images / meter.seconds if meter.seconds else None,
         "final_loss": meter.final_loss, "device": str(run.device), "precision": "+".join(run.precisions),
