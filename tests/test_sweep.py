@@ -154,3 +154,16 @@ def test_sweep_trains_two_members_through_the_local_executor(tmp_path: Path, mon
         assert member["status"] == "done" and member["test_error"] == summary["test_error"]
         assert member["overrides"] == [f"model={model}", *FAST] and Path(member["run_dir"]) == folder
     assert list((tmp_path / "sweep" / "submitit").glob("*_log.out"))  # the jobs ran as submitit jobs
+
+
+@pytest.mark.slow
+def test_sweep_in_process_reports_the_validation_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--executor debug runs the members in this process; a member on a validation split reports val_error."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "-m", "seed=0", *FAST, "++dataset.validation=100", "--executor", "debug"])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.glob("runs/multirun/*/*/0-R-cnn")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert f"val error {summary['val_error']:.2f}% | run folder {folder}" in result.output
+    record = json.loads((folder.parent / "sweep.json").read_text())
+    assert record["members"][0]["val_error"] == summary["val_error"]

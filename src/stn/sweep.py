@@ -243,7 +243,7 @@ def _write_record(path: Path, command: str, members: Sequence[Member], report: S
     write_json(path, {"command": command, "members": [
         {"num": m.num, "overrides": list(m.overrides), "run_dir": str(m.run_dir),
          **{k: v for k, v in report.results.get(m.num, {"status": "pending"}).items()
-            if k in ("status", "test_error", "error", "steps")}}
+            if k in ("status", "test_error", "val_error", "error", "steps")}}
         for m in members]})
 
 
@@ -254,6 +254,7 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
     at once; a failed member never stops the others. Returns each member's summary (status done / failed /
     interrupted); sweep.json in `sweep_dir` says where each member is and how it ended."""
     from stn.launch import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
+    from stn.train import eval_key
 
     problems = _problems(members)
     if problems:
@@ -271,7 +272,9 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
             report.results[member.num] = summary
             status = summary.get("status")
             if status == "done":
-                log(f"  {member.label}: test error {float(summary['test_error']):.2f}% | run folder {member.run_dir}")
+                key = eval_key(member.config)  # val_error for a run on a validation split
+                log(f"  {member.label}: {key.replace('_', ' ')} {float(summary[key]):.2f}% | run folder "
+                    f"{member.run_dir}")
             elif status == "interrupted":
                 log(f"  {member.label}: stopped at step {summary.get('step')} with a checkpoint; rerun with "
                     f"trainer.resume=true hydra.sweep.dir={sweep_dir} to continue")
