@@ -98,3 +98,28 @@ def test_parameter_table_hit_imports_neither_torch_nor_models(folder: Path) -> N
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(len(rows)), "False", "False"]
+
+
+def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stn engine plan` prints the same lines from the cache; an edited grid file is planned afresh."""
+    from typer.testing import CliRunner
+
+    from stn import engine_cli
+    from stn.cli import app
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text((Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml").read_text())
+    args = ["engine", "plan", "--grid", str(grid), "--preset", "smoke", "--rows", "CNN", "--columns", "R",
+            "--seeds", "0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "1 groups, 1 models" in first.output, first.output
+
+    def fail(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(engine_cli, "_plan_lines", fail)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output == first.output
+    grid.write_text(grid.read_text() + "\n# edited\n")
+    assert isinstance(CliRunner().invoke(app, args).exception, AssertionError)

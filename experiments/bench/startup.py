@@ -41,6 +41,7 @@ COMMANDS = [
     "convergence plot --help",
     "bench --help",
     "engine plan --help",
+    "engine plan --preset paper",
     "visualize --help",
     "recovery --help",
 ]

@@ -128,28 +128,46 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
          budget: Annotated[float, typer.Option(help="Seconds per chunk.")] = 540.0,
          override: Override = None) -> None:
     """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
+    import hashlib
+
+    from stn.cache import memo
+
+    def content(path: Path | None) -> str | None:  # the files the plan reads are part of the cache key
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+
+    key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
+           override or []]
+    for line in memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
+                                                            max_k, budget, override)):
+        typer.echo(line)
+
+
+def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, cost: Path | None,
+                flops: float, max_k: int | None, budget: float, override: list[str] | None) -> list[str]:
     from stn.plan import CostModel, pack_chunks, run_order
 
     groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
     costs = CostModel.load(cost, flops)
     total = 0.0
+    lines = []
     for group in run_order(groups, costs):
         rate, how = costs.images_per_s(group)
         seconds = costs.seconds_per_step(group) * group.iterations
         total += seconds
-        typer.echo(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
-                   f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
+        lines.append(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
+                     f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
     chunks = pack_chunks(groups, costs, budget)
-    typer.echo(f"\n{len(groups)} groups, {sum(g.k for g in groups)} models, {total:.0f} s estimated; "
-               f"{len(chunks)} chunk(s) of at most {budget:.0f} s")
+    lines.append(f"\n{len(groups)} groups, {sum(g.k for g in groups)} models, {total:.0f} s estimated; "
+                 f"{len(chunks)} chunk(s) of at most {budget:.0f} s")
     for i, chunk in enumerate(chunks):
         if i == 12 and len(chunks) > 13:
-            typer.echo(f"  ... {len(chunks) - 13} more chunks ...")
+            lines.append(f"  ... {len(chunks) - 13} more chunks ...")
             continue
         if 12 <= i < len(chunks) - 1:
             continue
-        typer.echo(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
-                   + f"  ({sum(s.seconds for s in chunk):.0f} s)")
+        lines.append(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
+                     + f"  ({sum(s.seconds for s in chunk):.0f} s)")
+    return lines
 
 
 @engine_app.command("run")
