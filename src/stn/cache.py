@@ -2,7 +2,7 @@
 
 Hydra composes one config in about 0.3 s (OmegaConf merges), so a command that plans many runs (a table's 40
 cells, the convergence study's 180, `stn models`' 40 rows of parameter counts, each a few width searches
-after importing torch) took 10-40 s before printing anything. Those results depend only on the arguments,
+after importing torch, `stn engine plan`'s groups and FLOP counts) took 10-40 s before printing anything. Those results depend only on the arguments,
 stn's source files, the files in conf/, the versions of Hydra / OmegaConf / torch and the STN_* / WANDB_*
 variables (conf/ reads STN_DATA_DIR and W&B's variables), so they are kept under
 `$STN_CACHE_DIR` (default `$XDG_CACHE_HOME/stn`, else `~/.cache/stn`; `STN_CACHE_DIR=off` turns it off),
