@@ -88,6 +88,12 @@ def test_hydra_output_dirs_are_the_run_folders(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     sweeps = [d["hydra"]["sweep"] for d in yaml.safe_load_all(result.output)]
     assert sweeps == [{"dir": f"{tmp_path}/s", "subdir": f"{n}_seed={s}"} for n, s in ((0, 1), (1, 2))]
+    result = runner.invoke(app, ["train", "-m", "seed=1,2", "--cfg", "all", f"hydra.sweep.dir={tmp_path}/s",
+                                 "hydra.sweep.subdir=${hydra.job.name}/${hydra.job.num}"])
+    assert result.exit_code == 0, result.output
+    documents = list(yaml.safe_load_all(result.output))
+    assert [d["hydra"]["sweep"]["subdir"] for d in documents] == ["R-cnn/0", "R-cnn/1"]
+    assert [d["run_dir"] for d in documents] == [str((tmp_path / "s" / "R-cnn" / n).resolve()) for n in "01"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
