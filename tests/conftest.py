@@ -24,3 +24,13 @@ def _stn_cache(tmp_path_factory: pytest.TempPathFactory):
     patch.setenv("STN_CACHE_DIR", str(tmp_path_factory.mktemp("stn-cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _wandb_data_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """W&B stages logged artifacts (checkpoints, cards, tables) in its data dir until `wandb sync` uploads
+    them; offline test runs are never synced, so their copies go to a session folder, not ~/.local/share/wandb.
+    Set in the environment so the table's local-executor workers inherit it."""
+    if "WANDB_DATA_DIR" in os.environ:
+        return
+    os.environ["WANDB_DATA_DIR"] = str(tmp_path_factory.mktemp("wandb-data"))

@@ -100,6 +100,8 @@ def test_presets_have_the_papers_schedule() -> None:
         ("trainer.device=tpu", "trainer.device"),
         ("trainer.lr=-1", "trainer.lr"),
         ("trainer.stop_after=0", "trainer.stop_after"),
+        ("logger.card_draws=-1", "logger.card_draws=-1: outside"),
+        ("logger.artifacts=maybe", "logger.artifacts"),
         ("dataset=XYZ", "choices for dataset: E, P, P_axis, P_box, P_box20, P_image, P_redraw, R, RTS, TC, plain"),
     ],
 )

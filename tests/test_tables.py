@@ -174,6 +174,62 @@ def test_table_with_stand_in_fit_writes_after_each_cell_and_resumes(tmp_path: Pa
         reproduce(GRID, **{**kwargs, "overrides": ["logger.mode=disabled", "trainer.iterations=40"]})
 
 
+def table_runs(root: Path) -> list[dict[str, Any]]:
+    """The table's offline W&B folders under root/wandb (one per logging), read back, in the order logged."""
+    runs = [read_run(folder, lambda run: run["finished"]) for folder in root.glob("wandb/offline-run-*")]
+    return sorted((run for run in runs if run.get("job_type") == "table"), key=lambda run: run["history"][0]["_step"])
+
+
+def logged_results(run: dict[str, Any]) -> dict[str, str]:
+    """cell -> status in the `results` wandb.Table of an offline table run."""
+    (path,) = run["file"].parent.glob("files/media/table/results_*.table.json")
+    logged = json.loads(path.read_text())
+    columns = logged["columns"]
+    return {row[columns.index("cell")]: row[columns.index("status")] for row in logged["data"]}
+
+
+def test_table_wandb_run_fills_cell_by_cell_and_stays_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped (Ctrl-C) while the second cell trains, the table already has its W&B run, holding the first
+    cell; the rerun continues that run (the id kept in results.json), never a second one of the same name."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_TAGS", "WANDB_SERVICE"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "table"
+    kwargs: dict[str, Any] = dict(rows=["CNN", "ST-CNN Aff"], columns=["R"], seeds=[0], preset="smoke",
+                                  overrides=["logger.mode=offline"], executor="debug", out=out, log=lambda _: None)
+
+    def ctrl_c_in_second_cell(cfg: Config) -> dict[str, Any]:
+        if cfg.model.name == "st_cnn":
+            raise KeyboardInterrupt
+        return fake_fit(cfg)
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(GRID, **kwargs, fit_fn=ctrl_c_in_second_cell)
+    table_id = json.loads((out / "results.json").read_text())["wandb_id"]
+    (first,) = table_runs(tmp_path)
+    assert first["id"] == table_id and first["name"] == "table-table" and first["group"] == "table"
+    assert logged_results(first) == {"R_cnn": "done", "R_st-cnn-aff": "pending"}
+    assert first["summary"]["test_error/R_cnn"] == 1.0 and first["summary"]["paper_test_error/R_cnn"] == 1.2
+    assert "test_error/R_st-cnn-aff" not in first["summary"]
+    # The table's process does not hand its wandb service to the cells it starts later (Slurm, local jobs).
+    assert "WANDB_SERVICE" not in os.environ
+
+    reproduce(GRID, **kwargs, fit_fn=fake_fit)
+    runs = table_runs(tmp_path)
+    assert {run["id"] for run in runs} == {table_id} and len(runs) == 3  # after the cell, and at the end
+    assert [run["history"][0]["_step"] for run in runs] == [1, 2, 3]  # never below the run's last step
+    assert logged_results(runs[-1]) == {"R_cnn": "done", "R_st-cnn-aff": "done"}
+    assert runs[-1]["summary"]["test_error/R_st-cnn-aff"] == 0.5 and "ours_vs_paper/_type" in runs[-1]["history"][0]
+    (shaped,) = runs[-1]["file"].parent.glob("files/media/table/ours_paper_*.table.json")
+    assert json.loads(shaped.read_text())["data"] == [["CNN", "1.00 / 1.2"], ["ST-CNN Aff", "0.50 / 0.7"]]
+
+    reproduce(GRID, **kwargs, fit_fn=fake_fit)  # nothing left to run: nothing new to log
+    assert len(table_runs(tmp_path)) == 3
+
+
 # ------------------------------------------------------------------------------- real training, the CLI
 
 
@@ -211,19 +267,35 @@ def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> Non
     with Image.open(out / "ours_vs_paper.png") as image:
         assert image.format == "PNG" and image.width > 300
 
-    # W&B (offline): the table run and both cells' runs share the group; the table holds the cells' errors.
-    runs = [read_offline_run(folder) for folder in (data_env / "wandb").glob("offline-run-*")]
+    # W&B (offline): the table run and both cells' runs share the group. The table run is one W&B run (its
+    # id in results.json), logged after each cell and at the end: three offline folders of that one id.
+    runs = [read_run(folder, lambda run: run["finished"]) for folder in (data_env / "wandb").glob("offline-run-*")]
     in_group = [run for run in runs if run["group"] == "table"]
-    assert sorted(run["job_type"] for run in in_group) == ["table", "train", "train"]
-    table_run = next(run for run in in_group if run["job_type"] == "table")
+    assert sorted(run["job_type"] for run in in_group) == ["table", "table", "table", "train", "train"]
+    table_runs = sorted((run for run in in_group if run["job_type"] == "table"),
+                        key=lambda run: run["history"][0]["_step"])
+    assert {run["id"] for run in table_runs} == {json.loads((out / "results.json").read_text())["wandb_id"]}
+    assert [run["history"][0]["_step"] for run in table_runs] == [1, 2, 3]
+    assert [run["history"][0]["cells_done"] for run in table_runs] == [1, 2, 2]
     for cell, summary in summaries.items():
-        assert table_run["summary"][f"test_error/{cell}"] == pytest.approx(summary["test_error"])
-    table_files = list((data_env / "wandb").glob("offline-run-*/files/media/table/results_*.table.json"))
-    assert len(table_files) == 1
-    logged = json.loads(table_files[0].read_text())
+        assert table_runs[-1]["summary"][f"test_error/{cell}"] == pytest.approx(summary["test_error"])
+    last = table_runs[-1]["file"].parent
+    assert "ours_vs_paper/_type" in table_runs[-1]["history"][0]
+    (table_file,) = last.glob("files/media/table/results_*.table.json")
+    logged = json.loads(table_file.read_text())
     column = logged["columns"].index("ours_mean")
     cells = {row[logged["columns"].index("cell")]: row[column] for row in logged["data"]}
     assert cells == pytest.approx({cell: s["test_error"] for cell, s in summaries.items()})
+    # Each cell's run carries its table, row, column, cell and paper value (config keys) and tags.
+    for run in in_group:
+        if run["job_type"] != "train":
+            continue
+        config = run["config"]
+        row = {"cnn": "CNN", "st_cnn": "ST-CNN Aff"}[config["model"]["name"]]
+        paper = {"CNN": 1.2, "ST-CNN Aff": 0.7}[row]
+        assert (config["table"], config["row"], config["column"], config["seed"]) == ("table1", row, "R", 0)
+        assert config["paper_test_error"] == paper and config["cell"] == cell_name(row, "R")
+        assert {f"row:{row}", "column:R", "seed:0", f"paper:{paper}"} <= set(run["tags"])
 
     # Rerun: nothing trains, nothing is rewritten, no new W&B run.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/summary.json")}

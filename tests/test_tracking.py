@@ -8,6 +8,7 @@ as wandb's own Python reader was removed when the SDK moved to its Go core.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import wandb
 
 from stn.config import Config, compose, to_dict
 from stn.models import build_model
-from stn.tracking import Tracker, has_wandb_credentials, image_pairs
+from stn.tracking import Tracker, has_wandb_credentials, sample_panels
 from stn.train import fit
 from wandb_log import read_records, read_run
 
@@ -27,7 +28,8 @@ def offline_run(root: Path, timeout_s: float = 60.0) -> dict[str, Any]:
     """config, tags, group, history rows and final summary of the single offline run under root/wandb."""
     folders = list(root.glob("wandb/offline-run-*"))
     assert len(folders) == 1, folders
-    return read_run(folders[0], lambda run: "id" in run and "test_error" in run["summary"], timeout_s)
+    return read_run(folders[0], lambda run: "id" in run and "test_error" in run["summary"] and run["finished"],
+                    timeout_s)
 
 
 @pytest.fixture(autouse=True)
@@ -80,13 +82,30 @@ def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.Mo
     assert run["summary"]["test_error_best"] == min(logged_errors.values())
     assert run["summary"]["steps"] == summary["steps"] == 20
     # Three input/rectified pairs as images (media keys arrive flattened: input_rectified/count, ...),
-    # each 28 + 2 + 28 pixels wide, enlarged 3x, logged at the last step; their PNGs are in the run folder.
+    # each 28 + 2 + 28 pixels wide, enlarged 4x, logged at the last step; their PNGs are in the run folder.
     rows = [row for row in run["history"] if "input_rectified/count" in row]
     assert len(rows) == 1 and rows[0]["_step"] == 20
     assert rows[0]["input_rectified/count"] == 3 and rows[0]["input_rectified/_type"] == "images/separated"
-    assert rows[0]["input_rectified/width"] == 3 * (28 + 2 + 28)
+    assert rows[0]["input_rectified/width"] == 4 * (28 + 2 + 28)
     for name in rows[0]["input_rectified/filenames"]:
         assert (run["file"].parent / "files" / name).is_file()
+    # The `stn visualize` figure of the same digits, captioned with the recovery headline of summary.json.
+    figures = [row for row in run["history"] if "transformations/_type" in row]
+    assert len(figures) == 1 and figures[0]["_step"] == 20 and figures[0]["transformations/_type"] == "image-file"
+    assert f"rotation_std_deg {summary['recovery/rotation_std_deg']:.3g}" in figures[0]["transformations/caption"]
+    # The checkpoint and a dataset card as artifacts (logger.artifacts, default on).
+    model, card = run["artifacts"]
+    assert model["name"] == f"model-{run['id']}" and model["type"] == "model" and model["aliases"] == ["last", "latest"]
+    assert model["files"] == ["config.yaml", "last.pt", "summary.json"]
+    assert model["metadata"]["test_error"] == summary["test_error"] and model["metadata"]["steps"] == 20
+    # What `wandb sync` uploads is the checkpoint itself, which `stn visualize` loads (the colleague's side).
+    from stn.visualize import load_checkpoint
+
+    staged = Path(model["staged"]["last.pt"])
+    assert staged.read_bytes() == (Path(summary["run_dir"]) / "checkpoints" / "last.pt").read_bytes()
+    assert load_checkpoint(staged)[1] == dataclasses.replace(cfg, run_dir=summary["run_dir"])
+    assert card["name"] == "card-R" and card["type"] == "dataset-card" and card["files"] == ["R.json", "R.md"]
+    assert card["metadata"]["draws"] == cfg.logger.card_draws
 
 
 def test_disabled_mode_writes_no_wandb_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,19 +182,47 @@ def test_credentials_are_found_in_env_or_netrc(tmp_path: Path, monkeypatch: pyte
     assert has_wandb_credentials()
 
 
-def test_image_pairs_show_the_input_beside_its_rectified_version() -> None:
+def test_sample_panels_draw_t_of_g_over_the_input_beside_the_output() -> None:
+    """Each W&B sample: the input enlarged 4x with T(G) drawn over it, a white gap, the transformer's output.
+    An untrained transformer is the identity, so the output half is the enlarged input exactly, and the
+    input half is too wherever no grid line is drawn; the lines are the figure's colours."""
+    from stn.tracking import enlarge
+    from stn.visualize import LINE_RGB, OUTLINE_RGB
+
     torch.manual_seed(0)
     images = torch.rand(4, 1, 28, 28)
     model = build_model(compose(["model=st_cnn", "transformer=affine"]))
-    # An untrained transformer is the identity, so the right half reproduces the input exactly.
-    pairs = image_pairs(model, images)
-    assert pairs.shape == (4, 28, 28 + 2 + 28)
-    assert torch.allclose(pairs[:, :, :28], images[:, 0])
-    assert torch.equal(pairs[:, :, 28:30], torch.ones(4, 28, 2))
-    assert torch.allclose(pairs[:, :, 30:], images[:, 0], atol=1e-5)
-    assert model.training
-    # Baselines have nothing to rectify: inputs only.
-    assert image_pairs(build_model(compose(["model=cnn"])), images).shape == (4, 28, 28)
+    panels = sample_panels(model, images)
+    assert model.training  # left in the mode it was in
+    big = (enlarge(images[:, 0], 4) * 255).round().to(torch.uint8).numpy()  # (4, 112, 112)
+    for panel, expected in zip(panels, big, strict=True):
+        assert panel.shape == (112, 112 + 8 + 112, 3) and panel.dtype.name == "uint8"
+        assert (panel[:, 112:120] == 255).all()
+        assert (panel[:, 120:] == expected[..., None]).all()
+        left = torch.from_numpy(panel[:, :112].copy()).int()
+        drawn = (left != torch.from_numpy(expected).int()[..., None]).any(-1)
+        colours = {tuple(pixel) for pixel in left[drawn].tolist()}
+        assert colours <= {LINE_RGB, OUTLINE_RGB} and LINE_RGB in colours
+        assert drawn.float().mean() < 0.2  # a few lines, not a filled picture
+    # Baselines have nothing to rectify: the enlarged input alone, grey.
+    grey = sample_panels(build_model(compose(["model=cnn"])), images)
+    assert all((panel == expected[..., None]).all() for panel, expected in zip(grey, big, strict=True))
+
+
+def test_overlay_grid_draws_the_sampled_region_where_the_affine_map_puts_it() -> None:
+    """A transformer that samples the central half of the input (theta = 0.5 I): its outline is the square
+    of input pixel edges 6.5 .. 20.5 (28 px, centre 13.5, half-width 7), i.e. enlarged 4x the pixel rows and
+    columns (p + 0.5) * 4 - 0.5 = 27.5 .. 83.5; PIL rasterises it within a line width (2 px) of there."""
+    from stn.spatial import target_points
+    from stn.visualize import OUTLINE_RGB, overlay_grid
+
+    grid = (0.5 * target_points(28, 28, dtype=torch.float64)).reshape(28, 28, 2)
+    picture = torch.from_numpy(overlay_grid(torch.zeros(28, 28), grid, zoom=4).copy()).int()
+    red = (picture == torch.tensor(OUTLINE_RGB)).all(-1).nonzero()
+    assert len(red) > 4 * 50
+    for axis in (0, 1):
+        low, high = red[:, axis].min().item(), red[:, axis].max().item()
+        assert 27.5 - 2 <= low <= 27.5 + 2 and 83.5 - 2 <= high <= 83.5 + 2, (axis, low, high)
 
 
 def test_tracker_disabled_is_a_no_op(tmp_path: Path) -> None:
@@ -266,7 +313,8 @@ def test_wandb_environment_variables_reach_the_run(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("WANDB_PROJECT", "envproj")
     monkeypatch.setenv("WANDB_NAME", "from-env")
     monkeypatch.setenv("WANDB_TAGS", "t1,t2")
-    summary = fit(small(tmp_path, "logger.mode=offline", "logger.tags=[cli]"))  # the command line wins
+    summary = fit(small(tmp_path, "logger.mode=offline", "logger.tags=[cli]", "logger.artifacts=false"))  # CLI wins
     run = offline_run(tmp_path)
     assert run["name"] == "from-env" and run["tags"] == ["R", "cnn", "none", "cli"]
+    assert run["artifacts"] == []  # logger.artifacts=false: no checkpoint, no card
     assert run["config"]["logger"]["project"] == "envproj" and summary["wandb"]["path"].endswith("envproj/" + run["id"])

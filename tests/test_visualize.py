@@ -120,3 +120,74 @@ def test_cli_preview_without_data_is_a_clean_error(tmp_path):
     result = runner.invoke(app, ["data", "preview", f"data_dir={tmp_path}", "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2  # a missing MNIST is the user's to fix
     assert "MNIST not found" in result.output and "Traceback" not in result.output
+
+
+def _identity_checkpoint(tmp_path, wandb_id=None):
+    """An untrained ST-CNN (affine) on R: its transformer is the identity, so its recovery is the
+    distortion's own spread (stn.recovery's `before`)."""
+    cfg = config("dataset=R", "model=st_cnn", "transformer=affine")
+    torch.manual_seed(0)
+    path = tmp_path / "last.pt"
+    state = {"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "step": 0}
+    torch.save(state | ({"wandb_id": wandb_id} if wandb_id else {}), path)
+    return path
+
+
+def test_visualize_shows_the_recovery_of_the_model_it_draws(data_dir, tmp_path, monkeypatch):
+    from stn.recovery import recovery_checkpoint
+    from stn.visualize import render_checkpoint
+
+    monkeypatch.setenv("STN_DATA_DIR", str(data_dir))
+    path = _identity_checkpoint(tmp_path)
+    expected = recovery_checkpoint(path, limit=150)["overall"]["rotation_std_deg"]
+    line = f"recovery on 150 test digits: rotation_std_deg {expected:.3g} (identity {expected:.3g})"
+    rendered = render_checkpoint(path, tmp_path / "v.png", count=3, recovery_digits=150)
+    assert rendered.recovery_text == line and rendered.title.endswith("\n" + line)
+    assert rendered.recovery_flat["recovery/rotation_std_deg"] == expected
+    assert 40 < expected < 60  # R's drawn angles: U(-90, 90) has std 52 deg; the identity keeps all of it
+    result = runner.invoke(app, ["visualize", str(path), "--out", str(tmp_path / "cli.png"), "--count", "3",
+                                 "--recovery-digits", "150"])
+    assert result.exit_code == 0, result.output
+    assert line in result.output and (tmp_path / "cli.png").read_bytes()[:8] == PNG_MAGIC
+    skipped = render_checkpoint(path, tmp_path / "s.png", count=2, recovery_digits=0)
+    assert skipped.recovery == {} and "recovery" not in skipped.title
+
+
+def test_visualize_logs_the_figure_and_recovery_to_wandb(data_dir, tmp_path, monkeypatch):
+    """--wandb: a `visualize` run (offline here) holding the figure, captioned with the recovery line, the
+    recovery in its summary and the training's W&B run id; inside an active run, the figure goes there."""
+    import wandb
+
+    from stn.tracking import log_visualization
+    from stn.visualize import render_checkpoint
+    from wandb_log import read_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STN_DATA_DIR", str(data_dir))
+    for name in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = _identity_checkpoint(tmp_path, wandb_id="trainrun1")
+    result = runner.invoke(app, ["visualize", str(path), "--out", str(tmp_path / "v.png"), "--count", "2",
+                                 "--recovery-digits", "100", "--wandb"])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.glob("wandb/offline-run-*")
+    assert f"logged to W&B: {folder}" in result.output
+    run = read_run(folder, lambda run: run["finished"])
+    assert run["job_type"] == "visualize" and run["name"] == "R-st_cnn-affine-visualize"
+    assert run["config"]["source_run"] == "trainrun1" and run["config"]["checkpoint"] == str(path.resolve())
+    (row,) = [row for row in run["history"] if "transformations/_type" in row]
+    recovery_line = next(line for line in result.output.splitlines() if line.startswith("recovery on 100"))
+    assert row["transformations/_type"] == "image-file" and row["transformations/caption"] == recovery_line
+    assert f"{run['summary']['recovery/rotation_std_deg']:.3g}" in recovery_line
+    # A script's own active run gets the figure instead of a new run.
+    rendered = render_checkpoint(path, tmp_path / "w.png", count=2, recovery_digits=100)
+    active = wandb.init(mode="offline", project="mine", dir=str(tmp_path / "own"))
+    try:
+        assert log_visualization(rendered, path) == str(active.path)
+    finally:
+        active.finish()
+    (own,) = (tmp_path / "own").glob("wandb/offline-run-*")
+    mine = read_run(own, lambda run: run["finished"])
+    assert any("transformations/_type" in row for row in mine["history"])
+    assert mine["summary"]["recovery/rotation_std_deg"] == rendered.recovery_flat["recovery/rotation_std_deg"]

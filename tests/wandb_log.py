@@ -52,11 +52,15 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 
 def parse_run(folder: Path) -> dict[str, Any]:
-    """id, tags, group, job_type, name, config, history rows, summary and metric definitions (define_metric:
-    name -> {"step_metric", "summary": sorted aggregations}) of the offline run in `folder` (a
+    """id, tags, group, job_type, name, config, history rows, summary, metric definitions (define_metric:
+    name -> {"step_metric", "summary": sorted aggregations}) and logged artifacts ({"name", "type", "aliases"
+    (sorted), "files" (sorted paths in the artifact), "staged" (path -> the local copy sync uploads),
+    "metadata"}), and "finished" once the exit record is
+    there, of the offline run in `folder` (a
     wandb/offline-run-* folder)."""
     (log,) = folder.glob("run-*.wandb")
-    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "metrics": {}, "file": log}
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "metrics": {}, "artifacts": [],
+                           "finished": False, "file": log}
     for record in read_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -75,6 +79,19 @@ def parse_run(folder: Path) -> dict[str, Any]:
                 "step_metric": record.metric.step_metric,
                 "summary": sorted(field.name for field, value in summary.ListFields() if value is True),
             }
+            continue
+        elif kind == "exit":  # run.finish() got this far: everything before it is in the log
+            run["finished"] = True
+            continue
+        elif kind == "artifact":
+            artifact = record.artifact
+            run["artifacts"].append({
+                "name": artifact.name, "type": artifact.type, "aliases": sorted(artifact.aliases),
+                "files": sorted(entry.path for entry in artifact.manifest.contents),
+                # where wandb staged each file's copy for `wandb sync` to upload (WANDB_DATA_DIR)
+                "staged": {entry.path: entry.local_path for entry in artifact.manifest.contents},
+                "metadata": json.loads(artifact.metadata) if artifact.metadata else {},
+            })
             continue
         elif kind == "summary":
             for item in record.summary.update:

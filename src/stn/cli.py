@@ -4,7 +4,7 @@ Typer parses, Hydra's compose API builds the config, plain functions do the work
 positional `key=value` words, exactly as Hydra takes them:
     stn train dataset=RTS model=st_cnn transformer=tps trainer=quick
 This module owns the root app (`--version`), `stn train` (Hydra's `-m`, `--cfg` and `hydra.*` keys: stn.sweep),
-`stn models`, `stn visualize` and `stn recovery`; the sub-apps live in stn.cli_data, cli_table
+`stn models`, `stn visualize`, `stn recovery` and `stn wandb-report`; the sub-apps live in stn.cli_data, cli_table
 (reproduce-table), cli_bench, cli_convergence and engine_cli, the shared error handling and exit codes in
 stn.cli_common. Each command imports its work module lazily so `stn --help` stays fast, and checks its config, arguments and outputs (stn.config) before torch or MNIST load.
 
@@ -15,6 +15,7 @@ run (a non-finite loss, a failed table cell, an I/O error); 128+N a run stopped 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, get_args
 
@@ -232,17 +233,73 @@ def visualize(
     data_dir: Annotated[
         str | None, typer.Option(help="MNIST root (default: $STN_DATA_DIR, else the checkpoint's data_dir).")
     ] = None,
+    recovery_digits: Annotated[int, typer.Option(
+        help="Test digits to measure the distortion recovery on (stn.recovery), shown in the title; 0 = skip.")] = 1000,
+    wandb: Annotated[bool, typer.Option(
+        "--wandb", help="Also log the figure and the recovery to W&B: a 'visualize' run in the training's project "
+        "and group (mode: WANDB_MODE, else the checkpoint's logger.mode), or the run active in this process.")]
+    = False,
 ) -> None:
-    """Draw test digits with the transformer's sampling grid T(G) and its output (the paper's Table 1, right)."""
+    """Draw test digits with the transformer's sampling grid T(G) and its output (the paper's Table 1, right),
+    and print how consistently the transformer undoes the distortions (stn.recovery)."""
     refuse([f"--count {count}: choose 1 to {MAX_PICTURES // 4} (one column per digit)"]
            * (not 1 <= count <= MAX_PICTURES // 4)
+           + [f"--recovery-digits {recovery_digits}: choose 0 to 10000"] * (not 0 <= recovery_digits <= 10_000)
            + [f"checkpoint {checkpoint}: no such file; pass a run's checkpoints/last.pt"] * (not checkpoint.is_file())
            + picture_problems("--out", out, "visualize"))
-    from stn.visualize import visualize_checkpoint
+    from stn.visualize import render_checkpoint
 
     with reported():
-        path = visualize_checkpoint(checkpoint, out, count=count, data_dir=data_dir)
-    typer.echo(f"wrote {path}")
+        rendered = render_checkpoint(checkpoint, out, count=count, data_dir=data_dir, recovery_digits=recovery_digits)
+    if rendered.recovery_text:
+        typer.echo(rendered.recovery_text)
+    typer.echo(f"wrote {rendered.path}")
+    if wandb:
+        from stn.tracking import log_visualization
+
+        where = log_visualization(rendered, checkpoint)
+        if where is not None:
+            typer.echo(f"logged to W&B: {where}")
+
+
+@app.command("wandb-report")
+def wandb_report(
+    entity: Annotated[str | None, typer.Option(help="W&B entity (default: $WANDB_ENTITY).")] = None,
+    project: Annotated[str | None, typer.Option(help="W&B project (default: $WANDB_PROJECT, else stn).")] = None,
+    group: Annotated[str | None, typer.Option(
+        help="A table's W&B group (its folder name, e.g. table1-quick); default: every table1 run.")] = None,
+    title: Annotated[str | None, typer.Option(help="The report's title.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Build the report and list its panels; send nothing.")]
+    = False,
+) -> None:
+    """Create the Table 1 dashboard as a W&B report (needs wandb-workspaces: pip install 'stn[report]').
+
+    Panels (stn.dashboard): test error and loss against training images per cell (mean, std over seeds), best
+    test error per cell, ours against the paper, the transformers' images, and the table run's tables."""
+    from stn.dashboard import PANELS, DashboardError, Template, build_report, save_report
+
+    entity = entity or os.environ.get("WANDB_ENTITY")
+    refuse(["--entity: give the W&B entity (user or team) that owns the project, or set WANDB_ENTITY"]
+           * (not entity and not dry_run))
+    template = Template(project=project or os.environ.get("WANDB_PROJECT") or "stn", entity=entity or "ENTITY",
+                        group=group)
+    if title:
+        template.title = title
+    with reported():
+        try:
+            if dry_run:
+                build_report(template)
+                for panel in PANELS:
+                    typer.echo(f"{panel.source:>5} {panel.kind:<7} {panel.title}: "
+                               + ", ".join(f"{kind} {name}" for kind, name in panel.keys()))
+                typer.echo(f"built {len(PANELS)} panels for {template.entity}/{template.project}; nothing sent")
+                return
+            url = save_report(template)
+        except DashboardError:
+            raise
+        except Exception as err:  # the W&B server refused or could not be reached
+            fail(f"saving the report failed ({type(err).__name__}: {' '.join(str(err).split())[:300]})", 1)
+    typer.echo(f"saved the report: {url}")
 
 
 @app.command("recovery")

@@ -142,6 +142,13 @@ class LoggerConfig:
     name: str | None = None  # the W&B run's display name; None = the run name
     tags: list[str] = field(default_factory=list)
     images: int = 8  # input/rectified pairs logged at the end
+    # At the end of a training, the checkpoint(s) (type "model") and a dataset card ("dataset-card") as W&B
+    # artifacts, so whoever syncs the run can download the model and `stn visualize` it (stn.tracking).
+    artifacts: bool = True
+    card_draws: int = 200  # test draws the card artifact measures (stn.cards; a cheap card: ~1 s); 0 = no card
+    # Set by `stn reproduce-table` on its cells: table, row, column, cell, paper value. Tracker puts them in
+    # the W&B config (top level) and tags, so a group's dashboard can group by row and column (stn.dashboard).
+    cell: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -220,7 +227,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "trainer.momentum": (0, 1), "trainer.weight_decay": (0, None), "trainer.lr_step": (1, 10**9),
     "trainer.lr_gamma": (0, 1), "trainer.eval_every": (1, 10**9), "trainer.log_every": (1, 10**9),
     "trainer.checkpoint_every": (1, 10**9), "trainer.eval_batch_size": (1, MNIST_TEST),
-    "trainer.stop_after": (1, 10**9), "logger.images": (0, 64), "seed": (0, 2**63 - 1),
+    "trainer.stop_after": (1, 10**9), "logger.images": (0, 64),
+    "logger.card_draws": (0, MNIST_TEST), "seed": (0, 2**63 - 1),
 }  # fmt: skip
 _OPEN_LOW = {"dataset.scale_min", "dataset.scale_max", "trainer.lr", "trainer.lr_gamma"}
 

@@ -222,6 +222,22 @@ def flat_summary(summary: dict[str, Any], prefix: str = "recovery") -> dict[str,
     return flat
 
 
+def headline_line(flat: dict[str, Any]) -> str:
+    """One line from `flat_summary`'s keys: each headline metric after, with the identity transformer's value
+    (the distortion's own spread) in brackets, e.g. 'rotation_std_deg 9.81 (identity 52.13)'; '' if none.
+    For figure titles and W&B captions (stn.visualize, stn.tracking)."""
+    prefix = "recovery/"
+    parts = []
+    for key, value in flat.items():
+        name = key[len(prefix):]
+        if (not key.startswith(prefix) or "/" in name or name in ("lost_fraction", "rotation_mean_deg")
+                or not isinstance(value, (int, float))):  # recovery/error is text
+            continue
+        before = flat.get(f"{prefix}before/{name}")
+        parts.append(f"{name} {value:.3g}" + ("" if before is None else f" (identity {before:.3g})"))
+    return ", ".join(parts)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A few readable lines: headline after vs before, the mean pose, and the per-class headline."""
     if not summary:

@@ -218,12 +218,39 @@ def rich_table(grid: Grid, results: Sequence[CellResult]) -> Any:
     return table
 
 
+def new_run_id() -> str:
+    """A W&B run id (8 characters of [a-z0-9], as wandb makes them), chosen before the run exists, so the
+    table's folder can name its one W&B run from the start (stn.tables)."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def paper_shape(grid: Grid, results: Sequence[CellResult]) -> tuple[list[str], list[list[str]]]:
+    """The table in the paper's shape, as W&B table columns and rows: one row per model, one column per
+    dataset, each entry 'ours / paper' (as table.md)."""
+    rows = [r for r in grid.rows if any(x.row == r for x in results)]
+    columns = [c for c in grid.columns if any(x.column == c for x in results)]
+    by_cell = {(x.row, x.column): x for x in results}
+    data = [[row] + [f"{format_error(by_cell[(row, column)])} / {paper_text(by_cell[(row, column)].paper)}"
+                     if (row, column) in by_cell else "" for column in columns] for row in rows]
+    return ["model", *columns], data
+
+
 def log_table_to_wandb(
     grid: Grid, results: Sequence[CellResult], chart: Path | None, meta: dict[str, Any], template: Config
 ) -> Path | None:
-    """One W&B run for the whole table (job_type "table"), in the per-cell runs' group, so a dashboard can
-    be built from the group. Its offline folder lands where the per-cell runs' do (./wandb or $WANDB_DIR),
-    so one `wandb sync` uploads them all. Never fails: warns and returns None; returns the run's folder."""
+    """The table's one W&B run (job_type "table", id meta["wandb_id"], kept in the table's results.json), in
+    the per-cell runs' group, so a dashboard can be built from the group. Called after every finished cell
+    and at the end (with the bar chart): each call continues the same run (resume="allow") and logs, at step
+    meta["wandb_step"] (counted up by the caller across invocations, so an online resume never logs below
+    the run's last step), the results as a wandb.Table (`results`: one line per cell; `ours_paper`: the
+    paper's shape, 'ours / paper'), and per cell the summary keys test_error/<cell> and
+    paper_test_error/<cell>. Offline, each call writes its own wandb/offline-run-*-<id> folder beside the
+    cells' (one `wandb sync` uploads them all into the one run). Never fails: warns and returns None;
+    returns the run's folder."""
     from stn.tracking import effective_mode, init_run, say_once
 
     mode = template.logger.mode
@@ -235,6 +262,8 @@ def log_table_to_wandb(
 
         with init_run(
             mode,
+            id=meta["wandb_id"],
+            resume="allow",
             project=template.logger.project,
             entity=template.logger.entity,
             group=meta["group"],
@@ -246,13 +275,19 @@ def log_table_to_wandb(
             },
             reinit="create_new",
         ) as run:
+            columns, shaped = paper_shape(grid, results)
             payload: dict[str, Any] = {
-                "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results])
+                "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results]),
+                "ours_paper": wandb.Table(columns=columns, data=shaped),
+                "cells_done": sum(x.status == "done" for x in results),
+                "runs_done": sum(len(x.errors) for x in results),
             }
             if chart is not None:
                 payload["ours_vs_paper"] = wandb.Image(str(chart))
-            run.log(payload)
+            run.log(payload, step=int(meta["wandb_step"]))
             run.summary.update({f"test_error/{x.cell}": x.mean for x in results if x.mean is not None})
+            run.summary.update({f"paper_test_error/{x.cell}": x.paper for x in results if x.paper is not None})
+            run.summary.update({"cells": len(results)})
             folder = Path(run.dir).parent  # run.dir is <run folder>/files
         return folder
     except Exception as err:  # W&B must never cost the table: the local files are already written
@@ -260,5 +295,3 @@ def log_table_to_wandb(
             f"logging the table failed ({type(err).__name__}: {err}); the results are in {meta['table_dir']}"
         )
         return None
-
-

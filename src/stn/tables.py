@@ -9,9 +9,15 @@ seed, run folder `<table>/cells/<cell>/seed<s>`, `trainer.resume=true` and the W
 one call of `stn.train.fit` in a submitit job: `local` (parallel processes on this machine), `slurm` or
 `debug` (in-process, one after another). Rerunning the same command resumes: a cell whose run folder
 holds `summary.json` is read back and never re-run, a half-finished one continues from its checkpoint
-(fit's resume semantics; `dry_run` says which of the three each run is, writing nothing). After every finished cell `results.csv`, `results.json` and `table.md` are
-rewritten atomically; at the end come a bar chart of ours vs the paper's and a W&B run for the table,
-in the same group as the per-cell runs.
+(fit's resume semantics; `dry_run` says which of the three each run is, writing nothing). After every
+finished cell `results.csv`, `results.json` and `table.md` are rewritten atomically and the table's W&B run
+is updated; at the end comes a bar chart of ours vs the paper's.
+
+W&B: one table run per table folder, in the same group as the per-cell runs. Its id is chosen at the
+table's first invocation and kept in results.json (`wandb_id`, with `wandb_step`, the last step logged), so
+a rerun or a resumed table continues that run instead of adding a second one of the same name; it is
+logged after every finished cell (an interrupted table already shows what finished). Each cell's run carries
+its table, row, column, cell and paper value (logger.cell: W&B config keys and tags, stn.tracking).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from stn.launch import (
     sigterm_as_interrupt,
     start_pool,
 )
-from stn.report import CellResult, log_table_to_wandb, paper_text, plot_bars, write_results
+from stn.report import CellResult, log_table_to_wandb, new_run_id, paper_text, plot_bars, write_results
 from stn.runs import CheckpointError, is_stale, read_config
 
 PRESETS = ("smoke", "quick", "paper")
@@ -111,6 +117,9 @@ def plan_jobs(
         # Workers may run elsewhere (Slurm) or in another cwd: pin the data folder.
         base = dataclasses.replace(base, data_dir=str(Path(base.data_dir).resolve()))
         name = cell_name(row, column)
+        # What a group's dashboard groups the cell runs by (W&B config keys and tags, stn.tracking).
+        cell = {"table": grid.name, "row": row, "column": column, "cell": name,
+                "paper_test_error": grid.cells[(row, column)]}
         for seed in seeds:
             config = dataclasses.replace(
                 base,
@@ -118,7 +127,7 @@ def plan_jobs(
                 name=f"{base.run_name}-seed{seed}",
                 run_dir=str(table_dir / "cells" / name / f"seed{seed}"),
                 trainer=dataclasses.replace(base.trainer, resume=True),
-                logger=dataclasses.replace(base.logger, group=group),
+                logger=dataclasses.replace(base.logger, group=group, cell=cell),
             )
             jobs.append(Job(row=row, column=column, cell=name, seed=int(seed), config=config))
     return jobs
@@ -226,11 +235,13 @@ def dry_run(grid_path: Path | str, *, rows: Sequence[str] | None = None, columns
     return table_dir, [(job, job_state(job)) for job in jobs]
 
 
-def _previous_wandb_dir(table_dir: Path) -> str | None:
+def _previous_meta(table_dir: Path) -> dict[str, Any]:
+    """The last invocation's results.json (its W&B keys: wandb_id, wandb_step, wandb_dir), or {}."""
     try:
-        return json.loads((table_dir / "results.json").read_text()).get("wandb_dir")
-    except (OSError, ValueError, AttributeError):
-        return None
+        previous = json.loads((table_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
 
 
 def _record(
@@ -295,10 +306,14 @@ def reproduce(
     group = template.logger.group or table_dir.name
     jobs = plan_jobs(grid, cells, seeds, preset, overrides, table_dir, group)
     table_dir.mkdir(parents=True, exist_ok=True)
+    previous_meta = _previous_meta(table_dir)
     meta: dict[str, Any] = {
         "grid": str(grid.path), "name": grid.name, "preset": preset, "seeds": seeds,
         "overrides": list(overrides), "executor": executor, "group": group, "table_dir": str(table_dir),
-        "wandb_dir": _previous_wandb_dir(table_dir),
+        # The table's one W&B run: its id from the first invocation on, the last step it was logged at.
+        "wandb_id": previous_meta.get("wandb_id") or new_run_id(),
+        "wandb_step": int(previous_meta.get("wandb_step") or 0),
+        "wandb_dir": previous_meta.get("wandb_dir"),
     }  # fmt: skip
 
     # What is already done is read back, never re-run; the rest is queued (resumed or fresh).
@@ -318,6 +333,15 @@ def reproduce(
         report.cells = summarise(grid, cells, seeds, report.runs)
         report.files.update(write_results(table_dir, grid, report.cells, report.runs, meta))
         return report.cells
+
+    def log_wandb(chart: Path | None = None) -> None:
+        """Update the table's W&B run with the results so far (one step further) and record where it is."""
+        meta["wandb_step"] += 1
+        folder = log_table_to_wandb(grid, report.cells, chart, meta, template)
+        if folder is not None:
+            meta["wandb_dir"] = str(folder)
+            report.wandb_dir = folder
+        refresh()
 
     pool, width = None, 1
     threads: int | None = None
@@ -357,6 +381,7 @@ def reproduce(
                         log(f"  {where} FAILED: {summary.get('error')} (run folder {job.run_dir}, "
                             f"job logs {table_dir / 'submitit'})")  # fmt: skip
                     refresh()  # an interrupted table loses at most the runs in flight
+                    log_wandb()  # and its W&B run shows every finished cell
                     if status == "interrupted" and summary.get("signal") and executor == "debug":
                         # In-process, fit's own handler caught the Ctrl-C meant for the whole table.
                         raise KeyboardInterrupt
@@ -369,11 +394,9 @@ def reproduce(
     report.files["ours_vs_paper.png"] = chart
     previous = meta.get("wandb_dir")
     if report.ran == 0 and previous and Path(previous).is_dir():
-        # Nothing changed since the last table run was logged: don't add a duplicate to the group.
+        # Nothing changed since the table's W&B run was last logged: don't log the same results again.
         report.wandb_dir = Path(previous)
         log(f"nothing new ran; the table's W&B run is still {previous}")
     else:
-        report.wandb_dir = log_table_to_wandb(grid, results, chart, meta, template)
-        meta["wandb_dir"] = None if report.wandb_dir is None else str(report.wandb_dir)
-        refresh()
+        log_wandb(chart)
     return report

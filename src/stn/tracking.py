@@ -14,11 +14,19 @@ The logger.* settings already hold W&B's environment variables (WANDB_MODE, WAND
 conf/logger/wandb.yaml, below any logger.* override; README "Runs, checkpoints, W&B"). One training is one
 W&B run across stops and resumes (`Tracker.run_id`, kept in the checkpoint). Curves are plotted against
 images_seen (define_metric); the test error is summarised as {min, last}.
+
+At the end of a training (train.fit calls `log_images`, `log_transformations`, `log_artifacts`): sample
+images (the input with T(G) drawn over it, beside the transformer's output), the `stn visualize` figure with
+the distortion recovery in its caption, and, with logger.artifacts, the checkpoint (artifact `model-<run id>`, type "model", aliases last/best) and a dataset card
+(`card-<dataset>`, type "dataset-card", stn.cards) as artifacts. A table's cells carry their row, column,
+cell, table and paper value (logger.cell, set by stn.tables) as top-level W&B config keys and as tags.
+`log_visualization` puts a `stn visualize --wandb` figure in W&B.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import netrc
 import os
 import sys
@@ -66,6 +74,7 @@ def effective_mode(mode: str) -> str:
     return mode
 
 
+SERVICE_ENV = "WANDB_SERVICE"  # where wandb tells child processes about its service (see init_run)
 ONLINE_TIMEOUT_S = 30  # how long `online` may wait for the W&B server before falling back to offline
 
 
@@ -86,41 +95,94 @@ def init_run(mode: str, **kwargs: Any) -> Any:
             **kwargs,
         )
 
-    if mode != "online":
-        return start(mode)
+    inherited = os.environ.get(SERVICE_ENV)
     try:
-        return start("online")
-    except Exception as err:  # no network, a server that does not answer in time, a rejected key
-        reason = " ".join(str(err).split())[:200]
-        say_once(f"logger.mode=online could not reach W&B within {ONLINE_TIMEOUT_S} s ({type(err).__name__}: "
-                 f"{reason}); logging offline instead, upload later with `wandb sync wandb/offline-run-*`")
-        return start("offline")
+        if mode != "online":
+            return start(mode)
+        try:
+            return start("online")
+        except Exception as err:  # no network, a server that does not answer in time, a rejected key
+            reason = " ".join(str(err).split())[:200]
+            say_once(f"logger.mode=online could not reach W&B within {ONLINE_TIMEOUT_S} s ({type(err).__name__}: "
+                     f"{reason}); logging offline instead, upload later with `wandb sync wandb/offline-run-*`")
+            return start("offline")
+    finally:
+        # wandb advertises the service it started in this process's environment, for child processes to
+        # share. The table process logs its run while it still submits cells: a Slurm job on another node (or
+        # a local cell outliving a stopped table) must not be pointed at this process's service, so the
+        # variable goes (this process keeps its own connection). One set by the caller is left alone.
+        if inherited is None:
+            os.environ.pop(SERVICE_ENV, None)
 
 
-def image_pairs(model: nn.Module, images: Tensor) -> Tensor:
-    """Inputs beside what the model's first transformer makes of them: (B, H, 2W + 2) in [0, 1], on the CPU.
+SAMPLE_SIDE = 112  # the W&B sample images' input side in pixels, roughly: 28 px digits are enlarged 4x
 
-    Baselines (no transformer) get the inputs alone, (B, H, W).
-    """
-    inputs = images[:, 0].float().cpu()  # (B, H, W)
+
+def _shown(maps: Tensor, images_channels: int) -> Tensor:
+    """(B, C, H, W) -> (B, H, W) in [0, 1]: images as they are; feature maps (placement=features) as their
+    channel mean, scaled to [0, 1] per sample."""
+    if maps.shape[1] == images_channels:
+        return maps[:, 0].float().clamp(0, 1)
+    mean = maps.float().mean(1)
+    low = mean.amin((1, 2), keepdim=True)
+    high = mean.amax((1, 2), keepdim=True)
+    return (mean - low) / (high - low).clamp_min(1e-12)
+
+
+def sample_panels(model: nn.Module, images: Tensor) -> list[Any]:
+    """Per image a uint8 RGB array (zH, W', 3), z = the enlargement: the input with the first transformer's
+    sampling grid T(G) drawn over it (`stn.visualize.overlay_grid`: the lines of `stn visualize`), a white
+    gap, and the transformer's output at the input's enlarged size. Baselines (no transformer): the enlarged
+    input alone, grey. The model is evaluated in eval mode and left in the mode it was in."""
+    import numpy as np
+
+    from stn.visualize import overlay_grid
+
+    height = images.shape[-2]
+    zoom = max(2, round(SAMPLE_SIDE / height))
     if len(getattr(model, "transformers", ())) == 0:
-        return inputs
+        grey = enlarge(images[:, 0].float().cpu().clamp(0, 1), zoom)
+        return [np.repeat((g * 255).round().to(torch.uint8).numpy()[..., None], 3, axis=2) for g in grey]
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        rectified, _grid = model.rectify(images)  # (B, C, H', W'), (B, H', W', 2)
+        trace = model.trace(images)
     model.train(was_training)
-    rectified = rectified[:, :1].float().cpu()
-    if rectified.shape[-2:] != inputs.shape[-2:]:  # a downsampling transformer: show it at the input's size
-        rectified = nn.functional.interpolate(rectified, size=inputs.shape[-2:], mode="nearest")
-    gap = torch.ones(inputs.shape[0], inputs.shape[1], 2)  # a white 2-pixel line between the two
-    return torch.cat([inputs, gap, rectified[:, 0]], dim=2).clamp(0, 1)
+    source = _shown(trace.source.cpu(), images.shape[1])  # (B, h, w)
+    output = _shown(trace.output.cpu(), images.shape[1])  # (B, h'', w'')
+    panels = []
+    for i in range(len(images)):
+        left = overlay_grid(source[i], trace.grid[i].cpu(), max(1, round(zoom * height / source.shape[1])))
+        size = left.shape[:2]
+        right = nn.functional.interpolate(output[i][None, None], size=size, mode="nearest")[0, 0]
+        right = np.repeat((right * 255).round().to(torch.uint8).numpy()[..., None], 3, axis=2)
+        gap = np.full((size[0], 2 * zoom, 3), 255, dtype=np.uint8)  # a white line between the two
+        panels.append(np.concatenate([left, gap, right], axis=1))
+    return panels
 
 
-def enlarge(images: Tensor, side: int = 96) -> Tensor:
-    """(B, H, W) -> (B, kH, kW) by pixel repetition, k = side // H, so 28-pixel digits stay legible in W&B."""
-    k = max(1, side // images.shape[1])
+def enlarge(images: Tensor, k: int) -> Tensor:
+    """(B, H, W) -> (B, kH, kW) by pixel repetition, so 28-pixel digits stay legible in W&B."""
     return images.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)
+
+
+def model_artifact_name(run_id: str) -> str:
+    """The W&B artifact of a training's checkpoint(s): one per W&B run, versioned if it is logged again."""
+    return f"model-{run_id}"
+
+
+def card_artifact_name(dataset: str) -> str:
+    """The dataset card's artifact: one per dataset name; W&B adds a version when the card's content differs."""
+    return f"card-{dataset}"
+
+
+def cell_tags(cfg: Config) -> list[str]:
+    """A table cell's W&B tags (row:..., column:..., seed:..., paper:...); [] for a run outside a table."""
+    cell = cfg.logger.cell
+    if not cell:
+        return []
+    return [f"row:{cell.get('row')}", f"column:{cell.get('column')}", f"seed:{cfg.seed}",
+            f"paper:{'none' if cell.get('paper_test_error') is None else cell['paper_test_error']}"]
 
 
 IMAGES_SEEN = "images_seen"  # the x axis of the training curves: step x trainer.batch_size
@@ -178,8 +240,9 @@ class Tracker:
                 name=cfg.logger.name or cfg.run_name,
                 job_type="train",
                 notes=f"run folder: {self.run_dir}",
-                tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cfg.logger.tags],
-                config=to_dict(cfg),
+                tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cell_tags(cfg), *cfg.logger.tags],
+                # A table cell's row, column, ... at the top level, where W&B's panels group by them.
+                config=to_dict(cfg) | dict(cfg.logger.cell),
             )
             if self.run is not None and self.mode == "online" and self.run.settings.mode != "online":
                 self.mode = "offline"  # init_run fell back
@@ -224,21 +287,90 @@ class Tracker:
             self._give_up("log", err)
 
     def log_images(self, model: nn.Module, images: Tensor, labels: Tensor, step: int) -> None:
-        """A few test inputs, each beside its rectified version (ST models), as W&B images."""
+        """A few test inputs as W&B images: for ST models each with T(G) drawn over it beside the
+        transformer's output (key input_rectified), for baselines the input alone (key input)."""
         if self.run is None or len(images) == 0:
             return
         try:
             import wandb
 
-            pairs = image_pairs(model, images)
-            key = "input_rectified" if pairs.shape[-1] > images.shape[-1] else "input"
-            pictures = [
-                wandb.Image((pair * 255).round().to(torch.uint8).numpy(), caption=f"label {int(label)}")
-                for pair, label in zip(enlarge(pairs), labels.tolist(), strict=True)
-            ]
+            key = "input_rectified" if len(getattr(model, "transformers", ())) else "input"
+            pictures = [wandb.Image(panel, caption=f"label {int(label)}")
+                        for panel, label in zip(sample_panels(model, images), labels.tolist(), strict=True)]
             self.run.log({key: pictures}, step=step)
         except Exception as err:
             self._give_up("image logging", err)
+
+    def log_transformations(self, model: nn.Module, images: Tensor, labels: Tensor, step: int,
+                            recovery: dict[str, Any]) -> None:
+        """The `stn visualize` figure of these digits (ST models only), captioned with the recovery headline
+        (flat recovery/* keys, stn.recovery), as the W&B image `transformations`."""
+        if self.run is None or len(images) == 0 or len(getattr(model, "transformers", ())) == 0:
+            return
+        try:
+            import tempfile
+
+            import wandb
+            from PIL import Image
+
+            from stn.recovery import headline_line
+            from stn.visualize import draw_transformations
+
+            caption = f"{self.cfg.run_name}, step {step}; recovery: {headline_line(recovery) or 'not measured'}"
+            with tempfile.TemporaryDirectory() as tmp:
+                path = draw_transformations(model, images, labels, Path(tmp) / "transformations.png",
+                                            title=caption)
+                with Image.open(path) as picture:
+                    figure = picture.convert("RGB")  # read now: the file goes with the folder
+            self.run.log({"transformations": wandb.Image(figure, caption=caption)}, step=step)
+        except Exception as err:
+            self._give_up("figure logging", err)
+
+    def log_artifacts(self, summary: dict[str, Any]) -> None:
+        """With logger.artifacts: the run's checkpoints/last.pt (and best.pt where there is one) with its
+        config.yaml and summary as the artifact `model-<run id>` (type "model", aliases last, best), and a
+        dataset card of logger.card_draws test draws (stn.cards) as `card-<dataset>` (type "dataset-card").
+        Whoever syncs the run can then `wandb artifact get` the model and `stn visualize` its last.pt. A
+        failure here is reported once and costs neither the run nor its other W&B records."""
+        if self.run is None or not self.cfg.logger.artifacts:
+            return
+        try:
+            import wandb
+
+            cfg, folder = self.cfg, self.run_dir / "checkpoints"
+            model = wandb.Artifact(
+                model_artifact_name(str(self.run.id)), type="model",
+                description=f"{cfg.run_name}: {cfg.model.name} {cfg.transformer.type} on {cfg.dataset.name}; "
+                            "`stn visualize last.pt` draws it",
+                metadata={key: summary.get(key) for key in ("test_error", "steps", "dataset", "model",
+                                                            "transformer", "seed", "parameters", "run_dir")},
+            )
+            model.add_file(str(folder / "last.pt"), name="last.pt")
+            aliases = ["last"]
+            if (folder / "best.pt").is_file():
+                model.add_file(str(folder / "best.pt"), name="best.pt")
+                aliases.append("best")
+            model.add_file(str(self.run_dir / "config.yaml"), name="config.yaml")
+            with model.new_file("summary.json") as handle:
+                handle.write(json.dumps(summary, indent=1, default=str) + "\n")
+            self.run.log_artifact(model, aliases=aliases)
+            if cfg.logger.card_draws:
+                from stn.cards import build_card, card_markdown
+
+                card, _stats = build_card(cfg, count=cfg.logger.card_draws)
+                artifact = wandb.Artifact(
+                    card_artifact_name(cfg.dataset.name), type="dataset-card",
+                    description=f"dataset card of {cfg.dataset.name} over {card['draws']} test draws (stn.cards)",
+                    metadata={"dataset": card["dataset"], "draws": card["draws"], "test_seed": card["test_seed"]},
+                )
+                with artifact.new_file(f"{cfg.dataset.name}.md") as handle:
+                    handle.write(card_markdown(card))
+                with artifact.new_file(f"{cfg.dataset.name}.json") as handle:
+                    handle.write(json.dumps(card, indent=1) + "\n")
+                self.run.log_artifact(artifact)
+        except Exception as err:  # the run is done and saved locally: say so, keep the W&B run
+            say_once(f"logging artifacts failed ({type(err).__name__}: {err}); the run folder {self.run_dir} "
+                     "has the checkpoint")
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         """`summary` (flat keys only) into the W&B summary, except test_error, which W&B keeps as
@@ -275,3 +407,50 @@ class Tracker:
 def _folder(run: Any) -> str:
     """The run's own folder (wandb/offline-run-*/): what `wandb sync` takes. run.dir is its files/ subfolder."""
     return str(Path(run.dir).parent)
+
+
+def log_visualization(rendered: Any, checkpoint: str | os.PathLike) -> str | None:
+    """A `stn visualize` figure (`stn.visualize.Rendered`) and its recovery metrics in W&B. Into the run
+    already active in this process (a script's own `wandb.init`), else into a new run of job_type
+    "visualize" in the training's project and group (the checkpoint's logger.*, below WANDB_PROJECT,
+    WANDB_ENTITY, WANDB_RUN_GROUP) whose config names the checkpoint and the training's W&B run (source_run).
+    Mode: WANDB_MODE, else the checkpoint's logger.mode (offline where that was disabled: the user asked).
+    Returns where it went (the new run's folder, or the active run's path), None when W&B is disabled or
+    failed (said once); never raises."""
+    from stn.config import wandb_mode_from_env
+
+    cfg = rendered.config
+    try:
+        import wandb
+        from PIL import Image
+
+        with Image.open(rendered.path) as picture:
+            figure = wandb.Image(picture.convert("RGB"), caption=rendered.recovery_text or rendered.title)
+        active = wandb.run
+        if active is not None:
+            active.log({"transformations": figure})
+            active.summary.update(rendered.recovery_flat)
+            return str(active.path)
+        logger = cfg.logger
+        mode = wandb_mode_from_env(logger.mode if logger.mode != "disabled" else "offline")
+        if mode == "disabled":
+            say_once("WANDB_MODE=disabled: the figure is not logged to W&B")
+            return None
+        with init_run(
+            effective_mode(mode),
+            project=os.environ.get("WANDB_PROJECT") or logger.project,
+            entity=os.environ.get("WANDB_ENTITY") or logger.entity,
+            group=os.environ.get("WANDB_RUN_GROUP") or logger.group,
+            name=f"{cfg.run_name}-visualize",
+            job_type="visualize",
+            tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, "visualize"],
+            config=to_dict(cfg) | {"checkpoint": str(Path(checkpoint).resolve()), "source_run": rendered.wandb_id},
+            reinit="create_new",
+        ) as run:
+            run.log({"transformations": figure})
+            run.summary.update(rendered.recovery_flat)
+            folder = _folder(run)
+        return folder
+    except Exception as err:  # the picture is written; W&B is extra
+        say_once(f"logging the figure to W&B failed ({type(err).__name__}: {err}); it is in {rendered.path}")
+        return None

@@ -395,13 +395,18 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                 test_error = run.evaluate()
                 tracker.log({eval_key(cfg): test_error}, run.step)
             console.close()
-            count = cfg.logger.images
-            tracker.log_images(run.model, run.test_set.images[:count], run.test_set.labels[:count], run.step)
             run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
             summary = make_summary(run, meter, test_error, tracker.info)
-            summary.update(recovery_metrics(run.model, run.test_set, cfg))  # stn.recovery: flat recovery/* keys
+            recovery = recovery_metrics(run.model, run.test_set, cfg)  # stn.recovery: flat recovery/* keys
+            summary.update(recovery)
+            # W&B's end of a training: samples with T(G), the visualize figure, the summary, the artifacts.
+            count = cfg.logger.images
+            images, labels = run.test_set.images[:count], run.test_set.labels[:count]
+            tracker.log_images(run.model, images, labels, run.step)
+            tracker.log_transformations(run.model, images, labels, run.step, recovery)
             # W&B's test_error {min, last} covers what this invocation logged; test_error_best every invocation.
             tracker.set_summary(summary | {"test_error_best": best_test_error(run.folder / "metrics.jsonl")})
+            tracker.log_artifacts(summary)
     finally:
         console.close()
     write_json(run.folder / "summary.json", summary)

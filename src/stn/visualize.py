@@ -7,9 +7,11 @@ every few grid rows and columns through the sampling points), and below it the t
 transformer.placement=features the "input" is the feature maps after the first conv block, drawn as their
 mean over channels.
 
-`draw_transformations(model, images, labels, out)` takes any batch; `visualize_checkpoint(path, out)` loads
-a training checkpoint (a dict with "model", a state_dict, and "config", from `stn.config.to_dict`) and
-draws the first digits of the configured fixed test set. `preview(cfg, out)` draws a grid of a dataset's
+`draw_transformations(model, images, labels, out)` takes any batch; `render_checkpoint(path, out)` loads
+a training checkpoint (a dict with "model", a state_dict, and "config", from `stn.config.to_dict`), draws
+the first digits of the configured fixed test set and measures the model's distortion recovery
+(`stn.recovery`) for the title; `stn.tracking.log_visualization` puts the result in W&B. `overlay_grid` draws
+the same T(G) lines into an enlarged image with PIL (the W&B sample images of `stn.tracking`). `preview(cfg, out)` draws a grid of a dataset's
 samples with their labels (`stn data preview`).
 """
 
@@ -96,18 +98,29 @@ def _to_edges(values: Any) -> Any:
     return values
 
 
-def _draw_grid(ax: Any, grid: Tensor, height: int, width: int) -> None:
-    """Draw grid (H', W', 2), normalised, over an image of height x width pixels."""
+def grid_lines(grid: Tensor, height: int, width: int) -> tuple[list[tuple[Any, Any]], tuple[Any, Any], Any, Any]:
+    """T(G) (H', W', 2), normalised, as polylines in input pixel coordinates (pixel centres at integers):
+    (the thin lines, every few grid rows and columns; the outline of the sampled region's outer edge; the
+    edge-extended xs and ys, whose extent is the region's). Shared by the matplotlib figure and the PIL
+    overlay of the W&B images, so both draw the same lines."""
     xs = norm_to_pixel(grid[..., 0].double(), width).cpu().numpy()  # (H', W') source pixel coordinates
     ys = norm_to_pixel(grid[..., 1].double(), height).cpu().numpy()
     rows, cols = xs.shape
-    for r in sorted({round(i * (rows - 1) / (GRID_LINES + 1)) for i in range(1, GRID_LINES + 1)}):
-        ax.plot(xs[r], ys[r], color="tab:orange", linewidth=0.5, alpha=0.8)
-    for c in sorted({round(i * (cols - 1) / (GRID_LINES + 1)) for i in range(1, GRID_LINES + 1)}):
-        ax.plot(xs[:, c], ys[:, c], color="tab:orange", linewidth=0.5, alpha=0.8)
+    lines = [(xs[r], ys[r]) for r in sorted({round(i * (rows - 1) / (GRID_LINES + 1))
+                                             for i in range(1, GRID_LINES + 1)})]
+    lines += [(xs[:, c], ys[:, c]) for c in sorted({round(i * (cols - 1) / (GRID_LINES + 1))
+                                                    for i in range(1, GRID_LINES + 1)})]
     ex, ey = _to_edges(xs), _to_edges(ys)
     outline_x = [*ex[0], *ex[:, -1], *ex[-1, ::-1], *ex[::-1, 0]]
     outline_y = [*ey[0], *ey[:, -1], *ey[-1, ::-1], *ey[::-1, 0]]
+    return lines, (outline_x, outline_y), ex, ey
+
+
+def _draw_grid(ax: Any, grid: Tensor, height: int, width: int) -> None:
+    """Draw grid (H', W', 2), normalised, over an image of height x width pixels."""
+    lines, (outline_x, outline_y), ex, ey = grid_lines(grid, height, width)
+    for xs, ys in lines:
+        ax.plot(xs, ys, color="tab:orange", linewidth=0.5, alpha=0.8)
     ax.plot(outline_x, outline_y, color="tab:red", linewidth=1.2)
 
     # Show the whole sampled region, even where it leaves the image (the sampler reads zeros there).
@@ -123,6 +136,33 @@ def _draw_grid(ax: Any, grid: Tensor, height: int, width: int) -> None:
     y_low, y_high = limits(ey, height)
     ax.set_xlim(x_low, x_high)
     ax.set_ylim(y_high, y_low)  # image rows grow downwards
+
+
+OUTLINE_RGB = (214, 39, 40)  # matplotlib's tab:red and tab:orange, as in the figure
+LINE_RGB = (255, 127, 14)
+
+
+def overlay_grid(image: Tensor, grid: Tensor, zoom: int) -> Any:
+    """(H, W) image in [0, 1] enlarged `zoom` times (pixel repetition) as an RGB uint8 array (zH, zW, 3),
+    with T(G) (grid (H', W', 2), normalised) drawn over it as in `draw_transformations`: thin orange grid
+    lines, the red outline of the sampled region. Lines leaving the image are clipped (the W&B images keep
+    the input's frame). Pixel centre p of the input lies at (p + 0.5) * zoom - 0.5 in the enlarged image."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    height, width = image.shape
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    canvas = Image.fromarray(pixels, mode="L").resize((width * zoom, height * zoom), Image.NEAREST).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    lines, outline, _, _ = grid_lines(grid, height, width)
+
+    def scaled(xs: Any, ys: Any) -> list[tuple[float, float]]:
+        return [((x + 0.5) * zoom - 0.5, (y + 0.5) * zoom - 0.5) for x, y in zip(xs, ys, strict=True)]
+
+    for xs, ys in lines:
+        draw.line(scaled(xs, ys), fill=LINE_RGB, width=1)
+    draw.line(scaled(*outline), fill=OUTLINE_RGB, width=max(1, zoom // 2))
+    return np.asarray(canvas)
 
 
 def draw_transformations(
@@ -146,7 +186,7 @@ def draw_transformations(
     model.train(was_training)
     count = len(images)
     height, width = trace.source.shape[-2:]
-    figure = Figure(figsize=(TILE_INCHES * count, TILE_INCHES * 2 + 0.6), dpi=100)
+    figure = Figure(figsize=(TILE_INCHES * count, TILE_INCHES * 2 + 0.6 + 0.2 * title.count("\n")), dpi=100)
     axes = figure.subplots(2, count, squeeze=False)
     source_name = "input" if trace.source.shape[1] == images.shape[1] else "feature maps (mean)"
     for i in range(count):
@@ -173,26 +213,74 @@ def draw_transformations(
     return out
 
 
-def visualize_checkpoint(
-    path: str | os.PathLike, out: str | os.PathLike, *, count: int = 8, data_dir: str | None = None
-) -> Path:
-    """Draw the first `count` digits of the checkpoint's fixed test set. MNIST is read from `data_dir`,
-    else $STN_DATA_DIR, else the data_dir saved in the checkpoint's config."""
+RECOVERY_DIGITS = 1000  # test digits `stn visualize` measures the distortion recovery on (stn.recovery)
+
+
+@dataclasses.dataclass
+class Rendered:
+    """What `render_checkpoint` drew: the file, its title, the recovery measured for the model shown."""
+
+    path: Path
+    title: str
+    config: Config
+    recovery: dict[str, Any]  # stn.recovery.recovery_summary ({} when not measured)
+    recovery_flat: dict[str, Any]  # its headline as flat recovery/* keys (stn.recovery.flat_summary)
+    recovery_text: str  # one line: the headline after, and with the identity transformer
+    wandb_id: str | None  # the training's W&B run id, kept in its checkpoint (None: W&B was off)
+
+
+def render_checkpoint(
+    path: str | os.PathLike, out: str | os.PathLike, *, count: int = 8, data_dir: str | None = None,
+    recovery_digits: int = RECOVERY_DIGITS,
+) -> Rendered:
+    """Draw the first `count` digits of the checkpoint's fixed test set, with the distortion recovery
+    (stn.recovery: the spread of the composition of the transformer's map with each digit's true distortion)
+    measured on its first `recovery_digits` (0: not measured) and shown in the figure's title. MNIST is read
+    from `data_dir`, else $STN_DATA_DIR, else the data_dir saved in the checkpoint's config."""
     from stn.data import load_mnist, make_test_set
+    from stn.recovery import flat_summary, headline_line, recovery_summary
 
     if count < 1:
         raise ValueError(f"count={count} must be at least 1")
+    if recovery_digits < 0:
+        raise ValueError(f"recovery_digits={recovery_digits} must be 0 or more")
     model, cfg = load_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # readable: load_checkpoint read it
     root = data_dir or os.environ.get(DATA_DIR_ENV) or cfg.data_dir
     digits, labels = load_mnist(root, train=False, download=cfg.download)
     # With test_limit=n the test set is the first n samples of the full one: the digits evaluation scored.
-    test_set = make_test_set(digits, labels, dataclasses.replace(cfg.dataset, test_limit=count))
+    test_set = make_test_set(digits, labels, dataclasses.replace(cfg.dataset, test_limit=max(count, recovery_digits)))
     spec = cfg.transformer
     title = (
         f"{cfg.run_name}: {cfg.model.name} {spec.type} on {cfg.dataset.name} "
         f"(placement={spec.placement}, parallel={spec.parallel}; first transformer shown)"
     )
-    return draw_transformations(model, test_set.images, test_set.labels, out, title=title)
+    recovery: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
+    text = ""
+    if recovery_digits:
+        measured = test_set if recovery_digits >= count else make_test_set(
+            digits, labels, dataclasses.replace(cfg.dataset, test_limit=recovery_digits))
+        try:
+            recovery = recovery_summary(model, measured, cfg)
+        except Exception as err:  # noqa: BLE001 - a metric must not cost the picture
+            text = f"recovery not measured ({type(err).__name__}: {err})"[:200]
+        else:
+            flat = flat_summary(recovery)
+            text = (f"recovery on {recovery['samples']} test digits: {headline_line(flat)}" if flat
+                    else f"recovery: all {recovery['samples']} digits lost (the output never shows the digit's frame)")
+        title += "\n" + text
+    drawn = draw_transformations(model, test_set.images[:count], test_set.labels[:count], out, title=title)
+    return Rendered(path=drawn, title=title, config=cfg, recovery=recovery, recovery_flat=flat,
+                    recovery_text=text, wandb_id=state.get("wandb_id"))
+
+
+def visualize_checkpoint(
+    path: str | os.PathLike, out: str | os.PathLike, *, count: int = 8, data_dir: str | None = None,
+    recovery_digits: int = RECOVERY_DIGITS,
+) -> Path:
+    """`render_checkpoint`, returning the picture's path."""
+    return render_checkpoint(path, out, count=count, data_dir=data_dir, recovery_digits=recovery_digits).path
 
 
 # ---------------------------------------------------------------------------------------- dataset previews
