@@ -29,7 +29,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.config import Config, ConfigError, compose
+from stn.cache import cached_compose
+from stn.config import Config, ConfigError
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
 PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model
@@ -228,7 +229,7 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
                          f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
                          f"logger.group={study.name}"]
             try:
-                config = compose(overrides)
+                config = cached_compose(overrides)
             except ConfigError as err:
                 raise StudyError(f"{row} / {column} at {budget}: {err}") from None
             cells.append(Cell(row, column, budget, seed, config, study.grid.cells[(row, column)]))
