@@ -15,6 +15,10 @@ PYTEST_ARGS ?=
 # torch is installed first, on its own line, so its build can be chosen (pyproject only asks torch>=2.1).
 # 2.14.1 is the build tested here; e.g. `make setup TORCH_SPEC="torch torchvision"` takes the newest instead.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Which build of it (tools/torch_index.py): auto = on Linux without an NVIDIA GPU, the CPU build from PyTorch's CPU
+# wheel index when that index is reachable (no 5 GB of CUDA libraries), else the default build, saying so;
+# default = never add an index; a URL = that index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+TORCH_INDEX ?= auto
 
 .PHONY: setup run test lint bench table clean
 
@@ -22,7 +26,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet $$($(PYTHON) tools/torch_index.py $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 

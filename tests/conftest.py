@@ -17,6 +17,15 @@ def data_dir() -> Path:
     return Path(root)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _stn_cache(tmp_path_factory: pytest.TempPathFactory):
+    """stn's disk cache (stn.cache) in a folder of this test session, never the user's ~/.cache/stn."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("STN_CACHE_DIR", str(tmp_path_factory.mktemp("stn-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _wandb_data_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """W&B stages logged artifacts (checkpoints, cards, tables) in its data dir until `wandb sync` uploads

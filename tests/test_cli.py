@@ -67,15 +67,89 @@ def test_short_flags_mean_one_thing_everywhere() -> None:
     import typer.main
 
     meanings: dict[str, set[str]] = {}
+    outs_without_o: list[str] = []
 
     def walk(command) -> None:
         for param in getattr(command, "params", []):
             longs = [name for name in param.opts if name.startswith("--")]
+            if "--out" in longs and "-o" not in param.opts:
+                outs_without_o.append(command.name)
             for short in (name for name in param.opts + param.secondary_opts if len(name) == 2):
                 meanings.setdefault(short, set()).update(longs)
         for sub in getattr(command, "commands", {}).values():
             walk(sub)
 
     walk(typer.main.get_command(app))
-    assert meanings.get("-o") == {"--out"}
+    assert meanings.get("-o") == {"--out"} and outs_without_o == []
     assert {short: longs for short, longs in meanings.items() if len(longs) != 1} == {}
+
+
+def test_shell_completion_script_and_answers(monkeypatch) -> None:
+    """`stn --show-completion` prints the script for the user's shell (typer detects it; its test switch turns
+    detection off so the shell can be named here); the script's callback completes commands and an option's
+    choices (here through `python -m stn`, as the installed `stn` script does)."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
+    for shell, marker in (("bash", "complete -o default -F _stn_completion stn"), ("zsh", "#compdef stn"),
+                          ("fish", "complete --command stn")):
+        result = runner.invoke(app, ["--show-completion", shell], prog_name="stn")
+        assert result.exit_code == 0 and marker in result.output and "_STN_COMPLETE" in result.output, result.output
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "_STN_COMPLETE": "complete_bash",
+               "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        done = subprocess.run([sys.executable, "-m", "stn"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("stn tr") == ["train"]
+    assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "paper"]
+
+
+def test_dataset_choices_are_the_config_group() -> None:
+    from typing import get_args
+
+    from stn.cli_common import DatasetName
+    from stn.compose import group_choices
+
+    assert list(get_args(DatasetName)) == group_choices("dataset")
+
+
+def test_reproduce_table_dry_run_lists_each_run_and_writes_nothing(tmp_path) -> None:
+    """--dry-run plans the table as reproduce would (same folders) and says what each run would do:
+    train (nothing there), resume (a checkpoint), done (a summary.json of the same config)."""
+    import dataclasses
+    from pathlib import Path
+
+    from stn.config import to_yaml
+    from stn.tables import dry_run
+
+    grid = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+    out = tmp_path / "table"
+    args = ["reproduce-table", "--dry-run", "--grid", str(grid), "--rows", "CNN,FCN", "--columns", "R",
+            "--seeds", "0,1", "--preset", "smoke", "--out", str(out)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "4 runs: 0 done, 0 to resume, 4 to train" in result.output and not out.exists()
+
+    _, jobs = dry_run(grid, rows=["CNN", "FCN"], columns=["R"], seeds=[0, 1], preset="smoke", out=out)
+    finished, stopped = jobs[0][0], jobs[1][0]
+    finished.run_dir.mkdir(parents=True)
+    (finished.run_dir / "config.yaml").write_text(to_yaml(finished.config))
+    (finished.run_dir / "summary.json").write_text('{"test_error": 1.0}')
+    (stopped.run_dir / "checkpoints").mkdir(parents=True)
+    (stopped.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "4 runs: 1 done, 1 to resume, 2 to train" in result.output
+    lines = [line.split() for line in result.output.splitlines()[:4]]
+    assert [(words[0], words[3], words[4]) for words in lines] == [  # the grid file's row order
+        ("FCN", "0", "done"), ("FCN", "1", "resume"), ("CNN", "0", "train"), ("CNN", "1", "train")]
+    # A finished folder of another experiment is refused, as reproduce refuses it.
+    other = dataclasses.replace(finished.config, seed=9)
+    (finished.run_dir / "config.yaml").write_text(to_yaml(other))
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2 and "was trained with a different config" in result.output

@@ -183,6 +183,8 @@ def test_bad_grid_files_are_refused(cwd: Path, fields: dict[str, str], named: st
         (["engine", "run", "--mode", "fast"], "'vmap', 'loop'"),
         (["engine", "run", "--data", "some"], "'exact', 'block'"),
         (["bench", "engine", "--data", "some"], "'exact', 'block'"),
+        (["bench", "--dataset", "XYZ"], "'E', 'P', "),
+        (["engine", "bench", "--dataset", "XYZ"], "'E', 'P', "),
     ],
 )
 def test_options_with_fixed_values_list_them(cwd: Path, args: list[str], choices: str) -> None:
@@ -219,7 +221,7 @@ def test_bad_table_arguments_are_refused(cwd: Path, args: list[str], named: str)
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["models", "--dataset", "XYZ"], "--dataset 'XYZ'"),
+        (["models", "--dataset", "XYZ"], "--dataset 'XYZ': not one of 'E', 'P', "),
         (["bench", "--models", "resnet"], "--models 'resnet'"),
         (["bench", "--rounds", "0", "--models", "cnn"], "--rounds"),
         (["bench", "data", "--images", "0"], "--images 0"),

@@ -27,9 +27,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.compose import compose
+from stn.cache import cached_compose
 from stn.config import Config, ConfigError
-from stn.runs import write_atomic
+from stn.runs import RunFolderError, write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
 PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model
@@ -228,7 +228,7 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
                          f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
                          f"logger.group={study.name}"]
             try:
-                config = compose(overrides)
+                config = cached_compose(overrides)
             except ConfigError as err:
                 raise StudyError(f"{row} / {column} at {budget}: {err}") from None
             cells.append(Cell(row, column, budget, seed, config, study.grid.cells[(row, column)]))
@@ -332,7 +332,6 @@ def recovery_text(summary: dict[str, Any], prefix: str) -> str:
 def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config], dict] | None = None,
               log: Callable[[str], None] = print, max_cells: int | None = None) -> StudyReport:
     """Train the cells not yet in the record, appending each finished one; stop at the first interruption."""
-    from stn.runs import RunFolderError
     from stn.train import TrainingError, TrainingInterrupted
 
     if fit_fn is None:

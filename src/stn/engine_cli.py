@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch 
 
 import typer  # noqa: E402
 
+from stn.cli_common import DatasetName  # noqa: E402
 from stn.config import TrainerPreset  # noqa: E402
 
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
@@ -62,7 +63,7 @@ Override = Annotated[list[str] | None, typer.Option("--override", help="Config o
 @engine_app.command("bench")
 def bench(
     kinds: Annotated[str | None, typer.Option(help="Comma-separated Table 1 rows (default: all eight).")] = None,
-    dataset: Annotated[str, typer.Option(help="Dataset of every measurement.")] = "R",
+    dataset: Annotated[DatasetName, typer.Option(help="Dataset of every measurement.")] = "R",
     ks: Annotated[str, typer.Option(help="Models per batch to measure, comma-separated.")] = "1,3,9",
     modes: Annotated[str, typer.Option(help="Engine modes: loop, vmap.")] = "loop,vmap",
     batch_size: Annotated[int, typer.Option(help="Batch per model.")] = 256,
@@ -75,7 +76,8 @@ def bench(
     cuda_graph: Graph = False,
     data: Data = "exact",
     block_steps: BlockSteps = 32,
-    out: Annotated[Path | None, typer.Option(help="Write the result (and the planner's cost table) as JSON.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Write the result (and the planner's cost table) as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as markdown too.")] = None,
     override: Override = None,
 ) -> None:
@@ -126,28 +128,46 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
          budget: Annotated[float, typer.Option(help="Seconds per chunk.")] = 540.0,
          override: Override = None) -> None:
     """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
+    import hashlib
+
+    from stn.cache import memo
+
+    def content(path: Path | None) -> str | None:  # the files the plan reads are part of the cache key
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+
+    key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
+           override or []]
+    for line in memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
+                                                            max_k, budget, override)):
+        typer.echo(line)
+
+
+def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, cost: Path | None,
+                flops: float, max_k: int | None, budget: float, override: list[str] | None) -> list[str]:
     from stn.plan import CostModel, pack_chunks, run_order
 
     groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
     costs = CostModel.load(cost, flops)
     total = 0.0
+    lines = []
     for group in run_order(groups, costs):
         rate, how = costs.images_per_s(group)
         seconds = costs.seconds_per_step(group) * group.iterations
         total += seconds
-        typer.echo(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
-                   f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
+        lines.append(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
+                     f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
     chunks = pack_chunks(groups, costs, budget)
-    typer.echo(f"\n{len(groups)} groups, {sum(g.k for g in groups)} models, {total:.0f} s estimated; "
-               f"{len(chunks)} chunk(s) of at most {budget:.0f} s")
+    lines.append(f"\n{len(groups)} groups, {sum(g.k for g in groups)} models, {total:.0f} s estimated; "
+                 f"{len(chunks)} chunk(s) of at most {budget:.0f} s")
     for i, chunk in enumerate(chunks):
         if i == 12 and len(chunks) > 13:
-            typer.echo(f"  ... {len(chunks) - 13} more chunks ...")
+            lines.append(f"  ... {len(chunks) - 13} more chunks ...")
             continue
         if 12 <= i < len(chunks) - 1:
             continue
-        typer.echo(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
-                   + f"  ({sum(s.seconds for s in chunk):.0f} s)")
+        lines.append(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
+                     + f"  ({sum(s.seconds for s in chunk):.0f} s)")
+    return lines
 
 
 @engine_app.command("run")

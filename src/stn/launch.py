@@ -1,9 +1,10 @@
-"""Running table cells through submitit (public API only): executors, the job body, the in-flight window.
+"""Running trainings through submitit (public API only): executors, the job body, the in-flight window.
 
-`local` runs cells as processes on this machine, `slurm` as Slurm jobs, `debug` in this process one after
-another. Each job calls `run_cell`, which never raises (a failed cell is a result, not a crash of the
-table); `CellTask` is submitit's Checkpointable, so a Slurm preemption requeues the cell, which resumes
-from its checkpoint.
+The one fan-out mechanism of the package: a table's cells (stn.tables) and a `stn train -m` sweep's members
+(stn.sweep) both run here. `local` runs them as processes on this machine, `slurm` as Slurm jobs, `debug` in
+this process one after another. Each job calls `run_cell`, which never raises (a failed cell is a result,
+not a crash of the table); `CellTask` is submitit's Checkpointable, so a Slurm preemption requeues the cell,
+which resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import submitit
 import submitit.helpers
@@ -27,11 +28,21 @@ import submitit.local.local
 from stn.config import Config
 from stn.grid import TableError
 
-if TYPE_CHECKING:
-    from stn.tables import Job
-
 EXECUTORS = ("local", "slurm", "debug")
 FitFn = Callable[[Config], dict]
+
+
+class Job(Protocol):
+    """What `run_jobs` runs: a table cell x seed (stn.tables.Job) or a sweep member (stn.sweep.Member)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def label(self) -> str: ...  # for the log lines, e.g. "CNN / R seed 0" or "#1 dataset=RTS model=cnn"
 
 
 def run_cell(config: Config, threads: int | None = None, fit_fn: FitFn | None = None) -> dict[str, Any]:
@@ -137,6 +148,16 @@ def build_executor(kind: str, folder: Path, parallel: int, slurm: SlurmOptions) 
     raise TableError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
 
 
+def start_pool(kind: str, count: int, parallel: int | None, folder: Path,
+               slurm: SlurmOptions) -> tuple[Any, int, int | None]:
+    """(executor, width, torch threads per job) for `count` jobs: at most `parallel` at once (default: local
+    and debug one, slurm all); local jobs share this machine's cores, a Slurm job gets its own (cpus_per_task),
+    debug runs in this process."""
+    width = max(1, min(parallel or (count if kind == "slurm" else 1), count))
+    threads = max(1, cpu_count() // width) if kind == "local" else None
+    return build_executor(kind, folder, width, slurm), width, threads
+
+
 def run_jobs(
     pool: Any,
     queue: deque[tuple[Job, str]],
@@ -155,7 +176,7 @@ def run_jobs(
                 job, source = queue.popleft()
                 job.run_dir.mkdir(parents=True, exist_ok=True)
                 in_flight[pool.submit(CellTask(), job.config, threads, fit_fn)] = (job, source)
-                log(f"  started {job.row} / {job.column} seed {job.seed} ({source})")
+                log(f"  started {job.label} ({source})")
             done = [handle for handle in in_flight if handle.done()]
             if not done:
                 time.sleep(poll_s)

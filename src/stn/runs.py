@@ -11,6 +11,8 @@ Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
     config.yaml          the resolved config as run (run_dir filled in)
     metrics.jsonl        one JSON object per log/eval: step, loss, lr, images_per_s, time_s | test_error
     summary.json         written last, atomically: its presence means the run finished
+    command.txt          the typed command line of each invocation (`stn train ...`, the sweep's or the
+                         table's command for its members and cells), one line each; absent for Python calls
     checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
     .lock                while a process writes the folder: {"pid", "host", "job"}; a dead pid's lock (same
                          host), or the lock of the same Slurm job before its requeue, is taken over
@@ -42,7 +44,9 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, no
 CHECKPOINT_VERSION = 1
 CHECKPOINT = Path("checkpoints") / "last.pt"
 LOCK = ".lock"
-RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", LOCK}
+COMMAND_FILE = "command.txt"
+COMMAND_ENV = "STN_COMMAND"  # the typed command line, set by stn.cli while it runs (inherited by its workers)
+RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", COMMAND_FILE, LOCK}
 RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 
 # One classification of config keys (a key names itself or a section, e.g. "dataset" = every dataset.* key):
@@ -154,6 +158,30 @@ def write_atomic(path: Path, data: str | bytes | Callable[[Path], Any]) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def record_command(folder: Path) -> None:
+    """Append this invocation's command line ($STN_COMMAND) to <folder>/command.txt, one line per invocation
+    (a resume adds one); nothing when fit is called from Python without it."""
+    line = os.environ.get(COMMAND_ENV, "").strip()
+    if line:
+        with (folder / COMMAND_FILE).open("a") as handle:
+            handle.write(" ".join(line.splitlines()) + "\n")
+
+
+@contextlib.contextmanager
+def command_recorded(line: str) -> Iterator[None]:
+    """Set $STN_COMMAND to `line` while the runs it starts are set up (restored after: tests run many
+    commands in one process)."""
+    previous = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = line
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = previous
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -9,8 +9,9 @@ seed, run folder `<table>/cells/<cell>/seed<s>`, `trainer.resume=true` and the W
 one call of `stn.train.fit` in a submitit job: `local` (parallel processes on this machine), `slurm` or
 `debug` (in-process, one after another). Rerunning the same command resumes: a cell whose run folder
 holds `summary.json` is read back and never re-run, a half-finished one continues from its checkpoint
-(fit's resume semantics). After every finished cell `results.csv`, `results.json` and `table.md` are
-rewritten atomically and the table's W&B run is updated; at the end comes a bar chart of ours vs the paper's.
+(fit's resume semantics; `dry_run` says which of the three each run is, writing nothing). After every
+finished cell `results.csv`, `results.json` and `table.md` are rewritten atomically and the table's W&B run
+is updated; at the end comes a bar chart of ours vs the paper's.
 
 W&B: one table run per table folder, in the same group as the per-cell runs. Its id is chosen at the
 table's first invocation and kept in results.json (`wandb_id`, with `wandb_step`, the last step logged), so
@@ -30,17 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stn.compose import compose
+from stn.cache import cached_compose
 from stn.config import Config, ConfigError
 from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
 from stn.launch import (
     EXECUTORS,
     FitFn,
     SlurmOptions,
-    build_executor,
-    cpu_count,
     run_jobs,
     sigterm_as_interrupt,
+    start_pool,
 )
 from stn.report import CellResult, log_table_to_wandb, new_run_id, paper_text, plot_bars, write_results
 from stn.runs import CheckpointError, is_stale, read_config
@@ -64,6 +64,10 @@ class Job:
     def run_dir(self) -> Path:
         assert self.config.run_dir is not None
         return Path(self.config.run_dir)
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} / {self.column} seed {self.seed}"
 
 
 @dataclass
@@ -108,7 +112,7 @@ def plan_jobs(
     for row, column in cells:
         words = [*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides]
         try:
-            base = compose(words)
+            base = cached_compose(words)
         except ConfigError as err:
             raise TableError(f"cell {row}/{column} ({' '.join(words)}): {err}") from None
         # Workers may run elsewhere (Slurm) or in another cwd: pin the data folder.
@@ -201,6 +205,37 @@ def _check_not_stale(job: Job) -> None:
         )
 
 
+def table_folder(grid: Grid, preset: str, template: Config, out: Path | str | None) -> Path:
+    """Where a table lives: --out, else <runs_dir>/tables/<grid name>-<preset>."""
+    return Path(out) if out else Path(template.runs_dir) / "tables" / f"{grid.name}-{preset}"
+
+
+def job_state(job: Job) -> str:
+    """'cached' (finished: summary.json), 'resumed' (a checkpoint to continue) or 'fresh'; TableError if the
+    folder holds another experiment's run."""
+    _check_not_stale(job)
+    if (job.run_dir / "summary.json").is_file():
+        return "cached"
+    return "resumed" if any((job.run_dir / "checkpoints").glob("*.pt")) else "fresh"
+
+
+def dry_run(grid_path: Path | str, *, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None,
+            seeds: Sequence[int] = (0,), preset: str = "quick", overrides: Sequence[str] = (),
+            out: Path | str | None = None) -> tuple[Path, list[tuple[Job, str]]]:
+    """What `reproduce` would do, writing nothing: the table folder and each run with its `job_state`."""
+    grid = load_grid(grid_path)
+    cells = select_cells(grid, rows, columns)
+    check_overrides(overrides, "overrides")
+    try:
+        template = cached_compose([f"trainer={preset}", *overrides])
+    except ConfigError as err:
+        raise TableError(str(err)) from None
+    table_dir = table_folder(grid, preset, template, out).resolve()
+    jobs = plan_jobs(grid, cells, [int(s) for s in seeds], preset, overrides, table_dir,
+                     template.logger.group or table_dir.name)
+    return table_dir, [(job, job_state(job)) for job in jobs]
+
+
 def _previous_meta(table_dir: Path) -> dict[str, Any]:
     """The last invocation's results.json (its W&B keys: wandb_id, wandb_step, wandb_dir), or {}."""
     try:
@@ -258,13 +293,13 @@ def reproduce(
     if repeated or any(seed < 0 for seed in seeds):
         raise TableError(f"seeds {seeds}: each seed must be 0 or more and given once (one run folder per seed)")
     try:  # the settings shared by every cell: where runs go, the W&B project and mode
-        template = compose([f"trainer={preset}", *overrides])
+        template = cached_compose([f"trainer={preset}", *overrides])
     except ConfigError as err:
         raise TableError(str(err)) from None
     note = schedule_warning(overrides, template)
     if note:
         log(note)
-    table_dir = Path(out) if out else Path(template.runs_dir) / "tables" / f"{grid.name}-{preset}"
+    table_dir = table_folder(grid, preset, template, out)
     problems = folder_problems("--out" if out else "runs_dir", table_dir)
     if problems:
         raise TableError("\n".join(problems))
@@ -286,14 +321,12 @@ def reproduce(
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     queue: deque[tuple[Job, str]] = deque()
     for job in jobs:
-        _check_not_stale(job)
-        summary_path = job.run_dir / "summary.json"
-        if summary_path.is_file():
-            runs[(job.cell, job.seed)] = _record(job, "done", "cached", _read_summary(summary_path))
+        state = job_state(job)
+        if state == "cached":
+            runs[(job.cell, job.seed)] = _record(job, "done", "cached", _read_summary(job.run_dir / "summary.json"))
         else:
-            has_checkpoint = any((job.run_dir / "checkpoints").glob("*.pt"))
-            queue.append((job, "resumed" if has_checkpoint else "fresh"))
-            runs[(job.cell, job.seed)] = _record(job, "pending", "resumed" if has_checkpoint else "fresh")
+            queue.append((job, state))
+            runs[(job.cell, job.seed)] = _record(job, "pending", state)
     report = TableReport(table_dir=table_dir, group=group, cells=[], runs=[], cached=len(jobs) - len(queue))
 
     def refresh() -> list[CellResult]:
@@ -314,10 +347,7 @@ def reproduce(
     pool, width = None, 1
     threads: int | None = None
     if queue:
-        width = max(1, min(parallel or (len(queue) if executor == "slurm" else 1), len(queue)))
-        # Local cells share this machine's cores; a Slurm job gets its own (cpus_per_task), debug runs in here.
-        threads = max(1, cpu_count() // width) if executor == "local" else None
-        pool = build_executor(executor, table_dir / "submitit", width, slurm)
+        pool, width, threads = start_pool(executor, len(queue), parallel, table_dir / "submitit", slurm)
     refresh()
     log(
         f"table {grid.name} ({preset}): {len(cells)} cells x {len(seeds)} seeds = {len(jobs)} runs; "

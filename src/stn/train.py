@@ -61,6 +61,7 @@ from stn.runs import (
     locate_run,
     locked,
     new_run_dir,
+    record_command,
     restore,
     save_checkpoint,
     truncate_metrics,
@@ -220,6 +221,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
         stack.enter_context(locked(folder))
     cfg = dataclasses.replace(cfg, run_dir=str(folder))
     write_atomic(folder / "config.yaml", to_yaml(cfg))
+    record_command(folder)
     forward = torch.compile(model) if cfg.trainer.compile else model
     session = Session(cfg, folder, device, model, forward, optimizer, scheduler, stream, test_set, parameters,
                       amp, channels_last, precisions=["bf16" if amp else "float32"])

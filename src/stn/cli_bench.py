@@ -1,0 +1,148 @@
+"""`stn bench ...`: throughput benchmarks (training images/s vs a reference, the data pipelines, the engine)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from stn.cli_common import DatasetName, csv_list, fail, load_config, refuse, reported
+from stn.compose import group_choices
+from stn.engine_cli import bench as _engine_bench
+
+bench_app = typer.Typer(
+    help="Throughput benchmarks. `stn bench [--quick]`: training images/s per model, our pipeline vs a "
+    "DataLoader + eager float32 reference, with FLOP/s against the device's peak; ends with one "
+    "`<model> ratio: X.XX` line per model. `stn bench data`: the data pipelines alone."
+)
+bench_app.command("engine", help="The batched engine's throughput (= stn engine bench).")(_engine_bench)
+
+
+@bench_app.command("data")
+def bench_data_command(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides (data_dir=... picks MNIST).")] = None,
+    images: Annotated[int, typer.Option("--images", help="Images per measurement (the reference's epoch).")] = 8192,
+    batch_size: Annotated[int, typer.Option(help="Batch size of both pipelines.")] = 256,
+    workers: Annotated[str, typer.Option(help="DataLoader worker counts of the reference, comma-separated.")] = "0,2",
+    datasets: Annotated[str, typer.Option(help="Datasets to measure, comma-separated.")] = "plain,R,RTS,P,E,TC",
+    threads: Annotated[
+        int, typer.Option(help="torch threads while measuring; 1 = one core, like the reference's main process; "
+                          "0 = torch's default.")
+    ] = 1,
+) -> None:
+    """Distorted images/s: our batched generator vs per-image torchvision transforms in a DataLoader."""
+    import os
+    import time
+
+    config = load_config(overrides)
+    from stn.bench_data import bench_data, format_data_table
+
+    names = tuple(name.strip() for name in datasets.split(",") if name.strip())
+    unknown = [name for name in names if name not in group_choices("dataset")]
+    try:
+        counts = tuple(int(count) for count in workers.split(","))
+    except ValueError:
+        fail(f"--workers {workers!r}: expected comma-separated integers such as 0,2", 2)
+    refuse([f"--datasets {datasets!r}: unknown {unknown}; choose from {', '.join(group_choices('dataset'))}"]
+           * bool(unknown or not names)
+           + [f"--images {images}: choose 1 to 60000"] * (not 1 <= images <= 60_000)
+           + [f"--batch-size {batch_size}: choose 1 to --images ({images})"] * (not 1 <= batch_size <= max(images, 1))
+           + [f"--workers {workers!r}: counts must be 0 to 64"] * any(not 0 <= c <= 64 for c in counts)
+           + [f"--threads {threads}: must be 0 (torch's default) or more"] * (threads < 0))
+    start = time.perf_counter()
+    with reported():
+        rows = bench_data(config.data_dir, images=images, batch_size=batch_size, workers=counts, datasets=names,
+                          threads=threads or None)
+    typer.echo(format_data_table(rows, counts))
+    typer.echo(f"\n{images} images per measurement, batch {batch_size}; torch threads {threads or 'default'} "
+               f"of {os.cpu_count()} CPUs; wall time {time.perf_counter() - start:.1f} s")
+
+
+def _bench_models(names: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """--models 'cnn,st_cnn_aff' (or Table 1 labels) -> (label, config choices) pairs; None = the default five."""
+    from stn.bench import TRAIN_MODELS
+    from stn.models import TABLE1_MODELS
+
+    if not names:
+        return TRAIN_MODELS
+
+    def slug(label: str) -> str:
+        return label.lower().replace("-", "_").replace(" ", "_")
+
+    known = {slug(label): (label, choice) for label, choice in TABLE1_MODELS}
+    wanted = [slug(name) for name in csv_list(names) or []]
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        fail(f"--models {names!r}: unknown {unknown}; choose from {', '.join(known)}", 2)
+    return tuple(known[name] for name in wanted)
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench_train_command(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option("--quick", help="Shorter measurement: under five minutes on a 2-core CPU.")]
+    = False,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated models: fcn, cnn, st_fcn_aff, st_cnn_aff, st_cnn_proj, st_cnn_tps, ... "
+             "(default: fcn,cnn,st_cnn_aff,st_cnn_proj,st_cnn_tps).")] = None,
+    dataset: Annotated[DatasetName, typer.Option(help="Dataset of every measurement.")] = "R",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Batch size of both pipelines (the paper's: 256).")] = 256,
+    rounds: Annotated[int | None, typer.Option(help="Alternating timed rounds per side (default 7; quick 5).")]
+    = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Training steps per turn (default 8; quick 4), repeated until the turn lasts --min-turn seconds.")]
+    = None,
+    min_turn: Annotated[float | None, typer.Option(help="Shortest timed turn in seconds (default 0.5; quick 0.3).")]
+    = None,
+    warmup: Annotated[int | None, typer.Option(help="Untimed steps per side first (default 3; quick 2).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="The reference DataLoader's workers (default: one per CPU, at most 4).")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads for both sides; 0 = torch's default.")] = 0,
+    override: Annotated[list[str] | None, typer.Option(
+        "--override", help="Config override for every model (repeatable), e.g. --override trainer.compile=true.")]
+    = None,
+) -> None:
+    """Training images/s per model: our pipeline vs DataLoader + eager float32, with FLOP/s against the peak.
+
+    Ends with one line per model, `<model> ratio: X.XX` (ours / reference images/s, median over rounds).
+    `stn bench data` measures the data pipelines alone.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import dataclasses
+    import time
+
+    chosen = _bench_models(models)
+    overrides = [f"dataset={dataset}", f"trainer.device={device}", *(override or [])]
+    config = load_config(overrides)
+    from stn.bench import QUICK, TrainBenchSettings, bench_train, format_train_table, ratio_lines
+
+    base = QUICK if quick else TrainBenchSettings()
+    given = {"rounds": rounds, "steps": steps, "warmup": warmup, "workers": workers, "batch_size": batch_size,
+             "min_turn_s": min_turn}
+    settings = dataclasses.replace(base, **{key: value for key, value in given.items() if value is not None})
+    if min(settings.rounds, settings.steps, settings.batch_size) < 1 or min(settings.warmup, threads) < 0 \
+            or settings.min_turn_s < 0 or (settings.workers is not None and settings.workers < 0):
+        fail("--rounds, --steps and --batch-size must be at least 1; --warmup, --workers, --threads and "
+             "--min-turn at least 0", 2)
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    start, load = time.perf_counter(), os.getloadavg()
+    try:
+        with reported():
+            result = bench_train(config, chosen, settings, tuple(overrides),
+                                 log=lambda line: typer.echo(line, err=True))
+    finally:
+        torch.set_num_threads(previous_threads)
+    typer.echo(format_train_table(result))
+    after = os.getloadavg()
+    typer.echo(f"\n{'quick' if quick else 'full'} run: {settings.rounds} alternating rounds, turns of {settings.steps} "
+               f"steps repeated to at least {settings.min_turn_s} s, after {settings.warmup} warm-up steps per side; "
+               f"load average (1 min) {load[0]:.2f} before, {after[0]:.2f} "
+               f"after; wall time {time.perf_counter() - start:.1f} s\n")
+    typer.echo(ratio_lines(result))

@@ -1,0 +1,126 @@
+"""stn.cache: composed configs and parameter counts kept on disk, keyed by arguments, code, conf/ and env."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stn import cache
+from stn.cache import cached_compose, cached_parameter_table
+from stn.compose import compose
+from stn.config import ConfigError
+
+OVERRIDES = ["dataset=RTS", "model=st_cnn", "transformer=tps", "trainer.iterations=77", "seed=3"]
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("STN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def entries(folder: Path, kind: str = "compose") -> list[Path]:
+    return sorted((folder / kind).glob("*.pkl"))
+
+
+def test_a_hit_is_the_composed_config_without_composing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = cached_compose(OVERRIDES)
+    assert first == compose(OVERRIDES) and len(entries(folder)) == 1
+
+    def fail(overrides):
+        raise AssertionError("composed again")
+
+    monkeypatch.setattr(cache, "compose", fail)
+    assert cached_compose(OVERRIDES) == first
+    with pytest.raises(AssertionError):  # other overrides: a miss
+        cached_compose([*OVERRIDES, "seed=4"])
+
+
+def test_the_environment_code_and_interpolations_are_part_of_the_key(folder: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_PROJECT", "first")
+    assert cached_compose(OVERRIDES).logger.project == "first"
+    monkeypatch.setenv("WANDB_PROJECT", "second")  # read by conf/logger/wandb.yaml
+    assert cached_compose(OVERRIDES).logger.project == "second"
+    monkeypatch.setenv("STN_DATA_DIR", "/elsewhere")
+    assert cached_compose(OVERRIDES).data_dir == "/elsewhere"
+    assert len(entries(folder)) == 3
+    monkeypatch.setattr(cache, "code_digest", lambda: "edited source")  # any edit of stn or conf/: a miss
+    cached_compose(OVERRIDES)
+    assert len(entries(folder)) == 4
+    monkeypatch.setenv("STN_TEST_NAME", "n")
+    assert cached_compose(["name=${oc.env:STN_TEST_NAME}"]).name == "n"  # interpolations: never cached
+    assert len(entries(folder)) == 4
+
+
+def test_errors_are_not_cached_and_a_broken_entry_is_recomputed(folder: Path) -> None:
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="iterashuns"):
+            cached_compose(["trainer.iterashuns=3"])
+    assert entries(folder) == []
+    cached_compose(OVERRIDES)
+    (entry,) = entries(folder)
+    entry.write_bytes(b"not a pickle")
+    assert cached_compose(OVERRIDES) == compose(OVERRIDES)
+
+
+def test_off_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STN_CACHE_DIR", "off")
+    assert cache.cache_dir() is None
+    assert cached_compose(OVERRIDES) == compose(OVERRIDES)
+    monkeypatch.delenv("STN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "stn"
+
+
+def test_prune_keeps_the_newest(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "MAX_ENTRIES", 4)
+    for seed in range(5):
+        cached_compose([f"seed={seed}"])
+    assert len(entries(folder)) == 4 // 2  # at 5 > MAX_ENTRIES files, the oldest go down to half of it
+
+
+def test_parameter_table_hit_imports_neither_torch_nor_models(folder: Path) -> None:
+    """The rows are stn.models.parameter_table's; a second process reads them back without torch."""
+    from dataclasses import asdict
+
+    from stn.models import parameter_table
+
+    rows = cached_parameter_table(["R"], ["model.param_budget=150000"])
+    assert rows == [asdict(row) for row in parameter_table(("R",), ["model.param_budget=150000"])]
+    code = ("import sys; from stn.cache import cached_parameter_table as t; "
+            "rows = t(['R'], ['model.param_budget=150000']); print(len(rows), 'torch' in sys.modules, "
+            "'stn.models' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(rows)), "False", "False"]
+
+
+def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stn engine plan` prints the same lines from the cache; an edited grid file is planned afresh."""
+    from typer.testing import CliRunner
+
+    from stn import engine_cli
+    from stn.cli import app
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text((Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml").read_text())
+    args = ["engine", "plan", "--grid", str(grid), "--preset", "smoke", "--rows", "CNN", "--columns", "R",
+            "--seeds", "0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "1 groups, 1 models" in first.output, first.output
+
+    def fail(*args, **kwargs):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(engine_cli, "_plan_lines", fail)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output == first.output
+    grid.write_text(grid.read_text() + "\n# edited\n")
+    assert isinstance(CliRunner().invoke(app, args).exception, AssertionError)
