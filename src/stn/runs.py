@@ -3,9 +3,9 @@
 Owns everything on disk about a run, so `stn.train` reads as the training loop and `stn.tables` as the
 table: atomic writes, the checkpoint (what it holds, `checkpoint_state`; saved, loaded, and put back into a
 model, optimizer, scheduler and stream, `restore`), metrics JSONL, where a run lives and how it starts (fresh,
-resume, finished), the lock that keeps two processes out of one folder, and the one classification of
-config keys behind both "may this run be resumed with this config?" (`may_resume`) and "is this finished
-run stale for this config?" (`is_stale`).
+resume, finished), and the one classification of config keys behind both "may this run be resumed with this
+config?" (`may_resume`) and "is this finished run stale for this config?" (`is_stale`). The lock that keeps
+two processes out of one folder is `stn.lock`'s.
 
 Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
     config.yaml          the resolved config as run (run_dir filled in)
@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import os
 import re
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -381,58 +380,3 @@ def check_step(state: dict[str, Any], cfg: Config, path: Path) -> None:
             f"trainer.iterations={cfg.trainer.iterations} is below the step of {path} ({step}): resume with "
             f"trainer.iterations>={step}, or start a new run (another run_dir)"
         )
-
-
-# ------------------------------------------------------------------------------------------------ lock
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """Hold <folder>/.lock while writing the run: a second process (a duplicated seed, a table worker
-    orphaned by kill -9 and its rerun) gets a RunFolderError instead of interleaved files. The lock of a
-    process that is gone (same host, dead pid) is taken over."""
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
-    # A Slurm job requeued after preemption keeps its SLURM_JOB_ID but may land on another node: the lock of
-    # its previous incarnation is taken over (that incarnation is gone once the job runs again).
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):  # half-written by a process killed at once
-                holder, pid, host = {}, -1, mine["host"]
-            same_job = mine["job"] is not None and holder.get("job") == mine["job"]
-            if same_job or (host == mine["host"] and (pid < 0 or not _alive(pid))):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise RunFolderError(
-                f"run folder {folder} is in use by process {pid} on {host} (lock file {path}): wait for it to "
-                f"end, or delete {path} if that process is gone"
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(mine))
-        break
-    else:
-        raise RunFolderError(f"cannot take the lock {path}; delete it if no process is using {folder}")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        if created:  # a run that could not start leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()

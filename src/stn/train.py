@@ -46,6 +46,7 @@ from stn.device import (
     resolve_device,
     runtime_flags,
 )
+from stn.lock import locked
 from stn.progress import Console, stop_on_signals
 from stn.recovery import recovery_metrics
 from stn.runs import (
@@ -59,7 +60,6 @@ from stn.runs import (
     finished_summary,
     load_checkpoint,
     locate_run,
-    locked,
     new_run_dir,
     record_command,
     restore,
