@@ -20,7 +20,8 @@ import wandb
 from stn.compose import compose
 from stn.config import Config, to_dict
 from stn.models import build_model
-from stn.tracking import Tracker, has_wandb_credentials, sample_panels
+from stn.panels import sample_panels
+from stn.tracking import Tracker, has_wandb_credentials
 from stn.train import fit
 from wandb_log import read_records, read_run
 
@@ -187,7 +188,7 @@ def test_sample_panels_draw_t_of_g_over_the_input_beside_the_output() -> None:
     """Each W&B sample: the input enlarged 4x with T(G) drawn over it, a white gap, the transformer's output.
     An untrained transformer is the identity, so the output half is the enlarged input exactly, and the
     input half is too wherever no grid line is drawn; the lines are the figure's colours."""
-    from stn.tracking import enlarge
+    from stn.panels import enlarge
     from stn.visualize import LINE_RGB, OUTLINE_RGB
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ mean over channels.
 a training checkpoint (a dict with "model", a state_dict, and "config", from `stn.config.to_dict`), draws
 the first digits of the configured fixed test set and measures the model's distortion recovery
 (`stn.recovery`) for the title; `stn.tracking.log_visualization` puts the result in W&B. `overlay_grid` draws
-the same T(G) lines into an enlarged image with PIL (the W&B sample images of `stn.tracking`). `preview(cfg, out)` draws a grid of a dataset's
+the same T(G) lines into an enlarged image with PIL (the W&B sample images of `stn.panels`). `preview(cfg, out)` draws a grid of a dataset's
 samples with their labels (`stn data preview`).
 """
 
