@@ -7,7 +7,7 @@ This module owns the root app (`--version`, shell completion), `stn train` (Hydr
 keys: stn.sweep), `stn models`, `stn visualize`, `stn recovery` and `stn wandb-report`; the sub-apps live in
 stn.cli_data, cli_table (reproduce-table), cli_bench, cli_convergence and engine_cli, the shared error
 handling and exit codes in stn.cli_common. Each command imports its work module lazily so `stn --help` stays
-fast, and checks its config, arguments and outputs (stn.config) before torch or MNIST load.
+fast, and checks its config, arguments and outputs (stn.validation) before torch or MNIST load.
 
 Exit codes: 0 done; 2 something the user fixes by changing the command or its inputs (config, arguments,
 the files it names, a missing or corrupt MNIST, a run folder that cannot be used); 1 a failure during a
