@@ -55,3 +55,28 @@ def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TableError, match="needs a Slurm cluster.*--executor local"):
         reproduce(GRID, rows=["CNN"], columns=["R"], preset="smoke", executor="slurm", out=tmp_path,
                   fit_fn=fake_fit, log=lambda _: None)  # fmt: skip
+
+
+def test_table_cells_and_sweep_members_share_the_job_shape(tmp_path: Path) -> None:
+    """run_jobs reads run_dir and label; both job kinds get run_dir from one place (stn.job.Job)."""
+    from stn.job import Job
+    from stn.sweep import plan
+
+    [cell] = plan_jobs(load_grid(GRID), [("CNN", "R")], [1], "smoke", [], tmp_path, "g")
+    [member], _ = plan([f"hydra.run.dir={tmp_path / 'single'}", "dataset=R"], multirun=False)
+    for job in (cell, member):
+        assert isinstance(job, Job)
+        assert job.run_dir == Path(job.config.run_dir)
+    assert cell.run_dir == tmp_path / "cells" / cell.cell / "seed1"
+    assert member.run_dir == tmp_path / "single"
+    assert cell.label == "CNN / R seed 1" and member.label == "#0 dataset=R"
+
+
+def test_planning_a_sweep_does_not_import_submitit() -> None:
+    """`stn train --cfg job` plans without launching: stn.sweep must not pull in submitit (about 0.2 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, stn.sweep; print('submitit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

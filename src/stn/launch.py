@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import submitit
 import submitit.helpers
@@ -27,22 +27,10 @@ import submitit.local.local
 
 from stn.config import Config
 from stn.grid import TableError
+from stn.job import Job
 
 EXECUTORS = ("local", "slurm", "debug")
 FitFn = Callable[[Config], dict]
-
-
-class Job(Protocol):
-    """What `run_jobs` runs: a table cell x seed (stn.tables.Job) or a sweep member (stn.sweep.Member)."""
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def run_dir(self) -> Path: ...
-
-    @property
-    def label(self) -> str: ...  # for the log lines, e.g. "CNN / R seed 0" or "#1 dataset=RTS model=cnn"
 
 
 def run_cell(config: Config, threads: int | None = None, fit_fn: FitFn | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from stn.cache import cached_compose
 from stn.config import Config, ConfigError, UserError, to_dict
+from stn.job import Job
 from stn.validation import output_problems, validate
 
 CFG_CHOICES = ("job", "hydra", "all")
@@ -49,17 +50,12 @@ class HydraDirs:
 
 
 @dataclass(frozen=True)
-class Member:
+class Member(Job):
     """One training of a sweep (or the single run): its job number, its overrides and its config."""
 
     num: int
     overrides: tuple[str, ...]
     config: Config
-
-    @property
-    def run_dir(self) -> Path:
-        assert self.config.run_dir is not None
-        return Path(self.config.run_dir)
 
     @property
     def label(self) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 from stn.cache import cached_compose
 from stn.config import Config, ConfigError
 from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
+from stn.job import Job
 from stn.launch import (
     EXECUTORS,
     FitFn,
@@ -51,7 +52,7 @@ DEFAULT_SLURM = SlurmOptions()
 
 
 @dataclass(frozen=True)
-class Job:
+class CellJob(Job):
     """One cell x seed: the config to train and where its run folder is."""
 
     row: str
@@ -59,11 +60,6 @@ class Job:
     cell: str
     seed: int
     config: Config
-
-    @property
-    def run_dir(self) -> Path:
-        assert self.config.run_dir is not None
-        return Path(self.config.run_dir)
 
     @property
     def label(self) -> str:
@@ -100,7 +96,7 @@ def plan_jobs(
     overrides: Sequence[str],
     table_dir: Path,
     group: str,
-) -> list[Job]:
+) -> list[CellJob]:
     """Compose one validated Config per cell x seed (all of them before anything runs)."""
     if preset not in PRESETS:
         raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -130,7 +126,7 @@ def plan_jobs(
                 trainer=dataclasses.replace(base.trainer, resume=True),
                 logger=dataclasses.replace(base.logger, group=group, cell=cell),
             )
-            jobs.append(Job(row=row, column=column, cell=name, seed=int(seed), config=config))
+            jobs.append(CellJob(row=row, column=column, cell=name, seed=int(seed), config=config))
     return jobs
 
 
@@ -178,7 +174,7 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
-def _check_not_stale(job: Job) -> None:
+def _check_not_stale(job: CellJob) -> None:
     """A cell folder written by a different experiment (other preset/overrides into the same --out) must
     not be passed off as this one's result (`stn.runs.is_stale`)."""
     saved = job.run_dir / "config.yaml"
@@ -210,7 +206,7 @@ def table_folder(grid: Grid, preset: str, template: Config, out: Path | str | No
     return Path(out) if out else Path(template.runs_dir) / "tables" / f"{grid.name}-{preset}"
 
 
-def job_state(job: Job) -> str:
+def job_state(job: CellJob) -> str:
     """'cached' (finished: summary.json), 'resumed' (a checkpoint to continue) or 'fresh'; TableError if the
     folder holds another experiment's run."""
     _check_not_stale(job)
@@ -221,7 +217,7 @@ def job_state(job: Job) -> str:
 
 def dry_run(grid_path: Path | str, *, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None,
             seeds: Sequence[int] = (0,), preset: str = "quick", overrides: Sequence[str] = (),
-            out: Path | str | None = None) -> tuple[Path, list[tuple[Job, str]]]:
+            out: Path | str | None = None) -> tuple[Path, list[tuple[CellJob, str]]]:
     """What `reproduce` would do, writing nothing: the table folder and each run with its `job_state`."""
     grid = load_grid(grid_path)
     cells = select_cells(grid, rows, columns)
@@ -246,7 +242,7 @@ def _previous_meta(table_dir: Path) -> dict[str, Any]:
 
 
 def _record(
-    job: Job, status: str, source: str, summary: dict | None = None, error: str = ""
+    job: CellJob, status: str, source: str, summary: dict | None = None, error: str = ""
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "row": job.row, "column": job.column, "cell": job.cell, "seed": job.seed,
@@ -319,7 +315,7 @@ def reproduce(
 
     # What is already done is read back, never re-run; the rest is queued (resumed or fresh).
     runs: dict[tuple[str, int], dict[str, Any]] = {}
-    queue: deque[tuple[Job, str]] = deque()
+    queue: deque[tuple[CellJob, str]] = deque()
     for job in jobs:
         state = job_state(job)
         if state == "cached":
