@@ -34,7 +34,7 @@ def test_a_hit_is_the_composed_config_without_composing(folder: Path, monkeypatc
     def fail(overrides):
         raise AssertionError("composed again")
 
-    monkeypatch.setattr(cache, "compose", fail)
+    monkeypatch.setattr(cache, "compose_many", fail)
     assert cached_compose(OVERRIDES) == first
     with pytest.raises(AssertionError):  # other overrides: a miss
         cached_compose([*OVERRIDES, "seed=4"])
@@ -49,7 +49,7 @@ def test_the_environment_code_and_interpolations_are_part_of_the_key(folder: Pat
     monkeypatch.setenv("STN_DATA_DIR", "/elsewhere")
     assert cached_compose(OVERRIDES).data_dir == "/elsewhere"
     assert len(entries(folder)) == 3
-    monkeypatch.setattr(cache, "code_digest", lambda: "edited source")  # any edit of stn or conf/: a miss
+    monkeypatch.setattr(cache, "code_digest", lambda kind="": "edited source")  # any edit of stn or conf/: a miss
     cached_compose(OVERRIDES)
     assert len(entries(folder)) == 4
     monkeypatch.setenv("STN_TEST_NAME", "n")
@@ -124,3 +124,39 @@ def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Pat
     assert again.exit_code == 0 and again.output == first.output
     grid.write_text(grid.read_text() + "\n# edited\n")
     assert isinstance(CliRunner().invoke(app, args).exception, AssertionError)
+
+
+def test_compose_sources_list_every_module_composition_imports() -> None:
+    """A composed config is keyed on COMPOSE_SOURCES only: they must be all of stn that stn.compose loads."""
+    code = "import sys, stn.compose; print(' '.join(sorted(m for m in sys.modules if m.startswith('stn.'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(f"{name.removeprefix('stn.')}.py" for name in loaded) == sorted(cache.COMPOSE_SOURCES)
+
+
+def test_composed_configs_survive_edits_outside_composition(tmp_path: Path) -> None:
+    import shutil
+
+    from stn.compose import conf_dir
+
+    package, conf = tmp_path / "stn", tmp_path / "conf"
+    shutil.copytree(Path(cache.__file__).parent, package)
+    shutil.copytree(conf_dir(), conf)
+
+    def digests() -> tuple[str, str]:
+        """(composed-config digest, full digest) of the copies as they are now."""
+        cache._digest.cache_clear()
+        return (cache._digest(str(conf), str(package), cache.COMPOSE_SOURCES),
+                cache._digest(str(conf), str(package), None))
+
+    def edit(path: Path) -> tuple[str, str]:
+        path.write_text(path.read_text() + "\n# edited\n")
+        return digests()
+
+    start = digests()
+    train = edit(package / "train.py")
+    assert train[0] == start[0] and train[1] != start[1]  # composed configs kept, parameter counts recomputed
+    validation = edit(package / "validation.py")
+    assert validation[0] != train[0] and validation[1] != train[1]
+    yaml = edit(conf / "dataset" / "R.yaml")
+    assert yaml[0] != validation[0] and yaml[1] != validation[1]
+    cache._digest.cache_clear()

@@ -7,18 +7,21 @@ and the defaults.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 
-from stn.compose import compose, group_choices
-from stn.config import DATA_DIR_ENV, ConfigError
+import stn.compose as compose_module
+from stn.compose import compose, compose_many, group_choices
+from stn.config import DATA_DIR_ENV, Config, ConfigError
 from stn.data import distort
 from stn.models import build_model
 
 DATASETS = group_choices("dataset")
 MODELS = group_choices("model")
 TRANSFORMERS = group_choices("transformer")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_groups_are_the_papers_axes() -> None:
@@ -138,3 +141,93 @@ def test_wandb_environment_variables_sit_between_the_command_line_and_the_defaul
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match="logger.mode='sometimes' \\(WANDB_MODE='sometimes'"):
         compose()
+
+
+# ------------------------------------------------ configs assembled from memoised sections == Hydra's compose
+
+def hydra_whole(overrides: list[str]) -> Config:
+    """The reference: one Hydra compose of the whole override list (what compose() did before assembling)."""
+    return compose_module._hydra_config(overrides)
+
+
+def planned_lists() -> list[list[str]]:
+    """The override lists the table and the studies plan: every Table 1 cell at every preset (seed 2, a run
+    folder, resume), and every cell of every study file at one seed."""
+    from stn.convergence import budget_overrides, cell_dir, load_study
+    from stn.grid import load_grid
+
+    grid = load_grid(ROOT / "experiments" / "table1" / "grid.yaml")
+    lists = [[*grid.rows[row], *grid.columns[column], f"trainer={preset}", "seed=2",
+              f"run_dir=/tmp/t/{row}-{column}", "trainer.resume=true", "logger.group=t"]
+             for row, column in grid.cells for preset in ("quick", "paper")]
+    for path in sorted((ROOT / "experiments" / "convergence").glob("*.yaml")):
+        study = load_study(path)
+        for part in study.parts:
+            lists += [[*study.grid.columns[column], *study.grid.rows[row], *study.overrides,
+                       *budget_overrides(budget, study.batch_size), "seed=1",
+                       f"run_dir={cell_dir(study, row, column, budget, 1)}", f"logger.group={study.name}"]
+                      for budget in part.budgets for column in part.columns for row in part.rows]
+    return lists
+
+
+def test_assembled_configs_equal_hydras_whole_compose_for_every_planned_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lists = planned_lists()
+    compose_module._SECTIONS.clear()
+    calls = []
+    whole = compose_module._hydra_config
+    monkeypatch.setattr(compose_module, "_hydra_config", lambda *a, **k: calls.append(a) or whole(*a, **k))
+    assembled = compose_many(lists)
+    # One Hydra call per round, a round taking a new section of every group: as many as the most varied group
+    # has sections (here the datasets' and the budgets' trainer sections), not one per list.
+    environment = compose_module._environment()
+    plans = [compose_module._plan(tuple(overrides), environment) for overrides in lists]
+    distinct = {group: {plan.sections[group] for plan in plans} for group in plans[0].sections}
+    assert len(calls) == max(map(len, distinct.values())) < len(lists) / 10
+    monkeypatch.setattr(compose_module, "_hydra_config", whole)
+    for overrides, config in zip(lists, assembled, strict=True):
+        assert config == hydra_whole(overrides), overrides
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.lr=1"],                                 # an int where the schema has a float
+    ["name=123", "seed=4", "download=true"],          # top-level keys typed by the schema
+    ["name=null", "run_dir=/x/y"],
+    ["logger.tags=[a,b]", "model=st_cnn", "transformer=tps", "dataset.rotation=45"],
+    ["dataset=R", "dataset=RTS"],                     # a group chosen twice: whatever Hydra does
+    ["+trainer.foo=1"], ["~seed"], ["++seed=5"],       # additions, deletions: Hydra whole
+    ["seed=1,2"],                                     # a sweep: refused as Hydra refuses it
+    ["data_dir=${oc.env:HOME}"],                      # an interpolation: Hydra whole
+    ["trainer.iterations=abc"], ["traner.lr=0.1"], ["dataset=nope"], ["model=st_cnn"],  # errors
+])
+def test_odd_overrides_give_what_hydra_gives(overrides: list[str]) -> None:
+    try:
+        expected: Config | str = hydra_whole(overrides)
+    except ConfigError as err:
+        expected = str(err)
+    try:
+        got: Config | str = compose(overrides)
+    except ConfigError as err:
+        got = str(err)
+    assert got == expected
+
+
+def test_an_error_in_a_batch_is_the_error_of_its_list() -> None:
+    with pytest.raises(ConfigError) as alone:
+        compose(["traner.lr=0.1"])
+    with pytest.raises(ConfigError) as batched:
+        compose_many([["dataset=RTS"], ["traner.lr=0.1"], ["dataset=E"]])
+    assert str(batched.value) == str(alone.value)
+
+
+def test_assembled_configs_follow_the_environment_and_are_the_callers_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, "/first")
+    monkeypatch.setenv("WANDB_PROJECT", "one")
+    first = compose(["dataset=RTS"])
+    assert (first.data_dir, first.logger.project) == ("/first", "one")
+    monkeypatch.setenv(DATA_DIR_ENV, "/second")
+    monkeypatch.setenv("WANDB_PROJECT", "two")
+    second = compose(["dataset=RTS"])
+    assert (second.data_dir, second.logger.project) == ("/second", "two")
+    second.logger.tags.append("edited")  # frozen dataclasses still hold mutable lists
+    assert compose(["dataset=RTS"]).logger.tags == []

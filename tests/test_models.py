@@ -219,3 +219,31 @@ def test_cli_models_prints_every_row():
 
 
 # ---- visualize ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dataset", "choice"), [("R", ["model=st_cnn", "transformer=tps"]),
+                                                 ("TC", ["model=st_fcn", "transformer=affine"]),
+                                                 ("RTS", ["model=fcn"]), ("E", ["model=cnn"]),
+                                                 ("P", ["model=st_cnn", "transformer=projective",
+                                                        "transformer.placement=features"])])
+def test_width_search_on_the_count_polynomial_equals_a_search_on_built_models(dataset, choice):
+    """_closest_width reads counts off a quadratic fitted to 3 builds; a plain bisection over real builds
+    (meta tensors) must pick the same width for any target."""
+    from stn.compose import compose
+    from stn.models import _closest_width, assemble
+
+    cfg = compose([f"dataset={dataset}", *choice])
+
+    def built(width: int) -> int:
+        with torch.device("meta"):
+            return count_parameters(assemble(cfg, width))
+
+    def bisect(target: int) -> int:
+        low, high = 1, 1 << 14
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if built(mid) >= target else (mid + 1, high)
+        return low - 1 if low > 1 and target - built(low - 1) <= built(low) - target else low
+
+    for target in (1, built(37), built(37) + 1, 123_457, 2_000_000):
+        assert _closest_width(cfg, target) == bisect(target), target

@@ -79,6 +79,18 @@ def test_identity_params_give_the_identity_grid(kind):
     np.testing.assert_allclose(grid[0, ..., 0].numpy(), xs, atol=1e-12)
     np.testing.assert_allclose(grid[0, ..., 1].numpy(), ys, atol=1e-12)
     assert num_params(kind) == {"affine": 6, "projective": 8, "tps": 32}[kind]
+    for grid_side in (2, 3, 5):
+        assert num_params(kind, tps_grid=grid_side) == identity_params(kind, tps_grid=grid_side).numel()
+
+
+def test_a_transformer_on_meta_tensors_has_the_shapes_of_a_real_one():
+    """Parameter counting builds models on the meta device, where the identity bias is not set."""
+    real = SpatialTransformer(nn.Flatten(), 16, "tps", tps_grid=3)
+    with torch.device("meta"):
+        shapes_only = SpatialTransformer(nn.Flatten(), 16, "tps", tps_grid=3)
+    assert {k: v.shape for k, v in real.state_dict().items()} == \
+        {k: v.shape for k, v in shapes_only.state_dict().items()}
+    assert torch.equal(real.regression.bias, identity_params("tps", tps_grid=3))
 
 
 @pytest.mark.parametrize("kind", KINDS)

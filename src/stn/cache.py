@@ -1,12 +1,14 @@
 """A disk cache for start-up work that is slow and a pure function of stn's code, conf/ and the environment.
 
-Hydra composes one config in about 0.3 s (OmegaConf merges), so a command that plans many runs (a table's 40
-cells, the convergence study's 180, `stn models`' 40 rows of parameter counts, each a few width searches
-after importing torch, `stn engine plan`'s groups and FLOP counts) took 10-40 s before printing anything. Those results depend only on the arguments,
-stn's source files, the files in conf/, the versions of Hydra / OmegaConf / torch and the STN_* / WANDB_*
-variables (conf/ reads STN_DATA_DIR and W&B's variables), so they are kept under
-`$STN_CACHE_DIR` (default `$XDG_CACHE_HOME/stn`, else `~/.cache/stn`; `STN_CACHE_DIR=off` turns it off),
-keyed by a digest of all of that: editing any stn source or config file starts afresh. Errors are never
+A command that plans many runs (a table's 40 cells, the convergence study's 180, `stn models`' 40 rows of
+parameter counts, each a few width searches after importing torch, `stn engine plan`'s groups and FLOP counts)
+took 10-40 s before printing anything when each config was a Hydra compose (about 0.3 s: OmegaConf merges);
+stn.compose now assembles most configs from memoised sections, and what remains slow is kept here. Those
+results depend only on the arguments, stn's source files, the files in conf/, the versions of Hydra /
+OmegaConf / torch and the STN_* / WANDB_* variables (conf/ reads STN_DATA_DIR and W&B's variables), so they
+are kept under `$STN_CACHE_DIR` (default `$XDG_CACHE_HOME/stn`, else `~/.cache/stn`; `STN_CACHE_DIR=off`
+turns it off), keyed by a digest of all of that: editing a config file, or a source file the result depends
+on (for composed configs only stn.compose and the modules it imports), starts afresh. Errors are never
 cached (they are computed again, and raised, every time). Entries are pickles of stn's own frozen
 dataclasses or plain data, written atomically; an unreadable entry is recomputed. At most MAX_ENTRIES
 files per kind are kept (the oldest go first).
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stn.compose import compose
+from stn.compose import compose_many
 from stn.config import Config
 
 CACHE_ENV = "STN_CACHE_DIR"
@@ -42,23 +44,30 @@ def cache_dir() -> Path | None:
     return Path(base) / "stn"
 
 
-def code_digest() -> str:
-    """A digest of everything a cached result is computed from, other than its arguments and the environment:
-    stn's Python files, conf/, and the versions of Python and of the libraries that compose and count."""
+# The modules a composed config depends on (stn.compose and what it imports; a test keeps this list true):
+# editing any other module (train.py, models.py, ...) leaves the composed-config entries valid.
+COMPOSE_SOURCES = ("compose.py", "config.py", "validation.py")
+
+
+def code_digest(kind: str = "") -> str:
+    """A digest of everything a cached result of `kind` is computed from, other than its arguments and the
+    environment: conf/, the versions of Python and of the libraries that compose and count, and stn's Python
+    files (for composed configs only COMPOSE_SOURCES)."""
     from stn.compose import conf_dir
 
-    return _digest(str(conf_dir().resolve()))
+    package = str(Path(__file__).resolve().parent)
+    return _digest(str(conf_dir().resolve()), package, COMPOSE_SOURCES if kind == "compose" else None)
 
 
-@functools.cache  # per process and config folder: files are read once
-def _digest(conf_path: str) -> str:
+@functools.cache  # per process, config folder and scope: files are read once
+def _digest(conf_path: str, package_path: str, sources: tuple[str, ...] | None) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    conf = Path(conf_path)
-    for root, pattern in ((package, "*.py"), (conf, "*.yaml")):
-        for path in sorted(root.rglob(pattern)):
+    package, conf = Path(package_path), Path(conf_path)
+    python = sorted(package.rglob("*.py")) if sources is None else [package / name for name in sources]
+    for root, paths in ((package, python), (conf, sorted(conf.rglob("*.yaml")))):
+        for path in paths:
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(str(conf).encode() + sys.version.encode())
     for name in ("hydra-core", "omegaconf", "torch"):
@@ -76,17 +85,33 @@ def _environment() -> dict[str, str]:
 
 def memo(kind: str, key: Any, compute: Callable[[], T]) -> T:
     """compute(), or its earlier result for the same kind, key (JSON-able), code and environment."""
+    return memo_many(kind, [key], lambda keys: [compute()])[0]
+
+
+def memo_many(kind: str, keys: Sequence[Any], compute: Callable[[list[Any]], list[T]]) -> list[T]:
+    """memo for many keys at once: compute(the keys not in the cache) is called once, with those keys."""
     root = cache_dir()
     if root is None:
-        return compute()
-    name = hashlib.sha256(json.dumps([kind, key, code_digest(), _environment()], sort_keys=True,
-                                     default=str).encode()).hexdigest()[:40]
-    path = root / kind / f"{name}.pkl"
-    try:
-        return pickle.loads(path.read_bytes())
-    except Exception:  # missing, cut short, or written by another stn: compute it again
-        pass
-    value = compute()
+        return compute(list(keys))
+    digest, environment = code_digest(kind), _environment()
+    paths = [root / kind / (hashlib.sha256(json.dumps([kind, key, digest, environment], sort_keys=True,
+                                                      default=str).encode()).hexdigest()[:40] + ".pkl")
+             for key in keys]
+    values: dict[int, Any] = {}
+    for index, path in enumerate(paths):
+        try:
+            values[index] = pickle.loads(path.read_bytes())
+        except Exception:  # missing, cut short, or written by another stn: compute it again
+            pass
+    todo = [index for index in range(len(keys)) if index not in values]
+    if todo:
+        for index, value in zip(todo, compute([keys[index] for index in todo]), strict=True):
+            values[index] = value
+            _store(paths[index], value)
+    return [values[index] for index in range(len(keys))]
+
+
+def _store(path: Path, value: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -95,7 +120,6 @@ def memo(kind: str, key: Any, compute: Callable[[], T]) -> T:
         _prune(path.parent)
     except OSError:  # a read-only home, a full disk: the cache is only a speed-up
         pass
-    return value
 
 
 def _prune(folder: Path) -> None:
@@ -110,10 +134,20 @@ def _prune(folder: Path) -> None:
 def cached_compose(overrides: Sequence[str] = ()) -> Config:
     """stn.compose.compose, cached on disk. Overrides holding an interpolation (`${...}`, e.g. an env var or
     the time) are composed afresh every time."""
-    overrides = list(overrides)
-    if any("${" in item for item in overrides):
-        return compose(overrides)
-    return memo("compose", overrides, lambda: compose(overrides))
+    return cached_compose_many([overrides])[0]
+
+
+def cached_compose_many(override_lists: Sequence[Sequence[str]]) -> list[Config]:
+    """stn.compose.compose_many, cached on disk per list (as cached_compose)."""
+    lists = [list(overrides) for overrides in override_lists]
+    fresh = [index for index, overrides in enumerate(lists) if any("${" in item for item in overrides)]
+    kept = [index for index in range(len(lists)) if index not in fresh]
+    configs: dict[int, Config] = {}
+    if fresh:
+        configs.update(zip(fresh, compose_many([lists[index] for index in fresh]), strict=True))
+    if kept:
+        configs.update(zip(kept, memo_many("compose", [lists[index] for index in kept], compose_many), strict=True))
+    return [configs[index] for index in range(len(lists))]
 
 
 def cached_parameter_table(datasets: Sequence[str], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:

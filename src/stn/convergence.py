@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.cache import cached_compose
+from stn.cache import cached_compose, cached_compose_many
 from stn.config import Config, ConfigError
 from stn.runs import RunFolderError, write_atomic
 
@@ -220,18 +220,22 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
                         wanted.append((row, column, budget))
     wanted = list(dict.fromkeys(wanted))
     row_order, column_order = list(study.grid.rows), list(study.grid.columns)
-    cells = []
-    for seed in chosen_seeds:
-        for row, column, budget in wanted:
-            overrides = [*study.grid.columns[column], *study.grid.rows[row], *study.overrides,
-                         *budget_overrides(budget, study.batch_size), f"seed={seed}",
-                         f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
-                         f"logger.group={study.name}"]
+    planned = [(seed, row, column, budget) for seed in chosen_seeds for row, column, budget in wanted]
+    override_lists = [[*study.grid.columns[column], *study.grid.rows[row], *study.overrides,
+                       *budget_overrides(budget, study.batch_size), f"seed={seed}",
+                       f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
+                       f"logger.group={study.name}"] for seed, row, column, budget in planned]
+    try:
+        configs = cached_compose_many(override_lists)
+    except ConfigError:  # name the cell that has the error
+        configs = []
+        for (_, row, column, budget), overrides in zip(planned, override_lists, strict=True):
             try:
-                config = cached_compose(overrides)
+                configs.append(cached_compose(overrides))
             except ConfigError as err:
                 raise StudyError(f"{row} / {column} at {budget}: {err}") from None
-            cells.append(Cell(row, column, budget, seed, config, study.grid.cells[(row, column)]))
+    cells = [Cell(row, column, budget, seed, config, study.grid.cells[(row, column)])
+             for (seed, row, column, budget), config in zip(planned, configs, strict=True)]
     cells.sort(key=lambda c: (parse_budget(c.budget), c.seed, column_order.index(c.column), row_order.index(c.row)))
     return cells
 

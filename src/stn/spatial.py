@@ -61,7 +61,12 @@ def identity_params(kind: str, *, tps_grid: int = 4) -> Tensor:
 
 
 def num_params(kind: str, *, tps_grid: int = 4) -> int:
-    return int(identity_params(kind, tps_grid=tps_grid).numel())
+    """The length of theta for `kind` (identity_params' length; arithmetic, so counting parameters on meta
+    tensors builds no tensor here)."""
+    sizes = {"affine": 6, "projective": 8, "tps": 2 * tps_grid * tps_grid}
+    if kind not in sizes:
+        raise ValueError(f"unknown transform {kind!r}: expected affine, projective or tps")
+    return sizes[kind]
 
 
 def affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
@@ -202,6 +207,8 @@ class SpatialTransformer(nn.Module):
 
     def reset_regression(self) -> None:
         """Zero weight, identity bias: training starts from T_theta = identity, not from noise."""
+        if self.regression.bias.is_meta:  # shapes only (parameter counting): there are no values to set
+            return
         identity = identity_params(self.kind, tps_grid=self.tps_grid)
         with torch.no_grad():
             self.regression.weight.zero_()
