@@ -33,6 +33,7 @@ a group being trained to a deadline is `stn.batched_run`'s.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,13 +57,20 @@ class EngineError(RuntimeError):
 
 def shape_signature(cfg: Config) -> str:
     """What must agree for two configs to be batched: the module tree with every layer's shape, the input size
-    and the transformer's pooling. Built on the meta device (no memory, no initialisation)."""
-    from stn.models import build_model
+    and the transformer's pooling. Built on the meta device (no memory, no initialisation); once per config
+    up to its seed, which changes no shape (a plan asks for the same few configs many times)."""
+    key = repr(dataclasses.replace(cfg, seed=0))
+    if key not in _SIGNATURES:
+        from stn.models import build_model
 
-    with torch.device("meta"):
-        model = build_model(cfg, fast=False)
-    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-    return f"size={cfg.dataset.size}|pool={cfg.dataset.st_output_pool}|{model!r}|{shapes}"
+        with torch.device("meta"):
+            model = build_model(cfg, fast=False)
+        shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+        _SIGNATURES[key] = f"size={cfg.dataset.size}|pool={cfg.dataset.st_output_pool}|{model!r}|{shapes}"
+    return _SIGNATURES[key]
+
+
+_SIGNATURES: dict[str, str] = {}
 
 
 def build_member(cfg: Config) -> nn.Module:

@@ -38,7 +38,7 @@ import torch
 from stn.batched import BatchedModels, EngineOptions, shape_signature
 from stn.batched_data import make_stream
 from stn.batched_run import GroupRun, train_for
-from stn.compose import compose
+from stn.compose import compose_many
 from stn.config import Config
 from stn.runs import save_checkpoint, write_atomic
 
@@ -103,8 +103,10 @@ def table_members(grid_path: str | Path, seeds: Sequence[int], preset: str, over
 
     grid = load_grid(grid_path)
     members = []
-    for row, column in select_cells(grid, rows, columns):
-        base = compose([*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides])
+    cells = select_cells(grid, rows, columns)
+    bases = compose_many([[*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides]
+                          for row, column in cells])
+    for (row, column), base in zip(cells, bases, strict=True):
         for seed in seeds:
             members.append(Member(row, column, int(seed), dataclasses.replace(base, seed=int(seed)),
                                   grid.cells[(row, column)]))
@@ -115,13 +117,9 @@ def make_groups(members: Sequence[Member], max_k: int | None = None) -> list[Gro
     """Members with one shape and one optimiser, in order of first appearance; at most max_k per group."""
     keys = ("batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "iterations")
     buckets: dict[tuple, list[Member]] = {}
-    signatures: dict[str, str] = {}  # the seed changes no shape: one build per config without it
     for member in members:
         trainer = member.config.trainer
-        unseeded = repr(dataclasses.replace(member.config, seed=0))
-        if unseeded not in signatures:
-            signatures[unseeded] = shape_signature(member.config)
-        key = (signatures[unseeded], tuple(getattr(trainer, k) for k in keys))
+        key = (shape_signature(member.config), tuple(getattr(trainer, k) for k in keys))
         buckets.setdefault(key, []).append(member)
     groups = []
     for bucket in buckets.values():
