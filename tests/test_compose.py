@@ -178,12 +178,8 @@ def test_assembled_configs_equal_hydras_whole_compose_for_every_planned_run(
     whole = compose_module._hydra_config
     monkeypatch.setattr(compose_module, "_hydra_config", lambda *a, **k: calls.append(a) or whole(*a, **k))
     assembled = compose_many(lists)
-    # One Hydra call per round, a round taking a new section of every group: as many as the most varied group
-    # has sections (here the datasets' and the budgets' trainer sections), not one per list.
-    environment = compose_module._environment()
-    plans = [compose_module._plan(tuple(overrides), environment) for overrides in lists]
-    distinct = {group: {plan.sections[group] for plan in plans} for group in plans[0].sections}
-    assert len(calls) == max(map(len, distinct.values())) < len(lists) / 10
+    # One Hydra call, for conf/'s defaults; every other section is its group file merged into its schema.
+    assert len(calls) == 1
     monkeypatch.setattr(compose_module, "_hydra_config", whole)
     for overrides, config in zip(lists, assembled, strict=True):
         assert config == hydra_whole(overrides), overrides
@@ -231,3 +227,21 @@ def test_assembled_configs_follow_the_environment_and_are_the_callers_own(monkey
     assert (second.data_dir, second.logger.project) == ("/second", "two")
     second.logger.tags.append("edited")  # frozen dataclasses still hold mutable lists
     assert compose(["dataset=RTS"]).logger.tags == []
+
+
+def test_a_group_file_with_a_defaults_list_goes_through_hydra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group file the assembly cannot read alone (Hydra resolves its defaults list) still composes as
+    Hydra composes it."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(compose_module.conf_dir(), conf)
+    (conf / "dataset" / "R_wide.yaml").write_text("defaults:\n  - R\n  - _self_\nrotation: 120.0\n")
+    monkeypatch.setenv("STN_CONF_DIR", str(conf))
+    overrides = ["dataset=R_wide", "model=st_cnn", "transformer=affine", "seed=3"]
+    config = compose(overrides)
+    assert config == hydra_whole(overrides)
+    assert (config.dataset.name, config.dataset.rotation) == ("R", 120.0)
+    assert compose(["dataset=R"]).dataset.rotation == 90.0  # the plain files still assemble
+    with pytest.raises(compose_module._NotPlain):  # so the first config above came from Hydra whole
+        compose_module._load_section("dataset", "R_wide", ())

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stn.config import GROUPS, Config, ConfigError, schema_keys
@@ -148,10 +148,13 @@ def _hydra_config(overrides: Sequence[str], check: bool = True) -> Config:
 # each group file is flat (no defaults list, no @package) and fills only its own section, the primary file
 # only top-level keys, and no interpolation reads another section. Hydra merges them in that order and then
 # applies the value overrides (`a.b=v`) in command-line order. So a group's section depends only on its
-# choice and its own value overrides, and the top-level keys only on theirs: Hydra composes each distinct
-# section once per process, and the top-level overrides are applied by Hydra's own override code. The
-# convergence study's 180 planned runs cost 5 Hydra composes instead of 180 (compose_many); tests/test_compose.py
-# checks the result equals a whole Hydra compose for every Table 1 cell and study cell, and for odd overrides.
+# choice and its own value overrides, and the top-level keys only on theirs. Hydra composes conf/'s defaults
+# once per process; any other section is its group file merged into the section's schema with the group's
+# overrides applied by Hydra's own override code, memoised; the top-level overrides likewise. A file outside
+# that shape (a defaults list, a package header) sends its configs through Hydra whole. The convergence study's
+# 180 planned runs cost one Hydra compose instead of 180; tests/test_compose.py checks the result equals a
+# whole Hydra compose for every Table 1 cell and study cell, for odd overrides and errors, and for a group file
+# with a defaults list.
 
 
 class _NotPlain(Exception):
@@ -199,26 +202,53 @@ def _plan(overrides: tuple[str, ...], environment: tuple[tuple[str, str], ...]) 
 
 
 def _compose_sections(keys: list[SectionKey], environment: tuple[tuple[str, str], ...]) -> None:
-    """Compose every missing section into _SECTIONS: one Hydra call per round, each round taking one missing
-    section of every group (sections are independent: see above). A round Hydra refuses is composed key by
-    key; a key that still fails is left out (its config then goes through Hydra whole, for the error)."""
-    missing = list(dict.fromkeys(key for key in keys if key not in _SECTIONS))
-    if ("", environment) not in _SECTIONS and not missing:
-        missing = [(GROUPS[0], None, (), environment)]
-    while missing:
-        batch = list({key[0]: key for key in reversed(missing)}.values())
-        missing = [key for key in missing if key not in batch]
-        for keys_composed in ([batch] if len(batch) == 1 else [batch, *([key] for key in batch)]):
-            try:
-                composed = _hydra_config([*(f"{group}={choice}" for group, choice, _, _ in keys_composed if choice),
-                                          *(item for key in keys_composed for item in key[2])], check=False)
-            except ConfigError:
-                continue
-            for key in keys_composed:
-                _SECTIONS[key] = getattr(composed, key[0])
-            _SECTIONS.setdefault(("", environment), composed)
-            if keys_composed is batch:
-                break
+    """Put every missing section into _SECTIONS: conf/'s defaults from one Hydra compose, every other section
+    read from its group file (`_load_section`). A section that cannot be read so is left out: its configs then
+    go through Hydra whole (which also words any error)."""
+    if ("", environment) not in _SECTIONS:  # the top-level keys and the default sections
+        with contextlib.suppress(ConfigError):
+            default = _hydra_config([], check=False)
+            _SECTIONS[("", environment)] = default
+            for group in GROUPS:
+                _SECTIONS[(group, None, (), environment)] = getattr(default, group)
+    for key in dict.fromkeys(key for key in keys if key not in _SECTIONS):
+        with contextlib.suppress(Exception):  # a file Hydra must read itself, or an error
+            _SECTIONS[key] = _load_section(*key[:3])
+
+
+def _load_section(group: str, choice: str | None, overrides: tuple[str, ...]) -> Any:
+    """One group's section as Hydra composes it, without Hydra's defaults tree (a hundred times cheaper): the
+    group file merged into the section's schema, then the group's overrides applied by Hydra's override code.
+    Refuses (_NotPlain) what Hydra would treat otherwise: a file with a defaults list or a package header, or a
+    primary config whose own body writes into a group."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    primary = _primary_config()
+    if any(name in GROUPS for name in primary if name != "defaults"):
+        raise _NotPlain("conf/config.yaml sets group keys itself")
+    chosen = choice if choice is not None else _default_choices(primary).get(group)
+    path = conf_dir() / group / f"{chosen}.yaml"
+    text = path.read_text()
+    loaded = OmegaConf.create(text)
+    if "@package" in text or "defaults" in loaded:
+        raise _NotPlain(str(path))
+    schema = OmegaConf.structured(typing.get_type_hints(Config)[group])
+    OmegaConf.set_readonly(schema, False)
+    root = OmegaConf.create({group: OmegaConf.merge(schema, loaded)})
+    OmegaConf.set_struct(root, True)
+    ConfigLoaderImpl._apply_overrides_to_config([_parse(item) for item in overrides], root)
+    register_resolvers()
+    return OmegaConf.to_object(root[group])
+
+
+def _primary_config() -> Any:
+    return OmegaConf.load(conf_dir() / "config.yaml")
+
+
+def _default_choices(primary: Any) -> dict[str, str]:
+    """{group: option} from conf/config.yaml's defaults list (`- dataset: R`)."""
+    return {name: str(option) for entry in primary.get("defaults", []) if isinstance(entry, DictConfig)
+            for name, option in entry.items()}
 
 
 def _assemble(plan: _Plan, environment: tuple[tuple[str, str], ...]) -> Config:
