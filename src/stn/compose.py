@@ -76,8 +76,8 @@ _open_session: list[Callable[..., Any]] = []  # Hydra's compose while a hydra_se
 
 @contextlib.contextmanager
 def hydra_session() -> Iterator[None]:
-    """Keep one Hydra instance for every compose() inside (a table's or a study's many configs): Hydra is set
-    up once instead of once per config, about a third of a compose's time. Nested sessions share the outer."""
+    """Keep one Hydra instance for every Hydra compose inside, instead of setting Hydra up for each (about 0.1 s
+    of the 0.3 s a compose takes here). Nested sessions share the outer."""
     if _open_session:
         yield
         return
@@ -110,8 +110,8 @@ def compose(overrides: Sequence[str] = ()) -> Config:
 
 
 def compose_many(override_lists: Sequence[Sequence[str]]) -> list[Config]:
-    """compose() of each list (a table's or a study's runs): the sections they need are composed together,
-    in as few Hydra calls as the most varied group needs (5 for the paper's datasets)."""
+    """compose() of each list (a table's or a study's runs), the sections they need read once: a plan of any
+    size costs one Hydra compose (conf/'s defaults) plus one per list outside the plain case."""
     environment = _environment()
     plans: list[_Plan | None] = []
     for overrides in override_lists:
@@ -120,14 +120,13 @@ def compose_many(override_lists: Sequence[Sequence[str]]) -> list[Config]:
         except Exception:  # not a plain case: Hydra composes it whole, below
             plans.append(None)
     configs = []
-    with hydra_session():
-        _compose_sections([key for plan in plans if plan for key in plan.sections.values()], environment)
-        for overrides, plan in zip(override_lists, plans, strict=True):
-            try:
-                assert plan is not None
-                configs.append(_assemble(plan, environment))
-            except Exception:  # Hydra composes it whole, and words the error if it has one
-                configs.append(_hydra_config(overrides))
+    _compose_sections([key for plan in plans if plan for key in plan.sections.values()], environment)
+    for overrides, plan in zip(override_lists, plans, strict=True):
+        try:
+            assert plan is not None
+            configs.append(_assemble(plan, environment))
+        except Exception:  # Hydra composes it whole, and words the error if it has one
+            configs.append(_hydra_config(overrides))
     return configs
 
 
