@@ -214,6 +214,7 @@ def test_an_error_in_a_batch_is_the_error_of_its_list() -> None:
     with pytest.raises(ConfigError) as batched:
         compose_many([["dataset=RTS"], ["traner.lr=0.1"], ["dataset=E"]])
     assert str(batched.value) == str(alone.value)
+    assert batched.value.overrides == ("traner.lr=0.1",)  # which list: the caller names its run from it
 
 
 def test_assembled_configs_follow_the_environment_and_are_the_callers_own(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,3 +130,14 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:
                                  "--columns", "R", "--seeds", "0"])
     assert result.exit_code == 0 and result.output.count("to train") == 2
     assert not (tmp_path / "runs").exists()  # a dry run trains and writes nothing
+
+
+def test_a_cell_that_does_not_compose_is_named(tmp_path: Path) -> None:
+    """Only the ST-CNN cell is invalid (an ST model without a transformer): the study names its row, column, budget."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: t\nrows:\n  CNN: [model=cnn]\n  ST-CNN: [model=st_cnn]\n"
+                    "columns:\n  R: [dataset=R]\ncells:\n  CNN: {R: 1.2}\n  ST-CNN: {R: 0.7}\n")
+    study = load_study(write_study(tmp_path, grid=str(grid),
+                                   parts="\n  - {rows: [CNN, ST-CNN], columns: [R], budgets: ['1/250']}"))
+    with pytest.raises(StudyError, match=r"^ST-CNN / R at 1/250: .*transformer"):
+        plan(study)

@@ -347,3 +347,13 @@ def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(data_env: Pa
     summary = json.loads((out / "cells" / "R_cnn" / "seed0" / "summary.json").read_text())
     assert summary["wandb"] is None
     assert not (data_env / "wandb").exists() and not list(data_env.rglob("offline-run-*"))
+
+
+def test_a_cell_that_does_not_compose_is_named(tmp_path: Path) -> None:
+    """Only the ST-CNN cell is invalid (an ST model without a transformer): the error names it and its words."""
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("name: t\nrows:\n  CNN: [model=cnn]\n  ST-CNN: [model=st_cnn]\n"
+                         "columns:\n  R: [dataset=R]\ncells:\n  CNN: {R: 1.2}\n  ST-CNN: {R: 0.7}\n")
+    grid = load_grid(grid_file)
+    with pytest.raises(TableError, match=r"^cell ST-CNN/R \(model=st_cnn dataset=R trainer=smoke\): .*transformer"):
+        plan_jobs(grid, list(grid.cells), [0], "smoke", [], tmp_path / "table", "g")

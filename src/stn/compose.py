@@ -17,7 +17,7 @@ import functools
 import os
 import re
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,35 +71,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("stn.wandb_tags", wandb_tags_from_env, replace=True)
 
 
-_open_session: list[Callable[..., Any]] = []  # Hydra's compose while a hydra_session() is open
-
-
-@contextlib.contextmanager
-def hydra_session() -> Iterator[None]:
-    """Keep one Hydra instance for every Hydra compose inside, instead of setting Hydra up for each (about 0.1 s
-    of the 0.3 s a compose takes here). Nested sessions share the outer."""
-    if _open_session:
-        yield
-        return
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
-    # conf/config.yaml lists `stn_schema` first in its defaults, so every typed field exists (and is
-    # type-checked) during composition: `dataset.train_limit=100` works although no YAML names it.
-    ConfigStore.instance().store(name="stn_schema", node=_writable_schema())
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            _open_session.append(hydra_compose)
-            yield
-    finally:
-        _open_session.clear()
-        GlobalHydra.instance().clear()
-
-
 def compose(overrides: Sequence[str] = ()) -> Config:
     """Compose `conf/config.yaml` with Hydra-style overrides into a validated, frozen `Config`.
 
@@ -126,19 +97,42 @@ def compose_many(override_lists: Sequence[Sequence[str]]) -> list[Config]:
             assert plan is not None
             configs.append(_assemble(plan, environment))
         except Exception:  # Hydra composes it whole, and words the error if it has one
-            configs.append(_hydra_config(overrides))
+            try:
+                configs.append(_hydra_config(overrides))
+            except ConfigError as err:
+                raise ComposeError(str(err), tuple(overrides)) from None
     return configs
+
+
+class ComposeError(ConfigError):
+    """compose_many's error: the message of one list's ConfigError, and that list (`overrides`), so a caller
+    planning many runs names the run without composing them again one by one."""
+
+    def __init__(self, message: str, overrides: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.overrides = overrides
 
 
 def _hydra_config(overrides: Sequence[str], check: bool = True) -> Config:
     """One Hydra compose of conf/ with `overrides`, typed (and validated when `check`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    with hydra_session():
-        try:
-            raw = _open_session[0](config_name="config", overrides=list(overrides))
-        except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(_explain(err)) from None
+    # conf/config.yaml lists `stn_schema` first in its defaults, so every typed field exists (and is
+    # type-checked) during composition: `dataset.train_limit=100` works although no YAML names it.
+    ConfigStore.instance().store(name="stn_schema", node=_writable_schema())
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
     return from_container(OmegaConf.to_container(raw, resolve=False), check=check)
 
 

@@ -27,8 +27,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.cache import cached_compose, cached_compose_many
-from stn.config import Config, ConfigError
+from stn.cache import cached_compose_many
+from stn.compose import ComposeError
+from stn.config import Config
 from stn.runs import RunFolderError, write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
@@ -227,13 +228,9 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
                        f"logger.group={study.name}"] for seed, row, column, budget in planned]
     try:
         configs = cached_compose_many(override_lists)
-    except ConfigError:  # name the cell that has the error
-        configs = []
-        for (_, row, column, budget), overrides in zip(planned, override_lists, strict=True):
-            try:
-                configs.append(cached_compose(overrides))
-            except ConfigError as err:
-                raise StudyError(f"{row} / {column} at {budget}: {err}") from None
+    except ComposeError as err:
+        _, row, column, budget = planned[override_lists.index(list(err.overrides))]
+        raise StudyError(f"{row} / {column} at {budget}: {err}") from None
     cells = [Cell(row, column, budget, seed, config, study.grid.cells[(row, column)])
              for (seed, row, column, budget), config in zip(planned, configs, strict=True)]
     cells.sort(key=lambda c: (parse_budget(c.budget), c.seed, column_order.index(c.column), row_order.index(c.row)))

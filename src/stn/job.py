@@ -6,12 +6,13 @@ commands that only plan (`stn train --cfg job`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from stn.config import Config
 
 
-class Job:
+class Job(ABC):
     """What `run_jobs` runs: a table cell x seed (stn.tables.CellJob) or a sweep member (stn.sweep.Member).
     Subclasses are frozen dataclasses with a `config` field and a `label` for the log lines."""
 
@@ -24,5 +25,6 @@ class Job:
         return Path(self.config.run_dir)
 
     @property
-    def label(self) -> str:  # e.g. "CNN / R seed 0" or "#1 dataset=RTS model=cnn"
-        raise NotImplementedError
+    @abstractmethod
+    def label(self) -> str:
+        """What the log lines call the job, e.g. "CNN / R seed 0" or "#1 dataset=RTS model=cnn"."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from stn.cache import cached_compose, cached_compose_many
+from stn.compose import ComposeError
 from stn.config import Config, ConfigError
 from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
 from stn.job import Job
@@ -108,13 +109,10 @@ def plan_jobs(
     word_lists = [[*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides] for row, column in cells]
     try:
         bases = cached_compose_many(word_lists)
-    except ConfigError:  # compose them one by one to name the cell
-        bases = []
-        for (row, column), words in zip(cells, word_lists, strict=True):
-            try:
-                bases.append(cached_compose(words))
-            except ConfigError as err:
-                raise TableError(f"cell {row}/{column} ({' '.join(words)}): {err}") from None
+    except ComposeError as err:
+        words = list(err.overrides)
+        row, column = cells[word_lists.index(words)]
+        raise TableError(f"cell {row}/{column} ({' '.join(words)}): {err}") from None
     for (row, column), base in zip(cells, bases, strict=True):
         # Workers may run elsewhere (Slurm) or in another cwd: pin the data folder.
         base = dataclasses.replace(base, data_dir=str(Path(base.data_dir).resolve()))
