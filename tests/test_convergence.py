@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from stn.cli import app
 from stn.convergence import (
     PAPER_IMAGES,
     StudyError,
+    append_result,
     budget_overrides,
     budget_steps,
     load_study,
@@ -20,6 +22,7 @@ from stn.convergence import (
     read_results,
     run_study,
 )
+from stn.runs import RunFolderBusy
 from stn.train import TrainingInterrupted
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -112,6 +115,54 @@ def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path:
     report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
     assert calls == [("E", "fcn"), ("E", "cnn")] and report.skipped == 2  # the interrupted cell comes back
     assert len(read_results(study.results)) == 4
+
+
+def fake_summary(error: float) -> dict:
+    return {"test_error": error, "device": "cpu", "precision": "float32", "wall_time_s": 3.0, "train_time_s": 2.0,
+            "images_per_s": 100.0}
+
+
+def _append_rows(path: str, writer: int, count: int) -> None:
+    for index in range(count):
+        append_result(Path(path), {"recipe": "r", "dataset": "R", "model": f"w{writer}", "budget": "1/50",
+                                   "seed": index, "test_error": "1.00"})
+
+
+def test_processes_appending_to_one_record_keep_every_row(tmp_path: Path) -> None:
+    # Each append reads the whole CSV and replaces it: without the record's lock, two writers interleaving
+    # read-modify-write lose rows. Four processes x 40 appends must leave all 160, each once.
+    path = tmp_path / "results.csv"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_append_rows, args=(str(path), writer, 40)) for writer in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    rows = read_results(path)
+    assert sorted((r["model"], int(r["seed"])) for r in rows) == [(f"w{w}", i) for w in range(4) for i in range(40)]
+
+
+def test_a_second_process_on_the_study_is_neither_repeated_nor_a_failure(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path))
+    cells = plan(study, budgets=["1/250"], seeds=[0])  # FCN R, CNN R, FCN E, CNN E
+    calls = []
+
+    def fit_beside_another_process(cfg):
+        calls.append((cfg.dataset.name, cfg.model.name))
+        if len(calls) == 1:  # meanwhile the other process records CNN R ...
+            append_result(study.results, {"recipe": study.recipe, "dataset": "R", "model": "CNN",
+                                          "budget": "1/250", "seed": 0, "test_error": "2.00"})
+        if (cfg.dataset.name, cfg.model.name) == ("E", "fcn"):  # ... and is training FCN E (its folder locked)
+            raise RunFolderBusy(f"run folder {cfg.run_dir} is in use by process 1 on host")
+        return fake_summary(1.0)
+
+    report = run_study(study, cells, fit_fn=fit_beside_another_process, log=lambda line: None)
+    assert calls == [("R", "fcn"), ("E", "fcn"), ("E", "cnn")]  # CNN R not trained again
+    assert [c.key for c in report.busy] == [("FCN", "E", "1/250", 0)] and not report.failed
+    assert report.skipped == 1 and len(report.done) == 2
+    assert sorted((r["model"], r["dataset"]) for r in read_results(study.results)) == [
+        ("CNN", "E"), ("CNN", "R"), ("FCN", "R")]
 
 
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ def convergence_run(
         return
     report = run_study(loaded, cells, max_cells=max_cells, log=lambda line: typer.echo(line))
     typer.echo(f"{len(report.done)} cells trained, {report.skipped} already recorded, {len(report.failed)} failed"
+               + (f", {len(report.busy)} left to the other process training them" if report.busy else "")
                + (", one stopped with a checkpoint (rerun to continue)" if report.stopped else "")
                + f"; record: {loaded.results}")
     if report.stopped:

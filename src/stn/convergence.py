@@ -15,8 +15,10 @@ keeps one precision (the study file pins it). Reading the record back into pictu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import fcntl
 import os
 import subprocess
 from collections.abc import Callable, Sequence
@@ -30,7 +32,7 @@ from omegaconf import OmegaConf
 from stn.cache import cached_compose_many
 from stn.compose import ComposeError
 from stn.config import Config
-from stn.runs import RunFolderError, write_atomic
+from stn.runs import RunFolderBusy, RunFolderError, write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
 PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model
@@ -89,6 +91,7 @@ class Cell:
 class StudyReport:
     done: list[dict[str, Any]] = field(default_factory=list)  # rows finished by this call
     skipped: int = 0  # already in the CSV
+    busy: list[Cell] = field(default_factory=list)  # being trained by another process (its folder is locked)
     stopped: Cell | None = None  # interrupted (checkpointed) cell, if any
     failed: list[tuple[Cell, str]] = field(default_factory=list)
 
@@ -258,18 +261,30 @@ def read_results(path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
+@contextlib.contextmanager
+def record_lock(path: Path):
+    """Hold an exclusive lock on the record across a read-modify-write: two `stn convergence run` processes
+    sharing one results.csv (each training its own cells) must not drop each other's rows. The lock lives
+    on a sidecar file because the record itself is replaced, not edited, by every append."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def append_result(path: Path, row: dict[str, Any]) -> None:
     """Add one row to the CSV (rewritten atomically, so a kill never leaves half a line)."""
-    rows = read_results(path)
-    rows.append({c: row.get(c, "") for c in COLUMNS})
+    with record_lock(path):
+        rows = read_results(path)
+        rows.append({c: row.get(c, "") for c in COLUMNS})
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
 
-    write_atomic(path, write)
+        write_atomic(path, write)
 
 
 def recorded_keys(study: Study) -> set[tuple[str, str, str, int]]:
@@ -346,6 +361,10 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
         f"{len(todo)} to train")
     for index, cell in enumerate(todo[:max_cells] if max_cells else todo, start=1):
         what = f"[{index}/{len(todo)}] {cell.row} / {cell.column} at {cell.budget} seed {cell.seed}"
+        if index > 1 and cell.key in recorded_keys(study):  # another process on this study recorded it meanwhile
+            report.skipped += 1
+            log(f"{what}: recorded meanwhile by another process")
+            continue
         log(f"{what}: {cell.config.trainer.iterations} steps of {cell.config.trainer.batch_size}")
         try:
             summary = fit_fn(cell.config)
@@ -353,6 +372,10 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             report.stopped = cell
             log(f"{what}: stopped with a checkpoint ({err}); rerun to continue")
             break
+        except RunFolderBusy as err:  # another process is training this very cell: leave it to that one
+            report.busy.append(cell)
+            log(f"{what}: skipped, {err}")
+            continue
         except (TrainingError, RunFolderError) as err:  # RunFolderError: a cell folder in use or mismatched
             report.failed.append((cell, str(err)))
             log(f"{what}: FAILED: {err}")

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from stn.runs import LOCK, RunFolderError
+from stn.runs import LOCK, RunFolderBusy, RunFolderError
 
 
 def _alive(pid: int) -> bool:
@@ -52,7 +52,7 @@ def locked(folder: Path) -> Iterator[None]:
             if same_job or (host == mine["host"] and (pid < 0 or not _alive(pid))):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
-            raise RunFolderError(
+            raise RunFolderBusy(
                 f"run folder {folder} is in use by process {pid} on {host} (lock file {path}): wait for it to "
                 f"end, or delete {path} if that process is gone"
             ) from None

@@ -65,6 +65,10 @@ class RunFolderError(UserError):
     """A run folder that cannot be used as asked (exit code 2); the message names the folder and the fix."""
 
 
+class RunFolderBusy(RunFolderError):
+    """Another live process holds the run folder's lock (the same run started twice)."""
+
+
 class CheckpointError(RunFolderError):
     """An unreadable, foreign or mismatched checkpoint; the message names the file and the fix."""
 
