@@ -66,17 +66,22 @@ def convergence_run(
 @convergence_app.command("plot")
 def convergence_plot(
     study: Annotated[Path, STUDY_OPTION] = Path("experiments/convergence/study.yaml"),
+    wandb: Annotated[bool, typer.Option("--wandb/--no-wandb", help="Also log the record, its summary and the "
+                                        "plots as one W&B run (job_type study) in the study's group, in the "
+                                        "study's logger.mode (offline by default).")] = True,
 ) -> None:
     """Per-dataset PNGs (plots/<study>/, test error vs training images, log-log, the paper dashed) and <study>.md
-    beside the record."""
+    beside the record; and the same to W&B."""
+    from stn.compose import ConfigError, compose
     from stn.convergence import StudyError, load_study
-    from stn.convergence_plot import plot_study, summary_table
+    from stn.convergence_plot import log_study_to_wandb, plot_study, summary_table
 
     try:
         loaded = load_study(study)
         written = plot_study(loaded.results, loaded.results.parent / "plots" / loaded.name)
         table = summary_table(loaded.results)
-    except StudyError as err:
+        logger = compose(list(loaded.overrides)).logger if wandb else None
+    except (StudyError, ConfigError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     summary = loaded.results.parent / f"{loaded.name}.md"
@@ -85,3 +90,6 @@ def convergence_plot(
                        f"plots in plots/{loaded.name}/.\n\n{table}\n")
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(p) for p in [*written, summary]))
+    folder = log_study_to_wandb(loaded, written, logger) if logger is not None else None
+    if folder is not None:
+        typer.echo(f"W&B: run {folder.name} (job_type study, group {loaded.name})")

@@ -101,3 +101,50 @@ def summary_table(results: Path) -> str:
             cells.append(f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})")
         lines.append("| " + " | ".join([recipe, dataset, model, *cells, "" if paper is None else f"{paper}"]) + " |")
     return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = ("recipe", "dataset", "model", "budget", "images", "seeds", "mean", "std", "paper")
+
+
+def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path | None:
+    """One W&B run (job_type "study", in the group of the study's cell runs, named "<study>-study") holding the
+    record as it stands: `results` (every row of results.csv), `summary` (mean and std over seeds per recipe,
+    dataset, model and budget, beside the paper), the per-dataset plots (`plot/<dataset>`), and summary keys
+    test_error/<recipe>/<dataset>/<model>/<budget, 1_50 for 1/50> (the mean) and paper_test_error/<dataset>/<model>. Each call
+    is a new run, a snapshot of the record (its size in the config): a dashboard takes the newest. `logger` is
+    the study's composed logger section (mode, project, entity, tags). Never fails: warns and returns None;
+    returns the run's folder."""
+    from stn.tracking import effective_mode, init_run, say_once
+
+    if logger.mode == "disabled":
+        return None
+    rows = read_results(study.results)
+    table = aggregate(rows)
+    try:
+        import wandb
+
+        with init_run(
+            effective_mode(logger.mode), project=logger.project, entity=logger.entity, group=study.name,
+            job_type="study", name=f"{study.name}-study", tags=["study", study.name, study.recipe, *logger.tags],
+            config={"study": str(study.path), "recipe": study.recipe, "record": str(study.results),
+                    "rows_recorded": len(rows), "batch_size": study.batch_size, "overrides": list(study.overrides)},
+            reinit="create_new",
+        ) as run:
+            columns = list(rows[0]) if rows else []
+            summary = [[recipe, dataset, model, budget, v["images"], len(v["errors"]), v["mean"], v["std"], v["paper"]]
+                       for (recipe, dataset, model, budget), v in sorted(table.items())]
+            payload: dict[str, Any] = {
+                "results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+                "summary": wandb.Table(columns=list(SUMMARY_COLUMNS), data=summary),
+                **{f"plot/{path.stem}": wandb.Image(str(path)) for path in plots},
+            }
+            run.log(payload)
+            for (recipe, dataset, model, budget), v in table.items():
+                run.summary[f"test_error/{recipe}/{dataset}/{model}/{budget.replace('/', '_')}"] = v["mean"]
+                if v["paper"] is not None:
+                    run.summary[f"paper_test_error/{dataset}/{model}"] = v["paper"]
+            folder = Path(run.dir).parent  # run.dir is <run folder>/files
+        return folder
+    except Exception as err:  # W&B must never cost the study: the record and its plots are already written
+        say_once(f"logging the study to W&B failed ({type(err).__name__}: {err}); the record is {study.results}")
+        return None
