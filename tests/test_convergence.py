@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from stn.convergence import (
     parse_budget,
     plan,
     read_results,
+    row_key,
     run_study,
 )
 from stn.runs import RunFolderBusy
@@ -165,6 +167,47 @@ def test_a_second_process_on_the_study_is_neither_repeated_nor_a_failure(tmp_pat
         ("CNN", "E"), ("CNN", "R"), ("FCN", "R")]
 
 
+def fit_by_error_table(cfg):  # a stand-in for fit in the worker processes: FCN 1.00, CNN 2.00
+    if cfg.dataset.name == "E" and cfg.model.name == "cnn":
+        raise RunFolderBusy(f"run folder {cfg.run_dir} is in use by process 1 on host")
+    return fake_summary(1.0 if cfg.model.name == "fcn" else 2.0)
+
+
+@pytest.mark.parametrize("executor", ["debug", "local"])
+def test_parallel_cells_are_recorded_by_the_study_process(tmp_path: Path, executor: str) -> None:
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the local workers cannot import this file
+    study = load_study(write_study(tmp_path))
+    cells = plan(study, budgets=["1/250"], seeds=[0])  # FCN R, CNN R, FCN E, CNN E
+    lines: list[str] = []
+    report = run_study(study, cells, fit_fn=fit_by_error_table, log=lines.append, parallel=2, executor=executor)
+    assert sorted(row_key(r) for r in report.done) == sorted(c.key for c in cells[:3])
+    assert [c.key for c in report.busy] == [("CNN", "E", "1/250", 0)] and not report.failed and not report.stopped
+    rows = read_results(study.results)
+    assert sorted((r["model"], r["dataset"], r["test_error"]) for r in rows) == [
+        ("CNN", "R", "2.00"), ("FCN", "E", "1.00"), ("FCN", "R", "1.00")]
+    assert "2 at a time" in lines[0]
+    with pytest.raises(StudyError, match="local or debug"):
+        run_study(study, cells, fit_fn=fit_by_error_table, log=lines.append, parallel=2, executor="slurm")
+
+
+def test_parallel_study_stopped_by_ctrl_c_reports_an_unfinished_cell(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path))
+    cells = plan(study, budgets=["1/250"], seeds=[0])
+
+    def fit_until_ctrl_c(cfg):
+        if cfg.dataset.name == "E":
+            raise KeyboardInterrupt
+        return fake_summary(1.0)
+
+    lines: list[str] = []
+    report = run_study(study, cells, fit_fn=fit_until_ctrl_c, log=lines.append, parallel=2, executor="debug")
+    assert report.stopped is not None and report.stopped.key[1] == "E"
+    assert {row_key(r) for r in read_results(study.results)} == {row_key(r) for r in report.done}
+    assert all(key[1] == "R" for key in map(row_key, report.done)) and "rerun to continue" in lines[-1]
+
+
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:
     path = write_study(tmp_path)
     for args, message in (
@@ -173,6 +216,7 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:
         (["--seeds", "1,1"], "repeats a seed"),
         (["--columns", "Q"], "unknown column 'Q'"),
         (["--max-cells", "0"], "--max-cells 0 must be at least 1"),
+        (["--parallel", "0"], "--parallel 0 must be at least 1"),
     ):
         result = runner.invoke(app, ["convergence", "run", "--study", str(path), *args])
         assert result.exit_code == 2, (args, result.output)

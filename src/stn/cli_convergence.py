@@ -26,6 +26,9 @@ def convergence_run(
     budgets: Annotated[str | None, typer.Option(help="Only these budgets, e.g. 1/250,1/50.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Only these seeds, e.g. 0,1,2 (default: the study's).")] = None,
     max_cells: Annotated[int | None, typer.Option(help="Stop after training this many cells.")] = None,
+    parallel: Annotated[int, typer.Option(help="Cells trained at once, each a process with its share of the "
+                                          "cores (on a 2-core CPU, 2 at once train ~1.2x more images/s "
+                                          "than 1; experiments/convergence/README.md).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells to train, train nothing.")] = False,
 ) -> None:
     """Train the study's cells not yet in its results.csv (cheapest budgets first), one row per finished cell.
@@ -42,6 +45,9 @@ def convergence_run(
         message = str(err) if isinstance(err, StudyError) else f"--seeds {seeds!r} must be integers, e.g. 0,1,2"
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if parallel < 1:
+        typer.secho(f"error: --parallel {parallel} must be at least 1", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     if max_cells is not None and max_cells < 1:
         typer.secho(f"error: --max-cells {max_cells} must be at least 1", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -52,7 +58,7 @@ def convergence_run(
             typer.echo(f"{cell.budget:>6} seed {cell.seed} {cell.column:>4} {cell.row:<12} "
                        f"{cell.config.trainer.iterations:>6} steps  {state}")
         return
-    report = run_study(loaded, cells, max_cells=max_cells, log=lambda line: typer.echo(line))
+    report = run_study(loaded, cells, max_cells=max_cells, parallel=parallel, log=lambda line: typer.echo(line))
     typer.echo(f"{len(report.done)} cells trained, {report.skipped} already recorded, {len(report.failed)} failed"
                + (f", {len(report.busy)} left to the other process training them" if report.busy else "")
                + (", one stopped with a checkpoint (rerun to continue)" if report.stopped else "")

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from stn.cache import cached_compose_many
 from stn.compose import ComposeError
 from stn.config import Config
+from stn.job import Job
 from stn.runs import RunFolderBusy, RunFolderError, write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
@@ -72,7 +73,7 @@ class Study:
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(Job):
     """One training run of the study."""
 
     row: str
@@ -85,6 +86,10 @@ class Cell:
     @property
     def key(self) -> tuple[str, str, str, int]:
         return self.row, self.column, self.budget, self.seed
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} / {self.column} at {self.budget} seed {self.seed}"
 
 
 @dataclass
@@ -287,9 +292,12 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
         write_atomic(path, write)
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
+    return str(row["model"]), str(row["dataset"]), str(row["budget"]), int(row["seed"])
+
+
 def recorded_keys(study: Study) -> set[tuple[str, str, str, int]]:
-    return {(r["model"], r["dataset"], r["budget"], int(r["seed"])) for r in read_results(study.results)
-            if r["recipe"] == study.recipe}
+    return {row_key(r) for r in read_results(study.results) if r["recipe"] == study.recipe}
 
 
 def machine() -> str:
@@ -346,21 +354,27 @@ def recovery_text(summary: dict[str, Any], prefix: str) -> str:
 
 
 def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config], dict] | None = None,
-              log: Callable[[str], None] = print, max_cells: int | None = None) -> StudyReport:
-    """Train the cells not yet in the record, appending each finished one; stop at the first interruption."""
-    from stn.train import TrainingError, TrainingInterrupted
-
-    if fit_fn is None:
-        from stn.train import fit as fit_fn
+              log: Callable[[str], None] = print, max_cells: int | None = None, parallel: int = 1,
+              executor: str = "local") -> StudyReport:
+    """Train the cells not yet in the record, appending each finished one; stop at the first interruption.
+    `parallel` > 1 trains that many at once as worker processes (stn.launch, `executor` local or debug), each
+    with its share of the cores; the record is written by this process alone, as each cell finishes."""
     report = StudyReport()
     commit = git_commit()  # the code this process imported, even if the checkout moves on meanwhile
     done = recorded_keys(study)
     todo = [c for c in cells if c.key not in done]
     report.skipped = len(cells) - len(todo)
     log(f"study {study.name} ({study.recipe}): {len(cells)} cells, {report.skipped} recorded in {study.results}, "
-        f"{len(todo)} to train")
-    for index, cell in enumerate(todo[:max_cells] if max_cells else todo, start=1):
-        what = f"[{index}/{len(todo)}] {cell.row} / {cell.column} at {cell.budget} seed {cell.seed}"
+        f"{len(todo)} to train" + (f", {parallel} at a time" if parallel > 1 else ""))
+    chosen = todo[:max_cells] if max_cells else todo
+    if parallel > 1:
+        return _run_parallel(study, chosen, report, commit, fit_fn, log, parallel, executor)
+    from stn.train import TrainingError, TrainingInterrupted
+
+    if fit_fn is None:
+        from stn.train import fit as fit_fn
+    for index, cell in enumerate(chosen, start=1):
+        what = f"[{index}/{len(todo)}] {cell.label}"
         if index > 1 and cell.key in recorded_keys(study):  # another process on this study recorded it meanwhile
             report.skipped += 1
             log(f"{what}: recorded meanwhile by another process")
@@ -380,8 +394,54 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             report.failed.append((cell, str(err)))
             log(f"{what}: FAILED: {err}")
             continue
-        row = result_row(study, cell, summary, commit)
-        append_result(study.results, row)
-        report.done.append(row)
-        log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
+        _record(study, cell, summary, commit, report, what, log)
+    return report
+
+
+def _record(study: Study, cell: Cell, summary: dict[str, Any], commit: str, report: StudyReport, what: str,
+            log: Callable[[str], None]) -> None:
+    row = result_row(study, cell, summary, commit)
+    append_result(study.results, row)
+    report.done.append(row)
+    log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
+
+
+def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, commit: str,
+                  fit_fn: Callable[[Config], dict] | None, log: Callable[[str], None], parallel: int,
+                  executor: str) -> StudyReport:
+    """`parallel` cells at a time through stn.launch (the fan-out that tables and sweeps use). Ctrl-C or
+    SIGTERM stops the cells in flight with their checkpoints."""
+    from collections import deque
+
+    from stn.launch import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
+
+    if executor not in ("local", "debug"):
+        raise StudyError(f"executor {executor!r}: a study runs its cells on this machine (local or debug)")
+    queue = deque((cell, "resumed" if (cell.run_dir / "checkpoints").is_dir() else "fresh") for cell in cells)
+    pool, width, threads = start_pool(executor, len(queue), parallel, study.runs_dir / "submitit", SlurmOptions())
+    finished = 0
+    try:
+        with sigterm_as_interrupt():
+            for cell, _source, summary in run_jobs(pool, queue, width, threads, fit_fn, 1.0, log):
+                finished += 1
+                what = f"[{finished}/{len(cells)}] {cell.label}"
+                status, error = summary.get("status"), str(summary.get("error", ""))
+                if status == "done":
+                    _record(study, cell, summary, commit, report, what, log)
+                elif status == "interrupted":
+                    report.stopped = cell
+                    log(f"{what}: stopped with a checkpoint ({error}); rerun to continue")
+                    if summary.get("signal") and executor == "debug":
+                        raise KeyboardInterrupt  # in-process, fit's handler caught the signal meant for the study
+                elif error.startswith(f"{RunFolderBusy.__name__}:"):
+                    report.busy.append(cell)
+                    log(f"{what}: skipped, {error}")
+                else:
+                    report.failed.append((cell, error))
+                    log(f"{what}: FAILED: {error} (job logs under {study.runs_dir / 'submitit'})")
+    except KeyboardInterrupt:  # the cells in flight were stopped with checkpoints by run_jobs
+        log("stopped: the cells in flight keep their checkpoints; rerun to continue")
+        if report.stopped is None:  # the first cell this call left unfinished
+            ended = {row_key(r) for r in report.done} | {c.key for c in report.busy} | {c.key for c, _ in report.failed}
+            report.stopped = next((c for c in cells if c.key not in ended), None)
     return report
