@@ -12,6 +12,8 @@ export OMP_WAIT_POLICY
 # The main job: a small ST-CNN on rotated MNIST with the CPU-sized schedule.
 RUN_ARGS ?= dataset=R model=st_cnn transformer=affine trainer=quick download=true
 PYTEST_ARGS ?=
+# The convergence study (experiments/convergence/): two cells at a time, one process each (1.2x on 2 cores).
+CONVERGENCE_ARGS ?= --parallel 2
 # torch is installed first, on its own line, so its build can be chosen (pyproject only asks torch>=2.1).
 # 2.14.1 is the build tested here; e.g. `make setup TORCH_SPEC="torch torchvision"` takes the newest instead.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
@@ -20,7 +22,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # default = never add an index; a URL = that index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128.
 TORCH_INDEX ?= auto
 
-.PHONY: setup run test lint bench table clean
+.PHONY: setup run test lint bench table convergence clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +46,9 @@ bench: setup
 
 table: setup
 	$(BIN)/stn reproduce-table --preset quick
+
+convergence: setup
+	$(BIN)/stn convergence run $(CONVERGENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs wandb outputs .pytest_cache
