@@ -12,7 +12,8 @@ export OMP_WAIT_POLICY
 # The main job: a small ST-CNN on rotated MNIST with the CPU-sized schedule.
 RUN_ARGS ?= dataset=R model=st_cnn transformer=affine trainer=quick download=true
 PYTEST_ARGS ?=
-# The convergence study (experiments/convergence/): two cells at a time, one process each (1.2x on 2 cores).
+# The convergence study (experiments/convergence/): two cells at a time, one process each (1.26-1.65x on 2 cores,
+# experiments/bench/README.md).
 CONVERGENCE_ARGS ?= --parallel 2
 # torch is installed first, on its own line, so its build can be chosen (pyproject only asks torch>=2.1).
 # 2.14.1 is the build tested here; e.g. `make setup TORCH_SPEC="torch torchvision"` takes the newest instead.

@@ -27,8 +27,8 @@ def convergence_run(
     seeds: Annotated[str | None, typer.Option(help="Only these seeds, e.g. 0,1,2 (default: the study's).")] = None,
     max_cells: Annotated[int | None, typer.Option(help="Stop after training this many cells.")] = None,
     parallel: Annotated[int, typer.Option(help="Cells trained at once, each a process with its share of the "
-                                          "cores (on a 2-core CPU, 2 at once train ~1.2x more images/s "
-                                          "than 1; experiments/convergence/README.md).")] = 1,
+                                          "cores (on a 2-core CPU, 2 at once train 1.26-1.65x more images/s "
+                                          "than 1; experiments/bench/README.md).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells to train, train nothing.")] = False,
 ) -> None:
     """Train the study's cells not yet in its results.csv (cheapest budgets first), one row per finished cell.
