@@ -113,6 +113,7 @@ def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path:
         ("FCN", "R", "1.00", "2.1"), ("CNN", "R", "2.00", "1.2")]
     assert rows[0]["precision"] == "float32" and rows[0]["cpu"] and rows[0]["images"] == str(1200 * 128)
     assert rows[0]["recovery"] == "rotation_std_deg=12.3" and rows[0]["recovery_before"] == "rotation_std_deg=52"
+    assert b"\r" not in study.results.read_bytes()  # one line ending, as the committed records have
     calls.clear()
     report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
     assert calls == [("E", "fcn"), ("E", "cnn")] and report.skipped == 2  # the interrupted cell comes back

@@ -285,7 +285,8 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
 
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+                # "\n": the record is committed, and git diffs of CRLF lines read badly
+                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
                 writer.writeheader()
                 writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
 

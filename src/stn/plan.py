@@ -390,7 +390,7 @@ def table_csv(results: dict[str, dict[str, Any]]) -> str:
     for record in results.values():
         cells.setdefault((record["row"], record["column"]), []).append(record)
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["row", "column", "paper", "mean", "std", "seeds", "errors", "steps", "train_seconds",
                      "images_per_s_group", "group", "k"])
     for (row, column), records in cells.items():
