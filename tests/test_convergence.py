@@ -189,6 +189,18 @@ def test_parallel_cells_are_recorded_by_the_study_process(tmp_path: Path, execut
     assert sorted((r["model"], r["dataset"], r["test_error"]) for r in rows) == [
         ("CNN", "R", "2.00"), ("FCN", "E", "1.00"), ("FCN", "R", "1.00")]
     assert "2 at a time" in lines[0]
+    if executor == "debug":  # a cell recorded by a hand-started process while this one trained it: one row
+        again = plan(study, budgets=["1/50"], seeds=[0], rows=["FCN"], columns=["R"])
+
+        def fit_recorded_elsewhere(cfg):
+            append_result(study.results, {"recipe": study.recipe, "dataset": "R", "model": "FCN", "budget": "1/50",
+                                          "seed": 0, "test_error": "7.00"})
+            return fake_summary(1.0)
+
+        report = run_study(study, again, fit_fn=fit_recorded_elsewhere, log=lines.append, parallel=2,
+                           executor=executor)
+        assert report.skipped == 1 and not report.done
+        assert [r["test_error"] for r in read_results(study.results) if r["budget"] == "1/50"] == ["7.00"]
     with pytest.raises(StudyError, match="local or debug"):
         run_study(study, cells, fit_fn=fit_by_error_table, log=lines.append, parallel=2, executor="slurm")
 

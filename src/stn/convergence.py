@@ -4,13 +4,15 @@ The paper trains every model on 150k x 256 = 38.4M distorted images (SGD, lr 0.0
 here is a fraction of those images, e.g. "1/50" = 768k images = 6000 steps of batch 128, with the paper's lr
 shape: the same base rate, divided by 10 after one and two thirds of the steps. A study file
 (experiments/convergence/study.yaml) names the Table 1 rows and columns (from the grid file, which also holds
-the paper's numbers), the budgets and the seeds. `run_study` trains the cells one after the other, in order
-of budget, then seed, then column, then row (so the cheapest complete picture comes first), and appends one
-row per finished cell (with its distortion-recovery headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and a
-rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
-continues from it on the next call. Every row names the CPU (or GPU) and the precision it ran in: one study
-keeps one precision (the study file pins it). Reading the record back into pictures and a table is
-`stn.convergence_plot`'s.
+the paper's numbers), the budgets and the seeds. `run_study` trains the cells in order of budget, then seed,
+then column, then row (so the cheapest complete picture comes first), one after the other or `parallel` at
+once (stn.launch's worker processes), and appends one row per finished cell (with its distortion-recovery
+headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and
+a rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
+continues from it on the next call. Two study processes on one record keep each other's rows (the record is
+locked while a row is added) and leave each other's cells alone. Every row names the CPU (or GPU) and the
+precision it ran in: one study keeps one precision (the study file pins it). Reading the record back into
+pictures and a table is `stn.convergence_plot`'s.
 """
 
 from __future__ import annotations
@@ -391,7 +393,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             report.busy.append(cell)
             log(f"{what}: skipped, {err}")
             continue
-        except (TrainingError, RunFolderError) as err:  # RunFolderError: a cell folder in use or mismatched
+        except (TrainingError, RunFolderError) as err:  # RunFolderError: a cell folder that does not match
             report.failed.append((cell, str(err)))
             log(f"{what}: FAILED: {err}")
             continue
@@ -427,7 +429,10 @@ def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, comm
                 finished += 1
                 what = f"[{finished}/{len(cells)}] {cell.label}"
                 status, error = summary.get("status"), str(summary.get("error", ""))
-                if status == "done":
+                if status == "done" and cell.key in recorded_keys(study):  # by a process started by hand
+                    report.skipped += 1
+                    log(f"{what}: recorded meanwhile by another process")
+                elif status == "done":
                     _record(study, cell, summary, commit, report, what, log)
                 elif status == "interrupted":
                     report.stopped = cell
