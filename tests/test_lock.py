@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stn.lock import locked
-from stn.runs import LOCK, RunFolderError
+from stn.runs import LOCK, RunFolderBusy, RunFolderError
 
 
 def test_a_held_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_a_held_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> 
     with locked(folder):
         holder = json.loads((folder / LOCK).read_text())
         assert holder["pid"] == os.getpid()
-        with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}"), locked(folder):
+        with pytest.raises(RunFolderBusy, match=f"in use by process {os.getpid()}"), locked(folder):
             pass
     assert not (folder / LOCK).exists()
 
