@@ -22,8 +22,8 @@ from stn.convergence import (
     plan,
     read_results,
     row_key,
-    run_study,
 )
+from stn.convergence_run import run_study
 from stn.runs import RunFolderBusy
 from stn.train import TrainingInterrupted
 

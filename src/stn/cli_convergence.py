@@ -35,7 +35,8 @@ def convergence_run(
 
     SIGTERM or Ctrl-C stops the running cell with a checkpoint; the same command continues it.
     """
-    from stn.convergence import StudyError, load_study, plan, recorded_keys, run_study
+    from stn.convergence import StudyError, load_study, plan, recorded_keys
+    from stn.convergence_run import run_study
 
     try:
         loaded = load_study(study)

@@ -12,7 +12,7 @@ a rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its ch
 continues from it on the next call. Two study processes on one record keep each other's rows (the record is
 locked while a row is added) and leave each other's cells alone. Every row names the CPU (or GPU) and the
 precision it ran in: one study keeps one precision (the study file pins it). Reading the record back into
-pictures and a table is `stn.convergence_plot`'s.
+pictures and a table is `stn.convergence_plot`'s; training the cells is `stn.convergence_run`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import datetime as dt
 import fcntl
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -35,7 +35,7 @@ from stn.cache import cached_compose_many
 from stn.compose import ComposeError
 from stn.config import Config
 from stn.job import Job
-from stn.runs import RunFolderBusy, RunFolderError, write_atomic
+from stn.runs import write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256
 PAPER_IMAGES = PAPER_STEPS * PAPER_BATCH  # 38.4M training images per model
@@ -351,103 +351,3 @@ def recovery_text(summary: dict[str, Any], prefix: str) -> str:
     values = {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix) and "/" not in k[len(prefix):]
               and isinstance(v, (int, float)) and k[len(prefix):] not in ("lost_fraction", "rotation_mean_deg")}
     return " ".join(f"{key}={value:.3g}" for key, value in sorted(values.items()))
-
-
-# ---------------------------------------------------------------------------------------------- running
-
-
-def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config], dict] | None = None,
-              log: Callable[[str], None] = print, max_cells: int | None = None, parallel: int = 1,
-              executor: str = "local") -> StudyReport:
-    """Train the cells not yet in the record, appending each finished one; stop at the first interruption.
-    `parallel` > 1 trains that many at once as worker processes (stn.launch, `executor` local or debug), each
-    with its share of the cores; the record is written by this process alone, as each cell finishes."""
-    report = StudyReport()
-    commit = git_commit()  # the code this process imported, even if the checkout moves on meanwhile
-    done = recorded_keys(study)
-    todo = [c for c in cells if c.key not in done]
-    report.skipped = len(cells) - len(todo)
-    log(f"study {study.name} ({study.recipe}): {len(cells)} cells, {report.skipped} recorded in {study.results}, "
-        f"{len(todo)} to train" + (f", {parallel} at a time" if parallel > 1 else ""))
-    chosen = todo[:max_cells] if max_cells else todo
-    if parallel > 1:
-        return _run_parallel(study, chosen, report, commit, fit_fn, log, parallel, executor)
-    from stn.train import TrainingError, TrainingInterrupted
-
-    if fit_fn is None:
-        from stn.train import fit as fit_fn
-    for index, cell in enumerate(chosen, start=1):
-        what = f"[{index}/{len(todo)}] {cell.label}"
-        if index > 1 and cell.key in recorded_keys(study):  # another process on this study recorded it meanwhile
-            report.skipped += 1
-            log(f"{what}: recorded meanwhile by another process")
-            continue
-        log(f"{what}: {cell.config.trainer.iterations} steps of {cell.config.trainer.batch_size}")
-        try:
-            summary = fit_fn(cell.config)
-        except TrainingInterrupted as err:
-            report.stopped = cell
-            log(f"{what}: stopped with a checkpoint ({err}); rerun to continue")
-            break
-        except RunFolderBusy as err:  # another process is training this very cell: leave it to that one
-            report.busy.append(cell)
-            log(f"{what}: skipped, {err}")
-            continue
-        except (TrainingError, RunFolderError) as err:  # RunFolderError: a cell folder that does not match
-            report.failed.append((cell, str(err)))
-            log(f"{what}: FAILED: {err}")
-            continue
-        _record(study, cell, summary, commit, report, what, log)
-    return report
-
-
-def _record(study: Study, cell: Cell, summary: dict[str, Any], commit: str, report: StudyReport, what: str,
-            log: Callable[[str], None]) -> None:
-    row = result_row(study, cell, summary, commit)
-    append_result(study.results, row)
-    report.done.append(row)
-    log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
-
-
-def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, commit: str,
-                  fit_fn: Callable[[Config], dict] | None, log: Callable[[str], None], parallel: int,
-                  executor: str) -> StudyReport:
-    """`parallel` cells at a time through stn.launch (the fan-out that tables and sweeps use). Ctrl-C or
-    SIGTERM stops the cells in flight with their checkpoints."""
-    from collections import deque
-
-    from stn.launch import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
-
-    if executor not in ("local", "debug"):
-        raise StudyError(f"executor {executor!r}: a study runs its cells on this machine (local or debug)")
-    queue = deque((cell, "resumed" if (cell.run_dir / "checkpoints").is_dir() else "fresh") for cell in cells)
-    pool, width, threads = start_pool(executor, len(queue), parallel, study.runs_dir / "submitit", SlurmOptions())
-    finished = 0
-    try:
-        with sigterm_as_interrupt():
-            for cell, _source, summary in run_jobs(pool, queue, width, threads, fit_fn, 1.0, log):
-                finished += 1
-                what = f"[{finished}/{len(cells)}] {cell.label}"
-                status, error = summary.get("status"), str(summary.get("error", ""))
-                if status == "done" and cell.key in recorded_keys(study):  # by a process started by hand
-                    report.skipped += 1
-                    log(f"{what}: recorded meanwhile by another process")
-                elif status == "done":
-                    _record(study, cell, summary, commit, report, what, log)
-                elif status == "interrupted":
-                    report.stopped = cell
-                    log(f"{what}: stopped with a checkpoint ({error}); rerun to continue")
-                    if summary.get("signal") and executor == "debug":
-                        raise KeyboardInterrupt  # in-process, fit's handler caught the signal meant for the study
-                elif error.startswith(f"{RunFolderBusy.__name__}:"):
-                    report.busy.append(cell)
-                    log(f"{what}: skipped, {error}")
-                else:
-                    report.failed.append((cell, error))
-                    log(f"{what}: FAILED: {error} (job logs under {study.runs_dir / 'submitit'})")
-    except KeyboardInterrupt:  # the cells in flight were stopped with checkpoints by run_jobs
-        log("stopped: the cells in flight keep their checkpoints; rerun to continue")
-        if report.stopped is None:  # the first cell this call left unfinished
-            ended = {row_key(r) for r in report.done} | {c.key for c in report.busy} | {c.key for c, _ in report.failed}
-            report.stopped = next((c for c in cells if c.key not in ended), None)
-    return report
