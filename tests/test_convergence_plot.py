@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.convergence import PAPER_IMAGES, parse_budget
-from stn.convergence_plot import plot_study, summary_table
+from stn.convergence_plot import compare, orderings_table, plot_study, summary_table
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -62,8 +62,50 @@ def test_plot_command_logs_the_record_as_one_wandb_study_run(tmp_path: Path, mon
     at = {name: logged["columns"].index(name) for name in ("model", "budget", "seeds", "mean")}
     assert sorted((r[at["model"]], r[at["budget"]], r[at["seeds"]], r[at["mean"]]) for r in logged["data"]) == [
         ("CNN", "1/250", 2, 4.5), ("CNN", "1/50", 1, 2.0), ("FCN", "1/50", 1, 9.0)]
+    (orderings_file,) = folder.glob("files/media/table/orderings_*.table.json")
+    logged = json.loads(orderings_file.read_text())
+    assert [row[:4] + row[-2:] for row in logged["data"]] == [
+        ["paper-sgd", "R", "1/50", "CNN vs FCN", "one seed: unresolved", "1.2 < 2.1"]]
     (results_file,) = folder.glob("files/media/table/results_*.table.json")
     assert len(json.loads(results_file.read_text())["data"]) == 4
 
     result = CliRunner().invoke(app, ["convergence", "plot", "--study", str(study), "--no-wandb"])
     assert result.exit_code == 0 and len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    written = (tmp_path / "demo.md").read_text()
+    assert "| paper-sgd | R | CNN | 4.50 ± 0.71 (2) | 2.00 (1) | 1.2 |" in written
+    assert "## Orderings" in written and "| paper-sgd | R | 1/50 | CNN vs FCN |" in written
+
+
+def test_orderings_count_a_difference_only_beyond_the_seed_spread(tmp_path: Path) -> None:
+    record = tmp_path / "results.csv"
+    paper = {"FCN": 2.1, "CNN": 1.2, "ST-CNN Aff": 0.7}
+    rows = [("FCN", "1/250", 9.0), ("FCN", "1/250", 10.0), ("CNN", "1/250", 4.0), ("CNN", "1/250", 5.0),
+            ("ST-CNN Aff", "1/250", 4.2), ("ST-CNN Aff", "1/250", 4.6), ("CNN", "1/50", 2.0), ("FCN", "1/50", 9.0)]
+    with record.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["recipe", "dataset", "model", "budget", "images", "seed", "test_error", "paper"])
+        for seed, (model, budget, error) in enumerate(rows):
+            writer.writerow(["paper-sgd", "R", model, budget, int(parse_budget(budget) * PAPER_IMAGES), seed, error,
+                             paper[model]])
+    lines = orderings_table(record).splitlines()
+    # CNN vs FCN at 1/250: means 4.5 and 9.5, both stds 1/√2, so the threshold is 2·(1/√2)/√2 = 1.00 < 5.
+    assert "| paper-sgd | R | 1/250 | CNN vs FCN | 4.50 ± 0.71 (2) | 9.50 ± 0.71 (2) | -5.00 | 1.00 | CNN lower " \
+           "| 1.2 < 2.1 |" in lines
+    # ST-CNN Aff vs CNN: 4.4 against 4.5, 0.1 apart, inside the same 1.00: a tie, whatever the paper says.
+    assert "| paper-sgd | R | 1/250 | ST-CNN Aff vs CNN | 4.40 ± 0.28 (2) | 4.50 ± 0.71 (2) | -0.10 | 1.00 " \
+           "| within the seed spread | 0.7 < 1.2 |" in lines
+    # One seed each at 1/50: no verdict, and the 1/250 rows come first.
+    assert lines[-1] == "| paper-sgd | R | 1/50 | CNN vs FCN | 2.00 (1) | 9.00 (1) | -7.00 |  | one seed: unresolved " \
+                        "| 1.2 < 2.1 |"
+    assert len(lines) == 2 + 3  # header, rule, two pairs at 1/250 (no ST-CNN Aff vs FCN pair), one at 1/50
+
+
+def test_compare_uses_the_larger_std_and_the_smaller_seed_count() -> None:
+    a = {"errors": [1.0, 1.2, 1.4], "mean": 1.2, "std": 0.2}
+    b = {"errors": [1.5, 1.6], "mean": 1.55, "std": 0.0707}
+    verdict, threshold = compare(a, b)
+    assert threshold == pytest.approx(2 * 0.2 / 2 ** 0.5)  # s = 0.2 (a's), n = 2 (b's)
+    assert verdict == "first lower"  # 1.55 - 1.2 = 0.35 > 0.283
+    b_wider = {**b, "std": 0.3}  # now s = 0.3: threshold 0.424 > 0.35
+    assert compare(a, b_wider) == ("within the seed spread", pytest.approx(2 * 0.3 / 2 ** 0.5))
+    assert compare(a, {"errors": [1.9], "mean": 1.9, "std": None}) == ("one seed: unresolved", None)

@@ -3,7 +3,8 @@
 `plot_study` draws one picture per dataset from a study's results.csv (`stn.convergence`): test error
 against training images, both on log axes, a line per model and recipe (mean over seeds, the band from the
 lowest to the highest seed), the paper's value dashed at the paper's image count. `summary_table` is the same
-record as Markdown: mean ± std (n) per budget beside the paper.
+record as Markdown: mean ± std (n) per budget beside the paper; `orderings_table` compares the pairs of
+models the paper ranks, with the seed-noise criterion the write-ups use.
 """
 
 from __future__ import annotations
@@ -103,15 +104,70 @@ def summary_table(results: Path) -> str:
     return "\n".join(lines)
 
 
+# The comparisons Table 1 is read for: each baseline against the model that adds to it, and the two transformers.
+ORDERING_PAIRS = (("CNN", "FCN"), ("ST-FCN Aff", "FCN"), ("ST-CNN Aff", "CNN"), ("ST-CNN TPS", "CNN"),
+                  ("ST-CNN Aff", "ST-FCN Aff"), ("ST-CNN TPS", "ST-CNN Aff"))
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, float | None]:
+    """Which of two cells (aggregate entries) has the lower mean error, counting a difference as resolved only
+    when |mean_a - mean_b| > 2·s/√n, with s the larger of the two seed stds and n the smaller seed count (for
+    3 seeds each: 2·s/√3, the criterion of the precision-parity check). Returns (verdict, threshold)."""
+    n = min(len(a["errors"]), len(b["errors"]))
+    if n < 2 or a["std"] is None or b["std"] is None:
+        return "one seed: unresolved", None
+    threshold = 2 * max(a["std"], b["std"]) / n ** 0.5
+    if abs(a["mean"] - b["mean"]) <= threshold:
+        return "within the seed spread", threshold
+    return ("first lower" if a["mean"] < b["mean"] else "second lower"), threshold
+
+
+ORDERING_COLUMNS = ("recipe", "dataset", "budget", "first vs second", "first", "second", "difference", "2·s/√n",
+                    "ours", "paper")
+
+
+def ordering_rows(table: dict[tuple[str, str, str, str], dict[str, Any]]) -> list[list[str]]:
+    """For each recipe, dataset and budget of an `aggregate` table, the pairs of ORDERING_PAIRS it has: ours
+    (with `compare`'s verdict) beside the paper's ordering of the same two models, as ORDERING_COLUMNS."""
+    def cell(entry: dict[str, Any]) -> str:
+        spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
+        return f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})"
+
+    rows = []
+    groups = sorted({(k[0], k[1], k[3]) for k in table}, key=lambda g: (g[0], g[1], parse_budget(g[2])))
+    for recipe, dataset, budget in groups:
+        for first, second in ORDERING_PAIRS:
+            a, b = table.get((recipe, dataset, first, budget)), table.get((recipe, dataset, second, budget))
+            if a is None or b is None:
+                continue
+            verdict, threshold = compare(a, b)
+            ours = {"first lower": f"{first} lower", "second lower": f"{second} lower"}.get(verdict, verdict)
+            if a["paper"] is None or b["paper"] is None:
+                paper = ""
+            else:
+                sign = "<" if a["paper"] < b["paper"] else ">" if a["paper"] > b["paper"] else "="
+                paper = f"{a['paper']:g} {sign} {b['paper']:g}"
+            rows.append([recipe, dataset, budget, f"{first} vs {second}", cell(a), cell(b),
+                         f"{a['mean'] - b['mean']:+.2f}", "" if threshold is None else f"{threshold:.2f}", ours, paper])
+    return rows
+
+
+def orderings_table(results: Path) -> str:
+    """`ordering_rows` of a record as Markdown."""
+    lines = ["| " + " | ".join(ORDERING_COLUMNS) + " |", "|" + "---|" * len(ORDERING_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in ordering_rows(aggregate(read_results(results)))]
+    return "\n".join(lines)
+
+
 SUMMARY_COLUMNS = ("recipe", "dataset", "model", "budget", "images", "seeds", "mean", "std", "paper")
 
 
 def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path | None:
     """One W&B run (job_type "study", in the group of the study's cell runs, named "<study>-study") holding the
     record as it stands: `results` (every row of results.csv), `summary` (mean and std over seeds per recipe,
-    dataset, model and budget, beside the paper), the per-dataset plots (`plot/<dataset>`), and summary keys
-    test_error/<recipe>/<dataset>/<model>/<budget, 1_50 for 1/50> (the mean) and paper_test_error/<dataset>/<model>. Each call
-    is a new run, a snapshot of the record (its size in the config): a dashboard takes the newest. `logger` is
+    dataset, model and budget, beside the paper), `orderings` (`ordering_rows`), the per-dataset plots
+    (`plot/<dataset>`), and summary keys test_error/<recipe>/<dataset>/<model>/<budget, 1_50 for 1/50> (the
+    mean) and paper_test_error/<dataset>/<model>. Each call is a new run, a snapshot of the record (its size in the config): a dashboard takes the newest. `logger` is
     the study's composed logger section (mode, project, entity, tags). Never fails: warns and returns None;
     returns the run's folder."""
     from stn.tracking import effective_mode, init_run, say_once
@@ -136,6 +192,7 @@ def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path |
             payload: dict[str, Any] = {
                 "results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
                 "summary": wandb.Table(columns=list(SUMMARY_COLUMNS), data=summary),
+                "orderings": wandb.Table(columns=list(ORDERING_COLUMNS), data=ordering_rows(table)),
                 **{f"plot/{path.stem}": wandb.Image(str(path)) for path in plots},
             }
             run.log(payload)
