@@ -78,7 +78,7 @@ def convergence_plot(
                                         "study's logger.mode (offline by default).")] = True,
 ) -> None:
     """Per-dataset PNGs (plots/<study>/, test error vs training images, log-log, the paper dashed) and <study>.md
-    beside the record; and the same to W&B."""
+    beside the record (mean ± std per budget, and the orderings the paper claims); and the same to W&B."""
     from stn.compose import ConfigError, compose
     from stn.convergence import StudyError, load_study
     from stn.convergence_plot import log_study_to_wandb, orderings_table, plot_study, summary_table
