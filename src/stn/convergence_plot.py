@@ -32,6 +32,12 @@ def aggregate(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str, str],
     return out
 
 
+def mean_std_text(entry: dict[str, Any]) -> str:
+    """An `aggregate` entry as "mean ± std (n)", or "mean (1)" for one seed."""
+    spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
+    return f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})"
+
+
 def plot_study(results: Path, out_dir: Path) -> list[Path]:
     """One PNG per dataset: test error vs training images (log-log), a line per model and recipe (mean over
     seeds, the band from min to max seed), the paper's error dashed at the paper's image count."""
@@ -98,8 +104,7 @@ def summary_table(results: Path) -> str:
                 cells.append("")
                 continue
             paper = entry["paper"] if entry["paper"] is not None else paper
-            spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
-            cells.append(f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})")
+            cells.append(mean_std_text(entry))
         lines.append("| " + " | ".join([recipe, dataset, model, *cells, "" if paper is None else f"{paper}"]) + " |")
     return "\n".join(lines)
 
@@ -129,10 +134,6 @@ ORDERING_COLUMNS = ("recipe", "dataset", "budget", "first vs second", "first", "
 def ordering_rows(table: dict[tuple[str, str, str, str], dict[str, Any]]) -> list[list[str]]:
     """For each recipe, dataset and budget of an `aggregate` table, the pairs of ORDERING_PAIRS it has: ours
     (with `compare`'s verdict) beside the paper's ordering of the same two models, as ORDERING_COLUMNS."""
-    def cell(entry: dict[str, Any]) -> str:
-        spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
-        return f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})"
-
     rows = []
     groups = sorted({(k[0], k[1], k[3]) for k in table}, key=lambda g: (g[0], g[1], parse_budget(g[2])))
     for recipe, dataset, budget in groups:
@@ -147,7 +148,7 @@ def ordering_rows(table: dict[tuple[str, str, str, str], dict[str, Any]]) -> lis
             else:
                 sign = "<" if a["paper"] < b["paper"] else ">" if a["paper"] > b["paper"] else "="
                 paper = f"{a['paper']:g} {sign} {b['paper']:g}"
-            rows.append([recipe, dataset, budget, f"{first} vs {second}", cell(a), cell(b),
+            rows.append([recipe, dataset, budget, f"{first} vs {second}", mean_std_text(a), mean_std_text(b),
                          f"{a['mean'] - b['mean']:+.2f}", "" if threshold is None else f"{threshold:.2f}", ours, paper])
     return rows
 
