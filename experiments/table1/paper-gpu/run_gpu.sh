@@ -78,7 +78,41 @@ table)
   rm -f "$OUT/partial.pt"
   for f in results.json results.csv partial.pt; do [ -f $STATE/$f ] && cp $STATE/$f "$OUT/"; done
   ;;
+loan)
+  # One call for a whole loan (a start costs minutes of the 15): the CUDA tests, the engine bench with both data
+  # streams (K = 9, vmap: the block one is the cost table), then the paper table with block data from .state/
+  # until LOAN_S seconds after the start. The state is written straight into $OUT/state, so a call stopped at its
+  # limit still brings back every finished group. 8 files: log.txt tests.txt bench.json bench_block.json
+  # state/{results.json,results.csv,progress.json,partial.pt}.
+  LOAN_S=${LOAN_S:-540}
+  say "tests"
+  timeout ${T_TESTS:-120} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py tests/test_spatial.py} > "$OUT/tests.txt" 2>&1
+  say "tests rc=$? ($(tail -1 "$OUT/tests.txt"))"
+  timeout ${T_BENCH:-45} $ENGINE bench --device "$DEVICE" $FAST --out "$OUT/bench.json" \
+    ${BENCH_ARGS:---ks 9 --modes vmap --steps 10 --warmup 2} >> "$LOG" 2>&1
+  say "bench (exact data) rc=$?"
+  timeout ${T_BENCH:-45} $ENGINE bench --device "$DEVICE" $FAST --data block --out "$OUT/bench_block.json" \
+    ${BENCH_BLOCK_ARGS:---ks 9 --modes vmap --steps 32 --warmup 3} >> "$LOG" 2>&1
+  say "bench (block data) rc=$?"
+  STATE="$OUT/state"
+  mkdir -p "$STATE"
+  [ -d .state ] && cp -n .state/results.json .state/partial.pt "$STATE/" 2>/dev/null
+  COST="$OUT/bench_block.json"
+  [ -s "$COST" ] || COST=/dev/null
+  # Nothing has run on CUDA before: if the graph-captured table fails, the rest of the loan goes to eager mode.
+  for fast in "$FAST" "${FAST/--cuda-graph/--no-cuda-graph}"; do
+    budget=$(( LOAN_S - ($(date +%s) - t0) ))
+    [ $budget -gt 30 ] || break
+    say "table ($fast) from $(ls "$STATE" | tr '\n' ' ')with ${budget} s"
+    $ENGINE run --device "$DEVICE" $fast --state "$STATE" --cost "$COST" --preset "${PRESET:-paper}" \
+      --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block ${TABLE_ARGS:-} >> "$LOG" 2>&1
+    rc=$?
+    say "table rc=$rc"
+    [ $rc -eq 0 ] && break
+  done
+  cat "$STATE/results.csv" 2>/dev/null
+  ;;
 *)
-  say "unknown step $step: use check or table"; exit 2 ;;
+  say "unknown step $step: use check, table or loan"; exit 2 ;;
 esac
 say "done in $(( $(date +%s) - t0 )) s; files: $(ls "$OUT" | tr '\n' ' ')"
