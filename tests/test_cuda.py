@@ -4,6 +4,15 @@ Run by experiments/table1/paper-gpu/run_gpu.sh on the GPU machine. Comparisons a
 question is arithmetic (CPU vs CUDA, CUDA graph vs eager, compiled vs eager, channels_last vs not), so the
 tolerance is the one tests/test_batched.py derives (RTOL = 1e-9 of each tensor's largest entry); the ST-CNN's
 max-pool ties (see there) are avoided by feeding noise images.
+
+CPU against CUDA needs one more term. Both sides take the cross-entropy of float32 logits (as `stn train` does),
+and the two devices' float32 log-softmax kernels (their exp, log and 10-term sums) round differently: the logit
+gradient agrees to a few float32 ulps (2^-24 relative), not to float64's. Everything after it is float64 and
+linear in that gradient (the backward pass, weight decay, momentum, the update), so each step's update carries
+at most that relative error, and after T steps the parameters differ by at most ~LOSS_ULPS * 2^-24 times the
+sum of the T updates' sizes (`path` below). LOSS_ULPS = 16 counts the roundings generously; the second-order
+term (the next forward pass from parameters that differ by that much) is smaller by lr times the curvature.
+Same-device comparisons (graph, channels_last, compiled vs eager) use the same loss kernel and keep RTOL alone.
 """
 
 from __future__ import annotations
@@ -40,11 +49,26 @@ def noise_batches(k: int, steps: int, size: int = 28):
              torch.randint(0, 10, (k, 16), generator=generator)) for _ in range(steps)]
 
 
-def close_params(a: BatchedModels, b: BatchedModels) -> None:
+LOSS_ULPS = 16
+
+
+def close_params(a: BatchedModels, b: BatchedModels, path: dict[str, float] | None = None) -> None:
+    """Parameters equal to RTOL of each tensor's largest entry, plus, across devices, the float32-loss term."""
     for name, p in a.params.items():
         q = b.params[name].to(p.device)
-        scale = float(p.abs().max()) or 1.0
-        assert float((p - q).abs().max()) <= RTOL * scale, name
+        scale = float(p.detach().abs().max()) or 1.0
+        bound = RTOL * scale + (LOSS_ULPS * 2.0 ** -24 * path[name] if path else 0.0)
+        gap = float((p - q).detach().abs().max())
+        assert gap <= bound, f"{name}: {gap:.3e} apart, bound {bound:.3e} (scale {scale:.3e})"
+
+
+def step_tracking_path(models: BatchedModels, images, targets, path: dict[str, float]):
+    """One step of `models`, adding the size of each parameter's update (its largest entry) to `path`."""
+    before = {name: p.detach().clone() for name, p in models.params.items()}
+    losses = models.step(images, targets)
+    for name, p in models.params.items():
+        path[name] = path.get(name, 0.0) + float((p.detach() - before[name]).abs().max())
+    return losses
 
 
 @pytest.mark.parametrize("kind", ["affine", "projective", "tps"])
@@ -74,11 +98,12 @@ def test_cuda_engine_equals_cpu_engine_on_real_batches(label: str, data_dir) -> 
     cpu = BatchedModels(cfgs, "cpu", EngineOptions(dtype=torch.float64))
     gpu = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64))
     stream = BatchedStream(cfgs, digits, labels, "cpu")
+    path: dict[str, float] = {}
     for _ in range(4):
         images, targets = stream.next()
-        cpu.step(images, targets)
+        step_tracking_path(cpu, images, targets, path)
         gpu.step(images.to(CUDA), targets.to(CUDA))
-    close_params(cpu, gpu)
+    close_params(cpu, gpu, path)
 
 
 @pytest.mark.parametrize("label", ["ST-CNN Aff", "ST-CNN Proj", "ST-CNN TPS"])
@@ -88,14 +113,15 @@ def test_cuda_graph_and_channels_last_equal_eager(label: str) -> None:
     graph = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64, cuda_graph=True))
     nhwc = BatchedModels(cfgs, CUDA, EngineOptions(dtype=torch.float64, channels_last=True))
     cpu = BatchedModels(cfgs, "cpu", EngineOptions(dtype=torch.float64))
+    path: dict[str, float] = {}
     for images, targets in noise_batches(2, 4):
         losses = eager.step(images.to(CUDA), targets.to(CUDA))
         torch.testing.assert_close(graph.step(images.to(CUDA), targets.to(CUDA)), losses, rtol=1e-6, atol=0)
         nhwc.step(images.to(CUDA), targets.to(CUDA))
-        cpu.step(images, targets)
+        step_tracking_path(cpu, images, targets, path)
     close_params(eager, graph)
     close_params(eager, nhwc)
-    close_params(cpu, eager)
+    close_params(cpu, eager, path)
 
 
 @pytest.mark.skipif(os.environ.get("STN_CUDA_COMPILE_TEST") != "1",
