@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -87,7 +88,9 @@ def model_flops_per_image(cfg: Config, batch: int = 4) -> float:
 
 @contextlib.contextmanager
 def count_syncs(device: torch.device, state: dict[str, Any]) -> Iterator[None]:
-    """On CUDA, count the host-device synchronisations torch reports (sync debug mode) into state['syncs']."""
+    """On CUDA, count the host-device synchronisations torch reports (sync debug mode) into state['syncs'], and
+    list the Python lines that caused them (file:line, the innermost frame that called into torch) in
+    state['where']."""
     if device.type != "cuda":
         yield
         return
@@ -98,4 +101,6 @@ def count_syncs(device: torch.device, state: dict[str, Any]) -> Iterator[None]:
             yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    state["syncs"] += sum("synchroniz" in str(warning.message) for warning in caught)
+    syncs = [warning for warning in caught if "synchroniz" in str(warning.message)]
+    state["syncs"] += len(syncs)
+    state.setdefault("where", []).extend(f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs)
