@@ -102,6 +102,16 @@ def test_cost_model_uses_the_nearest_measured_k_and_falls_back_to_flops() -> Non
     assert how == "FLOP estimate" and rate == pytest.approx(1e9 / flops.flops_per_image(groups[0]))
 
 
+def test_cost_model_names_the_measured_mode_of_the_row_it_uses() -> None:
+    groups = fake_groups({"a": 10}, k=9)
+    table = CostModel(table=[{"kind": "a", "size": 28, "k": 1, "images_per_s": 100.0, "mode": "vmap"},
+                             {"kind": "a", "size": 28, "k": 8, "images_per_s": 600.0, "mode": "loop"}])
+    assert table.mode_for(groups[0]) == "loop"  # the K=8 row, nearest to K=9, as images_per_s uses
+    assert CostModel().mode_for(groups[0]) == "vmap"  # nothing measured: the default
+    assert CostModel(table=[{"kind": "b", "size": 28, "k": 9, "images_per_s": 1.0, "mode": "loop"}]).mode_for(
+        groups[0], default="loop") == "loop"
+
+
 def tiny_members(data_dir: Path) -> list[Member]:
     members = []
     for row, choice, seeds in (("FCN", ["model=fcn"], (0, 1)), ("ST-CNN Aff", ["model=st_cnn", "transformer=affine"],
@@ -153,6 +163,20 @@ def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_pat
         assert a[key]["steps"] == b[key]["steps"] == 6
     csv_text = (state / TABLE_CSV).read_text()
     assert "FCN,R,1.0" in csv_text and "ST-CNN Aff,R,1.0" in csv_text
+
+
+def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_dir: Path) -> None:
+    groups = make_groups(tiny_members(data_dir))
+    modes = {"FCN": "vmap", "ST-CNN Aff": "loop"}
+    costs = CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9, "mode": modes[g.kind]}
+                             for g in groups])
+    lines: list[str] = []
+    record = run_table(groups, tmp_path, budget_s=1e6, device="cpu", costs=costs, log=lines.append,
+                       options=EngineOptions(mode="auto"))
+    assert record["done"] == 2
+    members = json.loads((tmp_path / RESULTS).read_text())["members"]
+    assert {m["row"]: m["mode"] for m in members.values()} == modes
+    assert any(" loop steps 0->6/6" in line for line in lines), lines
 
 
 def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: Path) -> None:

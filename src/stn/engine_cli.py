@@ -26,6 +26,7 @@ engine_app = typer.Typer(help="The batched engine: K same-shape models per proce
 
 GRID = Path("experiments/table1/grid.yaml")
 Mode = Literal["vmap", "loop"]  # stn.batched.EngineOptions.mode
+RunMode = Literal["vmap", "loop", "auto"]  # auto: stn.plan.run_table picks per group from the cost table
 DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
 
 
@@ -178,7 +179,8 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
         budget: Annotated[float, typer.Option(help="Stop (with a checkpoint) after this many seconds.")] = 540.0,
         device: Device = "auto", amp: Amp = True, channels_last: ChannelsLast = False, compile: Compile = False,
         cuda_graph: Graph = False,
-        mode: Annotated[Mode, typer.Option(help="Engine mode.")] = "vmap",
+        mode: Annotated[RunMode, typer.Option(help="Engine mode; auto: per group, the mode the --cost table "
+                                                   "measured faster for its kind (vmap where none).")] = "vmap",
         data: Data = "exact", block_steps: BlockSteps = 32,
         override: Override = None) -> None:
     """Train the table's groups from the saved progress until done or --budget seconds; resumable."""

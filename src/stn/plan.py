@@ -161,20 +161,35 @@ class CostModel:
             self._flops[key] = model_flops_per_image(cfg)
         return self._flops[key]
 
-    def images_per_s(self, group: Group) -> tuple[float, str]:
-        """Measured rate of this kind at the nearest K: at this canvas size, else at another size scaled by
-        the FLOPs per image (rows that carry flops_per_image); else the FLOP estimate."""
+    def _row(self, group: Group) -> tuple[dict[str, Any] | None, bool]:
+        """The measured row for this kind at the nearest K (at this canvas size, else at another size, if it
+        carries flops_per_image); and whether it was measured at another size."""
         rows = [r for r in self.table if r.get("kind") == group.kind]
         same = [r for r in rows if int(r.get("size", 0)) == group.size]
         other = [r for r in rows if r.get("flops_per_image")]
-        for candidates, how in ((same, "measured"), (other, "measured at {size}px, scaled by FLOPs")):
+        for candidates in (same, other):
             if candidates:
-                best = min(candidates, key=lambda r: (abs(math.log(int(r["k"]) / group.k)), -int(r["k"])))
-                rate = float(best["images_per_s"])
-                if candidates is other:
-                    rate *= float(best["flops_per_image"]) / self.flops_per_image(group)
-                return rate, how.format(size=best.get("size")) + f" (K={best['k']})"
-        return self.flops_per_s / self.flops_per_image(group), "FLOP estimate"
+                return min(candidates, key=lambda r: (abs(math.log(int(r["k"]) / group.k)), -int(r["k"]))), \
+                    candidates is other
+        return None, False
+
+    def images_per_s(self, group: Group) -> tuple[float, str]:
+        """Measured rate of this kind at the nearest K: at this canvas size, else at another size scaled by
+        the FLOPs per image (rows that carry flops_per_image); else the FLOP estimate."""
+        best, scaled = self._row(group)
+        if best is None:
+            return self.flops_per_s / self.flops_per_image(group), "FLOP estimate"
+        rate = float(best["images_per_s"])
+        if scaled:
+            rate *= float(best["flops_per_image"]) / self.flops_per_image(group)
+            return rate, f"measured at {best.get('size')}px, scaled by FLOPs (K={best['k']})"
+        return rate, f"measured (K={best['k']})"
+
+    def mode_for(self, group: Group, default: str = "vmap") -> str:
+        """The engine mode of the measured row `images_per_s` uses (the bench keeps the faster mode per kind
+        and K), or `default` where nothing was measured."""
+        best, _ = self._row(group)
+        return str(best.get("mode") or default) if best is not None else default
 
     def seconds_per_step(self, group: Group) -> float:
         return group.k * group.trainer.batch_size / self.images_per_s(group)[0]
@@ -330,8 +345,11 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
             break
         cfgs = [m.config for m in group.members]
         digits, labels = load_mnist(cfgs[0].data_dir, train=True)
-        engine = BatchedModels(cfgs, device, options)
-        stream = make_stream(cfgs, digits, labels, device, options)
+        # mode "auto": each group in the mode the cost table measured faster for its kind (loop and vmap train
+        # the same models, tests/test_batched.py; a group may change mode between chunks)
+        group_options = dataclasses.replace(options, mode=costs.mode_for(group)) if options.mode == "auto" else options
+        engine = BatchedModels(cfgs, device, group_options)
+        stream = make_stream(cfgs, digits, labels, device, group_options)
         run = GroupRun(engine, stream, iterations=group.iterations, log_every=group.trainer.log_every)
         if partial is not None and partial["gid"] == group.gid:
             run.load_state_dict(partial["state"])
@@ -341,7 +359,8 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
         train_for(run, deadline - eval_reserve, clock=clock)
         trained += 1
         rate = run.images / run.train_seconds if run.train_seconds else float("nan")
-        log(f"{group.gid}: K={group.k} steps {before}->{run.step}/{group.iterations} in {clock() - began:.1f} s "
+        log(f"{group.gid}: K={group.k} {group_options.mode} steps {before}->{run.step}/{group.iterations} in "
+            f"{clock() - began:.1f} s "
             f"({rate:,.0f} images/s all models), losses {[round(x, 4) for x in run.last_losses]}")
         if not run.done:
             state = {"gid": group.gid, "state": run.state_dict()}
@@ -356,7 +375,8 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
                 "test_error": errors[k] if bad[k] < 0 else math.nan, "first_nonfinite_step": bad[k],
                 "final_loss": run.last_losses[k] if run.last_losses else None, "steps": run.step,
                 "group": group.gid, "k": group.k, "train_seconds": run.train_seconds,
-                "images_per_s_group": rate, "device": str(device), "torch": torch.__version__,
+                "images_per_s_group": rate, "mode": group_options.mode, "device": str(device),
+                "torch": torch.__version__,
             }  # fmt: skip
         save_results(state_dir, results)
         (state_dir / PARTIAL).unlink(missing_ok=True)
