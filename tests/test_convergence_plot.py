@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.convergence import PAPER_IMAGES, parse_budget
-from stn.convergence_plot import compare, orderings_table, plot_study, summary_table
+from stn.convergence_plot import compare, orderings_table, plot_study, read_paper_schedule, summary_table
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -109,3 +109,40 @@ def test_compare_uses_the_larger_std_and_the_smaller_seed_count() -> None:
     b_wider = {**b, "std": 0.3}  # now s = 0.3: threshold 0.424 > 0.35
     assert compare(a, b_wider) == ("within the seed spread", pytest.approx(2 * 0.3 / 2 ** 0.5))
     assert compare(a, {"errors": [1.9], "mean": 1.9, "std": None}) == ("one seed: unresolved", None)
+
+
+def write_engine_results(path: Path) -> None:
+    """An `stn engine run` results.csv: one cell at the paper's 150k steps, one cut short, one all-NaN."""
+    path.write_text("row,column,paper,mean,std,seeds,errors,steps,train_seconds,images_per_s_group,group,k\n"
+                    "CNN,R,1.2,1.500,0.100,0;1;2,1.40;1.50;1.60,150000,10.0,1000,cnn_R-P-E,9\n"
+                    "FCN,R,2.1,9.000,,0,9.00,1200,1.0,1000,fcn_R,1\n"
+                    "FCN,P,3.1,nan,,0,nan,150000,1.0,1000,fcn_R-P-E,9\n")
+
+
+def test_paper_schedule_cells_are_read_plotted_and_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = tmp_path / "engine.csv"
+    write_engine_results(engine)
+    cells = read_paper_schedule([engine])
+    assert list(cells) == [("R", "CNN")]  # the 1200-step cell and the NaN-only cell are not paper-schedule points
+    assert cells[("R", "CNN")]["mean"] == pytest.approx(1.5) and cells[("R", "CNN")]["std"] == pytest.approx(0.1)
+
+    record = tmp_path / "results.csv"
+    write_record(record)
+    plain = plot_study(record, tmp_path / "plain")[0].read_bytes()
+    with_end = plot_study(record, tmp_path / "end", [engine])[0].read_bytes()
+    assert plain != with_end  # the diamond and its legend entry are drawn
+
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "study.yaml"
+    text = (f"name: demo\nrecipe: paper-sgd\ngrid: {GRID}\nbatch_size: 128\nresults: results.csv\nseeds: [0, 1]\n"
+            "parts:\n  - {rows: [CNN, FCN], columns: [R], budgets: ['1/250', '1/50']}\n")
+    study.write_text(text + "paper_schedule: [engine.csv]\n")
+    result = CliRunner().invoke(app, ["convergence", "plot", "--study", str(study), "--no-wandb"])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "demo.md").read_text()
+    assert "## At the paper's schedule (another study)" in written
+    assert "| R | CNN | 1.50 ± 0.10 (3) | 1.2 | engine.csv |" in written
+
+    study.write_text(text + "paper_schedule: [missing.csv]\n")
+    result = CliRunner().invoke(app, ["convergence", "plot", "--study", str(study), "--no-wandb"])
+    assert result.exit_code == 2 and "paper_schedule: missing.csv not found" in result.output

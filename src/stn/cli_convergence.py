@@ -81,13 +81,21 @@ def convergence_plot(
     beside the record (mean ± std per budget, and the orderings the paper claims); and the same to W&B."""
     from stn.compose import ConfigError, compose
     from stn.convergence import StudyError, load_study
-    from stn.convergence_plot import log_study_to_wandb, orderings_table, plot_study, summary_table
+    from stn.convergence_plot import (
+        log_study_to_wandb,
+        orderings_table,
+        paper_schedule_table,
+        plot_study,
+        summary_table,
+    )
 
     try:
         loaded = load_study(study)
-        written = plot_study(loaded.results, loaded.results.parent / "plots" / loaded.name)
+        written = plot_study(loaded.results, loaded.results.parent / "plots" / loaded.name, loaded.paper_schedule)
         table = summary_table(loaded.results)
         orderings = orderings_table(loaded.results)
+        papers = {(column, row): paper for (row, column), paper in loaded.grid.cells.items()}
+        endpoints = paper_schedule_table(loaded.paper_schedule, papers=papers) if loaded.paper_schedule else ""
         logger = compose(list(loaded.overrides)).logger if wandb else None
     except (StudyError, ConfigError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -98,7 +106,12 @@ def convergence_plot(
                        f"plots in plots/{loaded.name}/.\n\n{table}\n\n"
                        "## Orderings\n\nThe pairs of models the paper ranks, per budget. A difference counts as "
                        "resolved when |difference of means| > 2·s/√n (s the larger seed std, n the smaller number "
-                       f"of seeds); otherwise it is within the seed spread.\n\n{orderings}\n")
+                       f"of seeds); otherwise it is within the seed spread.\n\n{orderings}\n"
+                       + ("" if not endpoints else
+                          "\n## At the paper's schedule (another study)\n\nCells trained the paper's full schedule "
+                          "(150k steps of 256) by `stn engine run`, listed in the study's `paper_schedule`: trained "
+                          "apart from this record (their own batch size, precision and device), so drawn beside "
+                          f"its curves (hollow diamonds), never joined to them.\n\n{endpoints}\n"))
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(p) for p in [*written, summary]))
     folder = log_study_to_wandb(loaded, written, logger) if logger is not None else None

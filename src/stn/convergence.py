@@ -72,6 +72,9 @@ class Study:
     seeds: list[int]
     results: Path  # the CSV record
     runs_dir: Path  # run folders (checkpoints), not committed
+    # results.csv files of `stn engine run` tables at the paper's schedule (another study: other batch, precision,
+    # device), drawn beside this study's curves, never mixed into its record
+    paper_schedule: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,10 +188,18 @@ def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
         parts.append(part)
     overrides = [str(o) for o in raw.get("overrides", [])]
     name = str(raw["name"])
+    given = raw.get("paper_schedule") or []
+    if not isinstance(given, list):
+        raise StudyError(f"study file {path}: paper_schedule must be a list of `stn engine run` results.csv files")
+    paper_schedule = tuple(Path(str(p)) for p in given)
+    for file in paper_schedule:
+        if not file.is_file():
+            raise StudyError(f"study file {path}: paper_schedule: {file} not found (paths are relative to where "
+                             "stn runs, the repository root)")
     return Study(name=name, path=path, grid=grid, recipe=str(raw.get("recipe", "paper-sgd")), batch_size=batch,
                  overrides=overrides, parts=parts, seeds=seeds,
                  results=Path(raw.get("results", path.parent / "results.csv")),
-                 runs_dir=Path(raw.get("runs_dir", f"runs/{name}")))
+                 runs_dir=Path(raw.get("runs_dir", f"runs/{name}")), paper_schedule=paper_schedule)
 
 
 def _seeds(value: Any, where: str) -> list[int]:

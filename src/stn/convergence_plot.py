@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stn.convergence import PAPER_IMAGES, parse_budget, read_results
+from stn.convergence import PAPER_IMAGES, PAPER_STEPS, StudyError, parse_budget, read_results
 
 
 def aggregate(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
@@ -32,15 +32,53 @@ def aggregate(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str, str],
     return out
 
 
+def read_paper_schedule(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(dataset, model) -> {errors, mean, std, source} from `stn engine run` results.csv files (columns row,
+    column, errors "e0;e1;..", steps), keeping the cells trained the paper's full PAPER_STEPS. A later file's
+    cell replaces an earlier one's."""
+    import csv
+
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in paths:
+        with Path(path).open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"row", "column", "errors", "steps"} - set(reader.fieldnames or [])
+            if missing:
+                raise StudyError(f"{path}: not an `stn engine run` results.csv (no column {', '.join(sorted(missing))})")
+            for r in reader:
+                if int(r["steps"]) != PAPER_STEPS:
+                    continue
+                errors = [float(e) for e in r["errors"].split(";") if e and e.lower() != "nan"]
+                if errors:
+                    out[(r["column"], r["row"])] = {
+                        "errors": errors, "mean": statistics.fmean(errors), "source": str(path),
+                        "std": statistics.stdev(errors) if len(errors) > 1 else None}
+    return out
+
+
+def paper_schedule_table(paths: Sequence[Path], table: dict[tuple[str, str], dict[str, Any]] | None = None,
+                         papers: dict[tuple[str, str], float | None] | None = None) -> str:
+    """Markdown: the paper-schedule cells of `read_paper_schedule`, mean ± std (n) beside the paper."""
+    table = read_paper_schedule(paths) if table is None else table
+    lines = ["| dataset | model | ours at the paper's schedule | paper | file |", "|---|---|---|---|---|"]
+    for (dataset, model), v in sorted(table.items()):
+        paper = (papers or {}).get((dataset, model))
+        lines.append(f"| {dataset} | {model} | {mean_std_text(v)} | {'' if paper is None else f'{paper:g}'} | "
+                     f"{v['source']} |")
+    return "\n".join(lines)
+
+
 def mean_std_text(entry: dict[str, Any]) -> str:
     """An `aggregate` entry as "mean ± std (n)", or "mean (1)" for one seed."""
     spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
     return f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})"
 
 
-def plot_study(results: Path, out_dir: Path) -> list[Path]:
+def plot_study(results: Path, out_dir: Path, paper_schedule: Sequence[Path] = ()) -> list[Path]:
     """One PNG per dataset: test error vs training images (log-log), a line per model and recipe (mean over
-    seeds, the band from min to max seed), the paper's error dashed at the paper's image count."""
+    seeds, the band from min to max seed), the paper's error dashed at the paper's image count. Cells of
+    `paper_schedule` files (`read_paper_schedule`: another study, at the paper's full schedule) are hollow
+    diamonds at the paper's image count, the bar from min to max seed, not joined to the lines."""
     import matplotlib
     import matplotlib.ticker
 
@@ -48,10 +86,12 @@ def plot_study(results: Path, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     table = aggregate(read_results(results))
+    endpoints = read_paper_schedule(paper_schedule)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted({k[1] for k in table}):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        drew_endpoint = False
         keys = sorted({(k[0], k[2]) for k in table if k[1] == dataset})
         colors = plt.cm.tab10.colors  # type: ignore[attr-defined]
         for index, (recipe, model) in enumerate(keys):
@@ -71,6 +111,12 @@ def plot_study(results: Path, out_dir: Path) -> list[Path]:
             if paper is not None and recipe == "paper-sgd":
                 ax.axhline(paper, color=color, linestyle="--", linewidth=0.8)
                 ax.plot([PAPER_IMAGES], [paper], marker="*", color=color, markersize=9)
+            end = endpoints.get((dataset, model))
+            if end is not None and recipe == "paper-sgd":
+                low, high = end["mean"] - min(end["errors"]), max(end["errors"]) - end["mean"]
+                ax.errorbar([PAPER_IMAGES * 1.15], [end["mean"]], yerr=[[low], [high]], marker="D", color=color,
+                            markerfacecolor="none", markersize=6, capsize=2, linestyle="none")
+                drew_endpoint = True
         ax.set_xscale("log")
         ax.set_yscale("log")
         plain = matplotlib.ticker.FormatStrFormatter("%g")  # 0.8, 2, 10 rather than 8x10^-1
@@ -80,6 +126,9 @@ def plot_study(results: Path, out_dir: Path) -> list[Path]:
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{dataset}: test error vs training budget (band: seed min-max; n = seeds)")
         ax.grid(True, which="both", alpha=0.3)
+        if drew_endpoint:  # one legend entry for the diamonds, in grey (their colours are the models')
+            ax.plot([], [], marker="D", color="grey", markerfacecolor="none", linestyle="none",
+                    label="paper schedule, another study (GPU)")
         ax.legend(fontsize=7)
         path = out_dir / f"{dataset}.png"
         fig.tight_layout()
@@ -196,6 +245,11 @@ def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path |
                 "orderings": wandb.Table(columns=list(ORDERING_COLUMNS), data=ordering_rows(table)),
                 **{f"plot/{path.stem}": wandb.Image(str(path)) for path in plots},
             }
+            if study.paper_schedule:
+                endpoints = read_paper_schedule(study.paper_schedule)
+                payload["paper_schedule"] = wandb.Table(
+                    columns=["dataset", "model", "seeds", "mean", "std", "source"],
+                    data=[[d, m, len(v["errors"]), v["mean"], v["std"], v["source"]] for (d, m), v in sorted(endpoints.items())])
             run.log(payload)
             for (recipe, dataset, model, budget), v in table.items():
                 run.summary[f"test_error/{recipe}/{dataset}/{model}/{budget.replace('/', '_')}"] = v["mean"]
