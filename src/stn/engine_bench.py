@@ -80,7 +80,8 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
         peaks["bfloat16"] = measure_matmul_peak(dev, torch.bfloat16)
     peak_key = "bfloat16" if dev.type == "cuda" and options.amp else "float32"
     log(f"matmul peak on {device_name(dev)}: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for kind in kinds:
         words = [f"dataset={dataset}", *known[kind], f"trainer.batch_size={batch_size}", f"trainer.device={device}",
                  *([f"data_dir={data_dir}"] if data_dir else []), *overrides]
@@ -89,54 +90,61 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
         flops = model_flops_per_image(base)
         for mode in modes:
             for k in ks:
-                cfgs = [dataclasses.replace(base, seed=seed) for seed in range(k)]
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                engine = BatchedModels(cfgs, dev, dataclasses.replace(options, mode=mode))
-                stream = make_stream(cfgs, digits, labels, dev, options)
-                images, targets = stream.next()
-                compile_start = time.perf_counter()
-                for _ in range(warmup):
-                    engine.step(images, targets)
-                sync(dev)
-                warm_s = time.perf_counter() - compile_start
-                step_s = _timed(lambda e=engine, x=images, y=targets: e.step(x, y), steps, dev)
-                # block data: time whole blocks from a block boundary, so each draw is counted once per block
-                data_steps = steps if options.data != "block" else \
-                    options.block_steps * max(1, math.ceil(steps / options.block_steps))
-                _to_block_start(stream)
-                pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), data_steps, dev)
-                _to_block_start(stream)
-                data_s = _timed(stream.next, data_steps, dev)
-                counted = {"syncs": 0}
-                with count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
-                    for _ in range(steps):
-                        engine.step(*stream.next())
-                per_step = k * batch_size
-                row = {
-                    "kind": kind, "dataset": dataset, "size": base.dataset.size, "mode": mode, "k": k,
-                    "batch": batch_size, "step_images_per_s": per_step / step_s,
-                    "pipeline_images_per_s": per_step / pipe_s, "data_images_per_s": per_step / data_s,
-                    "step_ms": 1e3 * step_s, "warmup_s": warm_s, "flops_per_image": flops,
-                    "tflops": flops * per_step / step_s / 1e12,
-                    "percent_of_peak": 100 * flops * per_step / step_s / peaks[peak_key],
-                    "peak_memory_mb": _memory_mb(dev), "parameters_per_model": engine.parameters_per_model,
-                    "syncs_per_step": counted["syncs"] / steps if dev.type == "cuda" else None,
-                }  # fmt: skip
-                rows.append(row)
-                log(f"{kind:12s} {mode:4s} K={k:<3d} step {row['step_images_per_s']:>11,.0f} img/s  pipeline "
-                    f"{row['pipeline_images_per_s']:>11,.0f} img/s  {row['tflops']:.3f} TFLOP/s "
-                    f"({row['percent_of_peak']:.1f}% of {peak_key} peak)  mem {row['peak_memory_mb']:,.0f} MB")
-                del engine, stream
+                try:
+                    cfgs = [dataclasses.replace(base, seed=seed) for seed in range(k)]
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    engine = BatchedModels(cfgs, dev, dataclasses.replace(options, mode=mode))
+                    stream = make_stream(cfgs, digits, labels, dev, options)
+                    images, targets = stream.next()
+                    compile_start = time.perf_counter()
+                    for _ in range(warmup):
+                        engine.step(images, targets)
+                    sync(dev)
+                    warm_s = time.perf_counter() - compile_start
+                    step_s = _timed(lambda e=engine, x=images, y=targets: e.step(x, y), steps, dev)
+                    # block data: time whole blocks from a block boundary, so each draw is counted once per block
+                    data_steps = steps if options.data != "block" else \
+                        options.block_steps * max(1, math.ceil(steps / options.block_steps))
+                    _to_block_start(stream)
+                    pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), data_steps, dev)
+                    _to_block_start(stream)
+                    data_s = _timed(stream.next, data_steps, dev)
+                    counted = {"syncs": 0}
+                    with count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
+                        for _ in range(steps):
+                            engine.step(*stream.next())
+                    per_step = k * batch_size
+                    row = {
+                        "kind": kind, "dataset": dataset, "size": base.dataset.size, "mode": mode, "k": k,
+                        "batch": batch_size, "step_images_per_s": per_step / step_s,
+                        "pipeline_images_per_s": per_step / pipe_s, "data_images_per_s": per_step / data_s,
+                        "step_ms": 1e3 * step_s, "warmup_s": warm_s, "flops_per_image": flops,
+                        "tflops": flops * per_step / step_s / 1e12,
+                        "percent_of_peak": 100 * flops * per_step / step_s / peaks[peak_key],
+                        "peak_memory_mb": _memory_mb(dev), "parameters_per_model": engine.parameters_per_model,
+                        "syncs_per_step": counted["syncs"] / steps if dev.type == "cuda" else None,
+                    }  # fmt: skip
+                    rows.append(row)
+                    log(f"{kind:12s} {mode:4s} K={k:<3d} step {row['step_images_per_s']:>11,.0f} img/s  pipeline "
+                        f"{row['pipeline_images_per_s']:>11,.0f} img/s  {row['tflops']:.3f} TFLOP/s "
+                        f"({row['percent_of_peak']:.1f}% of {peak_key} peak)  mem {row['peak_memory_mb']:,.0f} MB")
+                    del engine, stream
+                except Exception as err:  # one failing configuration must not cost the others' rows
+                    log(f"{kind:12s} {mode:4s} K={k:<3d} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                    failed.append({"kind": kind, "mode": mode, "k": k, "error": f"{type(err).__name__}: {err}"})
     cost = []
     for kind in kinds:
         for k in ks:
-            best = max((r for r in rows if r["kind"] == kind and r["k"] == k), key=lambda r: r["pipeline_images_per_s"])
+            measured = [r for r in rows if r["kind"] == kind and r["k"] == k]
+            if not measured:
+                continue
+            best = max(measured, key=lambda r: r["pipeline_images_per_s"])
             cost.append({"kind": kind, "size": best["size"], "k": k, "images_per_s": best["pipeline_images_per_s"],
                          "mode": best["mode"], "flops_per_image": best["flops_per_image"]})
     return {"device": str(dev), "device_name": device_name(dev), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "options": {k: str(v) for k, v in dataclasses.asdict(options).items()},
-            "peak_flops": peaks, "rows": rows, "cost": cost}
+            "peak_flops": peaks, "rows": rows, "cost": cost, "failed": failed}
 
 
 def format_engine_table(result: dict[str, Any]) -> str:
