@@ -191,11 +191,7 @@ def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
     given = raw.get("paper_schedule") or []
     if not isinstance(given, list):
         raise StudyError(f"study file {path}: paper_schedule must be a list of `stn engine run` results.csv files")
-    paper_schedule = tuple(Path(str(p)) for p in given)
-    for file in paper_schedule:
-        if not file.is_file():
-            raise StudyError(f"study file {path}: paper_schedule: {file} not found (paths are relative to where "
-                             "stn runs, the repository root)")
+    paper_schedule = tuple(Path(str(p)) for p in given)  # read (and checked) by `stn convergence plot`
     return Study(name=name, path=path, grid=grid, recipe=str(raw.get("recipe", "paper-sgd")), batch_size=batch,
                  overrides=overrides, parts=parts, seeds=seeds,
                  results=Path(raw.get("results", path.parent / "results.csv")),

@@ -40,6 +40,9 @@ def read_paper_schedule(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str
 
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for path in paths:
+        if not Path(path).is_file():
+            raise StudyError(f"paper_schedule: {path} not found (paths are relative to where stn runs, the "
+                             "repository root)")
         with Path(path).open(newline="") as handle:
             reader = csv.DictReader(handle)
             missing = {"row", "column", "errors", "steps"} - set(reader.fieldnames or [])
