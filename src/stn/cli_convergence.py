@@ -86,6 +86,7 @@ def convergence_plot(
         orderings_table,
         paper_schedule_table,
         plot_study,
+        read_paper_schedule,
         summary_table,
     )
 
@@ -95,7 +96,8 @@ def convergence_plot(
         table = summary_table(loaded.results)
         orderings = orderings_table(loaded.results)
         papers = {(column, row): paper for (row, column), paper in loaded.grid.cells.items()}
-        endpoints = paper_schedule_table(loaded.paper_schedule, papers=papers) if loaded.paper_schedule else ""
+        endpoints = paper_schedule_table(read_paper_schedule(loaded.paper_schedule), papers) \
+            if loaded.paper_schedule else ""
         logger = compose(list(loaded.overrides)).logger if wandb else None
     except (StudyError, ConfigError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

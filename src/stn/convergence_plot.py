@@ -59,10 +59,9 @@ def read_paper_schedule(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str
     return out
 
 
-def paper_schedule_table(paths: Sequence[Path], table: dict[tuple[str, str], dict[str, Any]] | None = None,
+def paper_schedule_table(table: dict[tuple[str, str], dict[str, Any]],
                          papers: dict[tuple[str, str], float | None] | None = None) -> str:
     """Markdown: the paper-schedule cells of `read_paper_schedule`, mean ± std (n) beside the paper."""
-    table = read_paper_schedule(paths) if table is None else table
     lines = ["| dataset | model | ours at the paper's schedule | paper | file |", "|---|---|---|---|---|"]
     for (dataset, model), v in sorted(table.items()):
         paper = (papers or {}).get((dataset, model))
@@ -117,6 +116,7 @@ def plot_study(results: Path, out_dir: Path, paper_schedule: Sequence[Path] = ()
             end = endpoints.get((dataset, model))
             if end is not None and recipe == "paper-sgd":
                 low, high = end["mean"] - min(end["errors"]), max(end["errors"]) - end["mean"]
+                # just right of the paper's star
                 ax.errorbar([PAPER_IMAGES * 1.15], [end["mean"]], yerr=[[low], [high]], marker="D", color=color,
                             markerfacecolor="none", markersize=6, capsize=2, linestyle="none")
                 drew_endpoint = True

@@ -60,12 +60,55 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+
+def _measure(kind: str, mode: str, k: int, base: Any, digits: Any, labels: Any, flops: float, dev: torch.device,
+             options: EngineOptions, steps: int, warmup: int, batch_size: int, dataset: str, peak: float
+             ) -> dict[str, Any]:
+    """One bench row: K models of `kind` in `mode`, step alone, data + step, data alone, and the syncs."""
+    from stn.measure import count_syncs
+
+    cfgs = [dataclasses.replace(base, seed=seed) for seed in range(k)]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    engine = BatchedModels(cfgs, dev, dataclasses.replace(options, mode=mode))
+    stream = make_stream(cfgs, digits, labels, dev, options)
+    images, targets = stream.next()
+    compile_start = time.perf_counter()
+    for _ in range(warmup):
+        engine.step(images, targets)
+    sync(dev)
+    warm_s = time.perf_counter() - compile_start
+    step_s = _timed(lambda e=engine, x=images, y=targets: e.step(x, y), steps, dev)
+    # block data: time whole blocks from a block boundary, so each draw is counted once per block
+    data_steps = steps if options.data != "block" else \
+        options.block_steps * max(1, math.ceil(steps / options.block_steps))
+    _to_block_start(stream)
+    pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), data_steps, dev)
+    _to_block_start(stream)
+    data_s = _timed(stream.next, data_steps, dev)
+    counted = {"syncs": 0}
+    with count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
+        for _ in range(steps):
+            engine.step(*stream.next())
+    per_step = k * batch_size
+    row = {
+        "kind": kind, "dataset": dataset, "size": base.dataset.size, "mode": mode, "k": k,
+        "batch": batch_size, "step_images_per_s": per_step / step_s,
+        "pipeline_images_per_s": per_step / pipe_s, "data_images_per_s": per_step / data_s,
+        "step_ms": 1e3 * step_s, "warmup_s": warm_s, "flops_per_image": flops,
+        "tflops": flops * per_step / step_s / 1e12,
+        "percent_of_peak": 100 * flops * per_step / step_s / peak,
+        "peak_memory_mb": _memory_mb(dev), "parameters_per_model": engine.parameters_per_model,
+        "syncs_per_step": counted["syncs"] / steps if dev.type == "cuda" else None,
+    }  # fmt: skip
+    return row
+
 def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: Sequence[int] = (1, 3, 9),
                  modes: Sequence[str] = ("loop", "vmap"), batch_size: int = 256, steps: int = 5, warmup: int = 2,
                  device: str = "cpu", options: EngineOptions | None = None, data_dir: str | None = None,
                  overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; returns {"device", "device_name", "torch", "peak_flops", "rows": [...], "cost": [...]}."""
-    from stn.measure import count_syncs, measure_matmul_peak, model_flops_per_image
+    from stn.measure import measure_matmul_peak, model_flops_per_image
     from stn.mnist import load_mnist
 
     options = options or EngineOptions()
@@ -91,48 +134,16 @@ def bench_engine(kinds: Sequence[str] | None = None, *, dataset: str = "R", ks: 
         for mode in modes:
             for k in ks:
                 try:
-                    cfgs = [dataclasses.replace(base, seed=seed) for seed in range(k)]
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    engine = BatchedModels(cfgs, dev, dataclasses.replace(options, mode=mode))
-                    stream = make_stream(cfgs, digits, labels, dev, options)
-                    images, targets = stream.next()
-                    compile_start = time.perf_counter()
-                    for _ in range(warmup):
-                        engine.step(images, targets)
-                    sync(dev)
-                    warm_s = time.perf_counter() - compile_start
-                    step_s = _timed(lambda e=engine, x=images, y=targets: e.step(x, y), steps, dev)
-                    # block data: time whole blocks from a block boundary, so each draw is counted once per block
-                    data_steps = steps if options.data != "block" else \
-                        options.block_steps * max(1, math.ceil(steps / options.block_steps))
-                    _to_block_start(stream)
-                    pipe_s = _timed(lambda e=engine, s=stream: e.step(*s.next()), data_steps, dev)
-                    _to_block_start(stream)
-                    data_s = _timed(stream.next, data_steps, dev)
-                    counted = {"syncs": 0}
-                    with count_syncs(dev, counted):  # host-device syncs torch reports in data + step (CUDA only)
-                        for _ in range(steps):
-                            engine.step(*stream.next())
-                    per_step = k * batch_size
-                    row = {
-                        "kind": kind, "dataset": dataset, "size": base.dataset.size, "mode": mode, "k": k,
-                        "batch": batch_size, "step_images_per_s": per_step / step_s,
-                        "pipeline_images_per_s": per_step / pipe_s, "data_images_per_s": per_step / data_s,
-                        "step_ms": 1e3 * step_s, "warmup_s": warm_s, "flops_per_image": flops,
-                        "tflops": flops * per_step / step_s / 1e12,
-                        "percent_of_peak": 100 * flops * per_step / step_s / peaks[peak_key],
-                        "peak_memory_mb": _memory_mb(dev), "parameters_per_model": engine.parameters_per_model,
-                        "syncs_per_step": counted["syncs"] / steps if dev.type == "cuda" else None,
-                    }  # fmt: skip
-                    rows.append(row)
-                    log(f"{kind:12s} {mode:4s} K={k:<3d} step {row['step_images_per_s']:>11,.0f} img/s  pipeline "
-                        f"{row['pipeline_images_per_s']:>11,.0f} img/s  {row['tflops']:.3f} TFLOP/s "
-                        f"({row['percent_of_peak']:.1f}% of {peak_key} peak)  mem {row['peak_memory_mb']:,.0f} MB")
-                    del engine, stream
+                    row = _measure(kind, mode, k, base, digits, labels, flops, dev, options, steps, warmup,
+                                   batch_size, dataset, peaks[peak_key])
                 except Exception as err:  # one failing configuration must not cost the others' rows
                     log(f"{kind:12s} {mode:4s} K={k:<3d} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                     failed.append({"kind": kind, "mode": mode, "k": k, "error": f"{type(err).__name__}: {err}"})
+                    continue
+                rows.append(row)
+                log(f"{kind:12s} {mode:4s} K={k:<3d} step {row['step_images_per_s']:>11,.0f} img/s  pipeline "
+                    f"{row['pipeline_images_per_s']:>11,.0f} img/s  {row['tflops']:.3f} TFLOP/s "
+                    f"({row['percent_of_peak']:.1f}% of {peak_key} peak)  mem {row['peak_memory_mb']:,.0f} MB")
     cost = []
     for kind in kinds:
         for k in ks:
