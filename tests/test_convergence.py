@@ -104,7 +104,7 @@ def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path:
         return {"test_error": 1.0 if cfg.model.name == "fcn" else 2.0, "device": "cpu", "precision": "float32",
                 "wall_time_s": 3.0, "train_time_s": 2.0, "images_per_s": 100.0,
                 "recovery/rotation_std_deg": 12.345, "recovery/before/rotation_std_deg": 52.0,
-                "recovery/lost_fraction": 0.0, "recovery/rotation_mean_deg": -3.0}
+                "recovery/lost_fraction": 0.0, "recovery/rotation_mean_deg": -3.0, "commit": "abc1234"}
 
     report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
     assert len(report.done) == 2 and report.stopped is not None and report.stopped.key == ("FCN", "E", "1/250", 0)
@@ -112,6 +112,7 @@ def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path:
     assert [(r["model"], r["dataset"], r["test_error"], r["paper"]) for r in rows] == [
         ("FCN", "R", "1.00", "2.1"), ("CNN", "R", "2.00", "1.2")]
     assert rows[0]["precision"] == "float32" and rows[0]["cpu"] and rows[0]["images"] == str(1200 * 128)
+    assert rows[0]["commit"] == "abc1234"  # the code the training ran, as its summary says
     assert rows[0]["recovery"] == "rotation_std_deg=12.3" and rows[0]["recovery_before"] == "rotation_std_deg=52"
     assert b"\r" not in study.results.read_bytes()  # one line ending, as the committed records have
     calls.clear()

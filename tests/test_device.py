@@ -7,6 +7,7 @@ import dataclasses
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,30 @@ def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.Mo
         assert device_module.runtime_flags(auto, cpu) == (expected == "bf16", base.channels_last)
     with pytest.raises(ConfigError, match="trainer.cpu_precision='fp16' is not one of"):
         compose(["trainer.cpu_precision=fp16"])
+
+
+def test_code_commit_is_stns_own_whatever_the_working_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run records the commit of the stn it imported, not of the repository it was started from."""
+    root = Path(device_module.__file__).resolve().parents[2]
+
+    def git(where, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if Path(git(root, "rev-parse", "--show-toplevel")).resolve() != root:
+            pytest.skip("stn is not installed from its own git checkout")
+        own = git(root, "rev-parse", "--short", "HEAD")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("stn is not installed from a git checkout")
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q")
+    git(other, "commit", "-q", "--allow-empty", "-m", "another project")
+    monkeypatch.chdir(other)
+    device_module.code_commit.cache_clear()
+    try:
+        commit = device_module.code_commit()
+    finally:
+        device_module.code_commit.cache_clear()
+    assert commit.removesuffix("+dirty") == own != git(other, "rev-parse", "--short", "HEAD")

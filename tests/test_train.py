@@ -23,6 +23,7 @@ import stn.train as train_module
 from stn.compose import compose, from_container
 from stn.config import Config, to_dict
 from stn.data import TestSet, make_test_set
+from stn.launch import run_cell
 from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters
 from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
@@ -30,7 +31,7 @@ from stn.train import TrainingError, TrainingInterrupted, evaluate, fit
 
 SUMMARY_KEYS = {
     "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
-    "device", "precision", "parameters", "torch_version", "dataset", "model", "transformer", "seed", "resumed_from",
+    "device", "precision", "parameters", "machine", "torch_threads", "commit", "torch_version", "dataset", "model", "transformer", "seed", "resumed_from",
     "finished_at", "wandb",
 }  # fmt: skip
 CHECKPOINT_KEYS = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config", "clock",
@@ -82,6 +83,17 @@ def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
     assert state["step"] == 20 and state["config"] == to_dict(dataclasses.replace(cfg, run_dir=str(run_dir)))
     assert set(state["rng"]) == {"cpu", "cuda"} and isinstance(state["rng"]["cpu"], torch.Tensor)
     assert not list(run_dir.rglob("*.tmp*"))  # atomic writes leave no temporaries behind
+
+
+def test_a_cell_records_the_threads_and_machine_it_trained_with(tmp_path: Path) -> None:
+    """Parallel cells get a share of the cores (stn.launch.run_cell); the summary says how many threads a run had,
+    since results, not only speed, can depend on it."""
+    previous = torch.get_num_threads()
+    threads = 2 if previous == 1 else 1
+    summary = run_cell(small(tmp_path), threads=threads)
+    assert summary["status"] == "done" and summary["torch_threads"] == threads
+    assert torch.get_num_threads() == previous
+    assert torch.backends.cpu.get_cpu_capability() in summary["machine"]
 
 
 def test_learning_rate_follows_step_decay(tmp_path: Path) -> None:

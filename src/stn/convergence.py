@@ -21,8 +21,6 @@ import contextlib
 import csv
 import datetime as dt
 import fcntl
-import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -310,30 +308,12 @@ def recorded_keys(study: Study) -> set[tuple[str, str, str, int]]:
     return {row_key(r) for r in read_results(study.results) if r["recipe"] == study.recipe}
 
 
-def machine() -> str:
-    """The CPU model and its vector ISA as torch sees it, e.g. 'AMD EPYC (AVX2, 2 cores)'."""
-    import torch
-
-    from stn.device import cpu_model
-
-    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
-
-
-def git_commit() -> str:
-    """The checkout's commit, '+dirty' when the code (src/, conf/) differs from it; '' outside git."""
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True).stdout
-
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "conf").strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -> dict[str, Any]:
-    """One CSV row; `commit` is the code's commit when the study process started (the code it runs)."""
+    """One CSV row; `commit` is the code's commit when the study process started, for a summary that does not
+    name the commit its training ran (older runs)."""
     import torch
+
+    from stn.device import machine_name
 
     device = str(summary.get("device", "cpu"))
     return {
@@ -345,8 +325,8 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
         "train_time_s": f"{float(summary.get('train_time_s') or 0):.0f}",
         "images_per_s": f"{float(summary.get('images_per_s') or 0):.0f}",
         "precision": summary.get("precision", ""), "device": device,
-        "cpu": machine() if device.startswith("cpu") else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "commit": commit,
+        "cpu": machine_name(device),
+        "torch": torch.__version__, "commit": summary.get("commit") or commit,
         "finished_at": summary.get("finished_at", dt.datetime.now().isoformat(timespec="seconds")),
         "recovery": recovery_text(summary, "recovery/"), "recovery_before": recovery_text(summary, "recovery/before/"),
     }  # fmt: skip

@@ -13,7 +13,6 @@ from stn.convergence import (
     StudyError,
     StudyReport,
     append_result,
-    git_commit,
     recorded_keys,
     result_row,
     row_key,
@@ -28,7 +27,9 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
     `parallel` > 1 trains that many at once as worker processes (stn.launch, `executor` local or debug), each
     with its share of the cores; the record is written by this process alone, as each cell finishes."""
     report = StudyReport()
-    commit = git_commit()  # the code this process imported, even if the checkout moves on meanwhile
+    from stn.device import code_commit
+
+    commit = code_commit()  # the code this process imported, even if the checkout moves on meanwhile
     done = recorded_keys(study)
     todo = [c for c in cells if c.key not in done]
     report.skipped = len(cells) - len(todo)

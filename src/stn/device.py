@@ -10,8 +10,12 @@ refuses a run whose estimated peak memory exceeds what the machine has free. `sy
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +52,34 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.platform()
+
+
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """What ran the arithmetic: for the CPU its model, vector ISA as torch dispatches on it and core count, e.g.
+    'AMD EPYC (AVX2, 2 cores)' (float results differ between ISAs, so a record names it); else the GPU's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
+@functools.cache
+def code_commit() -> str:
+    """The commit of the stn checkout this process imported, '+dirty' when its src/ or conf/ differ from it; ''
+    when stn is not installed from a git checkout. Asked once per process (the code it runs), and of stn's own
+    folder, not of the working directory, which may be another repository."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5,
+                                  check=True).stdout
+
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:
+            return ""  # stn sits inside some other repository (e.g. a virtualenv in one): not stn's history
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "conf").strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def cpu_has_bf16() -> bool:

@@ -41,8 +41,10 @@ from torch import Tensor, nn
 from stn.config import Config, RunError, TrainerConfig, to_yaml
 from stn.device import (
     check_memory,
+    code_commit,
     cpu_has_bf16,
     keep_freed_memory,
+    machine_name,
     resolve_device,
     runtime_flags,
 )
@@ -291,7 +293,8 @@ def fit(cfg: Config) -> dict[str, Any]:
 
     Summary keys: test_error (%), run_dir, run_name, steps, wall_time_s (all invocations), train_time_s,
     images_per_s (training throughput, evaluation excluded), final_loss, device, precision (float32 | bf16 |
-    bf16+float32 for a run resumed in another precision), parameters, torch_version,
+    bf16+float32 for a run resumed in another precision), parameters, machine (`stn.device.machine_name`: the CPU
+    with its vector ISA, or the GPU), torch_threads, commit (stn's, '' outside a git checkout), torch_version,
     dataset, model, transformer, seed, resumed_from (step or null), finished_at, wandb ({mode, id, path, dir}
     or null). Raises TrainingError (non-finite loss), TrainingInterrupted, ConfigError, MNISTDataError or
     stn.runs.RunFolderError (a folder or checkpoint that cannot be used).
@@ -396,8 +399,8 @@ def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str,
         "wall_time_s": run.clock["wall_time_s"], "train_time_s": run.clock["train_time_s"],
         "images_per_s": meter.images / meter.seconds if meter.seconds else None,
         "final_loss": meter.final_loss, "device": str(run.device), "precision": "+".join(run.precisions),
-        "parameters": run.parameters,
-        "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "parameters": run.parameters, "machine": machine_name(run.device), "torch_threads": torch.get_num_threads(),
+        "commit": code_commit(), "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": run.resumed_from,
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": wandb,
     }  # fmt: skip
