@@ -194,6 +194,13 @@ def test_shapes_that_differ_are_refused(mnist) -> None:
     assert len({shape_signature(c) for c in same}) == 1
 
 
+@pytest.mark.parametrize("beyond", ["trainer.schedule=onecycle", "trainer.nesterov=true", "trainer.loc_lr_scale=0.1"])
+def test_recipes_beyond_the_papers_are_refused_not_silently_replaced(beyond) -> None:
+    """StackedSGD implements the paper's SGD + step schedule only: anything else must not train as if it were."""
+    with pytest.raises(EngineError, match=beyond.replace(".", r"\.").replace("true", "True")):
+        BatchedModels(configs(KINDS["ST-CNN Aff"], seeds=(0,), extra=(beyond,)), CPU)
+
+
 def test_evaluate_is_stn_train_evaluate(mnist, data_dir) -> None:
     cfgs = configs(KINDS["ST-CNN Aff"], datasets=("R", "P"), seeds=(0,))
     engine = BatchedModels(cfgs, CPU, EngineOptions(mode="vmap"))

@@ -20,14 +20,23 @@ from torch import nn
 
 import stn.progress as progress_module
 import stn.train as train_module
-from stn.compose import compose, from_container
+from stn.compose import ComposeError, compose, from_container
 from stn.config import Config, to_dict
 from stn.data import TestSet, make_test_set
 from stn.launch import run_cell
 from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters
 from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
-from stn.train import TrainingError, TrainingInterrupted, evaluate, fit
+from stn.train import (
+    TrainingError,
+    TrainingInterrupted,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    fit,
+    train_step,
+)
+from stn.validation import problems
 
 SUMMARY_KEYS = {
     "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
@@ -94,6 +103,48 @@ def test_a_cell_records_the_threads_and_machine_it_trained_with(tmp_path: Path) 
     assert summary["status"] == "done" and summary["torch_threads"] == threads
     assert torch.get_num_threads() == previous
     assert torch.backends.cpu.get_cpu_capability() in summary["machine"]
+
+
+@pytest.mark.parametrize("schedule", ["step", "onecycle"])
+def test_loc_lr_scale_keeps_the_localisation_nets_at_that_multiple(tmp_path: Path, schedule: str) -> None:
+    cfg = small(tmp_path, "model=st_cnn", "transformer=affine", "trainer.loc_lr_scale=0.1",
+                f"trainer.schedule={schedule}", "trainer.lr_step=5")
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg.trainer)
+    scheduler = build_scheduler(optimizer, cfg.trainer)
+    rest, loc = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert loc["params"] and all(names[id(p)].startswith("transformers.") for p in loc["params"])
+    assert not any(names[id(p)].startswith("transformers.") for p in rest["params"])
+    assert len(rest["params"]) + len(loc["params"]) == len(names)
+    rates = []
+    for _ in range(cfg.trainer.iterations):
+        rates.append((rest["lr"], loc["lr"]))
+        optimizer.step()  # no gradients: moves nothing, keeps the schedulers' order of calls
+        scheduler.step()
+    assert len({r for r, _ in rates}) > 1  # the schedule moved the rate
+    assert all(loc_rate == pytest.approx(0.1 * rate, rel=1e-12) for rate, loc_rate in rates)
+    single = build_optimizer(model, small(tmp_path, "model=st_cnn", "transformer=affine").trainer)
+    assert len(single.param_groups) == 1  # the paper's single rate: one group, as every recorded checkpoint
+
+
+def test_loc_lr_scale_zero_freezes_the_transformer_only(tmp_path: Path) -> None:
+    cfg = small(tmp_path, "model=st_fcn", "transformer=affine", "trainer.loc_lr_scale=0")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, cfg.trainer)
+    images, labels = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        train_step(model, optimizer, images, labels)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not any(n.startswith("transformers.") for n in moved)
+
+
+def test_loc_lr_scale_needs_a_localisation_net(tmp_path: Path) -> None:
+    with pytest.raises(ComposeError, match=r"trainer\.loc_lr_scale=0\.5: model=cnn has no localisation net"):
+        small(tmp_path, "trainer.loc_lr_scale=0.5")
+    assert not problems(small(tmp_path, "model=st_cnn", "transformer=affine", "trainer.loc_lr_scale=0.5"))
 
 
 def test_learning_rate_follows_step_decay(tmp_path: Path) -> None:

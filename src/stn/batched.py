@@ -199,6 +199,12 @@ class BatchedModels:
         trainers = {tuple(getattr(c.trainer, k) for k in keys) for c in self.cfgs}
         if len(trainers) != 1:
             raise EngineError(f"batched models share one optimiser: their trainer.{keys} differ ({trainers})")
+        beyond = sorted({f"trainer.{k}={getattr(c.trainer, k)}" for c in self.cfgs
+                         for k, paper in (("schedule", "step"), ("nesterov", False), ("loc_lr_scale", 1.0))
+                         if getattr(c.trainer, k) != paper})
+        if beyond:
+            raise EngineError(f"the engine trains the paper's recipe only (SGD, step schedule, one rate), not "
+                              f"{', '.join(beyond)}: train these with stn train or stn reproduce-table")
         if options.cuda_graph and self.device.type != "cuda":
             raise EngineError("cuda_graph needs a CUDA device")
         members = [build_member(cfg) for cfg in self.cfgs]

@@ -104,6 +104,9 @@ class TrainerConfig:
     # the paper (experiments/convergence/README.md).
     schedule: str = "step"
     nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
+    # The localisation nets' (and regression layers') learning rate as a multiple of `lr`, through both
+    # schedules; 1 is the paper's single rate. Beyond the paper (experiments/rectify/README.md, TC at 1/50).
+    loc_lr_scale: float = 1.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
     # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where

@@ -100,15 +100,24 @@ def prepare_model(cfg: Config, device: torch.device) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, trainer: TrainerConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=trainer.lr, momentum=trainer.momentum,
-                           weight_decay=trainer.weight_decay, nesterov=trainer.nesterov)
+    """SGD over every parameter at trainer.lr; with trainer.loc_lr_scale != 1, a second parameter group holds
+    the transformers' localisation nets and regression layers at lr * loc_lr_scale (the classifier's group
+    stays first, so param_groups[0] is the rate logged)."""
+    options = {"lr": trainer.lr, "momentum": trainer.momentum, "weight_decay": trainer.weight_decay,
+               "nesterov": trainer.nesterov}
+    if trainer.loc_lr_scale == 1:
+        return torch.optim.SGD(model.parameters(), **options)
+    loc = [p for n, p in model.named_parameters() if n.startswith("transformers.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("transformers.")]
+    return torch.optim.SGD([{"params": rest}, {"params": loc, "lr": trainer.lr * trainer.loc_lr_scale}], **options)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per iteration. step: step s (1-based) trains with lr * lr_gamma ** ((s - 1) // lr_step).
     onecycle: PyTorch's OneCycleLR over trainer.iterations steps, peaking at lr (its defaults otherwise)."""
     if trainer.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=trainer.lr, total_steps=trainer.iterations)
+        peaks = [trainer.lr * (1 if i == 0 else trainer.loc_lr_scale) for i in range(len(optimizer.param_groups))]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=trainer.iterations)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=trainer.lr_step, gamma=trainer.lr_gamma)
 
 

@@ -54,7 +54,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "transformer.tps_grid": (2, 16), "transformer.output_size": (1, 512), "transformer.parallel": (1, 16),
     "trainer.iterations": (1, 10**9), "trainer.batch_size": (1, MNIST_TRAIN), "trainer.lr": (0, None),
     "trainer.momentum": (0, 1), "trainer.weight_decay": (0, None), "trainer.lr_step": (1, 10**9),
-    "trainer.lr_gamma": (0, 1), "trainer.eval_every": (1, 10**9), "trainer.log_every": (1, 10**9),
+    "trainer.lr_gamma": (0, 1), "trainer.loc_lr_scale": (0, 1000), "trainer.eval_every": (1, 10**9), "trainer.log_every": (1, 10**9),
     "trainer.checkpoint_every": (1, 10**9), "trainer.eval_batch_size": (1, MNIST_TEST),
     "trainer.stop_after": (1, 10**9), "logger.images": (0, 64),
     "logger.card_draws": (0, MNIST_TEST), "seed": (0, 2**63 - 1),
@@ -173,6 +173,9 @@ def problems(cfg: Config) -> list[str]:
         errors.append(f"trainer.schedule={cfg.trainer.schedule!r} is not one of {SCHEDULES}")
     if cfg.trainer.nesterov and cfg.trainer.momentum <= 0:
         errors.append("trainer.nesterov=true needs trainer.momentum > 0")
+    if cfg.trainer.loc_lr_scale != 1 and not cfg.model.name.startswith("st_"):
+        errors.append(f"trainer.loc_lr_scale={cfg.trainer.loc_lr_scale:g}: model={cfg.model.name} has no "
+                      "localisation net; drop the override or use an ST model")
     held, limit = cfg.dataset.validation, cfg.dataset.train_limit
     if held and limit and limit + held > MNIST_TRAIN:
         errors.append(f"dataset.validation={held} with dataset.train_limit={limit}: the two must fit in MNIST's "
