@@ -309,6 +309,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     stn.runs.RunFolderError (a folder or checkpoint that cannot be used).
     """
     started = time.perf_counter()
+    code_commit()  # asked now and cached: the code this process imported, even if the checkout moves on
     found, how = locate_run(cfg)
     if found is not None and how == "finished":
         return finished_summary(found, cfg)
