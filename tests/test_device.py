@@ -137,27 +137,36 @@ def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.Mo
 
 
 def test_code_commit_is_stns_own_whatever_the_working_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run records the commit of the stn it imported, not of the repository it was started from."""
-    root = Path(device_module.__file__).resolve().parents[2]
+    """A run records the commit of the stn checkout it imported, not of the repository it was started from, and
+    nothing for an stn that is not its own checkout (an install inside another repository)."""
 
     def git(where, *args: str) -> str:
         return subprocess.run(["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@t", *args],
                               capture_output=True, text=True, check=True).stdout.strip()
 
-    try:
-        if Path(git(root, "rev-parse", "--show-toplevel")).resolve() != root:
-            pytest.skip("stn is not installed from its own git checkout")
-        own = git(root, "rev-parse", "--short", "HEAD")
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("stn is not installed from a git checkout")
+    def commit_of(module_file: Path) -> str:
+        monkeypatch.setattr(device_module, "__file__", str(module_file))
+        device_module.code_commit.cache_clear()
+        try:
+            return device_module.code_commit()
+        finally:
+            device_module.code_commit.cache_clear()
+
+    checkout = tmp_path / "stn"  # a stand-in for stn's checkout: <root>/src/stn/device.py
+    (checkout / "src" / "stn").mkdir(parents=True)
+    (checkout / "src" / "stn" / "device.py").write_text("")
+    git(checkout, "init", "-q")
+    git(checkout, "add", ".")
+    git(checkout, "commit", "-q", "-m", "stn")
     other = tmp_path / "other"
     other.mkdir()
     git(other, "init", "-q")
     git(other, "commit", "-q", "--allow-empty", "-m", "another project")
     monkeypatch.chdir(other)
-    device_module.code_commit.cache_clear()
-    try:
-        commit = device_module.code_commit()
-    finally:
-        device_module.code_commit.cache_clear()
-    assert commit.removesuffix("+dirty") == own != git(other, "rev-parse", "--short", "HEAD")
+    own = git(checkout, "rev-parse", "--short", "HEAD")
+    assert commit_of(checkout / "src" / "stn" / "device.py") == own != git(other, "rev-parse", "--short", "HEAD")
+    (checkout / "src" / "stn" / "device.py").write_text("# edited\n")
+    assert commit_of(checkout / "src" / "stn" / "device.py") == own + "+dirty"
+    nested = other / "venv" / "site" / "stn"  # stn installed inside another repository: not stn's history
+    nested.mkdir(parents=True)
+    assert commit_of(nested / "device.py") == ""
