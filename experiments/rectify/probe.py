@@ -57,7 +57,7 @@ from stn.data import build_data  # noqa: E402
 from stn.device import keep_freed_memory  # noqa: E402
 from stn.models import Standardize, fc_localisation  # noqa: E402
 from stn.spatial import SpatialTransformer  # noqa: E402
-from stn.train import build_scheduler, evaluate, fit_step, prepare_model  # noqa: E402
+from stn.train import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model  # noqa: E402
 
 VARIANTS = ("paper", "loc_lr10", "loc_lr01", "loc_kaiming", "no_pool", "loc_fc", "loc_frozen")
 
@@ -137,11 +137,9 @@ def main() -> None:
                 if isinstance(layer, (nn.Conv2d, nn.Linear)):
                     nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                     nn.init.zeros_(layer.bias)
-    loc = [p for n, p in model.named_parameters() if n.startswith("transformers.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("transformers.")]
-    loc_lr = cfg.trainer.lr * {"loc_lr10": 10.0, "loc_lr01": 0.1, "loc_frozen": 0.0}.get(args.variant, 1.0)
-    optimizer = torch.optim.SGD([{"params": rest}, {"params": loc, "lr": loc_lr}], lr=cfg.trainer.lr,
-                                momentum=cfg.trainer.momentum)
+    scale = {"loc_lr10": 10.0, "loc_lr01": 0.1, "loc_frozen": 0.0}.get(args.variant, 1.0)
+    trainer = dataclasses.replace(cfg.trainer, loc_lr_scale=scale)  # stn train's trainer.loc_lr_scale
+    optimizer = build_optimizer(model, trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer)
     before = rectification(model, test_set)
     start = time.perf_counter()
