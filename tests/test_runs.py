@@ -25,7 +25,8 @@ def test_every_config_key_has_exactly_one_class() -> None:
     assert set(classes.values()) == {"identity", "outcome", "runtime"}
     # What is trained and how it is optimised:
     for key in ("dataset.name", "dataset.rotation", "model.name", "transformer.type", "seed", "trainer.lr",
-                "trainer.batch_size", "trainer.lr_step", "trainer.momentum"):
+                "trainer.batch_size", "trainer.lr_step", "trainer.momentum", "trainer.schedule", "trainer.nesterov",
+                "trainer.loc_lr_scale"):
         assert classes[key] == "identity", key
     # Changes the result, but may change between invocations of one run:
     for key in ("trainer.iterations", "trainer.eval_every", "dataset.test_limit", "trainer.channels_last"):

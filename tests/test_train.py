@@ -280,6 +280,18 @@ def test_resume_refuses_a_mismatched_checkpoint(tmp_path: Path, change: str, nam
     assert str(tmp_path / "run" / CHECKPOINT) in str(err.value) and named in str(err.value)
 
 
+def test_resume_refuses_another_localisation_rate_scale_by_name(tmp_path: Path) -> None:
+    """A checkpoint trained with the localisation nets in their own parameter group does not resume with one
+    group (or the reverse): the error names the key, not the optimizer's group count."""
+    run = f"run_dir={tmp_path / 'run'}"
+    st_model = ("model=st_fcn", "transformer=affine")
+    with pytest.raises(TrainingInterrupted):
+        fit(with_trainer(small(tmp_path, run, *st_model, "trainer.loc_lr_scale=0.1"), stop_after=2))
+    with pytest.raises(CheckpointError, match="different configuration") as err:
+        fit(with_trainer(small(tmp_path, run, *st_model), resume=True))
+    assert "trainer.loc_lr_scale: 0.1 -> 1.0" in str(err.value)
+
+
 def test_resume_may_change_the_iterations(tmp_path: Path) -> None:
     run = f"run_dir={tmp_path / 'run'}"
     with pytest.raises(TrainingInterrupted):

@@ -55,7 +55,8 @@ RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 # - every other key (trainer.iterations, the intervals, amp, channels_last, dataset.test_limit, ...) changes
 #   the outcome but may change between invocations: resumable, but a finished run with another value is stale.
 IDENTITY = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr", "trainer.momentum",
-            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma", "trainer.schedule", "trainer.nesterov")
+            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma", "trainer.schedule", "trainer.nesterov",
+            "trainer.loc_lr_scale")
 RUNTIME = ("data_dir", "download", "runs_dir", "run_dir", "name", "trainer.resume", "trainer.stop_after",
            "trainer.device", "trainer.eval_batch_size", "trainer.compile", "logger")
 OUTCOME_EXCEPTIONS = ("dataset.test_limit",)  # inside an IDENTITY section, but evaluation only
