@@ -80,7 +80,7 @@ def convergence_plot(
     """Per-dataset PNGs (plots/<study>/, test error vs training images, log-log, the paper dashed) and <study>.md
     beside the record (mean ± std per budget, and the orderings the paper claims); and the same to W&B."""
     from stn.compose import ConfigError, compose
-    from stn.convergence import StudyError, load_study
+    from stn.convergence import StudyError, load_study, read_results
     from stn.convergence_plot import (
         log_study_to_wandb,
         orderings_table,
@@ -89,6 +89,7 @@ def convergence_plot(
         read_paper_schedule,
         summary_table,
     )
+    from stn.extrapolate import extrapolation_table
 
     try:
         loaded = load_study(study)
@@ -96,8 +97,9 @@ def convergence_plot(
         table = summary_table(loaded.results)
         orderings = orderings_table(loaded.results)
         papers = {(column, row): paper for (row, column), paper in loaded.grid.cells.items()}
-        endpoints = paper_schedule_table(read_paper_schedule(loaded.paper_schedule), papers) \
-            if loaded.paper_schedule else ""
+        schedule_cells = read_paper_schedule(loaded.paper_schedule)
+        endpoints = paper_schedule_table(schedule_cells, papers) if loaded.paper_schedule else ""
+        extrapolated = extrapolation_table(read_results(loaded.results), schedule_cells)
         logger = compose(list(loaded.overrides)).logger if wandb else None
     except (StudyError, ConfigError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -113,7 +115,16 @@ def convergence_plot(
                           "\n## At the paper's schedule (another study)\n\nCells trained the paper's full schedule "
                           "(150k steps of 256) by `stn engine run`, listed in the study's `paper_schedule`: trained "
                           "apart from this record (their own batch size, precision and device), so drawn beside "
-                          f"its curves (hollow diamonds), never joined to them.\n\n{endpoints}\n"))
+                          f"its curves (hollow diamonds), never joined to them.\n\n{endpoints}\n")
+                       + ("" if not extrapolated else
+                          "\n## Extrapolated to the paper's budget\n\nFor every model with three budgets or more: "
+                          "error(n) = floor + scale · n^-exponent (n the fraction of the paper's images) through "
+                          "the mean errors of its three smallest budgets, exactly (three points, three parameters; "
+                          "`stn.extrapolate`), and its value at n = 1; 'per seed' fits each seed's own three "
+                          "errors. Checks set the same fit beside what was measured at larger budgets: this "
+                          "record's own, and the paper-schedule cells of another study (their own batch size, "
+                          "precision and device). A prediction is a reading of the curve's shape, not a "
+                          f"result.\n\n{extrapolated}\n"))
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(p) for p in [*written, summary]))
     folder = log_study_to_wandb(loaded, written, logger) if logger is not None else None

@@ -1,0 +1,132 @@
+"""A convergence curve carried to the paper's budget: a power law with a floor, fitted through three budgets.
+
+    error(n) = floor + scale * n ** -exponent        n: the fraction of the paper's 38.4M training images
+
+Three parameters, so three budgets determine it exactly: nothing is least-squared or tuned, and the prediction at
+n = 1 is what the form says. Why this form: a pure power law through two budgets predicted the FCN's
+full-budget error 3-4x too low, because the log-log curves bend (experiments/convergence/README.md); the
+floor lets the curve flatten, as learning curves do (e.g. Hestness et al., "Deep learning scaling is
+predictable, empirically", 2017, whose curves end in an irreducible-error region).
+
+The fit exists only for errors that fall at every budget and flatten at least as fast as a straight line in
+error against log images (the exponent -> 0 limit of the form); anything else gets no prediction, with the
+reason. How well the form predicts is measured, not assumed: `extrapolation_rows` sets each prediction beside
+every larger budget the record holds and beside the paper-schedule cells of another study.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SaturatingPowerLaw:
+    floor: float
+    scale: float
+    exponent: float
+
+    def __call__(self, fraction: float) -> float:
+        return self.floor + self.scale * fraction ** -self.exponent
+
+
+class NoFit(ValueError):
+    """Three points the form cannot pass through (the message says why)."""
+
+
+def fit_three(fractions: Sequence[float], errors: Sequence[float]) -> SaturatingPowerLaw:
+    """The one SaturatingPowerLaw through three (fraction, error) points, fractions increasing.
+
+    With u_i = n_i ** -c, the ratio (u1 - u2) / (u2 - u3) grows with c from ln(n2/n1) / ln(n3/n2) (c -> 0) to
+    infinity, so matching it to (e1 - e2) / (e2 - e3) fixes c (bisection on ln c); scale and floor follow.
+    Raises NoFit for errors that do not fall at each budget or flatten more slowly than that c -> 0 limit."""
+    if len(fractions) != 3 or len(errors) != 3:
+        raise NoFit("needs exactly three budgets")
+    n1, n2, n3 = (float(f) for f in fractions)
+    e1, e2, e3 = (float(e) for e in errors)
+    if not 0 < n1 < n2 < n3:
+        raise NoFit("budgets must increase")
+    if not e1 > e2 > e3:
+        raise NoFit("the error does not fall at every budget")
+    target = (e1 - e2) / (e2 - e3)
+
+    def ratio(c: float) -> float:
+        u1, u2, u3 = n1 ** -c, n2 ** -c, n3 ** -c
+        return (u1 - u2) / (u2 - u3)
+
+    if target <= math.log(n2 / n1) / math.log(n3 / n2):
+        raise NoFit("the error does not flatten on the log axis (no floor + power law passes through it)")
+    lo, hi = math.log(1e-6), math.log(20.0)
+    if ratio(math.exp(hi)) < target:
+        raise NoFit("the error drops too abruptly for an exponent below 20")
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(math.exp(mid)) < target else (lo, mid)
+    c = math.exp((lo + hi) / 2)
+    scale = (e1 - e2) / (n1 ** -c - n2 ** -c)
+    return SaturatingPowerLaw(floor=e3 - scale * n3 ** -c, scale=scale, exponent=c)
+
+
+EXTRAPOLATION_COLUMNS = ("recipe", "dataset", "model", "fitted on", "floor", "exponent", "predicted at 1/1",
+                         "per seed", "checks: predicted / measured", "paper")
+
+
+def extrapolation_rows(rows: Sequence[dict[str, str]],
+                       paper_schedule: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[list[str]]:
+    """For each (recipe, dataset, model) of a study record with at least three budgets: the form fitted through
+    the means of its three smallest budgets, its prediction at the paper's budget (and, per seed, the spread of
+    the predictions of fits through that seed's three errors), set beside every larger budget of the record and
+    the paper-schedule cell of another study (`stn.convergence_plot.read_paper_schedule`), as
+    EXTRAPOLATION_COLUMNS."""
+    from stn.convergence import parse_budget
+
+    by_cell: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
+    papers: dict[tuple[str, str, str], str] = {}
+    for r in rows:
+        cell = (r["recipe"], r["dataset"], r["model"])
+        by_cell.setdefault(cell, {}).setdefault(r["budget"], {})[int(r["seed"])] = float(r["test_error"])
+        if r.get("paper"):
+            papers[cell] = r["paper"]
+    out = []
+    for cell in sorted(by_cell):
+        budgets = sorted(by_cell[cell], key=parse_budget)
+        if len(budgets) < 3:
+            continue
+        fitted, later = budgets[:3], budgets[3:]
+        fractions = [float(parse_budget(b)) for b in fitted]
+        means = [statistics.fmean(by_cell[cell][b].values()) for b in fitted]
+        seeds_text = "/".join(str(len(by_cell[cell][b])) for b in fitted)
+        try:
+            law = fit_three(fractions, means)
+        except NoFit as err:
+            out.append([*cell, f"{', '.join(fitted)} ({seeds_text} seeds)", "", "", f"none: {err}", "", "",
+                        papers.get(cell, "")])
+            continue
+        per_seed = []
+        for seed in sorted(set.intersection(*(set(by_cell[cell][b]) for b in fitted))):
+            try:
+                per_seed.append(fit_three(fractions, [by_cell[cell][b][seed] for b in fitted])(1.0))
+            except NoFit:
+                per_seed.append(math.nan)
+        checks = [f"{b}: {law(float(parse_budget(b))):.2f} / {statistics.fmean(by_cell[cell][b].values()):.2f}"
+                  for b in later]
+        endpoint = (paper_schedule or {}).get((cell[1], cell[2]))
+        if endpoint is not None:
+            checks.append(f"1/1 (another study): {law(1.0):.2f} / {endpoint['mean']:.2f}")
+        seed_text = ", ".join("none" if math.isnan(p) else f"{p:.2f}" for p in per_seed) if len(per_seed) > 1 else ""
+        out.append([*cell, f"{', '.join(fitted)} ({seeds_text} seeds)", f"{law.floor:.2f}", f"{law.exponent:.2f}",
+                    f"{law(1.0):.2f}", seed_text, "; ".join(checks), papers.get(cell, "")])
+    return out
+
+
+def extrapolation_table(rows: Sequence[dict[str, str]],
+                        paper_schedule: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
+    """`extrapolation_rows` as Markdown ('' when no cell has three budgets)."""
+    body = extrapolation_rows(rows, paper_schedule)
+    if not body:
+        return ""
+    lines = ["| " + " | ".join(EXTRAPOLATION_COLUMNS) + " |", "|" + "---|" * len(EXTRAPOLATION_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])

@@ -1,0 +1,107 @@
+"""stn.extrapolate: the floor + power law through three budgets, checked on laws written down by hand, and its
+table (prediction at the paper's budget, per-seed fits, checks against larger budgets) from a hand-made record."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stn.cli import app
+from stn.convergence import PAPER_IMAGES, parse_budget
+from stn.extrapolate import NoFit, SaturatingPowerLaw, extrapolation_rows, fit_three
+
+BUDGETS = ("1/250", "1/50", "1/20")
+FRACTIONS = [1 / 250, 1 / 50, 1 / 20]
+GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+
+
+@pytest.mark.parametrize(
+    ("floor", "scale", "exponent"),
+    [(0.9, 0.2, 0.7), (0.0, 0.05, 1.0), (13.75, 0.8, 0.77), (-0.5, 1.0, 0.3), (2.0, 1e-3, 2.5)],
+)
+def test_three_points_of_a_known_law_give_back_the_law(floor: float, scale: float, exponent: float) -> None:
+    errors = [floor + scale * n ** -exponent for n in FRACTIONS]  # the form written out, not SaturatingPowerLaw
+    law = fit_three(FRACTIONS, errors)
+    # The bisection runs to float precision in ln(exponent); what is left is the rounding of the three errors
+    # (relative 1e-16) amplified by the fit's conditioning, far below 1e-6 for these spreads of points.
+    assert law.exponent == pytest.approx(exponent, rel=1e-6)
+    assert law.scale == pytest.approx(scale, rel=1e-5)
+    assert law.floor == pytest.approx(floor, rel=1e-6, abs=1e-6 * max(errors))
+    assert law(1.0) == pytest.approx(floor + scale, rel=1e-6, abs=1e-6 * max(errors))
+    assert [law(n) for n in FRACTIONS] == pytest.approx(errors, rel=1e-9)
+
+
+def test_a_law_is_its_formula() -> None:
+    law = SaturatingPowerLaw(floor=1.0, scale=2.0, exponent=0.5)
+    assert law(0.25) == pytest.approx(1.0 + 2.0 * 2.0) and law(1.0) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("fractions", "errors", "why"),
+    [
+        (FRACTIONS, [5.0, 3.0, 3.5], "does not fall at every budget"),
+        (FRACTIONS, [5.0, 5.0, 4.0], "does not fall at every budget"),
+        # a straight line in error against log images: the exponent -> 0 limit itself, no floor + power law
+        (FRACTIONS, [10 - math.log(n / FRACTIONS[0]) for n in FRACTIONS], "does not flatten"),
+        (FRACTIONS, [10.0, 9.9, 1.0], "does not flatten"),  # the drop speeds up
+        ([1 / 50, 1 / 250, 1 / 20], [5.0, 3.0, 2.0], "budgets must increase"),
+        (FRACTIONS[:2], [5.0, 3.0], "exactly three"),
+    ],
+)
+def test_points_the_form_cannot_pass_through_get_no_fit(fractions: list[float], errors: list[float],
+                                                       why: str) -> None:
+    with pytest.raises(NoFit, match=why):
+        fit_three(fractions, errors)
+
+
+def record_rows(cells: dict[tuple[str, str], dict[str, list[float]]]) -> list[dict[str, str]]:
+    rows = []
+    for (dataset, model), by_budget in cells.items():
+        for budget, errors in by_budget.items():
+            for seed, error in enumerate(errors):
+                rows.append({"recipe": "paper-sgd", "dataset": dataset, "model": model, "budget": budget,
+                             "images": str(int(parse_budget(budget) * PAPER_IMAGES)), "seed": str(seed),
+                             "test_error": f"{error:.6f}", "paper": "1.2"})
+    return rows
+
+
+def test_the_table_predicts_from_the_three_smallest_budgets_and_checks_the_rest() -> None:
+    truth = SaturatingPowerLaw(floor=1.0, scale=0.1, exponent=0.8)
+    offsets = (-0.02, 0.0, 0.02)  # seed s sits offsets[s] above the law at every budget: a shifted floor
+    exact = {b: [truth(float(parse_budget(b))) + o for o in offsets] for b in (*BUDGETS, "1/2")}
+    rising = {"1/250": [3.0, 3.2], "1/50": [2.0], "1/20": [2.5]}
+    two_budgets = {"1/250": [3.0], "1/50": [2.0]}
+    rows = record_rows({("R", "CNN"): exact, ("P", "CNN"): rising, ("E", "CNN"): two_budgets})
+    endpoint = {("R", "CNN"): {"mean": 1.5, "errors": [1.4, 1.6]}}
+    table = {(r[1], r[2]): r for r in extrapolation_rows(rows, endpoint)}
+
+    assert set(table) == {("R", "CNN"), ("P", "CNN")}  # two budgets are not a curve
+    row = table[("R", "CNN")]
+    assert row[3] == "1/250, 1/50, 1/20 (3/3/3 seeds)"
+    assert (row[4], row[5], row[6]) == ("1.00", "0.80", f"{truth(1.0):.2f}")
+    assert row[7] == ", ".join(f"{truth(1.0) + o:.2f}" for o in offsets)  # each seed's own fit: its shifted law
+    assert row[8] == f"1/2: {truth(0.5):.2f} / {truth(0.5):.2f}; 1/1 (another study): {truth(1.0):.2f} / 1.50"
+    assert row[9] == "1.2"
+    assert table[("P", "CNN")][6] == "none: the error does not fall at every budget"
+
+
+def test_plot_command_writes_the_extrapolation_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = SaturatingPowerLaw(floor=1.0, scale=0.1, exponent=0.8)
+    rows = record_rows({("R", "CNN"): {b: [truth(float(parse_budget(b)))] for b in BUDGETS}})
+    monkeypatch.chdir(tmp_path)
+    with (tmp_path / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "study.yaml").write_text(
+        f"name: demo\nrecipe: paper-sgd\ngrid: {GRID}\nbatch_size: 128\nresults: results.csv\nseeds: [0]\n"
+        "parts:\n  - {rows: [CNN], columns: [R], budgets: ['1/250', '1/50', '1/20']}\n")
+    result = CliRunner().invoke(app, ["convergence", "plot", "--study", "study.yaml", "--no-wandb"])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "demo.md").read_text()
+    assert "## Extrapolated to the paper's budget" in written
+    assert f"| paper-sgd | R | CNN | 1/250, 1/50, 1/20 (1/1/1 seeds) | 1.00 | 0.80 | {truth(1.0):.2f} |" in written
