@@ -4,6 +4,7 @@ table (prediction at the paper's budget, per-seed fits, checks against larger bu
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from stn.cli import app
 from stn.convergence import PAPER_IMAGES, parse_budget
 from stn.extrapolate import NoFit, SaturatingPowerLaw, extrapolation_rows, fit_three
+from wandb_log import read_run
 
 BUDGETS = ("1/250", "1/50", "1/20")
 FRACTIONS = [1 / 250, 1 / 50, 1 / 20]
@@ -105,3 +107,29 @@ def test_plot_command_writes_the_extrapolation_section(tmp_path: Path, monkeypat
     written = (tmp_path / "demo.md").read_text()
     assert "## Extrapolated to the paper's budget" in written
     assert f"| paper-sgd | R | CNN | 1/250, 1/50, 1/20 (1/1/1 seeds) | 1.00 | 0.80 | {truth(1.0):.2f} |" in written
+
+
+def test_plot_command_logs_the_extrapolation_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+    truth = SaturatingPowerLaw(floor=1.0, scale=0.1, exponent=0.8)
+    rows = record_rows({("R", "CNN"): {b: [truth(float(parse_budget(b)))] for b in BUDGETS},
+                        ("R", "FCN"): {"1/250": [9.0], "1/50": [5.0]}})
+    monkeypatch.chdir(tmp_path)
+    with (tmp_path / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "study.yaml").write_text(
+        f"name: demo\nrecipe: paper-sgd\ngrid: {GRID}\nbatch_size: 128\nresults: results.csv\nseeds: [0]\n"
+        "overrides: [logger.mode=offline]\n"
+        "parts:\n  - {rows: [CNN, FCN], columns: [R], budgets: ['1/250', '1/50', '1/20']}\n")
+    result = CliRunner().invoke(app, ["convergence", "plot", "--study", "study.yaml"])
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_run(folder, lambda run: run["finished"] and "test_error/paper-sgd/R/CNN/1_20" in run["summary"])
+    assert run["summary"]["extrapolated_test_error/paper-sgd/R/CNN"] == pytest.approx(truth(1.0), rel=1e-5)
+    assert not any(key.startswith("extrapolated_test_error/paper-sgd/R/FCN") for key in run["summary"])
+    (table_file,) = folder.glob("files/media/table/extrapolation_*.table.json")
+    logged = json.loads(table_file.read_text())
+    assert [row[:3] + [row[6]] for row in logged["data"]] == [["paper-sgd", "R", "CNN", f"{truth(1.0):.2f}"]]

@@ -219,10 +219,13 @@ def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path |
     """One W&B run (job_type "study", in the group of the study's cell runs, named "<study>-study") holding the
     record as it stands: `results` (every row of results.csv), `summary` (mean and std over seeds per recipe,
     dataset, model and budget, beside the paper), `orderings` (`ordering_rows`), the per-dataset plots
-    (`plot/<dataset>`), and summary keys test_error/<recipe>/<dataset>/<model>/<budget, 1_50 for 1/50> (the
-    mean) and paper_test_error/<dataset>/<model>. Each call is a new run, a snapshot of the record (its size in the config): a dashboard takes the newest. `logger` is
-    the study's composed logger section (mode, project, entity, tags). Never fails: warns and returns None;
+    (`plot/<dataset>`), summary keys test_error/<recipe>/<dataset>/<model>/<budget, 1_50 for 1/50> (the mean)
+    and paper_test_error/<dataset>/<model>, and for models with three budgets `extrapolation`
+    (stn.extrapolate) with summary keys extrapolated_test_error/<recipe>/<dataset>/<model>. Each call is a new
+    run, a snapshot of the record (its size in the config): a dashboard takes the newest. `logger` is the
+    study's composed logger section (mode, project, entity, tags). Never fails: warns and returns None;
     returns the run's folder."""
+    from stn.extrapolate import EXTRAPOLATION_COLUMNS, extrapolate_record, extrapolation_rows
     from stn.tracking import effective_mode, init_run, say_once
 
     if logger.mode == "disabled":
@@ -248,16 +251,23 @@ def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path |
                 "orderings": wandb.Table(columns=list(ORDERING_COLUMNS), data=ordering_rows(table)),
                 **{f"plot/{path.stem}": wandb.Image(str(path)) for path in plots},
             }
-            if study.paper_schedule:
-                endpoints = read_paper_schedule(study.paper_schedule)
+            endpoints = read_paper_schedule(study.paper_schedule) if study.paper_schedule else {}
+            if endpoints:
                 payload["paper_schedule"] = wandb.Table(
                     columns=["dataset", "model", "seeds", "mean", "std", "source"],
                     data=[[d, m, len(v["errors"]), v["mean"], v["std"], v["source"]] for (d, m), v in sorted(endpoints.items())])
+            extrapolations = extrapolate_record(rows, endpoints)
+            if extrapolations:
+                payload["extrapolation"] = wandb.Table(columns=list(EXTRAPOLATION_COLUMNS),
+                                                       data=extrapolation_rows(rows, endpoints))
             run.log(payload)
             for (recipe, dataset, model, budget), v in table.items():
                 run.summary[f"test_error/{recipe}/{dataset}/{model}/{budget.replace('/', '_')}"] = v["mean"]
                 if v["paper"] is not None:
                     run.summary[f"paper_test_error/{dataset}/{model}"] = v["paper"]
+            for e in extrapolations:
+                if e.law is not None:
+                    run.summary[f"extrapolated_test_error/{e.recipe}/{e.dataset}/{e.model}"] = e.law(1.0)
             folder = Path(run.dir).parent  # run.dir is <run folder>/files
         return folder
     except Exception as err:  # W&B must never cost the study: the record and its plots are already written

@@ -70,17 +70,28 @@ def fit_three(fractions: Sequence[float], errors: Sequence[float]) -> Saturating
     return SaturatingPowerLaw(floor=e3 - scale * n3 ** -c, scale=scale, exponent=c)
 
 
-EXTRAPOLATION_COLUMNS = ("recipe", "dataset", "model", "fitted on", "floor", "exponent", "predicted at 1/1",
-                         "per seed", "checks: predicted / measured", "paper")
+@dataclass(frozen=True)
+class Extrapolation:
+    """One model's curve carried to the paper's budget (`extrapolate_record`)."""
+
+    recipe: str
+    dataset: str
+    model: str
+    fitted: tuple[str, ...]  # the three budgets the law goes through
+    seeds: tuple[int, ...]  # how many seeds each of them has
+    law: SaturatingPowerLaw | None  # None: no fit (`why`)
+    why: str = ""
+    per_seed: tuple[float, ...] = ()  # each seed's own fit at n = 1 (nan: none), for seeds at all three budgets
+    checks: tuple[tuple[str, float, float], ...] = ()  # (budget, predicted, measured mean) past the fitted ones
+    paper: str = ""
 
 
-def extrapolation_rows(rows: Sequence[dict[str, str]],
-                       paper_schedule: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[list[str]]:
+def extrapolate_record(rows: Sequence[dict[str, str]],
+                       paper_schedule: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[Extrapolation]:
     """For each (recipe, dataset, model) of a study record with at least three budgets: the form fitted through
-    the means of its three smallest budgets, its prediction at the paper's budget (and, per seed, the spread of
-    the predictions of fits through that seed's three errors), set beside every larger budget of the record and
-    the paper-schedule cell of another study (`stn.convergence_plot.read_paper_schedule`), as
-    EXTRAPOLATION_COLUMNS."""
+    the means of its three smallest budgets and through each seed's own three errors, set beside every larger
+    budget of the record and the paper-schedule cell of another study (`stn.convergence_plot.
+    read_paper_schedule`; budget "1/1 (another study)")."""
     from stn.convergence import parse_budget
 
     by_cell: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
@@ -92,33 +103,50 @@ def extrapolation_rows(rows: Sequence[dict[str, str]],
             papers[cell] = r["paper"]
     out = []
     for cell in sorted(by_cell):
-        budgets = sorted(by_cell[cell], key=parse_budget)
+        errors = by_cell[cell]
+        budgets = sorted(errors, key=parse_budget)
         if len(budgets) < 3:
             continue
         fitted, later = budgets[:3], budgets[3:]
         fractions = [float(parse_budget(b)) for b in fitted]
-        means = [statistics.fmean(by_cell[cell][b].values()) for b in fitted]
-        seeds_text = "/".join(str(len(by_cell[cell][b])) for b in fitted)
+        common = {"fitted": tuple(fitted), "seeds": tuple(len(errors[b]) for b in fitted),
+                  "paper": papers.get(cell, "")}
         try:
-            law = fit_three(fractions, means)
+            law = fit_three(fractions, [statistics.fmean(errors[b].values()) for b in fitted])
         except NoFit as err:
-            out.append([*cell, f"{', '.join(fitted)} ({seeds_text} seeds)", "", "", f"none: {err}", "", "",
-                        papers.get(cell, "")])
+            out.append(Extrapolation(*cell, law=None, why=str(err), **common))
             continue
         per_seed = []
-        for seed in sorted(set.intersection(*(set(by_cell[cell][b]) for b in fitted))):
+        for seed in sorted(set.intersection(*(set(errors[b]) for b in fitted))):
             try:
-                per_seed.append(fit_three(fractions, [by_cell[cell][b][seed] for b in fitted])(1.0))
+                per_seed.append(fit_three(fractions, [errors[b][seed] for b in fitted])(1.0))
             except NoFit:
                 per_seed.append(math.nan)
-        checks = [f"{b}: {law(float(parse_budget(b))):.2f} / {statistics.fmean(by_cell[cell][b].values()):.2f}"
-                  for b in later]
+        checks = [(b, law(float(parse_budget(b))), statistics.fmean(errors[b].values())) for b in later]
         endpoint = (paper_schedule or {}).get((cell[1], cell[2]))
         if endpoint is not None:
-            checks.append(f"1/1 (another study): {law(1.0):.2f} / {endpoint['mean']:.2f}")
-        seed_text = ", ".join("none" if math.isnan(p) else f"{p:.2f}" for p in per_seed) if len(per_seed) > 1 else ""
-        out.append([*cell, f"{', '.join(fitted)} ({seeds_text} seeds)", f"{law.floor:.2f}", f"{law.exponent:.2f}",
-                    f"{law(1.0):.2f}", seed_text, "; ".join(checks), papers.get(cell, "")])
+            checks.append(("1/1 (another study)", law(1.0), float(endpoint["mean"])))
+        out.append(Extrapolation(*cell, law=law, per_seed=tuple(per_seed), checks=tuple(checks), **common))
+    return out
+
+
+EXTRAPOLATION_COLUMNS = ("recipe", "dataset", "model", "fitted on", "floor", "exponent", "predicted at 1/1",
+                         "per seed", "checks: predicted / measured", "paper")
+
+
+def extrapolation_rows(rows: Sequence[dict[str, str]],
+                       paper_schedule: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[list[str]]:
+    """`extrapolate_record` as text, EXTRAPOLATION_COLUMNS (per seed: only with two seeds or more)."""
+    out = []
+    for e in extrapolate_record(rows, paper_schedule):
+        fitted = f"{', '.join(e.fitted)} ({'/'.join(str(n) for n in e.seeds)} seeds)"
+        if e.law is None:
+            out.append([e.recipe, e.dataset, e.model, fitted, "", "", f"none: {e.why}", "", "", e.paper])
+            continue
+        seeds = ", ".join("none" if math.isnan(p) else f"{p:.2f}" for p in e.per_seed) if len(e.per_seed) > 1 else ""
+        checks = "; ".join(f"{budget}: {predicted:.2f} / {measured:.2f}" for budget, predicted, measured in e.checks)
+        out.append([e.recipe, e.dataset, e.model, fitted, f"{e.law.floor:.2f}", f"{e.law.exponent:.2f}",
+                    f"{e.law(1.0):.2f}", seeds, checks, e.paper])
     return out
 
 
