@@ -241,6 +241,38 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()  # a dry run trains and writes nothing
 
 
+HEADER = "recipe,dataset,model,budget,images,seed,test_error,paper\n"
+GOOD_ROW = "paper-sgd,R,CNN,1/250,153600,0,5.34,1.2\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("paper-sgd,R,CNN,1/250,153600,0,abc,1.2\n", "line 3: test_error 'abc' is not a number"),
+        ("paper-sgd,R,CNN,1/250,153600,zero,5.0,1.2\n", "line 3: seed 'zero' is not an integer"),
+        ("paper-sgd,R,CNN,1/2x50,153600,0,5.0,1.2\n", "line 3: budget '1/2x50' is not a fraction"),
+        ("paper-sgd,R,CNN,1/250,153600,0\n", "line 3: 6 fields where the header has 8"),  # a torn write
+        ("paper-sgd,R,CNN,1/250,153600,0,5.0,1.2,extra\n", "line 3: 9 fields where the header has 8"),
+    ],
+)
+def test_a_broken_record_row_is_named_by_its_line_before_anything_trains(tmp_path: Path, row: str,
+                                                                         message: str) -> None:
+    path = write_study(tmp_path)
+    record = tmp_path / "record" / "results.csv"
+    record.parent.mkdir()
+    record.write_text(HEADER + GOOD_ROW + row)
+    with pytest.raises(StudyError, match=message):
+        read_results(record)
+    for command in (["run"], ["run", "--dry-run"], ["plot", "--no-wandb"]):
+        result = runner.invoke(app, ["convergence", *command, "--study", str(path)])
+        assert result.exit_code == 2, (command, result.output)
+        assert message in result.output and "fix or delete that row" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+    record.write_text(HEADER + GOOD_ROW)
+    assert [r["test_error"] for r in read_results(record)] == ["5.34"]
+
+
 def test_a_cell_that_does_not_compose_is_named(tmp_path: Path) -> None:
     """Only the ST-CNN cell is invalid (an ST model without a transformer): the study names its row, column, budget."""
     grid = tmp_path / "grid.yaml"

@@ -42,6 +42,7 @@ def convergence_run(
         loaded = load_study(study)
         seed_list = None if seeds is None else [int(s) for s in csv_list(seeds) or []]
         cells = plan(loaded, rows=csv_list(rows), columns=csv_list(columns), budgets=csv_list(budgets), seeds=seed_list)
+        done = recorded_keys(loaded)  # a broken record stops here, before anything trains
     except ValueError as err:  # StudyError, or a seed that is not an integer
         message = str(err) if isinstance(err, StudyError) else f"--seeds {seeds!r} must be integers, e.g. 0,1,2"
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -53,7 +54,6 @@ def convergence_run(
         typer.secho(f"error: --max-cells {max_cells} must be at least 1", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     if dry_run:
-        done = recorded_keys(loaded)
         for cell in cells:
             state = "recorded" if cell.key in done else "to train"
             typer.echo(f"{cell.budget:>6} seed {cell.seed} {cell.column:>4} {cell.row:<12} "

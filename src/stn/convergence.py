@@ -270,7 +270,30 @@ def read_results(path: Path) -> list[dict[str, str]]:
         missing = [c for c in ("recipe", "dataset", "model", "budget", "seed", "test_error") if c not in reader.fieldnames]
         if missing:
             raise StudyError(f"{path} lacks the columns {missing}: it is not a study record; move it away")
-        return list(reader)
+        rows = []
+        for row in reader:
+            _check_row(row, f"{path}, line {reader.line_num}")
+            rows.append(row)
+        return rows
+
+
+def _check_row(row: dict[str, Any], where: str) -> None:
+    """One clear line for a record row that a hand edit or a torn write has broken, before anything uses it."""
+    if None in row or None in row.values():
+        raise StudyError(f"{where}: {len([v for v in row.values() if v is not None])} fields where the header has "
+                         f"{len([k for k in row if k is not None])}; fix or delete that row")
+    checks = {"seed": int, "test_error": float, "images": int}
+    for column, kind in checks.items():
+        if column in row and (row[column] or column != "images"):  # images: blank in hand-made records
+            try:
+                kind(row[column])
+            except ValueError:
+                raise StudyError(f"{where}: {column} {row[column]!r} is not {'an integer' if kind is int else 'a number'}"
+                                 "; fix or delete that row") from None
+    try:
+        parse_budget(row["budget"])
+    except StudyError as err:
+        raise StudyError(f"{where}: {err}; fix or delete that row") from None
 
 
 @contextlib.contextmanager
