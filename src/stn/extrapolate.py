@@ -10,7 +10,7 @@ predictable, empirically", 2017, whose curves end in an irreducible-error region
 
 The fit exists only for errors that fall at every budget and flatten at least as fast as a straight line in
 error against log images (the exponent -> 0 limit of the form); anything else gets no prediction, with the
-reason. How well the form predicts is measured, not assumed: `extrapolation_rows` sets each prediction beside
+reason. How well the form predicts is measured, not assumed: `extrapolate_record` sets each prediction beside
 every larger budget the record holds and beside the paper-schedule cells of another study.
 """
 
