@@ -77,13 +77,22 @@ def test_the_table_predicts_from_the_three_smallest_budgets_and_checks_the_rest(
     exact = {b: [truth(float(parse_budget(b))) + o for o in offsets] for b in (*BUDGETS, "1/2")}
     rising = {"1/250": [3.0, 3.2], "1/50": [2.0], "1/20": [2.5]}
     two_budgets = {"1/250": [3.0], "1/50": [2.0]}
-    rows = record_rows({("R", "CNN"): exact, ("P", "CNN"): rising, ("E", "CNN"): two_budgets})
+    # seed 0 follows the law; seeds 1 and 2, far above it, are not trained at 1/20 yet and must not bend the fit
+    partial = {"1/250": [truth(1 / 250), 9.0, 9.0], "1/50": [truth(1 / 50), 8.0, 8.0], "1/20": [truth(1 / 20)]}
+    rows = record_rows({("R", "CNN"): exact, ("P", "CNN"): rising, ("E", "CNN"): two_budgets,
+                        ("RTS", "CNN"): partial})
+    disjoint = record_rows({("P", "FCN"): {"1/250": [5.0], "1/50": [3.0]}})
+    disjoint += [{**disjoint[0], "budget": "1/20", "seed": "1", "test_error": "2.5"}]  # only seed 1 at 1/20
+    rows += disjoint
     endpoint = {("R", "CNN"): {"mean": 1.5, "errors": [1.4, 1.6]}}
     table = {(r[1], r[2]): r for r in extrapolation_rows(rows, endpoint)}
+    assert table.pop(("P", "FCN"))[3:7] == ["1/250, 1/50, 1/20 (seeds none in common)", "", "",
+                                            "none: no seed was trained at all three budgets"]
 
-    assert set(table) == {("R", "CNN"), ("P", "CNN")}  # two budgets are not a curve
+    assert set(table) == {("R", "CNN"), ("P", "CNN"), ("RTS", "CNN")}  # two budgets are not a curve
+    assert table[("RTS", "CNN")][3:7] == ["1/250, 1/50, 1/20 (seeds 0)", "1.00", "0.80", f"{truth(1.0):.2f}"]
     row = table[("R", "CNN")]
-    assert row[3] == "1/250, 1/50, 1/20 (3/3/3 seeds)"
+    assert row[3] == "1/250, 1/50, 1/20 (seeds 0, 1, 2)"
     assert (row[4], row[5], row[6]) == ("1.00", "0.80", f"{truth(1.0):.2f}")
     assert row[7] == ", ".join(f"{truth(1.0) + o:.2f}" for o in offsets)  # each seed's own fit: its shifted law
     assert row[8] == f"1/2: {truth(0.5):.2f} / {truth(0.5):.2f}; 1/1 (another study): {truth(1.0):.2f} / 1.50"
@@ -106,7 +115,7 @@ def test_plot_command_writes_the_extrapolation_section(tmp_path: Path, monkeypat
     assert result.exit_code == 0, result.output
     written = (tmp_path / "demo.md").read_text()
     assert "## Extrapolated to the paper's budget" in written
-    assert f"| paper-sgd | R | CNN | 1/250, 1/50, 1/20 (1/1/1 seeds) | 1.00 | 0.80 | {truth(1.0):.2f} |" in written
+    assert f"| paper-sgd | R | CNN | 1/250, 1/50, 1/20 (seeds 0) | 1.00 | 0.80 | {truth(1.0):.2f} |" in written
 
 
 def test_plot_command_logs_the_extrapolation_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -119,7 +119,7 @@ def convergence_plot(
                        + ("" if not extrapolated else
                           "\n## Extrapolated to the paper's budget\n\nFor every model with three budgets or more: "
                           "error(n) = floor + scale · n^-exponent (n the fraction of the paper's images) through "
-                          "the mean errors of its three smallest budgets, exactly (three points, three parameters; "
+                          "the mean errors of its three smallest budgets over the seeds trained at all three, exactly (three points, three parameters; "
                           "`stn.extrapolate`), and its value at n = 1; 'per seed' fits each seed's own three "
                           "errors. Checks set the same fit beside what was measured at larger budgets: this "
                           "record's own, and the paper-schedule cells of another study (their own batch size, "

@@ -78,7 +78,7 @@ class Extrapolation:
     dataset: str
     model: str
     fitted: tuple[str, ...]  # the three budgets the law goes through
-    seeds: tuple[int, ...]  # how many seeds each of them has
+    seeds: tuple[int, ...]  # the seeds trained at all three: the fit goes through their mean errors
     law: SaturatingPowerLaw | None  # None: no fit (`why`)
     why: str = ""
     per_seed: tuple[float, ...] = ()  # each seed's own fit at n = 1 (nan: none), for seeds at all three budgets
@@ -89,7 +89,8 @@ class Extrapolation:
 def extrapolate_record(rows: Sequence[dict[str, str]],
                        paper_schedule: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[Extrapolation]:
     """For each (recipe, dataset, model) of a study record with at least three budgets: the form fitted through
-    the means of its three smallest budgets and through each seed's own three errors, set beside every larger
+    its three smallest budgets' mean errors over the seeds trained at all three, and through each such seed's
+    own three errors, set beside every larger
     budget of the record and the paper-schedule cell of another study (`stn.convergence_plot.
     read_paper_schedule`; budget "1/1 (another study)")."""
     from stn.convergence import parse_budget
@@ -109,15 +110,19 @@ def extrapolate_record(rows: Sequence[dict[str, str]],
             continue
         fitted, later = budgets[:3], budgets[3:]
         fractions = [float(parse_budget(b)) for b in fitted]
-        common = {"fitted": tuple(fitted), "seeds": tuple(len(errors[b]) for b in fitted),
-                  "paper": papers.get(cell, "")}
+        # Only the seeds trained at all three budgets: a seed's data stream and initialisation are the same at
+        # every budget, so a mean over other seeds at one budget alone would bend the curve by seed noise.
+        seeds = sorted(set.intersection(*(set(errors[b]) for b in fitted)))
+        common = {"fitted": tuple(fitted), "seeds": tuple(seeds), "paper": papers.get(cell, "")}
         try:
-            law = fit_three(fractions, [statistics.fmean(errors[b].values()) for b in fitted])
+            if not seeds:
+                raise NoFit("no seed was trained at all three budgets")
+            law = fit_three(fractions, [statistics.fmean(errors[b][seed] for seed in seeds) for b in fitted])
         except NoFit as err:
             out.append(Extrapolation(*cell, law=None, why=str(err), **common))
             continue
         per_seed = []
-        for seed in sorted(set.intersection(*(set(errors[b]) for b in fitted))):
+        for seed in seeds:
             try:
                 per_seed.append(fit_three(fractions, [errors[b][seed] for b in fitted])(1.0))
             except NoFit:
@@ -139,7 +144,7 @@ def extrapolation_rows(rows: Sequence[dict[str, str]],
     """`extrapolate_record` as text, EXTRAPOLATION_COLUMNS (per seed: only with two seeds or more)."""
     out = []
     for e in extrapolate_record(rows, paper_schedule):
-        fitted = f"{', '.join(e.fitted)} ({'/'.join(str(n) for n in e.seeds)} seeds)"
+        fitted = f"{', '.join(e.fitted)} (seeds {', '.join(str(n) for n in e.seeds) or 'none in common'})"
         if e.law is None:
             out.append([e.recipe, e.dataset, e.model, fitted, "", "", f"none: {e.why}", "", "", e.paper])
             continue
