@@ -46,6 +46,17 @@ def test_stn_bench_tiny_run_ends_with_a_ratio_line_per_model(data_dir):
     assert "measured matmul peak" in result.output and "load average" in result.output
 
 
+def test_stn_bench_on_tc_feeds_the_reference_its_clutter(data_dir):
+    # the reference pipeline cuts TC's clutter from the training digits: it once got none and failed in the loader
+    result = runner.invoke(app, [
+        "bench", "--models", "fcn", "--dataset", "TC", "--rounds", "1", "--steps", "1", "--warmup", "1",
+        "--min-turn", "0", "--batch-size", "8", "--workers", "0", "--threads", "1", "--device", "cpu",
+        "--override", f"data_dir={data_dir}", "--override", "dataset.train_limit=256",
+    ])
+    assert result.exit_code == 0, result.output
+    assert RATIO_LINE.match(result.output.strip().splitlines()[-1 - cpu_has_bf16()])
+
+
 def test_ratio_format_is_the_documented_one():
     assert RATIO_FORMAT.format(model="CNN", ratio=3.104) == "CNN ratio: 3.10"
     assert [label for label, _ in TRAIN_MODELS] == ["FCN", "CNN", "ST-CNN Aff", "ST-CNN Proj", "ST-CNN TPS"]

@@ -49,3 +49,8 @@ def test_a_tiny_bench_data_run_gives_one_row_per_dataset(data_dir):
     table = format_data_table(rows, workers=(0,))
     assert table.splitlines()[0].startswith("| dataset | ours CPU | ours CUDA | torchvision, 0 workers")
     assert len(table.splitlines()) == 4
+
+
+def test_clutter_without_a_pool_is_refused_when_built_not_mid_loader(datasets):
+    with pytest.raises(ValueError, match="clutter needs a pool"):
+        ReferenceDistortion(datasets["TC"])

@@ -14,7 +14,8 @@ Without --default-allocator the process first calls `keep_freed_memory()`, as `f
 both ways to see what the allocator setting does. Prints median images/s per variant and the ratios to `before`.
 --micro times single ops instead: the first conv's input gradient (oneDNN's, as autograd runs it, vs
 InputGradConv2d's), F.fold vs fold_patches, ReLU -> pool vs pool -> ReLU in NCHW and channels_last.
---profile prints torch.profiler's top ops (by self CPU time, per step) of `before` and `after` instead.
+--profile prints torch.profiler's top ops (by self CPU time, per step) of `before` and `after` (and of the bf16
+variant with --bf16) instead.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def micro(batch: int) -> None:
 def profile(model: str, variants: dict, steps: int, rows: int = 12) -> None:
     from torch.profiler import profile as torch_profile
 
-    for name in ("before", "after"):
+    for name in [name for name in ("before", "after", "after, bf16 autocast") if name in variants]:
         variants[name](2)
         with torch_profile(record_shapes=True) as prof:
             variants[name](steps)

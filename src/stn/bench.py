@@ -104,7 +104,9 @@ def _reference(cfg: Config, device: torch.device, workers: int) -> Side:
 
     from stn.models import build_model
 
-    dataset: Any = MNIST(cfg.data_dir, train=True, download=False, transform=ReferenceDistortion(cfg.dataset))
+    dataset: Any = MNIST(cfg.data_dir, train=True, download=False)
+    # TC's clutter is cut from other training digits, as in ours
+    dataset.transform = ReferenceDistortion(cfg.dataset, dataset.data if cfg.dataset.clutter else None)
     if cfg.dataset.train_limit is not None:
         dataset = Subset(dataset, range(min(cfg.dataset.train_limit, len(dataset))))
     batch = min(cfg.trainer.batch_size, len(dataset))

@@ -36,6 +36,10 @@ class ReferenceDistortion:
     cfg: DatasetConfig
     pool: Tensor | None = None  # uint8 (N, 28, 28) digits that TC's clutter is cut from
 
+    def __post_init__(self) -> None:
+        if self.cfg.clutter and self.pool is None:
+            raise ValueError(f"dataset {self.cfg.name}: clutter needs a pool of digits to cut it from (pool=None)")
+
     def __call__(self, image: Any) -> Tensor:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
