@@ -121,19 +121,34 @@ def test_resolve_device() -> None:
 
 def test_precision_follows_the_device_and_the_cpu_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    base = compose(["trainer=smoke"]).trainer
-    assert base.amp and base.cpu_precision == "float32"
+    cfg = compose(["trainer=smoke"])
+    base, cnn = cfg.trainer, cfg.model
+    assert base.amp and base.cpu_precision == "float32" and cnn.name == "cnn"
     # trainer.amp is CUDA's switch only; the CPU follows trainer.cpu_precision.
-    assert resolve_precision(base, cpu) == "float32" and resolve_precision(base, cuda) == "bf16"
-    assert resolve_precision(dataclasses.replace(base, amp=False), cuda) == "float32"
-    assert resolve_precision(dataclasses.replace(base, cpu_precision="bf16"), cpu) == "bf16"
+    assert resolve_precision(base, cpu, cnn) == "float32" and resolve_precision(base, cuda, cnn) == "bf16"
+    assert resolve_precision(dataclasses.replace(base, amp=False), cuda, cnn) == "float32"
+    assert resolve_precision(dataclasses.replace(base, cpu_precision="bf16"), cpu, cnn) == "bf16"
     auto = dataclasses.replace(base, cpu_precision="auto")
     for hardware, expected in ((True, "bf16"), (False, "float32")):
         monkeypatch.setattr(device_module, "cpu_has_bf16", lambda hardware=hardware: hardware)
-        assert resolve_precision(auto, cpu) == expected
-        assert device_module.runtime_flags(auto, cpu) == (expected == "bf16", base.channels_last)
+        assert resolve_precision(auto, cpu, cnn) == expected
+        assert device_module.runtime_flags(auto, cpu, cnn) == (expected == "bf16", base.channels_last)
     with pytest.raises(ConfigError, match="trainer.cpu_precision='fp16' is not one of"):
         compose(["trainer.cpu_precision=fp16"])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["model=fcn"], "float32"), (["model=st_fcn", "transformer=affine"], "float32"),
+    (["model=cnn"], "bf16"), (["model=st_cnn", "transformer=affine"], "bf16"), (["model=st_cnn", "transformer=tps"], "bf16"),
+])
+def test_auto_takes_bf16_only_for_the_models_it_speeds_up(monkeypatch: pytest.MonkeyPatch, overrides, expected) -> None:
+    # on bf16 hardware autocast slowed the FCN-family steps (0.86-1.06x) and sped up the convolutional ones
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
+    cfg = compose(["trainer=smoke", "trainer.cpu_precision=auto", *overrides])
+    assert resolve_precision(cfg.trainer, torch.device("cpu"), cfg.model) == expected
+    # an explicit setting is obeyed whatever the model
+    assert resolve_precision(dataclasses.replace(cfg.trainer, cpu_precision="bf16"), torch.device("cpu"),
+                             cfg.model) == "bf16"
 
 
 def test_code_commit_is_stns_own_whatever_the_working_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,7 +73,7 @@ def _ours(cfg: Config, digits: Tensor, labels: Tensor, device: torch.device) -> 
     """The training loop of `stn.train.fit`, minus logging, evaluation and checkpoints."""
     from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model
 
-    amp, channels_last = runtime_flags(cfg.trainer, device)
+    amp, channels_last = runtime_flags(cfg.trainer, device, cfg.model)
     model = prepare_model(cfg, device)
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer)

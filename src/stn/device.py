@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from stn.config import ConfigError, TrainerConfig
+from stn.config import ConfigError, ModelConfig, TrainerConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,21 +94,28 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_precision(trainer: TrainerConfig, device: torch.device) -> str:
+# Models whose step bf16 autocast speeds up on a CPU with bf16 hardware: those with a convolutional classifier.
+# Measured side by side on a 2-core Intel Xeon with AMX (experiments/bench/precision.md): CNN 1.41x (R) and
+# 2.70x (TC), ST-CNN Aff / Proj / TPS 1.35-1.49x; the FCN and ST-FCNs, all small matmuls, 0.86-1.06x.
+BF16_PAYS = ("cnn", "st_cnn")
+
+
+def resolve_precision(trainer: TrainerConfig, device: torch.device, model: ModelConfig) -> str:
     """The arithmetic a run uses on `device`: 'bf16' (autocast) or 'float32'.
 
-    CUDA: trainer.amp. CPU: trainer.cpu_precision, where 'auto' is bf16 only on CPUs with bf16 hardware.
+    CUDA: trainer.amp. CPU: trainer.cpu_precision, where 'auto' is bf16 only on CPUs with bf16 hardware and
+    only for the models it speeds up there (`BF16_PAYS`).
     """
     if device.type == "cuda":
         return "bf16" if trainer.amp else "float32"
     if trainer.cpu_precision == "auto":
-        return "bf16" if cpu_has_bf16() else "float32"
+        return "bf16" if cpu_has_bf16() and model.name in BF16_PAYS else "float32"
     return trainer.cpu_precision
 
 
-def runtime_flags(trainer: TrainerConfig, device: torch.device) -> tuple[bool, bool]:
+def runtime_flags(trainer: TrainerConfig, device: torch.device, model: ModelConfig) -> tuple[bool, bool]:
     """(amp, channels_last) as they apply on `device`: bf16 autocast per `resolve_precision`, channels_last anywhere."""
-    return resolve_precision(trainer, device) == "bf16", trainer.channels_last
+    return resolve_precision(trainer, device, model) == "bf16", trainer.channels_last
 
 
 def keep_freed_memory() -> bool:

@@ -94,7 +94,7 @@ def prepare_model(cfg: Config, device: torch.device) -> nn.Module:
 
     torch.manual_seed(cfg.seed)  # the model's initialisation
     model = build_model(cfg).to(device)
-    if runtime_flags(cfg.trainer, device)[1]:
+    if runtime_flags(cfg.trainer, device, cfg.model)[1]:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -215,7 +215,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     from stn.models import count_parameters
 
     device = resolve_device(cfg.trainer.device)
-    amp, channels_last = runtime_flags(cfg.trainer, device)
+    amp, channels_last = runtime_flags(cfg.trainer, device, cfg.model)
     if device.type == "cpu":
         keep_freed_memory()
         if amp and not cpu_has_bf16():
