@@ -96,7 +96,7 @@ def cpu_has_bf16() -> bool:
 
 # Models whose step bf16 autocast speeds up on a CPU with bf16 hardware: those with a convolutional classifier.
 # Measured side by side on a 2-core Intel Xeon with AMX (experiments/bench/precision.md): CNN 1.41x (R) and
-# 2.70x (TC), ST-CNN Aff / Proj / TPS 1.35-1.49x; the FCN and ST-FCNs, all small matmuls, 0.86-1.06x.
+# 2.70x (TC), ST-CNN Aff / Proj / TPS 1.31-1.49x; the FCN and ST-FCNs, all small matmuls, 0.86-1.06x.
 BF16_PAYS = ("cnn", "st_cnn")
 
 
