@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.convergence import PAPER_IMAGES, parse_budget
-from stn.extrapolate import NoFit, SaturatingPowerLaw, extrapolation_rows, fit_three
+from stn.extrapolate import NoFit, SaturatingPowerLaw, extrapolation_rows, fit_error_curve, fit_three
 from wandb_log import read_run
 
 BUDGETS = ("1/250", "1/50", "1/20")
@@ -58,6 +58,24 @@ def test_points_the_form_cannot_pass_through_get_no_fit(fractions: list[float], 
                                                        why: str) -> None:
     with pytest.raises(NoFit, match=why):
         fit_three(fractions, errors)
+
+
+def test_an_error_curve_with_a_floor_below_zero_gets_no_fit() -> None:
+    # steeper than a power law on log-log axes: the law through it exists (floor -0.5) but crosses zero
+    errors = [-0.5 + 1.0 * n ** -0.3 for n in FRACTIONS]
+    assert fit_three(FRACTIONS, errors).floor == pytest.approx(-0.5, rel=1e-6)
+    with pytest.raises(NoFit, match="floor is below zero"):
+        fit_error_curve(FRACTIONS, errors)
+    # a pure power law (floor exactly 0, up to the fit's rounding) and a positive floor are kept
+    assert fit_error_curve(FRACTIONS, [0.05 * n ** -1.0 for n in FRACTIONS]).floor == pytest.approx(0.0, abs=1e-6)
+    assert fit_error_curve(FRACTIONS, [0.9 + 0.2 * n ** -0.7 for n in FRACTIONS]).floor == pytest.approx(0.9)
+
+
+def test_the_table_says_why_a_cell_with_a_floor_below_zero_is_not_extrapolated() -> None:
+    # the study's P CNN seed 0 (2.92, 1.44, 0.94): its log-log slope steepens from -0.44 to -0.47
+    rows = record_rows({("P", "CNN"): {"1/250": [2.92], "1/50": [1.44], "1/20": [0.94]}})
+    (row,) = extrapolation_rows(rows)
+    assert row[4] == "" and row[6].startswith("none: the fitted floor is below zero")
 
 
 def record_rows(cells: dict[tuple[str, str], dict[str, list[float]]]) -> list[dict[str, str]]:

@@ -123,7 +123,9 @@ def convergence_plot(
                           "`stn.extrapolate`), and its value at n = 1; 'per seed' fits each seed's own three "
                           "errors. Checks set the same fit beside what was measured at larger budgets: this "
                           "record's own, and the paper-schedule cells of another study (their own batch size, "
-                          "precision and device). A prediction is a reading of the curve's shape, not a "
+                          "precision and device). No prediction where the errors do not fall at every budget or "
+                          "do not flatten: a law with a floor below zero would cross zero. A prediction is a "
+                          "reading of the curve's shape, not a "
                           f"result.\n\n{extrapolated}\n"))
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(p) for p in [*written, summary]))

@@ -70,6 +70,19 @@ def fit_three(fractions: Sequence[float], errors: Sequence[float]) -> Saturating
     return SaturatingPowerLaw(floor=e3 - scale * n3 ** -c, scale=scale, exponent=c)
 
 
+def fit_error_curve(fractions: Sequence[float], errors: Sequence[float]) -> SaturatingPowerLaw:
+    """`fit_three` for a test error, which cannot go below zero: a law whose floor is negative is NoFit.
+
+    A negative floor means the three errors fall at least as fast as a pure power law on the log-log axes (the
+    slope does not flatten there); such a law would cross zero at some budget, so it predicts nothing. The
+    tolerance (a millionth of the largest error) only absorbs the fit's rounding for a floor of exactly zero."""
+    law = fit_three(fractions, errors)
+    if law.floor < -1e-6 * max(errors):
+        raise NoFit(f"the fitted floor is below zero ({law.floor:.2f}): the error does not flatten on the log-log "
+                    "axes, so the form has no floor to carry it to")
+    return law
+
+
 @dataclass(frozen=True)
 class Extrapolation:
     """One model's curve carried to the paper's budget (`extrapolate_record`)."""
@@ -117,14 +130,14 @@ def extrapolate_record(rows: Sequence[dict[str, str]],
         try:
             if not seeds:
                 raise NoFit("no seed was trained at all three budgets")
-            law = fit_three(fractions, [statistics.fmean(errors[b][seed] for seed in seeds) for b in fitted])
+            law = fit_error_curve(fractions, [statistics.fmean(errors[b][seed] for seed in seeds) for b in fitted])
         except NoFit as err:
             out.append(Extrapolation(*cell, law=None, why=str(err), **common))
             continue
         per_seed = []
         for seed in seeds:
             try:
-                per_seed.append(fit_three(fractions, [errors[b][seed] for b in fitted])(1.0))
+                per_seed.append(fit_error_curve(fractions, [errors[b][seed] for b in fitted])(1.0))
             except NoFit:
                 per_seed.append(math.nan)
         checks = [(b, law(float(parse_budget(b))), statistics.fmean(errors[b].values())) for b in later]
