@@ -3,18 +3,19 @@
     python experiments/bench/parity.py runs/tables/parity-float32/results.csv runs/tables/parity-bf16/results.csv
 
 Each argument is a `stn reproduce-table` results.csv (per-seed errors in its `errors` column). A cell is "equal
-within seed noise" when |difference of means| <= 2 s / sqrt(n), s the pooled sample std of the two sides
-(sqrt((s_a^2 + s_b^2) / 2)) and n the seeds per side: the criterion the convergence study uses for orderings.
-Prints a markdown table.
+within seed noise" when `stn.convergence_plot.compare` finds the difference within the seed spread: |difference of
+means| <= 2 s / sqrt(n), s the larger of the two sample stds, n the seeds both sides share (the criterion the
+convergence study uses for orderings). Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 import sys
 from pathlib import Path
+
+from stn.convergence_plot import compare
 
 
 def seed_errors(path: Path) -> dict[tuple[str, str], dict[int, float]]:
@@ -45,14 +46,14 @@ def main(first: str, second: str) -> None:
         seeds = sorted(set(a[key]) & set(b[key]))
         if len(seeds) < 2:
             continue
-        xs, ys = [a[key][s] for s in seeds], [b[key][s] for s in seeds]
-        mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
-        sd_x, sd_y = statistics.stdev(xs), statistics.stdev(ys)
-        bound = 2 * math.sqrt((sd_x**2 + sd_y**2) / 2) / math.sqrt(len(seeds))
-        diff = mean_y - mean_x
-        print(f"| {key[0]} / {key[1]} (seeds {','.join(map(str, seeds))}) | {mean_x:.2f} ± {sd_x:.2f} | "
-              f"{mean_y:.2f} ± {sd_y:.2f} | {diff:+.2f} | {bound:.2f} | {'yes' if abs(diff) <= bound else 'no'} |")
-
+        sides = []
+        for errors in ([a[key][s] for s in seeds], [b[key][s] for s in seeds]):
+            sides.append({"errors": errors, "mean": statistics.mean(errors), "std": statistics.stdev(errors)})
+        verdict, bound = compare(*sides)
+        x, y = sides
+        print(f"| {key[0]} / {key[1]} (seeds {','.join(map(str, seeds))}) | {x['mean']:.2f} ± {x['std']:.2f} | "
+              f"{y['mean']:.2f} ± {y['std']:.2f} | {y['mean'] - x['mean']:+.2f} | {bound:.2f} | "
+              f"{'yes' if verdict == 'within the seed spread' else 'no'} |")
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
