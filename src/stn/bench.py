@@ -31,7 +31,15 @@ from stn.bench_data import ReferenceDistortion
 from stn.compose import compose
 from stn.config import Config
 from stn.data import TrainStream
-from stn.device import cpu_has_bf16, cpu_model, keep_freed_memory, resolve_device, runtime_flags, sync
+from stn.device import (
+    cpu_has_amx,
+    cpu_has_bf16,
+    cpu_model,
+    keep_freed_memory,
+    resolve_device,
+    runtime_flags,
+    sync,
+)
 from stn.measure import count_syncs, measure_matmul_peak, model_flops_per_image, nominal_peak
 from stn.mnist import load_mnist
 from stn.models import TABLE1_MODELS
@@ -186,7 +194,7 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
         peak["measured bf16 matmul"] = measure_matmul_peak(device, torch.bfloat16, size=None if bf16_hardware
                                                            else 256, repeats=5 if bf16_hardware else 1)
     isa = (f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 hardware {'yes' if bf16_hardware else 'no'}"
-           if device.type == "cpu" else "")
+           f"{', AMX' if bf16_hardware and cpu_has_amx() else ''}" if device.type == "cpu" else "")
     log(f"device {device} ({name}{', ' + isa if isa else ''}), torch threads {torch.get_num_threads()}, "
         f"reference DataLoader workers {workers}, batch {settings.batch_size}, dataset {cfg.dataset.name}; peak "
         + ", ".join(f"{key} {value / 1e9:,.1f} GFLOP/s" for key, value in peak.items()))

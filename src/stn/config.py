@@ -110,8 +110,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
     # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where
-    # the CPU has bf16 hardware and the model has a convolutional classifier, the models it speeds up there;
-    # else float32). `amp` keeps meaning "CUDA only", so recorded configs keep
+    # the CPU has bf16 hardware and bf16 speeds the model up there: the CNN, and the ST-CNNs with AMX;
+    # else float32; stn.device.resolve_precision). `amp` keeps meaning "CUDA only", so recorded configs keep
     # their meaning; the precision a run actually used is in its summary.json.
     cpu_precision: str = "float32"
     channels_last: bool = True  # NHWC activations and conv weights (CPU and CUDA: faster on both)

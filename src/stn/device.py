@@ -94,22 +94,36 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-# Models whose step bf16 autocast speeds up on a CPU with bf16 hardware: those with a convolutional classifier.
-# Measured side by side on a 2-core Intel Xeon with AMX (experiments/bench/precision.md): CNN 1.41x (R) and
-# 2.70x (TC), ST-CNN Aff / Proj / TPS 1.31-1.49x; the FCN and ST-FCNs, all small matmuls, 0.86-1.06x.
-BF16_PAYS = ("cnn", "st_cnn")
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), the matrix unit oneDNN's bf16
+    convolutions are fastest on; AMD Zen 4 has AVX512-BF16 but no AMX."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query
+        return False
+
+
+# Models whose training step bf16 autocast speeds up, by the CPU's bf16 hardware; measured side by side with
+# `stn bench` on 2-core VMs (experiments/bench/precision.md). With AMX (Intel Xeon): CNN 1.41x on R and 2.70x on
+# TC, ST-CNN Aff / Proj / TPS 1.31-1.49x; FCN and ST-FCNs 0.86-1.06x. With AVX512-BF16 alone (AMD EPYC Zen 4):
+# CNN 1.29-1.32x on R and 1.86x on TC, but the ST-CNNs 0.82-0.91x on R (TC ST-CNN Aff 1.03x); FCN 0.92-0.93x on R.
+BF16_PAYS_WITH_AMX = ("cnn", "st_cnn")
+BF16_PAYS_WITHOUT_AMX = ("cnn",)
 
 
 def resolve_precision(trainer: TrainerConfig, device: torch.device, model: ModelConfig) -> str:
     """The arithmetic a run uses on `device`: 'bf16' (autocast) or 'float32'.
 
     CUDA: trainer.amp. CPU: trainer.cpu_precision, where 'auto' is bf16 only on CPUs with bf16 hardware and
-    only for the models it speeds up there (`BF16_PAYS`).
+    only for the models it speeds up there (`BF16_PAYS_WITH_AMX` or `BF16_PAYS_WITHOUT_AMX`).
     """
     if device.type == "cuda":
         return "bf16" if trainer.amp else "float32"
     if trainer.cpu_precision == "auto":
-        return "bf16" if cpu_has_bf16() and model.name in BF16_PAYS else "float32"
+        if not cpu_has_bf16():
+            return "float32"
+        pays = BF16_PAYS_WITH_AMX if cpu_has_amx() else BF16_PAYS_WITHOUT_AMX
+        return "bf16" if model.name in pays else "float32"
     return trainer.cpu_precision
 
 
