@@ -55,6 +55,7 @@ def main(first: str, second: str) -> None:
               f"{y['mean']:.2f} ± {y['std']:.2f} | {y['mean'] - x['mean']:+.2f} | {bound:.2f} | "
               f"{'yes' if verdict == 'within the seed spread' else 'no'} |")
 
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)

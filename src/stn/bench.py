@@ -193,8 +193,10 @@ def bench_train(cfg: Config, models: tuple[tuple[str, tuple[str, ...]], ...] = T
     if device.type == "cpu":
         peak["measured bf16 matmul"] = measure_matmul_peak(device, torch.bfloat16, size=None if bf16_hardware
                                                            else 256, repeats=5 if bf16_hardware else 1)
-    isa = (f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 hardware {'yes' if bf16_hardware else 'no'}"
-           f"{', AMX' if bf16_hardware and cpu_has_amx() else ''}" if device.type == "cpu" else "")
+    isa = ""
+    if device.type == "cpu":
+        isa = f"ISA {torch.backends.cpu.get_cpu_capability()}, bf16 hardware {'yes' if bf16_hardware else 'no'}"
+        isa += ", AMX" if bf16_hardware and cpu_has_amx() else ""
     log(f"device {device} ({name}{', ' + isa if isa else ''}), torch threads {torch.get_num_threads()}, "
         f"reference DataLoader workers {workers}, batch {settings.batch_size}, dataset {cfg.dataset.name}; peak "
         + ", ".join(f"{key} {value / 1e9:,.1f} GFLOP/s" for key, value in peak.items()))
