@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from stn.cli import app
@@ -44,6 +46,28 @@ def test_version_and_python_dash_m(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-m", "stn", "--help"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "reproduce-table" in done.stdout and "Usage: stn" in done.stdout
+
+
+def test_a_stn_folder_in_the_working_directory_cannot_join_the_package(tmp_path) -> None:
+    """stn is a regular package: a folder named `stn` where the user stands (with its own cli.py) is not merged
+    into it, so `python -m stn` runs stn's CLI, not that file."""
+    import os
+    import subprocess
+    import sys
+
+    import stn
+
+    stranger = tmp_path / "stn"
+    stranger.mkdir()
+    (stranger / "cli.py").write_text("print('not stn')\nraise SystemExit(7)\n")
+    (stranger / "__main__.py").write_text("print('not stn')\nraise SystemExit(7)\n")
+    src = str(Path(stn.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", "import stn, stn.cli; print(stn.__version__, stn.cli.__file__)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    version, cli_file = done.stdout.split()
+    assert version == stn.__version__ and Path(cli_file).resolve().parent == Path(stn.__file__).resolve().parent
 
 
 def test_choice_types_match_what_they_choose_from() -> None:

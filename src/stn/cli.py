@@ -62,13 +62,10 @@ app.add_typer(engine_app, name="engine")  # the batched engine: stn engine bench
 
 
 def package_version() -> str:
-    """The installed stn's version (pyproject.toml's), or 'unknown' when stn runs from a bare checkout."""
-    from importlib.metadata import PackageNotFoundError, version
+    """stn's version, said once in stn/__init__.py (pyproject.toml reads it from there)."""
+    from stn import __version__
 
-    try:
-        return version("stn")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 def _show_version(value: bool) -> None:
