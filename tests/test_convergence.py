@@ -114,11 +114,45 @@ def test_run_records_each_cell_and_a_rerun_trains_only_what_is_missing(tmp_path:
     assert rows[0]["precision"] == "float32" and rows[0]["cpu"] and rows[0]["images"] == str(1200 * 128)
     assert rows[0]["commit"] == "abc1234"  # the code the training ran, as its summary says
     assert rows[0]["recovery"] == "rotation_std_deg=12.3" and rows[0]["recovery_before"] == "rotation_std_deg=52"
+    assert rows[0]["threads"] == "" and rows[0]["load"] == ""  # the fake summary has neither
     assert b"\r" not in study.results.read_bytes()  # one line ending, as the committed records have
     calls.clear()
     report = run_study(study, cells, fit_fn=fake_fit, log=lambda line: None)
     assert calls == [("E", "fcn"), ("E", "cnn")] and report.skipped == 2  # the interrupted cell comes back
     assert len(read_results(study.results)) == 4
+
+
+def test_a_validation_study_trains_on_held_out_digits_and_records_val_error_only(tmp_path: Path) -> None:
+    """A study that chooses a recipe (validation: N) never sees the test set: each cell holds out N training
+    digits, the record keeps val_error (no test_error column), and the two kinds never share a file."""
+    study = load_study(write_study(tmp_path, validation="10000"))
+    assert study.error_column == "val_error" and "test_error" not in study.columns
+    cells = plan(study, budgets=["1/250"], seeds=[0], rows=["CNN"], columns=["R"])
+    assert [c.config.dataset.validation for c in cells] == [10000]
+    assert all(c.config.dataset.validation == 0 for c in plan(load_study(write_study(tmp_path)), seeds=[0]))
+
+    def fit_on_validation(cfg):  # what stn.train.fit returns on a validation split: val_error, no test_error
+        assert cfg.dataset.validation == 10000
+        return {"val_error": 3.25, "device": "cpu", "precision": "float32", "wall_time_s": 3.0, "torch_threads": 1,
+                "load_mean": 2.125}
+
+    report = run_study(study, cells, fit_fn=fit_on_validation, log=lambda line: None)
+    assert len(report.done) == 1
+    header = study.results.read_text().splitlines()[0].split(",")
+    assert "val_error" in header and "test_error" not in header
+    assert [(r["model"], r["val_error"], r["threads"], r["load"]) for r in read_results(study.results)] == [
+        ("CNN", "3.25", "1", "2.12")]
+    # a test-set study pointed at that record is refused before anything trains, and the other way round
+    test_study = load_study(write_study(tmp_path, results=str(study.results)))
+    with pytest.raises(StudyError, match="records validation errors"):
+        run_study(test_study, plan(test_study, seeds=[0]), fit_fn=lambda cfg: pytest.fail("trained"), log=print)
+    result = runner.invoke(app, ["convergence", "run", "--study", str(write_study(tmp_path, results=str(study.results)))])
+    assert result.exit_code == 2 and "records validation errors" in result.output
+    result = runner.invoke(app, ["convergence", "plot", "--no-wandb", "--study",
+                                 str(write_study(tmp_path, validation="10000"))])
+    assert result.exit_code == 2 and "scored on validation digits" in result.output
+    with pytest.raises(StudyError, match="validation=-1"):
+        load_study(write_study(tmp_path, validation="-1"))
 
 
 def fake_summary(error: float) -> dict:

@@ -40,7 +40,7 @@ from stn.validation import problems
 
 SUMMARY_KEYS = {
     "test_error", "run_dir", "run_name", "steps", "wall_time_s", "train_time_s", "images_per_s", "final_loss",
-    "device", "precision", "parameters", "machine", "torch_threads", "commit", "torch_version", "dataset", "model",
+    "device", "precision", "parameters", "machine", "torch_threads", "load_mean", "commit", "torch_version", "dataset", "model",
     "transformer", "seed", "resumed_from", "finished_at", "wandb",
 }  # fmt: skip
 CHECKPOINT_KEYS = {"version", "step", "model", "optimizer", "scheduler", "rng", "stream", "config", "clock",

@@ -35,11 +35,12 @@ def convergence_run(
 
     SIGTERM or Ctrl-C stops the running cell with a checkpoint; the same command continues it.
     """
-    from stn.convergence import StudyError, load_study, plan, recorded_keys
+    from stn.convergence import StudyError, check_record_kind, load_study, plan, recorded_keys
     from stn.convergence_run import run_study
 
     try:
         loaded = load_study(study)
+        check_record_kind(loaded.results, loaded.columns)
         seed_list = None if seeds is None else [int(s) for s in csv_list(seeds) or []]
         cells = plan(loaded, rows=csv_list(rows), columns=csv_list(columns), budgets=csv_list(budgets), seeds=seed_list)
         done = recorded_keys(loaded)  # a broken record stops here, before anything trains
@@ -93,6 +94,10 @@ def convergence_plot(
 
     try:
         loaded = load_study(study)
+        if loaded.validation:
+            raise StudyError(f"study {loaded.name} is scored on validation digits (validation: {loaded.validation}): "
+                             "`stn convergence plot` draws test errors; read its record, "
+                             f"{loaded.results}, instead")
         written = plot_study(loaded.results, loaded.results.parent / "plots" / loaded.name, loaded.paper_schedule)
         table = summary_table(loaded.results)
         orderings = orderings_table(loaded.results)

@@ -41,7 +41,7 @@ DEFAULT_STUDY = Path("experiments/convergence/study.yaml")
 COLUMNS = (
     "recipe", "dataset", "model", "budget", "images", "steps", "batch_size", "seed", "test_error", "paper",
     "wall_time_s", "train_time_s", "images_per_s", "precision", "device", "cpu", "torch", "commit", "finished_at",
-    "recovery", "recovery_before",
+    "recovery", "recovery_before", "threads", "load",
 )  # fmt: skip
 
 
@@ -73,6 +73,18 @@ class Study:
     # results.csv files of `stn engine run` tables at the paper's schedule (another study: other batch, precision,
     # device), drawn beside this study's curves, never mixed into its record
     paper_schedule: tuple[Path, ...] = ()
+    # > 0: every cell holds out the last N training digits (dataset.validation) and the record keeps val_error, not
+    # test_error: a study that chooses a recipe never sees the test set (experiments/recipes/)
+    validation: int = 0
+
+    @property
+    def error_column(self) -> str:
+        return "val_error" if self.validation else "test_error"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The record's columns: COLUMNS, with val_error in place of test_error for a validation study."""
+        return tuple(self.error_column if c == "test_error" else c for c in COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -190,10 +202,15 @@ def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
     if not isinstance(given, list):
         raise StudyError(f"study file {path}: paper_schedule must be a list of `stn engine run` results.csv files")
     paper_schedule = tuple(Path(str(p)) for p in given)  # read (and checked) by `stn convergence plot`
+    validation = raw.get("validation", 0)
+    if not isinstance(validation, int) or isinstance(validation, bool) or not 0 <= validation < 60_000:
+        raise StudyError(f"study file {path}: validation={validation!r} must be an integer from 0 (score on the test "
+                         "set) to 59999 (digits held out of MNIST's 60000 training digits)")
     return Study(name=name, path=path, grid=grid, recipe=str(raw.get("recipe", "paper-sgd")), batch_size=batch,
                  overrides=overrides, parts=parts, seeds=seeds,
                  results=Path(raw.get("results", path.parent / "results.csv")),
-                 runs_dir=Path(raw.get("runs_dir", f"runs/{name}")), paper_schedule=paper_schedule)
+                 runs_dir=Path(raw.get("runs_dir", f"runs/{name}")), paper_schedule=paper_schedule,
+                 validation=validation)
 
 
 def _seeds(value: Any, where: str) -> list[int]:
@@ -239,6 +256,7 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
     planned = [(seed, row, column, budget) for seed in chosen_seeds for row, column, budget in wanted]
     override_lists = [[*study.grid.columns[column], *study.grid.rows[row], *study.overrides,
                        *budget_overrides(budget, study.batch_size), f"seed={seed}",
+                       *([f"dataset.validation={study.validation}"] if study.validation else []),
                        f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
                        f"logger.group={study.name}"] for seed, row, column, budget in planned]
     try:
@@ -267,7 +285,9 @@ def read_results(path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             return []
-        missing = [c for c in ("recipe", "dataset", "model", "budget", "seed", "test_error") if c not in reader.fieldnames]
+        missing = [c for c in ("recipe", "dataset", "model", "budget", "seed") if c not in reader.fieldnames]
+        if not {"test_error", "val_error"} & set(reader.fieldnames):
+            missing.append("test_error (or val_error)")
         if missing:
             raise StudyError(f"{path} lacks the columns {missing}: it is not a study record; move it away")
         rows = []
@@ -282,7 +302,7 @@ def _check_row(row: dict[str, Any], where: str) -> None:
     if None in row or None in row.values():
         raise StudyError(f"{where}: {len([v for v in row.values() if v is not None])} fields where the header has "
                          f"{len([k for k in row if k is not None])}; fix or delete that row")
-    checks = {"seed": int, "test_error": float, "images": int}
+    checks = {"seed": int, "test_error": float, "val_error": float, "images": int}
     for column, kind in checks.items():
         if column in row and (row[column] or column != "images"):  # images: blank in hand-made records
             try:
@@ -307,18 +327,31 @@ def record_lock(path: Path):
         yield
 
 
-def append_result(path: Path, row: dict[str, Any]) -> None:
+def check_record_kind(path: Path, columns: Sequence[str]) -> None:
+    """A record keeps one kind of error: test errors and validation errors never share a file."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), None)
+    if header and "test_error" in header and "val_error" in columns:
+        raise StudyError(f"{path} records test errors: a validation study (validation: N) needs its own results file")
+    if header and "val_error" in header and "test_error" in columns:
+        raise StudyError(f"{path} records validation errors: a test-set study needs its own results file")
+
+
+def append_result(path: Path, row: dict[str, Any], columns: Sequence[str] = COLUMNS) -> None:
     """Add one row to the CSV (rewritten atomically, so a kill never leaves half a line)."""
     with record_lock(path):
+        check_record_kind(path, columns)
         rows = read_results(path)
-        rows.append({c: row.get(c, "") for c in COLUMNS})
+        rows.append({c: row.get(c, "") for c in columns})
 
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as handle:
                 # "\n": the record is committed, and git diffs of CRLF lines read badly
-                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+                writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
                 writer.writeheader()
-                writer.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
+                writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
 
         write_atomic(path, write)
 
@@ -337,13 +370,15 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
     import torch
 
     from stn.device import machine_name
+    from stn.train import eval_key
 
     device = str(summary.get("device", "cpu"))
     return {
         "recipe": study.recipe, "dataset": cell.column, "model": cell.row, "budget": cell.budget,
         "images": cell.config.trainer.iterations * cell.config.trainer.batch_size,
         "steps": cell.config.trainer.iterations, "batch_size": cell.config.trainer.batch_size, "seed": cell.seed,
-        "test_error": f"{float(summary['test_error']):.2f}", "paper": "" if cell.paper is None else cell.paper,
+        study.error_column: f"{float(summary[eval_key(cell.config)]):.2f}",
+        "paper": "" if cell.paper is None else cell.paper,
         "wall_time_s": f"{float(summary.get('wall_time_s') or 0):.0f}",
         "train_time_s": f"{float(summary.get('train_time_s') or 0):.0f}",
         "images_per_s": f"{float(summary.get('images_per_s') or 0):.0f}",
@@ -352,6 +387,8 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
         "torch": torch.__version__, "commit": summary.get("commit") or commit,
         "finished_at": summary.get("finished_at", dt.datetime.now().isoformat(timespec="seconds")),
         "recovery": recovery_text(summary, "recovery/"), "recovery_before": recovery_text(summary, "recovery/before/"),
+        "threads": summary.get("torch_threads", ""),
+        "load": "" if summary.get("load_mean") is None else f"{float(summary['load_mean']):.2f}",
     }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from stn.convergence import (
     StudyError,
     StudyReport,
     append_result,
+    check_record_kind,
     recorded_keys,
     result_row,
     row_key,
@@ -29,6 +30,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
     report = StudyReport()
     from stn.device import code_commit
 
+    check_record_kind(study.results, study.columns)  # before anything trains
     commit = code_commit()  # the code this process imported, even if the checkout moves on meanwhile
     done = recorded_keys(study)
     todo = [c for c in cells if c.key not in done]
@@ -70,9 +72,10 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
 def _record(study: Study, cell: Cell, summary: dict[str, Any], commit: str, report: StudyReport, what: str,
             log: Callable[[str], None]) -> None:
     row = result_row(study, cell, summary, commit)
-    append_result(study.results, row)
+    append_result(study.results, row, study.columns)
     report.done.append(row)
-    log(f"{what}: {row['test_error']}% (paper {cell.paper}), {row['wall_time_s']} s")
+    split = "validation " if study.validation else ""
+    log(f"{what}: {split}{row[study.error_column]}% (paper {cell.paper}), {row['wall_time_s']} s")
 
 
 def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, commit: str,

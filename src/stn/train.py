@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import math
+import os
 import signal
 import sys
 import time
@@ -264,6 +265,7 @@ class Meter:
         self.interval_start, self.paused, self.logged_step = time.perf_counter(), 0.0, session.step
         self.images, self.seconds = 0, 0.0  # this invocation's logged training images and time
         self.final_loss: float | None = None
+        self.loads: list[float] = []  # the machine's 1-minute load average at each log line (concurrent work)
 
     def add(self, loss: Tensor, step: int) -> None:
         self.loss_sum += loss
@@ -280,6 +282,7 @@ class Meter:
         self.session.clock["train_time_s"] += seconds
         self.images, self.seconds = self.images + images, self.seconds + seconds
         self.rate = (step - self.logged_step) / seconds
+        self.loads.append(os.getloadavg()[0])
         self.loss_sum.zero_()
         self.interval_start, self.paused, self.logged_step = now, 0.0, step
         return record
@@ -303,7 +306,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     Summary keys: test_error (%), run_dir, run_name, steps, wall_time_s (all invocations), train_time_s,
     images_per_s (training throughput, evaluation excluded), final_loss, device, precision (float32 | bf16 |
     bf16+float32 for a run resumed in another precision), parameters, machine (`stn.device.machine_name`: the CPU
-    with its vector ISA, or the GPU), torch_threads, commit (stn's, '' outside a git checkout), torch_version,
+    with its vector ISA, or the GPU), torch_threads, load_mean (the mean 1-minute load average at the log lines), commit (stn's, '' outside a git checkout), torch_version,
     dataset, model, transformer, seed, resumed_from (step or null), finished_at, wandb ({mode, id, path, dir}
     or null). Raises TrainingError (non-finite loss), TrainingInterrupted, ConfigError, MNISTDataError or
     stn.runs.RunFolderError (a folder or checkpoint that cannot be used).
@@ -410,6 +413,8 @@ def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str,
         "images_per_s": meter.images / meter.seconds if meter.seconds else None,
         "final_loss": meter.final_loss, "device": str(run.device), "precision": "+".join(run.precisions),
         "parameters": run.parameters, "machine": machine_name(run.device), "torch_threads": torch.get_num_threads(),
+        # the mean 1-minute load average over this invocation's log lines: how busy the machine was (other runs)
+        "load_mean": sum(meter.loads) / len(meter.loads) if meter.loads else None,
         "commit": code_commit(), "torch_version": torch.__version__, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "transformer": cfg.transformer.type, "seed": cfg.seed, "resumed_from": run.resumed_from,
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"), "wandb": wandb,
