@@ -17,7 +17,7 @@ from stn.config import ConfigError
 from stn.data import build_data
 from stn.mnist import load_mnist
 from stn.runs import CheckpointError
-from stn.train import TrainingInterrupted, build_optimizer, build_scheduler, fit
+from stn.train import TrainingInterrupted, build_optimizer, build_scheduler, fit, train_step
 
 
 def small(tmp_path: Path, *overrides: str):
@@ -115,3 +115,115 @@ def test_stn_train_reports_the_validation_error(tmp_path, data_dir):
                                       "dataset.validation=200"])
     assert result.exit_code == 0, result.output
     assert "val error " in result.output and "test error" not in result.output
+
+
+# ------------------------------------------------------------------ recipe pieces (experiments/recipes/ablation)
+
+
+def test_warmup_moves_the_one_cycle_peak():
+    cfg = compose(["trainer=quick", "trainer.schedule=onecycle", "trainer.lr=0.05", "trainer.iterations=200",
+                   "trainer.warmup=0.1"])
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg.trainer)
+    scheduler = build_scheduler(optimizer, cfg.trainer)
+    seen = []
+    for _ in range(200):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(seen) == pytest.approx(0.05) and seen.index(max(seen)) == 19  # 0.1 * 200 - 1
+
+
+def test_label_smoothing_minimises_the_smoothed_cross_entropy_written_out():
+    """train_step's loss with label_smoothing s is -(1 - s) log p_y - s/10 sum_j log p_j (Szegedy et al. 2016),
+    computed here in float64 from the logits; the default (0) is the paper's plain cross-entropy. train_step
+    takes the cross-entropy of float32 logits (as under autocast), so they agree to float32's ~1e-7 relative
+    rounding of the logits, times the few terms summed: 1e-6."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 10).double()
+    images, labels = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 10, (32,))
+    for s in (0.0, 0.1, 0.3):
+        log_p = torch.log_softmax(model(images).detach(), dim=1)
+        expected = (-(1 - s) * log_p[torch.arange(32), labels] - s / 10 * log_p.sum(dim=1)).mean()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, optimizer, images, labels, label_smoothing=s)
+        assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05, 1e3])
+def test_grad_clip_scales_the_step_to_the_global_norm_written_out(clip):
+    """With plain SGD at lr 1, the step is -g * min(1, clip / (||g|| + 1e-6)) (the 1e-6: clip_grad_norm_'s
+    guard against a zero norm), ||g|| the L2 norm over every parameter's
+    gradient together (clip 0: no clipping, the paper's). The gradient is train_step's own loss (the
+    cross-entropy of float32 logits), so only the clipping arithmetic differs: float64 up to 1e-12."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    images, labels = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 10, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(images).float(), labels), list(model.parameters()))
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+    train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), images, labels, grad_clip=clip)
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - scale * g, rtol=1e-12, atol=1e-14)
+    if clip == 0.05:
+        assert scale < 1  # the case that actually clips
+
+
+def test_ema_is_the_recurrence_written_out_and_what_evaluation_sees(tmp_path):
+    """With trainer.ema_decay d the evaluated weights are a_1 = w_1, a_t = d a_{t-1} + (1 - d) w_t over the
+    trained weights w_t after each step; evaluations and the checkpoint's evaluated weights are the average's."""
+    from stn.runs import evaluated_weights, load_checkpoint
+    from stn.train import build_average, fit_step
+
+    cfg = small(tmp_path, "dataset.train_limit=512", "trainer.ema_decay=0.9", "model=fcn")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    average = build_average(model, cfg.trainer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
+
+    class Stream:
+        def next(self):
+            return torch.randn(8, 1, 2, 2, dtype=torch.float64), torch.randint(0, 3, (8,))
+
+    expected = None
+    for _ in range(5):
+        fit_step(model, optimizer, scheduler, Stream(), amp=False, channels_last=False, trainer=cfg.trainer,
+                 average=average, model=model)
+        w = [p.detach().clone() for p in model.parameters()]
+        expected = w if expected is None else [0.9 * a + 0.1 * x for a, x in zip(expected, w, strict=True)]
+    for got, want in zip(average.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert not torch.equal(next(average.module.parameters()), next(model.parameters()))
+    # a real run keeps the average in its checkpoint, and the evaluated weights are the average's
+    summary = fit(cfg)
+    state = load_checkpoint(Path(summary["run_dir"]) / "checkpoints" / "last.pt", "cpu")
+    weights = evaluated_weights(state)
+    assert set(weights) == set(state["model"]) and any(not torch.equal(weights[k], state["model"][k]) for k in weights)
+    assert evaluated_weights({"model": state["model"]}) is state["model"]  # no average: the trained weights
+
+
+def test_an_ema_run_resumes_exactly(tmp_path):
+    recipe = ("dataset.train_limit=512", "trainer.ema_decay=0.8", "trainer.label_smoothing=0.1",
+              "trainer.grad_clip=1.0", "model=fcn")
+    whole = fit(small(tmp_path / "whole", *recipe))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        fit(small(tmp_path / "split", *recipe, "trainer.stop_after=7"))
+    resumed = fit(small(tmp_path / "split", *recipe, "trainer.resume=true", f"run_dir={stopped.value.run_dir}"))
+    from stn.runs import load_checkpoint
+
+    a = load_checkpoint(Path(whole["run_dir"]) / "checkpoints" / "last.pt", "cpu")
+    b = load_checkpoint(Path(resumed["run_dir"]) / "checkpoints" / "last.pt", "cpu")
+    for key in a["average"]:
+        assert torch.equal(a["average"][key], b["average"][key]), key
+    assert resumed["test_error"] == whole["test_error"]
+    with pytest.raises(CheckpointError, match="ema_decay"):  # the average is part of what the run is
+        fit(small(tmp_path / "split", *recipe[:1], *recipe[2:], "trainer.resume=true",
+                  f"run_dir={stopped.value.run_dir}", "trainer.iterations=30"))
+
+
+@pytest.mark.parametrize("override", ["trainer.label_smoothing=1", "trainer.grad_clip=-1", "trainer.ema_decay=1",
+                                      "trainer.warmup=0", "trainer.warmup=1.5"])
+def test_recipe_pieces_out_of_range_name_the_key(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        compose(["trainer=quick", override])

@@ -200,7 +200,8 @@ class BatchedModels:
         if len(trainers) != 1:
             raise EngineError(f"batched models share one optimiser: their trainer.{keys} differ ({trainers})")
         beyond = sorted({f"trainer.{k}={getattr(c.trainer, k)}" for c in self.cfgs
-                         for k, paper in (("schedule", "step"), ("nesterov", False), ("loc_lr_scale", 1.0))
+                         for k, paper in (("schedule", "step"), ("nesterov", False), ("loc_lr_scale", 1.0),
+                                          ("label_smoothing", 0.0), ("grad_clip", 0.0), ("ema_decay", 0.0))
                          if getattr(c.trainer, k) != paper})
         if beyond:
             raise EngineError(f"the engine trains the paper's recipe only (SGD, step schedule, one rate), not "

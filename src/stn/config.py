@@ -107,6 +107,14 @@ class TrainerConfig:
     # The localisation nets' (and regression layers') learning rate as a multiple of `lr`, through both
     # schedules; 1 is the paper's single rate. Beyond the paper (experiments/rectify/README.md, TC at 1/50).
     loc_lr_scale: float = 1.0
+    # Pieces of a training recipe beyond the paper (experiments/recipes/: each is scored on validation digits
+    # before it is kept); every default is the paper's, i.e. off.
+    warmup: float = 0.3  # onecycle only: the fraction of the run spent rising to the peak lr (OneCycleLR pct_start)
+    label_smoothing: float = 0.0  # cross-entropy against (1 - s) one-hot + s / 10 uniform
+    grad_clip: float = 0.0  # > 0: scale each step's gradient down to at most this global L2 norm
+    # > 0: an exponential moving average of the weights (decay per step), updated after every step; every
+    # evaluation (and the recovery metric, the pictures) uses the average, the optimiser the raw weights
+    ema_decay: float = 0.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
     # CPU arithmetic: float32 | bf16 (autocast; theta, grids and sampling stay float32) | auto (bf16 where

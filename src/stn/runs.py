@@ -56,7 +56,8 @@ RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 #   the outcome but may change between invocations: resumable, but a finished run with another value is stale.
 IDENTITY = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr", "trainer.momentum",
             "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma", "trainer.schedule", "trainer.nesterov",
-            "trainer.loc_lr_scale")
+            "trainer.loc_lr_scale", "trainer.warmup", "trainer.label_smoothing", "trainer.grad_clip",
+            "trainer.ema_decay")
 RUNTIME = ("data_dir", "download", "runs_dir", "run_dir", "name", "trainer.resume", "trainer.stop_after",
            "trainer.device", "trainer.eval_batch_size", "trainer.compile", "logger")
 OUTCOME_EXCEPTIONS = ("dataset.test_limit",)  # inside an IDENTITY section, but evaluation only
@@ -202,6 +203,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch
 
     write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def evaluated_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint's run evaluates with: its weight average's (trainer.ema_decay > 0, saved by
+    torch's AveragedModel as module.<name> beside n_averaged) when it keeps one, else the trained model's."""
+    average = state.get("average")
+    if not average:
+        return state["model"]
+    return {key.removeprefix("module."): value for key, value in average.items() if key.startswith("module.")}
 
 
 def load_checkpoint(path: Path, device: Any) -> dict[str, Any]:

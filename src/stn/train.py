@@ -115,10 +115,12 @@ def build_optimizer(model: nn.Module, trainer: TrainerConfig) -> torch.optim.SGD
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per iteration. step: step s (1-based) trains with lr * lr_gamma ** ((s - 1) // lr_step).
-    onecycle: PyTorch's OneCycleLR over trainer.iterations steps, peaking at lr (its defaults otherwise)."""
+    onecycle: PyTorch's OneCycleLR over trainer.iterations steps, peaking at lr after trainer.warmup of them
+    (its defaults otherwise)."""
     if trainer.schedule == "onecycle":
         peaks = [trainer.lr * (1 if i == 0 else trainer.loc_lr_scale) for i in range(len(optimizer.param_groups))]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=trainer.iterations)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=trainer.iterations,
+                                                   pct_start=trainer.warmup)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=trainer.lr_step, gamma=trainer.lr_gamma)
 
 
@@ -129,26 +131,45 @@ def eval_key(cfg: Config) -> str:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor,
-               *, amp: bool = False) -> Tensor:
-    """One SGD step on a batch; returns the batch's mean cross-entropy as a detached 0-d tensor (no sync)."""
+               *, amp: bool = False, label_smoothing: float = 0.0, grad_clip: float = 0.0) -> Tensor:
+    """One SGD step on a batch; returns the batch's mean cross-entropy (with label_smoothing, the smoothed
+    one that is minimised) as a detached 0-d tensor (no sync). grad_clip > 0 scales the gradient down to at
+    most that global L2 norm first (torch.nn.utils.clip_grad_norm_)."""
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(images)  # (B, 10)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
     return loss.detach()
 
 
+def build_average(model: nn.Module, trainer: TrainerConfig) -> torch.optim.swa_utils.AveragedModel | None:
+    """The exponential moving average of the weights (trainer.ema_decay > 0; PyTorch's AveragedModel, buffers
+    averaged too), or None. Its first update copies the weights, later ones move it by 1 - decay."""
+    if not trainer.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.ema_decay), use_buffers=True)
+
+
 def fit_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, stream: Any, *, amp: bool,
-             channels_last: bool) -> Tensor:
-    """One iteration of `fit`: next batch -> `train_step` -> scheduler step; the loss stays on the device."""
+             channels_last: bool, trainer: TrainerConfig | None = None,
+             average: torch.optim.swa_utils.AveragedModel | None = None, model: nn.Module | None = None) -> Tensor:
+    """One iteration of `fit`: next batch -> `train_step` (with `trainer`'s label smoothing and clipping) ->
+    scheduler step -> the weight average's update from `model`; the loss stays on the device."""
     images, labels = stream.next()
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    loss = train_step(forward, optimizer, images, labels, amp=amp)
+    recipe = {} if trainer is None else {"label_smoothing": trainer.label_smoothing, "grad_clip": trainer.grad_clip}
+    loss = train_step(forward, optimizer, images, labels, amp=amp, **recipe)
     scheduler.step()
+    if average is not None:
+        average.update_parameters(model if model is not None else forward)
     return loss
 
 
@@ -197,15 +218,24 @@ class Session:
     precisions: list[str] = field(default_factory=list)  # every precision this run has trained in
     clock: dict[str, float] = field(default_factory=lambda: {"wall_time_s": 0.0, "train_time_s": 0.0})
     wandb_id: str | None = None  # this training's W&B run, continued on resume (stn.tracking.Tracker)
+    average: torch.optim.swa_utils.AveragedModel | None = None  # trainer.ema_decay > 0: the weights' average
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model that evaluations, the recovery metric and the pictures see: the weights' average when the
+        recipe keeps one, else the trained model (the compiled wrapper's weights are the model's)."""
+        return self.forward if self.average is None else self.average.module
 
     def checkpoint(self) -> None:
         state = checkpoint_state(self.step, self.model, self.optimizer, self.scheduler, self.stream, self.cfg,
                                  self.clock)
         extra = {"precisions": self.precisions} | ({"wandb_id": self.wandb_id} if self.wandb_id else {})
+        if self.average is not None:
+            extra["average"] = self.average.state_dict()
         save_checkpoint(self.folder / CHECKPOINT, state | extra)
 
     def evaluate(self) -> float:
-        return evaluate(self.forward, self.test_set, self.cfg.trainer.eval_batch_size, amp=self.amp,
+        return evaluate(self.evaluated, self.test_set, self.cfg.trainer.eval_batch_size, amp=self.amp,
                         channels_last=self.channels_last)
 
 
@@ -236,12 +266,18 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     record_command(folder)
     forward = torch.compile(model) if cfg.trainer.compile else model
     session = Session(cfg, folder, device, model, forward, optimizer, scheduler, stream, test_set, parameters,
-                      amp, channels_last, precisions=["bf16" if amp else "float32"])
+                      amp, channels_last, precisions=["bf16" if amp else "float32"],
+                      average=build_average(model, cfg.trainer))
     metrics = folder / "metrics.jsonl"
     if state is None:
         metrics.write_text("")
         return session
     restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
+    if session.average is not None:
+        if "average" not in state:
+            raise CheckpointError(f"{folder / CHECKPOINT} holds no weight average for trainer.ema_decay="
+                                  f"{cfg.trainer.ema_decay}; delete it to start that run over")
+        session.average.load_state_dict(state["average"])
     if cfg.trainer.schedule == "onecycle" and scheduler.total_steps != cfg.trainer.iterations:
         # the one cycle spans the run: its shape is fixed by the iterations it was started with
         raise CheckpointError(f"{folder / CHECKPOINT} runs a one-cycle schedule over {scheduler.total_steps} "
@@ -343,7 +379,8 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
             while run.step < trainer.iterations:
                 lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
                 loss = fit_step(run.forward, run.optimizer, run.scheduler, run.stream, amp=run.amp,
-                                channels_last=run.channels_last)
+                                channels_last=run.channels_last, trainer=trainer, average=run.average,
+                                model=run.model)
                 run.step += 1
                 step, last = run.step, run.step == trainer.iterations
                 meter.add(loss, step)
@@ -380,13 +417,13 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
             console.close()
             run.clock["wall_time_s"] = meter.wall_before + time.perf_counter() - started
             summary = make_summary(run, meter, test_error, tracker.info)
-            recovery = recovery_metrics(run.model, run.test_set, cfg)  # stn.recovery: flat recovery/* keys
+            recovery = recovery_metrics(run.evaluated, run.test_set, cfg)  # stn.recovery: flat recovery/* keys
             summary.update(recovery)
             # W&B's end of a training: samples with T(G), the visualize figure, the summary, the artifacts.
             count = cfg.logger.images
             images, labels = run.test_set.images[:count], run.test_set.labels[:count]
-            tracker.log_images(run.model, images, labels, run.step)
-            tracker.log_transformations(run.model, images, labels, run.step, recovery)
+            tracker.log_images(run.evaluated, images, labels, run.step)
+            tracker.log_transformations(run.evaluated, images, labels, run.step, recovery)
             # W&B's test_error {min, last} covers what this invocation logged; test_error_best every invocation.
             tracker.set_summary(summary | {"test_error_best": best_test_error(run.folder / "metrics.jsonl")})
             tracker.log_artifacts(summary)

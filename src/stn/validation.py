@@ -54,12 +54,14 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "transformer.tps_grid": (2, 16), "transformer.output_size": (1, 512), "transformer.parallel": (1, 16),
     "trainer.iterations": (1, 10**9), "trainer.batch_size": (1, MNIST_TRAIN), "trainer.lr": (0, None),
     "trainer.momentum": (0, 1), "trainer.weight_decay": (0, None), "trainer.lr_step": (1, 10**9),
-    "trainer.lr_gamma": (0, 1), "trainer.loc_lr_scale": (0, 1000), "trainer.eval_every": (1, 10**9), "trainer.log_every": (1, 10**9),
+    "trainer.lr_gamma": (0, 1), "trainer.loc_lr_scale": (0, 1000),
+    "trainer.warmup": (0, 1), "trainer.label_smoothing": (0, 0.99), "trainer.grad_clip": (0, 10**6),
+    "trainer.ema_decay": (0, 0.999999), "trainer.eval_every": (1, 10**9), "trainer.log_every": (1, 10**9),
     "trainer.checkpoint_every": (1, 10**9), "trainer.eval_batch_size": (1, MNIST_TEST),
     "trainer.stop_after": (1, 10**9), "logger.images": (0, 64),
     "logger.card_draws": (0, MNIST_TEST), "seed": (0, 2**63 - 1),
 }  # fmt: skip
-_OPEN_LOW = {"dataset.scale_min", "dataset.scale_max", "trainer.lr", "trainer.lr_gamma"}
+_OPEN_LOW = {"dataset.scale_min", "dataset.scale_max", "trainer.lr", "trainer.lr_gamma", "trainer.warmup"}
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -29,6 +29,7 @@ from torch import Tensor
 from stn.compose import from_container
 from stn.config import DATA_DIR_ENV, Config, ConfigError, UserError
 from stn.models import DigitClassifier, build_model
+from stn.runs import evaluated_weights
 from stn.spatial import norm_to_pixel
 
 GRID_LINES = 7  # grid rows/columns drawn inside the outline
@@ -72,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[DigitClassifier, Config]:
     except ConfigError as err:
         raise VisualizeError(f"{path}: cannot rebuild its model: {err}") from None
     try:  # fit saves the model's own state_dict, never torch.compile's wrapper: no "_orig_mod." keys
-        model.load_state_dict(state["model"])
+        model.load_state_dict(evaluated_weights(state))
     except RuntimeError as err:
         raise VisualizeError(
             f"{path}: its weights do not fit the model its config describes ({_first_line(err)[:300]})"
