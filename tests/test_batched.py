@@ -194,7 +194,8 @@ def test_shapes_that_differ_are_refused(mnist) -> None:
     assert len({shape_signature(c) for c in same}) == 1
 
 
-@pytest.mark.parametrize("beyond", ["trainer.schedule=onecycle", "trainer.nesterov=true", "trainer.loc_lr_scale=0.1"])
+@pytest.mark.parametrize("beyond", ["trainer.schedule=onecycle", "trainer.nesterov=true", "trainer.loc_lr_scale=0.1",
+                                    "trainer.label_smoothing=0.1", "trainer.grad_clip=1.0", "trainer.ema_decay=0.9"])
 def test_recipes_beyond_the_papers_are_refused_not_silently_replaced(beyond) -> None:
     """StackedSGD implements the paper's SGD + step schedule only: anything else must not train as if it were."""
     with pytest.raises(EngineError, match=beyond.replace(".", r"\.").replace("true", "True")):
