@@ -227,3 +227,30 @@ def test_an_ema_run_resumes_exactly(tmp_path):
 def test_recipe_pieces_out_of_range_name_the_key(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         compose(["trainer=quick", override])
+
+
+def test_the_ablation_table_keeps_only_a_piece_that_helps_beyond_the_spread(tmp_path):
+    """experiments/recipes/ablation_table.py's rule on a made-up record: a piece lower beyond the seed spread
+    and nowhere higher is kept; one with a collapsed seed, or within the spread, is dropped; one with cells
+    missing is undecided."""
+    import importlib.util
+
+    from stn.convergence import COLUMNS
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "ablation_table.py"
+    spec = importlib.util.spec_from_file_location("ablation_table", script)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    errors = {"onecycle": (2.0, 2.1, 2.2), "onecycle+good": (1.5, 1.55, 1.6), "onecycle+same": (2.0, 2.2, 2.1),
+              "onecycle+unstable": (1.0, 1.1, 89.4), "onecycle+partial": (1.5, 1.5, 1.5)}
+    rows = [{c: "" for c in COLUMNS if c != "test_error"} | {
+        "recipe": recipe, "dataset": dataset, "model": "CNN", "budget": "1/50", "images": "768000",
+        "seed": str(seed), "val_error": str(e)}
+        for recipe, seeds in errors.items() for dataset in ("R", "P") for seed, e in enumerate(seeds)
+        if not (recipe == "onecycle+partial" and dataset == "P")]
+    lines, decided = table.verdicts(rows, "onecycle")
+    assert decided["onecycle+good"].startswith("kept: lower beyond the spread in 2 cell(s)")
+    assert decided["onecycle+same"] == "dropped: within the seed spread everywhere"
+    assert decided["onecycle+unstable"].startswith("dropped: 2 seed(s) collapsed")
+    assert decided["onecycle+partial"].startswith("undecided")
+    assert any("| onecycle+good | R | CNN | 1/50 | 1.55 ± 0.05 (3) | 2.10 ± 0.10 (3) | -0.55 |" in line for line in lines)

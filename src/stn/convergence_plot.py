@@ -17,13 +17,15 @@ from typing import Any
 from stn.convergence import PAPER_IMAGES, PAPER_STEPS, StudyError, parse_budget, read_results
 
 
-def aggregate(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
-    """(recipe, dataset, model, budget) -> {images, errors, mean, std, paper}."""
+def aggregate(rows: Sequence[dict[str, str]], error: str = "test_error"
+              ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """(recipe, dataset, model, budget) -> {images, errors, mean, std, paper}; `error` names the record's error
+    column (val_error for a validation study)."""
     out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in rows:
         key = (r["recipe"], r["dataset"], r["model"], r["budget"])
         entry = out.setdefault(key, {"images": int(r["images"]), "errors": [], "paper": r.get("paper") or None})
-        entry["errors"].append(float(r["test_error"]))
+        entry["errors"].append(float(r[error]))
     for entry in out.values():
         errors = entry["errors"]
         entry["mean"] = statistics.fmean(errors)
