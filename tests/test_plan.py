@@ -134,35 +134,89 @@ class Clock:
         return self.now
 
 
-def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_path: Path, data_dir: Path) -> None:
+def tiny_costs(groups) -> CostModel:
+    return CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
+
+
+@pytest.mark.parametrize(("in_flight", "data"), [(1, "exact"), (2, "exact"), (2, "block")])
+def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_path: Path, data_dir: Path,
+                                                                         in_flight: int, data: str) -> None:
+    """Chunks cut by a deadline, each resumed from the saved state, give bit-identical results to one
+    uninterrupted run of the groups one after another; with two groups in flight both are checkpointed at
+    once, and with block data (drawn ahead: prefetch) the cuts fall inside blocks."""
     groups = make_groups(tiny_members(data_dir))
     assert [g.k for g in groups] == [2, 1]
-    costs = CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
-    straight = run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None)
-    assert straight["done"] == 2 and straight["partial"] is None and straight["estimated_chunks_left"] == 0
+    costs = tiny_costs(groups)
+    options = EngineOptions(data=data, block_steps=4, prefetch=True)
+    straight = run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None,
+                         options=options)
+    assert straight["done"] == 2 and straight["partial"] == [] and straight["estimated_chunks_left"] == 0
 
     state = tmp_path / "chunked"
-    chunk = 0
+    chunk, most_partial = 0, 0
     while True:
         chunk += 1
-        # 9 clock readings per chunk: two slices of 2 steps at most, then a checkpoint
-        record = run_table(groups, state, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
+        # 9 clock readings per chunk (one group) or 16 (two): a unit or two of 2 steps each, then a checkpoint
+        record = run_table(groups, state, budget_s=9 if in_flight == 1 else 16, device="cpu", costs=costs,
+                           log=lambda _: None, clock=Clock(), options=options, in_flight=in_flight)
         assert (state / PROGRESS).is_file() and (state / TABLE_CSV).is_file()
         if record["done"] == 2:
             break
         assert chunk < 10
-        assert (state / PARTIAL).is_file() or record["partial"] is None
-    assert chunk > 2  # the deadline really cut groups
-    assert not (state / PARTIAL).exists()
+        most_partial = max(most_partial, len(record["partial"]))
+        assert [p["file"] for p in record["partial"]] == [PARTIAL] * len(record["partial"])
+    assert chunk > 2 if in_flight == 1 else chunk > 1  # the deadline really cut groups
+    assert most_partial == in_flight  # two groups partly trained at once when two fly
+    assert not list(state.glob("partial*.pt"))
     a = json.loads((tmp_path / "straight" / RESULTS).read_text())["members"]
     b = json.loads((state / RESULTS).read_text())["members"]
     assert a.keys() == b.keys()
+    grouping = {m.key: [x.key for x in g.members] for g in groups for m in g.members}
     for key in a:  # bit-exact resume on the CPU: same test errors and losses
         assert a[key]["test_error"] == b[key]["test_error"]
         assert a[key]["final_loss"] == b[key]["final_loss"]
         assert a[key]["steps"] == b[key]["steps"] == 6
+        # the record names the data streams and the models whose blocks were drawn together
+        assert b[key]["data"] == data and b[key]["block_steps"] == (4 if data == "block" else None)
+        assert b[key]["grouping"] == grouping[key]
+        assert b[key]["in_flight"] == in_flight
     csv_text = (state / TABLE_CSV).read_text()
     assert "FCN,R,1.0" in csv_text and "ST-CNN Aff,R,1.0" in csv_text
+
+
+def test_a_resumed_group_keeps_the_block_length_it_was_drawn_with(tmp_path: Path, data_dir: Path) -> None:
+    """Block draws depend on block_steps: a chunk resumed with another --block-steps continues each partly
+    trained group with the length its state records (and says so), so the result equals an uninterrupted run."""
+    groups = make_groups(tiny_members(data_dir))[:1]
+    costs = tiny_costs(groups)
+    drawn = EngineOptions(data="block", block_steps=4)
+    run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None,
+              options=drawn)
+    run_table(groups, tmp_path / "cut", budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock(),
+              options=drawn)
+    assert (tmp_path / "cut" / PARTIAL).is_file()
+    lines: list[str] = []
+    record = run_table(groups, tmp_path / "cut", budget_s=1e6, device="cpu", costs=costs, log=lines.append,
+                       options=EngineOptions(data="block", block_steps=3))
+    assert record["done"] == 1
+    assert any("resumes with the data it was drawn with (block, blocks of 4)" in line for line in lines), lines
+    a = json.loads((tmp_path / "straight" / RESULTS).read_text())["members"]
+    b = json.loads((tmp_path / "cut" / RESULTS).read_text())["members"]
+    assert {k: v["final_loss"] for k, v in a.items()} == {k: v["final_loss"] for k, v in b.items()}
+    assert {v["block_steps"] for v in b.values()} == {4}
+
+
+def test_a_partial_state_of_another_grouping_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    """Same group id, other members (e.g. other --seeds): the saved weights and the blocks drawn belong to
+    another grouping, so resuming is refused with one line naming both."""
+    groups = make_groups(tiny_members(data_dir))[:1]
+    assert [m.seed for m in groups[0].members] == [0, 1]
+    costs = tiny_costs(groups)
+    run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
+    fewer = [Group(groups[0].gid, groups[0].members[:1])]
+    with pytest.raises(PlanError, match="was trained \\(and its data blocks drawn\\) by") as caught:
+        run_table(fewer, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
+    assert "\n" not in str(caught.value)
 
 
 def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_dir: Path) -> None:
@@ -181,7 +235,7 @@ def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_d
 
 def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: Path) -> None:
     groups = make_groups(tiny_members(data_dir))
-    costs = CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
+    costs = tiny_costs(groups)
     run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
     gid = _partial_gid(tmp_path)
     others = [g for g in groups if g.gid != gid]
@@ -193,4 +247,4 @@ def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: 
 def _partial_gid(state: Path) -> str:
     import torch
 
-    return torch.load(state / PARTIAL, weights_only=True)["gid"]
+    return torch.load(state / PARTIAL, weights_only=True)["groups"][0]["gid"]
