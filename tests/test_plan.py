@@ -320,3 +320,22 @@ def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: 
 
 def _partial_gid(state: Path) -> str:
     return torch.load(state / PARTIAL, weights_only=True)["groups"][0]["gid"]
+
+
+def test_a_one_group_partial_file_of_the_first_loan_resumes(tmp_path: Path, data_dir: Path) -> None:
+    """The first GPU loan left `partial.pt` as {"gid", "state"} (one group, no loss windows, no record of its
+    grouping or data): it is read, its block length taken from its stream state, and rewritten in the new form."""
+    groups = make_groups(tiny_members(data_dir))[:1]
+    costs = tiny_costs(groups)
+    options = EngineOptions(data="block", block_steps=4)
+    run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock(),
+              options=options)
+    entry = torch.load(tmp_path / PARTIAL, weights_only=True)["groups"][0]
+    old_state = {k: v for k, v in entry["state"].items() if k not in ("loss_sum", "window_start", "window")}
+    torch.save({"gid": entry["gid"], "state": old_state}, tmp_path / PARTIAL)
+    lines: list[str] = []
+    record = run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lines.append, clock=Clock(),
+                       options=dataclasses.replace(options, block_steps=128))
+    assert any("resuming at step 2/6" in line for line in lines) and any("blocks of 4" in line for line in lines)
+    assert record["partial"][0]["step"] > 2
+    assert "members" in torch.load(tmp_path / PARTIAL, weights_only=True)["groups"][0]
