@@ -77,7 +77,7 @@ def bench(
     compile: Compile = False,
     cuda_graph: Graph = False,
     data: Data = "exact",
-    block_steps: BlockSteps = 128,
+    block_steps: BlockSteps = 32,  # the bench times whole blocks: 128 would make each block row 4x longer
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write the result (and the planner's cost table) as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as markdown too.")] = None,
