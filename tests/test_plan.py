@@ -339,3 +339,13 @@ def test_a_one_group_partial_file_of_the_first_loan_resumes(tmp_path: Path, data
     assert any("resuming at step 2/6" in line for line in lines) and any("blocks of 4" in line for line in lines)
     assert record["partial"][0]["step"] > 2
     assert "members" in torch.load(tmp_path / PARTIAL, weights_only=True)["groups"][0]
+
+
+def test_engine_run_needs_a_group_in_flight(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stn.cli import app
+
+    result = CliRunner().invoke(app, ["engine", "run", "--in-flight", "0", "--state", str(tmp_path / "state")])
+    assert result.exit_code == 2 and "error: --in-flight 0" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "state").exists()
