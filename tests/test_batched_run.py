@@ -133,3 +133,19 @@ def test_train_for_stops_before_the_deadline(mnist) -> None:
     done = train_for(run, deadline=5, clock=lambda: float(next(ticks)))  # every clock read: one second later
     assert 0 < done < 100 and run.step == done and not run.done
     assert len(run.last_losses) == 1
+
+
+def test_the_warm_up_unit_does_not_set_the_deadline_estimate(mnist) -> None:
+    """A lane's first unit (graph capture, first kernel calls) counts only until a second one is measured;
+    from then on the estimate is the slowest unit after it."""
+    from stn.batched_run import _Lane, _Unit
+
+    cfgs = configs(KINDS["FCN"], seeds=(0,))
+    flight = InFlight(CPU)
+    lane = _Lane(GroupRun(BatchedModels(cfgs, CPU), BatchedStream(cfgs, *mnist, CPU), iterations=10), unit=2)
+    worst = []
+    for seconds in (20.0, 1.0, 3.0, 2.0):
+        lane.pending.append(_Unit(steps=2, issued=0.0, host_seconds=seconds))
+        flight._retire(lane)
+        worst.append(lane.worst_per_step)
+    assert worst == [10.0, 0.5, 1.5, 1.5]

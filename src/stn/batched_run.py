@@ -161,6 +161,7 @@ class _Lane:
     unit: int  # steps per unit, next time
     pending: deque[_Unit] = dataclasses.field(default_factory=deque)
     worst_per_step: float = 0.0  # the slowest unit seen, seconds per step (the deadline's estimate)
+    units_done: int = 0
 
 
 class InFlight:
@@ -214,7 +215,11 @@ class InFlight:
             # on CUDA the lane's own span between its events, the other lanes' kernels running beside it
             seconds = unit.start.elapsed_time(unit.end) / 1000 if unit.end is not None else unit.host_seconds
             per_step = seconds / max(unit.steps, 1)
-            lane.worst_per_step = max(lane.worst_per_step, per_step)
+            lane.units_done += 1
+            # the first unit carries the warm-up (graph capture, cuDNN's first calls): it counts only until a
+            # second unit has been measured, or a fast group would stop long before the deadline
+            first_again = lane.units_done == 2
+            lane.worst_per_step = per_step if first_again else max(lane.worst_per_step, per_step)
             if self.unit_s is not None and per_step > 0:  # halve or double at most, towards unit_s per unit
                 wanted = round(self.unit_s / per_step)
                 lane.unit = int(min(self.max_unit, max(1, lane.unit // 2, min(2 * lane.unit, wanted))))
