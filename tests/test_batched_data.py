@@ -45,14 +45,19 @@ def test_block_stream_keeps_each_models_epoch_order(mnist) -> None:
             assert not torch.equal(images[0], images[1])
 
 
-def test_block_stream_resumes_mid_block_and_is_reproducible(mnist) -> None:
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_block_stream_resumes_mid_block_and_is_reproducible(mnist, prefetch: bool) -> None:
+    """Drawing the next block ahead (prefetch, as on CUDA's side stream) changes neither the batches nor the
+    state: a stream that drew ahead resumes, mid-block, to the same batches as one that never did."""
     cfgs = configs(KINDS["CNN"], datasets=("P", "E"), seeds=(0, 1))
-    straight = BlockStream(cfgs, *mnist, CPU, block_steps=4)
+    straight = BlockStream(cfgs, *mnist, CPU, block_steps=4, prefetch=False)
     expected = [straight.next() for _ in range(9)]
-    first = BlockStream(cfgs, *mnist, CPU, block_steps=4)
-    for _ in range(5):
-        first.next()
-    resumed = BlockStream(cfgs, *mnist, CPU, block_steps=4)
+    first = BlockStream(cfgs, *mnist, CPU, block_steps=4, prefetch=prefetch)
+    for step in range(5):
+        images, labels = first.next()
+        assert torch.equal(images, expected[step][0]) and torch.equal(labels, expected[step][1])
+    assert (first.ahead.index == 2) if prefetch else first.ahead is None  # block 1 served, block 2 drawn ahead
+    resumed = BlockStream(cfgs, *mnist, CPU, block_steps=4, prefetch=prefetch)
     resumed.load_state_dict(first.state_dict())
     for images, labels in expected[5:]:
         got_images, got_labels = resumed.next()

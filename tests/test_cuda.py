@@ -191,3 +191,112 @@ def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> Non
     with count_syncs(CUDA, counted):
         run.advance(5)
     assert counted["syncs"] == 0, counted["where"]
+
+
+# ---------------------------------------------------------------------------------- groups in flight, data ahead
+
+
+def _kernels_by_stream(trace: str) -> dict[int, list[tuple[float, float]]]:
+    """(start, end) in microseconds of every GPU kernel in a chrome trace, by the CUDA stream it ran on."""
+    import json
+
+    with open(trace) as handle:
+        events = json.load(handle)["traceEvents"]
+    out: dict[int, list[tuple[float, float]]] = {}
+    for event in events:
+        if event.get("cat") == "kernel" and "dur" in event:
+            out.setdefault(int(event["args"]["stream"]), []).append((event["ts"], event["ts"] + event["dur"]))
+    return out
+
+
+def _overlap_us(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total time during which a kernel of `a` and a kernel of `b` both ran (each list: one stream, in order)."""
+    a, b = sorted(a), sorted(b)
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_kernels_of_two_groups_in_flight_overlap(cuda_graph: bool, data_dir, tmp_path) -> None:
+    """Two groups in flight on their own streams (stn.batched_run.InFlight): a profiler trace shows kernels of
+    the two streams running at the same time (each group's work, data included, is on its own stream)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from stn.batched_run import InFlight
+
+    digits, labels = load_mnist(data_dir, train=True)
+    flight = InFlight(CUDA, streams=True, unit_steps=4)
+    for label in ("CNN", "FCN"):
+        cfgs = [dataclasses.replace(c, trainer=dataclasses.replace(c.trainer, batch_size=256))
+                for c in configs(label, (0, 1, 2), "R", "dataset.train_limit=null")]
+        engine = BatchedModels(cfgs, CUDA, EngineOptions(cuda_graph=cuda_graph))
+        flight.add(GroupRun(engine, BatchedStream(cfgs, digits, labels, CUDA), iterations=10_000, log_every=4))
+    for run in flight.runs:  # warm-up and graph capture, outside the trace
+        run.advance(4)
+    flight.drain()
+    torch.cuda.synchronize()
+    clock = iter(range(10_000))
+    flight.clock = lambda: float(next(clock))
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        flight.train(deadline=40.0)  # a few units per group (fake clock), then every lane drained
+    trace = str(tmp_path / "trace.json")
+    prof.export_chrome_trace(trace)
+    kernels = _kernels_by_stream(trace)
+    lanes = {run.cuda_stream for run in flight.runs}
+    assert len(lanes) == 2 and None not in lanes
+    busy = sorted(kernels, key=lambda s: -len(kernels[s]))[:2]
+    assert len(busy) == 2, f"kernels on streams {list(kernels)}"
+    overlap = _overlap_us(kernels[busy[0]], kernels[busy[1]])
+    assert overlap > 0, f"no overlap between streams {busy}: {[len(kernels[s]) for s in busy]} kernels"
+
+
+def test_groups_in_flight_train_as_one_after_another_on_cuda(data_dir, tmp_path) -> None:
+    """stn.plan.run_table with two groups in flight (streams, CUDA graphs, block data drawn ahead on side
+    streams) gives the results of the same table run one group after another, float64."""
+    import json
+
+    from stn.plan import RESULTS, CostModel, Member, make_groups, run_table
+
+    members = []
+    for label, seeds in (("FCN", (0, 1)), ("ST-CNN Aff", (0,))):
+        base = configs(label, seeds=(0,), dataset="R")[0]
+        base = dataclasses.replace(base, data_dir=str(data_dir), trainer=dataclasses.replace(
+            base.trainer, iterations=12, log_every=4, device="cuda"), dataset=dataclasses.replace(
+            base.dataset, test_limit=200))
+        members += [Member(label, "R", s, dataclasses.replace(base, seed=s), 1.0) for s in seeds]
+    groups = make_groups(members)
+    costs = CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
+    options = EngineOptions(dtype=torch.float64, cuda_graph=True, data="block", block_steps=5)
+    out = {}
+    for in_flight in (1, 2):
+        state = tmp_path / f"in{in_flight}"
+        record = run_table(groups, state, budget_s=1e6, device=CUDA, options=options, costs=costs,
+                           log=lambda _: None, in_flight=in_flight)
+        assert record["done"] == 2
+        out[in_flight] = json.loads((state / RESULTS).read_text())["members"]
+    for key, one in out[1].items():
+        two = out[2][key]
+        assert one["test_error"] == two["test_error"]
+        assert one["final_loss"] == pytest.approx(two["final_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("dataset", ["R", "TC"])
+def test_block_data_drawn_ahead_on_a_side_stream_equals_drawn_inline(dataset: str, data_dir) -> None:
+    """The side stream changes where the warps run, not what they draw: the same blocks, bit for bit."""
+    from stn.batched_data import BlockStream
+
+    digits, labels = load_mnist(data_dir, train=True)
+    cfgs = configs("CNN", (0, 1, 2), dataset)
+    ahead = BlockStream(cfgs, digits, labels, CUDA, block_steps=3, prefetch=True)
+    inline = BlockStream(cfgs, digits, labels, CUDA, block_steps=3, prefetch=False)
+    assert ahead.side is not None and inline.side is None
+    for _ in range(8):  # crosses blocks; the consumer uses each block right after the side stream's draw
+        (a_images, a_labels), (b_images, b_labels) = ahead.next(), inline.next()
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from stn.batched import EngineOptions
 from stn.compose import compose
@@ -14,14 +16,21 @@ from stn.plan import (
     PARTIAL,
     PROGRESS,
     RESULTS,
+    STATE_OVERHEAD_BYTES,
     TABLE_CSV,
     CostModel,
     Group,
     Member,
     PlanError,
+    StateLimits,
+    load_partials,
     make_groups,
+    next_to_start,
     pack_chunks,
+    pack_states,
     run_table,
+    save_partials,
+    state_bytes,
     table_members,
 )
 
@@ -41,6 +50,71 @@ def test_table1_groups_by_shape() -> None:
             assert {m.column for m in group.members} == {"R", "P", "E"}
     assert sorted(m.key for g in groups for m in g.members) == sorted(m.key for m in members)
     assert len(make_groups(members, max_k=3)) == 36  # capped: one group per cell
+
+
+def test_paper_table_groups_in_flight_fit_what_a_gpu_run_returns() -> None:
+    """However the paper table's groups finish, the groups in flight (at most 8 asked for) are those whose
+    states pack into 2 partial files of at most 16 MiB (the device tool returns at most 8 files of 16 MiB, 64 MiB
+    in all; a loan's other 6 files are small), checked file by file here; and the cap still lets several fly."""
+    groups = make_groups(table_members(GRID, seeds=(0, 1, 2), preset="paper"))
+    limits = StateLimits()
+    sizes = {g.gid: state_bytes(g) for g in groups}
+    mib = {g.gid: sizes[g.gid] / 2**20 for g in groups}
+    assert 14.0 < mib["cnn_R-P-E"] < 14.6 and 5.0 < mib["cnn_RTS"] < 5.6 and 10.8 < mib["fcn_TC"] < 11.3
+    rng = random.Random(0)
+    most = []
+    for _ in range(30):
+        pending, flying, peak = list(groups), [], 0
+        rng.shuffle(pending)
+        while pending or flying:
+            while (group := next_to_start(pending, flying, sizes, limits, in_flight=8)) is not None:
+                flying.append(group.gid)
+                pending.remove(group)
+            packing = pack_states({gid: sizes[gid] for gid in flying}, limits)
+            assert packing is not None and sorted(g for f in packing for g in f) == sorted(flying)
+            assert len(packing) <= 2 and 6 + len(packing) <= 8
+            assert all(sum(sizes[g] for g in file) <= 16 * 2**20 for file in packing)
+            assert sum(sizes[g] for g in flying) <= 64 * 2**20 - 4 * 2**20
+            peak = max(peak, len(flying))
+            flying.remove(rng.choice(flying))  # some group finishes
+        most.append(peak)
+    assert min(most) >= 3 and max(most) >= 5  # e.g. a 28x28 group beside two 42 px ones; five 42 px groups
+
+
+def test_state_bytes_bounds_the_partial_files_of_real_paper_groups(tmp_path: Path, mnist) -> None:
+    """The estimate packing relies on is an upper bound of the files written (and close to them): the 28x28
+    CNN group (9 models, ~14.3 MiB) alone in one file, and the two largest 60 px groups (FCN TC, ST-FCN Aff TC,
+    3 models, ~11 MiB each) that cannot share one."""
+    from stn.batched import BatchedModels
+    from stn.batched_data import make_stream
+    from stn.batched_run import GroupRun
+
+    groups = {g.gid: g for g in make_groups(table_members(GRID, seeds=(0, 1, 2), preset="paper"))}
+    options = EngineOptions(data="block")
+    entries = {}
+    for gid in ("cnn_R-P-E", "fcn_TC", "st-fcn-aff_TC"):
+        cfgs = [m.config for m in groups[gid].members]
+        run = GroupRun(BatchedModels(cfgs, "cpu", options), make_stream(cfgs, *mnist, "cpu", options), 150_000)
+        entries[gid] = {"gid": gid, "members": [m.key for m in groups[gid].members], "bytes": state_bytes(groups[gid]),
+                        "data": {"mode": "block", "block_steps": 128}, "state": run.state_dict()}
+    written = save_partials(tmp_path, entries, StateLimits(files=3), log=lambda _: None)
+    assert [p.name for p in written] == [PARTIAL, "partial-2.pt", "partial-3.pt"]
+    for path in written:
+        held = torch.load(path, weights_only=True)["groups"]
+        estimate = sum(entries[e["gid"]]["bytes"] for e in held)
+        size = path.stat().st_size
+        assert size <= estimate <= size + len(held) * STATE_OVERHEAD_BYTES and size <= 16 * 2**20, (path, size)
+    assert load_partials(tmp_path).keys() == entries.keys()
+    assert save_partials(tmp_path, {}, StateLimits(), log=lambda _: None) == [] and not list(tmp_path.iterdir())
+
+
+def test_pack_states_first_fit_decreasing() -> None:
+    limits = StateLimits(files=2, file_bytes=10, total_bytes=18)
+    assert pack_states({"a": 6, "b": 4, "c": 5, "d": 3}, limits) == [["a", "b"], ["c", "d"]]
+    assert pack_states({"a": 6, "b": 6, "c": 6}, limits) is None  # three files needed
+    assert pack_states({"a": 9, "b": 9, "c": 1}, limits) is None  # total 19 > 18
+    assert pack_states({"a": 11}, limits) is None  # larger than a file
+    assert pack_states({}, limits) == []
 
 
 def fake_groups(steps: dict[str, int], k: int = 3) -> list[Group]:
@@ -134,35 +208,89 @@ class Clock:
         return self.now
 
 
-def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_path: Path, data_dir: Path) -> None:
+def tiny_costs(groups) -> CostModel:
+    return CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
+
+
+@pytest.mark.parametrize(("in_flight", "data"), [(1, "exact"), (2, "exact"), (2, "block")])
+def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_path: Path, data_dir: Path,
+                                                                         in_flight: int, data: str) -> None:
+    """Chunks cut by a deadline, each resumed from the saved state, give bit-identical results to one
+    uninterrupted run of the groups one after another; with two groups in flight both are checkpointed at
+    once, and with block data (drawn ahead: prefetch) the cuts fall inside blocks."""
     groups = make_groups(tiny_members(data_dir))
     assert [g.k for g in groups] == [2, 1]
-    costs = CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
-    straight = run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None)
-    assert straight["done"] == 2 and straight["partial"] is None and straight["estimated_chunks_left"] == 0
+    costs = tiny_costs(groups)
+    options = EngineOptions(data=data, block_steps=4, prefetch=True)
+    straight = run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None,
+                         options=options)
+    assert straight["done"] == 2 and straight["partial"] == [] and straight["estimated_chunks_left"] == 0
 
     state = tmp_path / "chunked"
-    chunk = 0
+    chunk, most_partial = 0, 0
     while True:
         chunk += 1
-        # 9 clock readings per chunk: two slices of 2 steps at most, then a checkpoint
-        record = run_table(groups, state, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
+        # 9 clock readings per chunk (one group) or 16 (two): a unit or two of 2 steps each, then a checkpoint
+        record = run_table(groups, state, budget_s=9 if in_flight == 1 else 16, device="cpu", costs=costs,
+                           log=lambda _: None, clock=Clock(), options=options, in_flight=in_flight)
         assert (state / PROGRESS).is_file() and (state / TABLE_CSV).is_file()
         if record["done"] == 2:
             break
         assert chunk < 10
-        assert (state / PARTIAL).is_file() or record["partial"] is None
-    assert chunk > 2  # the deadline really cut groups
-    assert not (state / PARTIAL).exists()
+        most_partial = max(most_partial, len(record["partial"]))
+        assert [p["file"] for p in record["partial"]] == [PARTIAL] * len(record["partial"])
+    assert chunk > 2 if in_flight == 1 else chunk > 1  # the deadline really cut groups
+    assert most_partial == in_flight  # two groups partly trained at once when two fly
+    assert not list(state.glob("partial*.pt"))
     a = json.loads((tmp_path / "straight" / RESULTS).read_text())["members"]
     b = json.loads((state / RESULTS).read_text())["members"]
     assert a.keys() == b.keys()
+    grouping = {m.key: [x.key for x in g.members] for g in groups for m in g.members}
     for key in a:  # bit-exact resume on the CPU: same test errors and losses
         assert a[key]["test_error"] == b[key]["test_error"]
         assert a[key]["final_loss"] == b[key]["final_loss"]
         assert a[key]["steps"] == b[key]["steps"] == 6
+        # the record names the data streams and the models whose blocks were drawn together
+        assert b[key]["data"] == data and b[key]["block_steps"] == (4 if data == "block" else None)
+        assert b[key]["grouping"] == grouping[key]
+        assert b[key]["in_flight"] == in_flight
     csv_text = (state / TABLE_CSV).read_text()
     assert "FCN,R,1.0" in csv_text and "ST-CNN Aff,R,1.0" in csv_text
+
+
+def test_a_resumed_group_keeps_the_block_length_it_was_drawn_with(tmp_path: Path, data_dir: Path) -> None:
+    """Block draws depend on block_steps: a chunk resumed with another --block-steps continues each partly
+    trained group with the length its state records (and says so), so the result equals an uninterrupted run."""
+    groups = make_groups(tiny_members(data_dir))[:1]
+    costs = tiny_costs(groups)
+    drawn = EngineOptions(data="block", block_steps=4)
+    run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None,
+              options=drawn)
+    run_table(groups, tmp_path / "cut", budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock(),
+              options=drawn)
+    assert (tmp_path / "cut" / PARTIAL).is_file()
+    lines: list[str] = []
+    record = run_table(groups, tmp_path / "cut", budget_s=1e6, device="cpu", costs=costs, log=lines.append,
+                       options=EngineOptions(data="block", block_steps=3))
+    assert record["done"] == 1
+    assert any("resumes with the data it was drawn with (block, blocks of 4)" in line for line in lines), lines
+    a = json.loads((tmp_path / "straight" / RESULTS).read_text())["members"]
+    b = json.loads((tmp_path / "cut" / RESULTS).read_text())["members"]
+    assert {k: v["final_loss"] for k, v in a.items()} == {k: v["final_loss"] for k, v in b.items()}
+    assert {v["block_steps"] for v in b.values()} == {4}
+
+
+def test_a_partial_state_of_another_grouping_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    """Same group id, other members (e.g. other --seeds): the saved weights and the blocks drawn belong to
+    another grouping, so resuming is refused with one line naming both."""
+    groups = make_groups(tiny_members(data_dir))[:1]
+    assert [m.seed for m in groups[0].members] == [0, 1]
+    costs = tiny_costs(groups)
+    run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
+    fewer = [Group(groups[0].gid, groups[0].members[:1])]
+    with pytest.raises(PlanError, match="was trained \\(and its data blocks drawn\\) by") as caught:
+        run_table(fewer, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
+    assert "\n" not in str(caught.value)
 
 
 def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_dir: Path) -> None:
@@ -181,7 +309,7 @@ def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_d
 
 def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: Path) -> None:
     groups = make_groups(tiny_members(data_dir))
-    costs = CostModel(table=[{"kind": g.kind, "size": 28, "k": g.k, "images_per_s": 1e9} for g in groups])
+    costs = tiny_costs(groups)
     run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock())
     gid = _partial_gid(tmp_path)
     others = [g for g in groups if g.gid != gid]
@@ -191,6 +319,33 @@ def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: 
 
 
 def _partial_gid(state: Path) -> str:
-    import torch
+    return torch.load(state / PARTIAL, weights_only=True)["groups"][0]["gid"]
 
-    return torch.load(state / PARTIAL, weights_only=True)["gid"]
+
+def test_a_one_group_partial_file_of_the_first_loan_resumes(tmp_path: Path, data_dir: Path) -> None:
+    """The first GPU loan left `partial.pt` as {"gid", "state"} (one group, no loss windows, no record of its
+    grouping or data): it is read, its block length taken from its stream state, and rewritten in the new form."""
+    groups = make_groups(tiny_members(data_dir))[:1]
+    costs = tiny_costs(groups)
+    options = EngineOptions(data="block", block_steps=4)
+    run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lambda _: None, clock=Clock(),
+              options=options)
+    entry = torch.load(tmp_path / PARTIAL, weights_only=True)["groups"][0]
+    old_state = {k: v for k, v in entry["state"].items() if k not in ("loss_sum", "window_start", "window")}
+    torch.save({"gid": entry["gid"], "state": old_state}, tmp_path / PARTIAL)
+    lines: list[str] = []
+    record = run_table(groups, tmp_path, budget_s=9, device="cpu", costs=costs, log=lines.append, clock=Clock(),
+                       options=dataclasses.replace(options, block_steps=128))
+    assert any("resuming at step 2/6" in line for line in lines) and any("blocks of 4" in line for line in lines)
+    assert record["partial"][0]["step"] > 2
+    assert "members" in torch.load(tmp_path / PARTIAL, weights_only=True)["groups"][0]
+
+
+def test_engine_run_needs_a_group_in_flight(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stn.cli import app
+
+    result = CliRunner().invoke(app, ["engine", "run", "--in-flight", "0", "--state", str(tmp_path / "state")])
+    assert result.exit_code == 2 and "error: --in-flight 0" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "state").exists()

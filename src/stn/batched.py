@@ -167,7 +167,10 @@ class EngineOptions:
     # "exact": each model's batches are its `stn train` stream's (BatchedStream); "block": drawn block_steps
     # steps at a time per dataset (BlockStream: same epoch order, other distortion samples, ~K*T fewer launches)
     data: str = "exact"
-    block_steps: int = 32
+    # 128: a block's launches barely depend on its length, so per step they fall from 6-16 at 32 (the first
+    # loan's README) to ~1.5-4; memory is two blocks per group in flight (BlockStream's docstring)
+    block_steps: int = 128
+    prefetch: bool | None = None  # block data: draw the next block ahead on a side stream (None: on CUDA only)
 
 
 def _nhwc(x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
     stn engine bench --kinds CNN,"ST-CNN Aff" --ks 1,3,9 --device cuda --out bench.json
     stn engine plan --preset paper --seeds 0,1,2 --cost bench.json --budget 540
-    stn engine run --preset paper --seeds 0,1,2 --state state/ --budget 540 --device cuda --amp --cuda-graph
+    stn engine run --preset paper --seeds 0,1,2 --state state/ --budget 540 --device cuda --amp --cuda-graph \
+        --data block --in-flight 4
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _list(text: str | None) -> list[str] | None:
 
 
 def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
-             data: str = "exact", block_steps: int = 32):
+             data: str = "exact", block_steps: int = 128):
     from stn.batched import EngineOptions
 
     return EngineOptions(amp=amp, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, mode=mode,
@@ -76,7 +77,7 @@ def bench(
     compile: Compile = False,
     cuda_graph: Graph = False,
     data: Data = "exact",
-    block_steps: BlockSteps = 32,
+    block_steps: BlockSteps = 32,  # the bench times whole blocks: 128 would make each block row 4x longer
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write the result (and the planner's cost table) as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as markdown too.")] = None,
@@ -181,11 +182,23 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
         cuda_graph: Graph = False,
         mode: Annotated[RunMode, typer.Option(help="Engine mode; auto: per group, the mode the --cost table "
                                                    "measured faster for its kind (vmap where none).")] = "vmap",
-        data: Data = "exact", block_steps: BlockSteps = 32,
+        data: Data = "exact", block_steps: BlockSteps = 128,
+        in_flight: Annotated[int, typer.Option(
+            help="Groups trained at once (round-robin, one CUDA stream each; 1: one after another), further "
+                 "capped so their states fit --state-files.")] = 4,
+        group_streams: Annotated[bool, typer.Option(
+            "--group-streams/--no-group-streams",
+            help="One CUDA stream per group in flight (off: round-robin on one stream, the A/B baseline).")] = True,
+        state_files: Annotated[int, typer.Option(
+            help="Partial-state files (16 MiB each) a run may leave for the groups in flight.")] = 2,
         override: Override = None) -> None:
     """Train the table's groups from the saved progress until done or --budget seconds; resumable."""
-    from stn.plan import CostModel, run_table
+    from stn.batched import EngineError
+    from stn.cli_common import fail
+    from stn.plan import CostModel, PlanError, StateLimits, run_table
 
+    if in_flight < 1 or state_files < 1:
+        fail(f"--in-flight {in_flight} and --state-files {state_files} must be at least 1", 2)
     start = time.perf_counter()
     device = _device(device)
     groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
@@ -193,9 +206,13 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
                f"{time.perf_counter() - start:.1f} s", err=True)
     options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
                        block_steps)
-    record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
-                       options=options, costs=CostModel.load(cost, flops),
-                       log=lambda line: typer.echo(line, err=True))
+    try:
+        record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
+                           options=options, costs=CostModel.load(cost, flops),
+                           log=lambda line: typer.echo(line, err=True), in_flight=in_flight,
+                           group_streams=group_streams, limits=StateLimits(files=state_files))
+    except (PlanError, EngineError) as err:  # a state folder or plan that does not fit: the message says how
+        fail(str(err), 2)
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
 

@@ -12,11 +12,13 @@ assumed achieved FLOP/s. `pack_chunks` cuts the remaining work into chunks of at
 run order (shortest group first, so cells finish as early as possible), splitting a group at a step boundary
 when it does not fit; it is what tells how many loans a table needs.
 
-`run_table` executes from the saved progress until a deadline: groups in run order (a partly trained group
-first), each trained until it finishes or the deadline would pass (`stn.batched_run.train_for`), then either
-evaluated (its members' results are written) or checkpointed. Sequential groups leave at most one partly
-trained group, so the state that must travel between loans is `results.json` (every finished member: test
-error, steps, wall time, images/s) plus one `partial.pt` (that group's weights, momentum and data positions).
+`run_table` executes from the saved progress until a deadline: groups in run order (partly trained groups
+first), up to `in_flight` of them at once (`stn.batched_run.InFlight`: round-robin, one CUDA stream each), each
+trained until it finishes (then evaluated, its members' results written, the next group started) or the
+deadline would pass (then checkpointed). What travels between loans is `results.json` (every finished member:
+test error, steps, wall time, images/s, data streams and grouping) plus the partial files (`partial.pt`,
+`partial-2.pt`, ...: the in-flight groups' weights, momentum, loss windows and data positions), packed so that
+they fit what a GPU run may return (`StateLimits`, `pack_states`): the groups in flight are capped by it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, EngineOptions, shape_signature
+from stn.batched import BatchedModels, EngineError, EngineOptions, shape_signature
 from stn.batched_data import make_stream
-from stn.batched_run import GroupRun, train_for
+from stn.batched_run import GroupRun, InFlight
 from stn.compose import compose_many
 from stn.config import Config
 from stn.runs import save_checkpoint, write_atomic
@@ -47,6 +49,7 @@ PARTIAL = "partial.pt"
 TABLE_CSV = "results.csv"
 PROGRESS = "progress.json"
 PLAN_VERSION = 1
+PARTIAL_VERSION = 2  # partial files holding several groups each (1: one group per partial.pt)
 
 
 class PlanError(RuntimeError):
@@ -206,11 +209,11 @@ class Segment:
     seconds: float  # estimated, overhead included
 
 
-def run_order(groups: Sequence[Group], costs: CostModel, first: str | None = None) -> list[Group]:
-    """Shortest estimated group first (most cells finished early); `first` (a partly trained group) leads."""
+def run_order(groups: Sequence[Group], costs: CostModel, first: str | Sequence[str] | None = None) -> list[Group]:
+    """Shortest estimated group first (most cells finished early); `first` (partly trained groups) lead."""
     ordered = sorted(groups, key=lambda g: (costs.seconds_per_step(g) * g.iterations, g.gid))
-    if first is not None:
-        ordered.sort(key=lambda g: g.gid != first)
+    leading = {first} if isinstance(first, str) else set(first or ())
+    ordered.sort(key=lambda g: g.gid not in leading)
     return ordered
 
 
@@ -227,8 +230,7 @@ def pack_chunks(groups: Sequence[Group], costs: CostModel, budget_s: float, *, d
     done = done or {}
     chunks: list[list[Segment]] = [[]]
     left = budget_s
-    for group in run_order(groups, costs, first=next((g for g, s in done.items() if 0 < s < _iters(groups, g)),
-                                                     None)):
+    for group in run_order(groups, costs, first=[g for g, s in done.items() if 0 < s < _iters(groups, g)]):
         step, per_step = done.get(group.gid, 0), costs.seconds_per_step(group)
         while step < group.iterations:
             fits = int((left - overhead_s) / per_step) if left > overhead_s else 0
@@ -276,22 +278,169 @@ def group_done(group: Group, results: dict[str, dict[str, Any]]) -> bool:
     return all(m.key in results for m in group.members)
 
 
-def progress_of(groups: Sequence[Group], results: dict[str, dict[str, Any]], partial: dict[str, Any] | None
+def progress_of(groups: Sequence[Group], results: dict[str, dict[str, Any]], partials: dict[str, dict[str, Any]]
                 ) -> dict[str, int]:
     done = {g.gid: g.iterations for g in groups if group_done(g, results)}
-    if partial is not None:
-        done[partial["gid"]] = int(partial["state"]["engine"]["step"])
+    for gid, entry in partials.items():
+        done.setdefault(gid, int(entry["state"]["engine"]["step"]))
     return done
 
 
-def load_partial(state_dir: Path) -> dict[str, Any] | None:
-    path = state_dir / PARTIAL
-    if not path.is_file():
+# ------------------------------------------------------------------------------------ partial states
+
+
+@dataclass(frozen=True)
+class StateLimits:
+    """What the partly trained groups' states may take when a run's files come back from the GPU machine.
+
+    The device tool returns at most 8 files of at most 16 MiB each, 64 MiB in all. A loan's other files (log,
+    tests, bench, results.json/.csv, progress.json: 6 in run_gpu.sh's `loan`) leave `files` = 2 for the
+    states and a few MiB of the total; the groups in flight are capped so that their states pack into these
+    files (`pack_states`). One 28x28 group of 9 models is ~14.3 MiB (parameters and momentum, float32): a
+    file holds one of those, or three of the 42 px CNN groups of 3 (~5.3 MiB each), or two of the 42 px
+    FCN groups (~5.6 MiB) or 60 px groups (6.1-11 MiB)."""
+
+    files: int = 2
+    file_bytes: int = 16 * 2**20
+    total_bytes: int = 60 * 2**20
+
+
+# the pickled structure, parameter names, stream states and bad-step/loss vectors of one group, and the zip
+# container's per-record headers: measured 5.7 KB (CNN RTS, K = 3), 6.2 KB (CNN R-P-E, K = 9), 10.6 KB (ST-CNN
+# TPS R-P-E, K = 9), either data stream; tests/test_plan.py checks the bound against real files
+STATE_OVERHEAD_BYTES = 32 * 2**10
+_COUNTS: dict[str, tuple[int, int]] = {}
+
+
+def state_bytes(group: Group, dtype: torch.dtype = torch.float32) -> int:
+    """An upper bound on the bytes of `group`'s saved state: K x (parameters + momentum + buffers) at `dtype`,
+    plus `STATE_OVERHEAD_BYTES`. Counted on the meta device (no memory, no initialisation)."""
+    cfg = group.members[0].config
+    key = shape_signature(cfg)
+    if key not in _COUNTS:
+        from stn.models import build_model
+
+        with torch.device("meta"):
+            model = build_model(cfg, fast=False)
+        _COUNTS[key] = (sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()))
+    parameters, buffers = _COUNTS[key]
+    width = torch.empty((), dtype=dtype).element_size()
+    return group.k * (2 * parameters + buffers) * width + STATE_OVERHEAD_BYTES
+
+
+def pack_states(sizes: dict[str, int], limits: StateLimits) -> list[list[str]] | None:
+    """The states (bytes per group id) packed into at most `limits.files` files of at most `limits.file_bytes`
+    each, first fit by decreasing size; None if they do not fit (or their total exceeds `limits.total_bytes`)."""
+    if sum(sizes.values()) > limits.total_bytes:
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file means the same thing
-        raise PlanError(f"{path} is unreadable ({type(err).__name__}); delete it to retrain that group") from None
+    files: list[list[str]] = []
+    room: list[int] = []
+    for gid in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        where = next((i for i, left in enumerate(room) if sizes[gid] <= left), None)
+        if where is None:
+            if len(files) == limits.files or sizes[gid] > limits.file_bytes:
+                return None
+            files.append([])
+            room.append(limits.file_bytes)
+            where = len(files) - 1
+        files[where].append(gid)
+        room[where] -= sizes[gid]
+    return files
+
+
+def next_to_start(pending: Sequence[Group], flying: Sequence[str], sizes: dict[str, int], limits: StateLimits,
+                  in_flight: int) -> Group | None:
+    """The first group of `pending` (in run order) whose state packs beside those of the groups in flight, if
+    fewer than `in_flight` fly; None if none can start now. A group whose state alone exceeds the limits starts
+    only when nothing else is in flight (its state is then written on its own, with a warning)."""
+    if len(flying) >= in_flight:
+        return None
+    for group in pending:
+        if not flying or pack_states({gid: sizes[gid] for gid in flying} | {group.gid: sizes[group.gid]},
+                                     limits) is not None:
+            return group
+    return None
+
+
+def partial_name(index: int) -> str:
+    """partial.pt, partial-2.pt, partial-3.pt, ...: the first keeps the name one-group states always had."""
+    return PARTIAL if index == 0 else PARTIAL.replace(".pt", f"-{index + 1}.pt")
+
+
+def partial_files(state_dir: Path) -> list[Path]:
+    return sorted(state_dir.glob(PARTIAL.replace(".pt", "*.pt")))
+
+
+def load_partials(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every partly trained group's entry, by group id, from the partial files (also the one-group files of
+    2026-11-30: {"gid", "state"})."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in partial_files(state_dir):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file means the same thing
+            raise PlanError(f"{path} is unreadable ({type(err).__name__}); delete it to retrain its groups") from None
+        for entry in data["groups"] if "groups" in data else [data]:
+            if entry["gid"] in entries:
+                raise PlanError(f"group {entry['gid']!r} is in two partial files ({path.name} and another): keep "
+                                f"the newer and delete the other")
+            entries[entry["gid"]] = {**entry, "file": path.name}
+    return entries
+
+
+def load_partial(state_dir: Path) -> dict[str, Any] | None:
+    """The first partly trained group's entry, or None (the one-group view older callers read)."""
+    entries = load_partials(state_dir)
+    return next(iter(entries.values()), None)
+
+
+def save_partials(state_dir: Path, entries: dict[str, dict[str, Any]], limits: StateLimits,
+                  log: Callable[[str], None] = print) -> list[Path]:
+    """Write the entries packed into partial files (`pack_states` on their estimated sizes), then remove any
+    older partial file not rewritten; returns the files written. A state too large for the limits is still
+    written (one file per group) with a warning: losing it would lose its training."""
+    sizes = {gid: int(entry["bytes"]) for gid, entry in entries.items()}
+    packing = pack_states(sizes, limits)
+    if packing is None:
+        log(f"warning: the partial states ({sum(sizes.values()) / 2**20:.1f} MiB) do not fit {limits}: "
+            f"one file per group")
+        packing = [[gid] for gid in sorted(sizes)]
+    written = []
+    for index, gids in enumerate(packing):
+        path = state_dir / partial_name(index)
+        payload = {"version": PARTIAL_VERSION,
+                   "groups": [{k: v for k, v in entries[gid].items() if k != "file"} for gid in gids]}
+        save_checkpoint(path, payload)
+        written.append(path)
+    for path in partial_files(state_dir):
+        if path not in written:
+            path.unlink()
+    return written
+
+
+def _data_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """The data streams an entry was trained with (recorded since the concurrent engine; older entries: read
+    from their stream state, a list for the exact streams, a dict with block_steps for block streams)."""
+    if "data" in entry:
+        return dict(entry["data"])
+    streams = entry["state"]["streams"]
+    if isinstance(streams, dict):
+        return {"mode": "block", "block_steps": int(streams["block_steps"])}
+    return {"mode": "exact", "block_steps": None}
+
+
+def _check_partials(partials: dict[str, dict[str, Any]], groups: Sequence[Group], state_dir: Path) -> None:
+    by_gid = {g.gid: g for g in groups}
+    for gid, entry in partials.items():
+        where = state_dir / entry["file"]
+        if gid not in by_gid:
+            raise PlanError(f"{where} holds group {gid!r}, which this plan does not have; "
+                            f"run it with the plan it was made with, or delete it")
+        mine = [m.key for m in by_gid[gid].members]
+        if "members" in entry and list(entry["members"]) != mine:
+            raise PlanError(f"{where}: group {gid!r} was trained (and its data blocks drawn) by {entry['members']}, "
+                            f"this plan's group {gid!r} has {mine}: resume with the --seeds/--max-k/--rows/--columns "
+                            f"it was started with, or delete {entry['file']} to retrain that group")
 
 
 def _test_sets(members: Sequence[Member], data_dir: str, device: torch.device, cache: dict) -> list[Any]:
@@ -308,11 +457,29 @@ def _test_sets(members: Sequence[Member], data_dir: str, device: torch.device, c
     return out
 
 
+@dataclass
+class _Flying:
+    group: Group
+    run: GroupRun
+    options: EngineOptions
+    began: float
+    first_step: int
+
+
 def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float, device: str | torch.device,
               options: EngineOptions | None = None, costs: CostModel | None = None,
               log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter,
-              max_groups: int | None = None) -> dict[str, Any]:
+              max_groups: int | None = None, in_flight: int = 1, limits: StateLimits = StateLimits(),
+              group_streams: bool = True, mode_for: Callable[[Group], str] | None = None,
+              unit_s: float | None = None) -> dict[str, Any]:
     """Train from the saved progress in `state_dir` until every group is done or `budget_s` is spent.
+
+    in_flight: groups trained at once (`stn.batched_run.InFlight`: round-robin, one CUDA stream each with
+    group_streams); further capped so that their states fit `limits` (`pack_states`). A finished group is
+    evaluated and the next in run order that fits is started; at the deadline every group in flight is
+    checkpointed into the partial files. mode_for: the engine mode of each group (default: options.mode, or
+    with "auto" the mode its cost-table row measured). unit_s: seconds per unit of steps in a lane (default
+    0.05 on CUDA: short queues, few launches per unit; fixed units of log_every on the CPU).
 
     Returns the progress record also written to <state_dir>/progress.json: groups done / partial / left,
     seconds used, and the estimate of what is left (`pack_chunks`).
@@ -326,62 +493,133 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     state_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     costs = costs or CostModel()
+    if in_flight < 1:
+        raise PlanError(f"in_flight={in_flight}: at least one group must be in flight")
     results = load_results(state_dir)
-    partial = load_partial(state_dir)
-    known = {g.gid for g in groups}
-    if partial is not None and partial["gid"] not in known:
-        raise PlanError(f"{state_dir / PARTIAL} holds group {partial['gid']!r}, which this plan does not have; "
-                        f"run it with the plan it was made with, or delete it")
+    partials = load_partials(state_dir)
+    _check_partials(partials, groups, state_dir)
+    sizes = {g.gid: state_bytes(g, options.dtype) for g in groups}
+    for gid, entry in partials.items():
+        entry.setdefault("bytes", sizes[gid])  # files of 2026-11-30 did not record it
+    finished_before = [gid for gid in partials if group_done(next(g for g in groups if g.gid == gid), results)]
+    for gid in finished_before:  # saved as finished after its last checkpoint (a chunk killed in between)
+        del partials[gid]
+    if finished_before:
+        save_partials(state_dir, partials, limits, log)
+    pending = [g for g in run_order(groups, costs, first=list(partials)) if not group_done(g, results)]
+    flight = InFlight(device, streams=group_streams and in_flight > 1, clock=clock,
+                      unit_s=unit_s if unit_s is not None else (0.05 if device.type == "cuda" else None))
+    flying: dict[str, _Flying] = {}
     cache: dict = {}
-    trained = 0
-    for group in run_order(groups, costs, first=partial["gid"] if partial else None):
-        if group_done(group, results):
-            continue
-        if max_groups is not None and trained >= max_groups:
-            break
-        eval_reserve = costs.seconds_per_step(group) * 10 + 2.0  # ~10k test images, forward only, + slack
-        if clock() + eval_reserve + costs.seconds_per_step(group) * 2 > deadline:
-            log(f"{group.gid}: no time left in this chunk")
-            break
+    admitted = 0
+
+    def reserve(group: Group) -> float:
+        return costs.seconds_per_step(group) * 10 + 2.0  # ~10k test images, forward only, + slack
+
+    def admit() -> None:
+        nonlocal admitted
+        while max_groups is None or admitted < max_groups:
+            group = next_to_start(pending, list(flying), sizes, limits, in_flight)
+            if group is None:
+                return
+            if pack_states({group.gid: sizes[group.gid]}, limits) is None:
+                log(f"warning: {group.gid}'s state ({sizes[group.gid] / 2**20:.1f} MiB) exceeds {limits}: alone")
+            held = sum(reserve(f.group) for f in flying.values())
+            if clock() + held + reserve(group) + costs.seconds_per_step(group) * 2 > deadline:
+                log(f"{group.gid}: no time left in this chunk")
+                return
+            flying[group.gid] = _start(group)
+            pending.remove(group)
+            admitted += 1
+
+    def _start(group: Group) -> _Flying:
         cfgs = [m.config for m in group.members]
         digits, labels = load_mnist(cfgs[0].data_dir, train=True)
         # mode "auto": each group in the mode the cost table measured faster for its kind (loop and vmap train
         # the same models, tests/test_batched.py; a group may change mode between chunks)
-        group_options = dataclasses.replace(options, mode=costs.mode_for(group)) if options.mode == "auto" else options
+        mode = mode_for(group) if mode_for is not None else \
+            (costs.mode_for(group) if options.mode == "auto" else options.mode)
+        group_options = dataclasses.replace(options, mode=mode)
+        entry = partials.get(group.gid)
+        if entry is not None:
+            # a resumed group keeps the data streams its blocks were drawn with (block draws depend on
+            # block_steps and on the group's members, checked above)
+            data = _data_of(entry)
+            drawn = dataclasses.replace(group_options, data=data["mode"],
+                                        block_steps=data["block_steps"] or group_options.block_steps)
+            if (drawn.data, drawn.block_steps) != (group_options.data, group_options.block_steps):
+                log(f"{group.gid}: resumes with the data it was drawn with ({drawn.data}"
+                    f"{f', blocks of {drawn.block_steps}' if drawn.data == 'block' else ''})")
+            group_options = drawn
         engine = BatchedModels(cfgs, device, group_options)
         stream = make_stream(cfgs, digits, labels, device, group_options)
         run = GroupRun(engine, stream, iterations=group.iterations, log_every=group.trainer.log_every)
-        if partial is not None and partial["gid"] == group.gid:
-            run.load_state_dict(partial["state"])
+        if entry is not None:
+            try:
+                run.load_state_dict(entry["state"])
+            except (EngineError, ValueError) as err:
+                raise PlanError(f"{state_dir / entry['file']}: group {group.gid!r} cannot resume ({err}); delete "
+                                f"the file to retrain it") from None
             log(f"{group.gid}: resuming at step {run.step}/{group.iterations}")
-        partial = None
-        before, began = run.step, clock()
-        train_for(run, deadline - eval_reserve, clock=clock)
-        trained += 1
+        flight.add(run)
+        return _Flying(group, run, group_options, clock(), run.step)
+
+    def report(f: _Flying) -> float:
+        run = f.run
         rate = run.images / run.train_seconds if run.train_seconds else float("nan")
-        log(f"{group.gid}: K={group.k} {group_options.mode} steps {before}->{run.step}/{group.iterations} in "
-            f"{clock() - began:.1f} s "
-            f"({rate:,.0f} images/s all models), losses {[round(x, 4) for x in run.last_losses]}")
-        if not run.done:
-            state = {"gid": group.gid, "state": run.state_dict()}
-            save_checkpoint(state_dir / PARTIAL, state)
+        log(f"{f.group.gid}: K={f.group.k} {f.options.mode} steps {f.first_step}->{run.step}/{f.group.iterations} "
+            f"in {clock() - f.began:.1f} s ({rate:,.0f} images/s all models, {len(flying)} in flight), "
+            f"losses {[round(x, 4) for x in run.read_losses()]}")
+        return rate
+
+    while True:
+        admit()
+        if not flying:
             break
-        errors = engine.evaluate(_test_sets(group.members, cfgs[0].data_dir, device, cache),
-                                 cfgs[0].trainer.eval_batch_size)
-        bad = run.bad_steps()
-        for k, member in enumerate(group.members):
-            results[member.key] = {
-                "row": member.row, "column": member.column, "seed": member.seed, "paper": member.paper,
-                "test_error": errors[k] if bad[k] < 0 else math.nan, "first_nonfinite_step": bad[k],
-                "final_loss": run.last_losses[k] if run.last_losses else None, "steps": run.step,
-                "group": group.gid, "k": group.k, "train_seconds": run.train_seconds,
-                "images_per_s_group": rate, "mode": group_options.mode, "device": str(device),
-                "torch": torch.__version__,
-            }  # fmt: skip
-        save_results(state_dir, results)
-        (state_dir / PARTIAL).unlink(missing_ok=True)
-        log(f"{group.gid}: test error {[round(e, 2) for e in errors]}")
-        write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
+        held = sum(reserve(f.group) for f in flying.values())
+        done_runs = flight.train(deadline - held)
+        if not done_runs:
+            break
+        for run in done_runs:
+            f = next(f for f in flying.values() if f.run is run)
+            group = f.group
+            rate = report(f)
+            flight.remove(run)
+            cfgs = [m.config for m in group.members]
+            with run.lane():
+                errors = run.engine.evaluate(_test_sets(group.members, cfgs[0].data_dir, device, cache),
+                                             cfgs[0].trainer.eval_batch_size)
+            bad = run.bad_steps()
+            for k, member in enumerate(group.members):
+                results[member.key] = {
+                    "row": member.row, "column": member.column, "seed": member.seed, "paper": member.paper,
+                    "test_error": errors[k] if bad[k] < 0 else math.nan, "first_nonfinite_step": bad[k],
+                    "final_loss": run.last_losses[k] if run.last_losses else None, "steps": run.step,
+                    "group": group.gid, "k": group.k, "train_seconds": run.train_seconds,
+                    "images_per_s_group": rate, "mode": f.options.mode, "device": str(device),
+                    "torch": torch.__version__, "in_flight": in_flight,
+                    # block draws depend on these: the models drawn together and the block length
+                    "data": f.options.data, "block_steps": f.options.block_steps if f.options.data == "block"
+                    else None, "grouping": [m.key for m in group.members],
+                }  # fmt: skip
+            save_results(state_dir, results)
+            del flying[group.gid]
+            if group.gid in partials:
+                del partials[group.gid]
+                save_partials(state_dir, partials, limits, log)
+            log(f"{group.gid}: test error {[round(e, 2) for e in errors]}")
+            write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
+    if flying:  # the deadline: every group in flight is checkpointed (with those saved before and not started)
+        flight.drain()
+        for f in flying.values():
+            report(f)
+            partials[f.group.gid] = {
+                "gid": f.group.gid, "members": [m.key for m in f.group.members], "bytes": sizes[f.group.gid],
+                "data": {"mode": f.options.data,
+                         "block_steps": f.options.block_steps if f.options.data == "block" else None},
+                "state": f.run.state_dict()}  # fmt: skip
+        for path in save_partials(state_dir, partials, limits, log):
+            log(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB")
     return write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
 
 
@@ -389,12 +627,12 @@ def write_progress(groups: Sequence[Group], state_dir: Path, results: dict[str, 
                    budget_s: float, seconds: float, device: torch.device) -> dict[str, Any]:
     """progress.json and results.csv from what is saved now (written after every group, so a killed chunk
     still leaves its finished cells readable)."""
-    partial = load_partial(state_dir)
-    done = progress_of(groups, results, partial)
+    partials = load_partials(state_dir)
+    done = progress_of(groups, results, partials)
     remaining = pack_chunks(groups, costs, max(budget_s, 60.0), done=done)
     record = {
         "groups": len(groups), "done": sum(group_done(g, results) for g in groups),
-        "partial": None if partial is None else {"gid": partial["gid"], "step": done[partial["gid"]]},
+        "partial": [{"gid": gid, "step": done[gid], "file": entry["file"]} for gid, entry in partials.items()],
         "seconds": seconds, "device": str(device),
         "estimated_chunks_left": len(remaining),
         "estimated_seconds_left": sum(s.seconds for c in remaining for s in c),

@@ -9,7 +9,9 @@
 #   the previous call's returned files there) until BUDGET seconds; writes the new state to $OUT.
 # Everything it needs beyond the GPU image's Python comes along: .whl/ (bundle.sh), .data/ (MNIST, gzipped).
 # Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS DATA (exact | block: the
-# data streams of the table step, see src/stn/batched_data.py) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
+# data streams of the table step, see src/stn/batched_data.py) IN_FLIGHT (groups trained at once, default 4;
+# 1: one after another) STATE_FILES (partial-state files the groups in flight may leave, default 2: what the
+# device tool's 8 returned files leave after the loan's other 6) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
 # adds the torch.compile (inductor) test, a minute or more of compiling.
 set -uo pipefail
 step=${1:-check}
@@ -61,29 +63,32 @@ check)
   say "one-seed subset"
   rm -rf /tmp/stn-subset
   timeout ${T_SUBSET:-100} $ENGINE run --device "$DEVICE" $FAST --state /tmp/stn-subset --cost "$OUT/bench.json" \
-    ${SUBSET_ARGS:---preset quick --seeds 0 --budget 75 --data block} > "$OUT/subset_progress.json" 2>> "$LOG"
+    --in-flight "${IN_FLIGHT:-4}" ${SUBSET_ARGS:---preset quick --seeds 0 --budget 75 --data block} \
+    > "$OUT/subset_progress.json" 2>> "$LOG"
   say "subset rc=$?"
   cp /tmp/stn-subset/results.csv "$OUT/subset_results.csv" 2>/dev/null
   ;;
 table)
   STATE=/tmp/stn-state
   mkdir -p $STATE
-  [ -d .state ] && cp -n .state/results.json .state/partial.pt $STATE/ 2>/dev/null
+  [ -d .state ] && cp -n .state/results.json .state/partial*.pt $STATE/ 2>/dev/null
   COST=.state/bench.json
   [ -f $COST ] || COST=/dev/null
   say "table from $(ls $STATE | tr '\n' ' ')"
   $ENGINE run --device "$DEVICE" $FAST --state $STATE --cost $COST --preset "${PRESET:-paper}" \
-    --seeds "${SEEDS:-0,1,2}" --budget "${BUDGET:-540}" --data "${DATA:-exact}" ${TABLE_ARGS:-} > "$OUT/progress.json" 2>> "$LOG"
+    --seeds "${SEEDS:-0,1,2}" --budget "${BUDGET:-540}" --data "${DATA:-exact}" --in-flight "${IN_FLIGHT:-4}" \
+    --state-files "${STATE_FILES:-2}" ${TABLE_ARGS:-} > "$OUT/progress.json" 2>> "$LOG"
   say "table rc=$?"
-  rm -f "$OUT/partial.pt"
-  for f in results.json results.csv partial.pt; do [ -f $STATE/$f ] && cp $STATE/$f "$OUT/"; done
+  rm -f "$OUT"/partial*.pt
+  for f in $STATE/results.json $STATE/results.csv $STATE/partial*.pt; do [ -f "$f" ] && cp "$f" "$OUT/"; done
   ;;
 loan)
   # One call for a whole loan (a start costs minutes of the 15): the CUDA tests, the engine bench with both data
   # streams (K = 9, vmap: the block one is the cost table), then the paper table with block data from .state/
   # until LOAN_S seconds after the start. The state is written straight into $OUT/state, so a call stopped at its
   # limit still brings back every finished group. At most 8 files: log.txt tests.txt bench_block.json
-  # (bench.json with BENCH_EXACT=1) state/{results.json,results.csv,progress.json,partial.pt}.
+  # state/{results.json,results.csv,progress.json} and STATE_FILES=2 partial files (partial.pt, partial-2.pt:
+  # the groups in flight are capped so their states fit; with BENCH_EXACT=1, bench.json too: STATE_FILES=1).
   LOAN_S=${LOAN_S:-540}
   say "tests"
   timeout ${T_TESTS:-120} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py tests/test_spatial.py} > "$OUT/tests.txt" 2>&1
@@ -100,7 +105,7 @@ loan)
   say "bench (block data) rc=$?"
   STATE="$OUT/state"
   mkdir -p "$STATE"
-  [ -d .state ] && cp -n .state/results.json .state/partial.pt "$STATE/" 2>/dev/null
+  [ -d .state ] && cp -n .state/results.json .state/partial*.pt "$STATE/" 2>/dev/null
   COST="$OUT/bench_block.json"
   [ -s "$COST" ] || COST=/dev/null
   # Nothing has run on CUDA before: if the graph-captured table fails, the rest of the loan goes to eager mode.
@@ -109,7 +114,8 @@ loan)
     [ $budget -gt 30 ] || break
     say "table ($fast) from $(ls "$STATE" | tr '\n' ' ')with ${budget} s"
     $ENGINE run --device "$DEVICE" $fast --state "$STATE" --cost "$COST" --preset "${PRESET:-paper}" \
-      --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode "${MODE:-auto}" ${TABLE_ARGS:-} >> "$LOG" 2>&1
+      --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode "${MODE:-auto}" \
+      --in-flight "${IN_FLIGHT:-4}" --state-files "${STATE_FILES:-2}" ${TABLE_ARGS:-} >> "$LOG" 2>&1
     rc=$?
     say "table rc=$rc"
     [ $rc -eq 0 ] && break
