@@ -156,7 +156,7 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
         return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
     for name, path in (("--cost", cost), ("--table-run", table_run), ("--done", done)):
-        if path is not None and not path.is_file() and not (path in (LOAN_BENCH, LOAN_TABLE_RUN)):
+        if path is not None and not path.is_file() and path not in (LOAN_BENCH, LOAN_TABLE_RUN):
             typer.echo(f"{name} {path}: no such file", err=True)
             raise typer.Exit(2)
     if in_flight < 1 or (peak_tflops is not None and peak_tflops <= 0):
@@ -182,11 +182,15 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
     finished = {m["group"] for m in json.loads(done.read_text())["members"].values()} if done else set()
     finished = {g.gid for g in groups if g.gid in finished}
     device = None
+    lines: list[str] = []
+    if (paths or predict) and (cost is None or not cost.is_file()):
+        if predict:
+            raise typer.BadParameter("the prediction needs a bench (--cost) to fit the device on")
+        paths = False
+        lines.append(f"(no cost table at {cost}: FLOP estimates only, no path predictions)")
     if paths or predict:
         from stn.step_cost import fit_device
 
-        if cost is None or not cost.is_file():
-            raise typer.BadParameter("path predictions need a bench (--cost) to fit the device on")
         device = fit_device(cost, table_run_seconds(table_run) if table_run else {}, groups,
                             peak_flops=peak_tflops * 1e12 if peak_tflops else None)
     if predict:
@@ -194,7 +198,6 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
 
         return prediction_report(run_order(groups, costs), costs, device, finished, in_flight)
     total = 0.0
-    lines = []
     estimates = []
     for group in run_order(groups, costs):
         rate, how = costs.images_per_s(group)
