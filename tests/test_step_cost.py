@@ -149,3 +149,19 @@ def test_plan_defaults_to_the_repos_measured_cost_table(monkeypatch: pytest.Monk
     assert bad.exit_code == 2
     missing = CliRunner().invoke(engine_app, ["plan", "--cost", "no-such.json"])
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_pool_relu_fusion_by_hand() -> None:
+    """c = 800 bytes of conv output (bf16), n = 100 pooled elements: relu reads and writes c, the pool reads c and
+    writes 2n + 8n; fused: c + 3n (values and a 1-byte code). Backward: pool backward 2c + 10n, threshold 3c;
+    fused: 3n + c."""
+    from stn.step_cost import fuse_pool_relu
+
+    c, n = 800.0, 100.0
+    forward = [Kernel("im2col.baddbmm", 1.0, 1.0), Kernel("relu", 0, 2 * c), Kernel("max_pool2d_with_indices", 0,
+                                                                                     c + 10 * n)]
+    assert fuse_pool_relu(forward)[1:] == [Kernel("im2col.pool_relu", 0.0, c + 3 * n)]
+    backward = [Kernel("max_pool2d_with_indices_backward", 0, 2 * c + 10 * n), Kernel("threshold_backward", 0, 3 * c),
+                Kernel("im2col.bmm_weight_grad", 1.0, 1.0)]
+    assert fuse_pool_relu(backward)[0] == Kernel("im2col.pool_relu_backward", 0.0, 3 * n + c)
+    assert fuse_pool_relu(forward[1:]) == forward[1:]  # not after an im2col matmul: left alone

@@ -12,8 +12,9 @@ predicts what other conv paths can reach, from counts made here:
   autocast (its float32 theta, grids and loss are counted at half their bytes, its casts not at all).
 - mode "im2col": not counted but written out (`im2col_kernels`): the vmap count with each grouped convolution
   replaced by the kernels of an im2col path with the K models as the batch dimension (unfold, one `baddbmm` with
-  the bias fused; backward: two batched matmuls, the bias gradient and a fold), so the prediction does not need
-  that path's code. Relu and pooling keep the vmap count's kernels.
+  the bias fused; backward: two batched matmuls, the bias gradient and a fold), and the ReLU + max-pool after
+  it as one kernel with 1-byte argmax codes (`fuse_pool_relu`), so the prediction does not need that path's
+  code.
 - `predict(kernels, device)`: per kernel max(FLOPs / peak, bytes / bandwidth) (the roofline), summed ("busy"),
   plus a per-kernel latency x kernels and a per-step host overhead ("latency": launches, graph replay, the block
   data draw). The busy part is a floor only if every kernel runs at the roofline; cuDNN's grouped convolutions
@@ -270,6 +271,38 @@ def im2col_kernels(vmap_kernels: Sequence[Kernel]) -> list[Kernel]:
         if i in drop:
             continue
         out += im2col_conv(kernel.conv) if kernel.conv is not None else [kernel]
+    return fuse_pool_relu(out)
+
+
+INDEX_BYTES = 8  # max_pool2d_with_indices' int64 index per pooled element
+
+
+def fuse_pool_relu(kernels: Sequence[Kernel]) -> list[Kernel]:
+    """relu then max-pool after an im2col matmul as one kernel (max-pool before ReLU: the same function) that
+    writes the pooled values and a 1-byte code of each window's argmax instead of int64 indices; its backward
+    (max-pool backward + threshold backward) as one kernel reading the codes. Sizes are read off the unfused
+    kernels' bytes: relu reads and writes c bytes each; the pool reads c, writes 2n (bf16 values) + 8n (indices);
+    its backward reads 2n + c + 8n and writes c; threshold backward reads 2c and writes c."""
+    out: list[Kernel] = []
+    i = 0
+    while i < len(kernels):
+        a, b = kernels[i], kernels[i + 1] if i + 1 < len(kernels) else None
+        prev = out[-1].name if out else ""
+        if b is not None and prev == "im2col.baddbmm" and (a.name, b.name) == ("relu", "max_pool2d_with_indices"):
+            c = a.bytes / 2
+            n = (b.bytes - c) / (ELEMENT_BYTES + INDEX_BYTES)
+            out.append(Kernel("im2col.pool_relu", 0.0, c + n * (ELEMENT_BYTES + 1)))
+            i += 2
+            continue
+        if b is not None and (a.name, b.name) == ("max_pool2d_with_indices_backward", "threshold_backward") \
+                and i + 2 < len(kernels) and kernels[i + 2].name.startswith("im2col.bmm_weight_grad"):
+            c = b.bytes / 3
+            n = (a.bytes - 2 * c) / (ELEMENT_BYTES + INDEX_BYTES)
+            out.append(Kernel("im2col.pool_relu_backward", 0.0, n * (ELEMENT_BYTES + 1) + c))
+            i += 2
+            continue
+        out.append(a)
+        i += 1
     return out
 
 # ---------------------------------------------------------------------------------------------- prediction
