@@ -165,3 +165,22 @@ def test_pool_relu_fusion_by_hand() -> None:
                 Kernel("im2col.bmm_weight_grad", 1.0, 1.0)]
     assert fuse_pool_relu(backward)[0] == Kernel("im2col.pool_relu_backward", 0.0, 3 * n + c)
     assert fuse_pool_relu(forward[1:]) == forward[1:]  # not after an im2col matmul: left alone
+
+
+def test_recorder_counts_kernels_and_bytes_by_hand() -> None:
+    """Floats at 2 bytes: an out-of-place add reads two tensors and writes one; an in-place add reads two and
+    writes its first; a view, a reshape of a contiguous tensor and an allocation launch nothing."""
+    import torch
+
+    from stn.step_cost import KernelRecorder
+
+    a, b = torch.ones(10, 10), torch.ones(10, 10)
+    with KernelRecorder() as recorder:
+        c = a + b
+        a.add_(b)
+        c.view(100).reshape(4, 25)
+        torch.empty(5)
+        torch.mm(a, b)
+    assert [k.name for k in recorder.kernels] == ["add", "add_", "mm"]
+    assert [k.bytes for k in recorder.kernels] == [300 * 2, 300 * 2, 300 * 2]
+    assert recorder.kernels[2].flops == 2 * 10 * 10 * 10

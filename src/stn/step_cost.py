@@ -141,11 +141,13 @@ class KernelRecorder(TorchDispatchMode):
         inputs, outputs = _tensors((args, kwargs)), _tensors(out)
         if name in NO_KERNEL or func.is_view:
             return out
-        if name.endswith("_") and not name.startswith("_foreach"):
-            outputs = []  # in place: the output is the input, read and written once
+        if name.endswith("_"):  # in place: writes its first argument (a tensor, or a list for _foreach_)
+            written = _bytes(_tensors(args[0]))
         elif any(o.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() for o in outputs for i in inputs
                  if o.numel() and i.numel()):
             return out  # an alias of an input (a view torch does not tag as one): no kernel
+        else:
+            written = _bytes(outputs)
         conv = None
         if name in ("convolution", "convolution_backward"):
             conv = _conv_shape(name, args, out)
@@ -156,7 +158,6 @@ class KernelRecorder(TorchDispatchMode):
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         else:
             flops = 0
-        written = _bytes(outputs) if not name.endswith("_") or name.startswith("_foreach") else 0
         self.kernels.append(Kernel(name, float(flops), float(_bytes(inputs) + written), conv))
         return out
 
