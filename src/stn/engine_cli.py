@@ -2,6 +2,7 @@
 
     stn engine bench --kinds CNN,"ST-CNN Aff" --ks 1,3,9 --device cuda --out bench.json
     stn engine plan --preset paper --seeds 0,1,2 --cost bench.json --budget 540
+    stn engine plan --predict --peak-tflops 761 --done experiments/table1/paper-gpu/loan-2026-11-30/results.json
     stn engine run --preset paper --seeds 0,1,2 --state state/ --budget 540 --device cuda --amp --cuda-graph
 """
 

@@ -6,9 +6,11 @@ Groups: members whose models share every shape (`stn.batched.shape_signature`) a
 together in one `BatchedModels`: a cell's seeds, and one architecture across the 28x28 datasets R, P and E
 (Table 1 at 3 seeds: 8 groups of 9 models on 28x28, 8 groups of 3 on RTS, 4 groups of 3 on TC).
 
-Cost: seconds per step of a group from a cost table (`images_per_s` measured by `stn engine bench` per model
-kind, canvas size and K; the nearest K is used), else from FLOPs per image (torch's FlopCounterMode) at an
-assumed achieved FLOP/s. `pack_chunks` cuts the remaining work into chunks of at most `budget_s` seconds in
+Cost: seconds per step of a group measured in a table run (its results.json), else from a cost table
+(`images_per_s` measured by `stn engine bench` per model kind, canvas size and K; the nearest K is used), else
+from FLOPs per image (torch's FlopCounterMode) at an assumed achieved FLOP/s. `stn engine plan` defaults to the
+first H200 loan's bench and table run; its per-conv-path predictions (roofline lower bounds for paths not
+measured) are `stn.step_cost`'s. `pack_chunks` cuts the remaining work into chunks of at most `budget_s` seconds in
 run order (shortest group first, so cells finish as early as possible), splitting a group at a step boundary
 when it does not fit; it is what tells how many loans a table needs.
 
