@@ -192,7 +192,9 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
     if paths or predict:
         from stn.step_cost import fit_device
 
-        device = fit_device(cost, table_run_seconds(table_run) if table_run else {}, groups,
+        # fitted on the table run's groups of the paper table, whatever this plan selects
+        paper = _groups(grid, "paper", "0,1,2", None, None, None, None) if table_run else []
+        device = fit_device(cost, table_run_seconds(table_run) if table_run else {}, paper,
                             peak_flops=peak_tflops * 1e12 if peak_tflops else None)
     if predict:
         from stn.step_cost import prediction_report
