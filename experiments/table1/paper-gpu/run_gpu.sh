@@ -13,7 +13,8 @@
 #   the previous call's returned files there) until BUDGET seconds; writes the new state to $OUT.
 # Everything it needs beyond the GPU image's Python comes along: .whl/ (bundle.sh), .data/ (MNIST, gzipped).
 # Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS DATA (exact | block: the
-# data streams of the table step, see src/stn/batched_data.py) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
+# data streams of the table step, see src/stn/batched_data.py) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds); for engine also LOAN_S
+# TESTS_K (pytest -k) AB_ARGS (engine_ab.py's options) T_AB T_MARGIN (seconds kept back at the end). STN_CUDA_COMPILE_TEST=1
 # adds the torch.compile (inductor) test, a minute or more of compiling.
 set -uo pipefail
 step=${1:-check}
