@@ -5,7 +5,7 @@
 For CNN R (K=9), ST-CNN Aff R (K=9), CNN RTS (K=3), CNN TC (K=3) and ST-CNN Aff TC (K=3): `stn engine bench`'s
 measurement (step alone, data + step, block data) in each engine mode of --modes, vmap (the first loan's
 baseline) re-measured on the same card; a mode the engine does not have is logged as failed and skipped. Then
-torch.profiler's top kernels of a few steps of CNN R in vmap and in the winning mode. Writes one JSON: the
+torch.profiler's top kernels of a few eager steps of CNN R in vmap and in the winning mode. Writes one JSON: the
 bench rows, the winner per configuration, the profiles (text), and "cost": the planner's cost table
 (`stn.plan.CostModel.load`) with a row for every convolutional kind at 28, 42 and 60 px in the winning mode of
 its nearest measured analogue (same kind at the nearest size, else ST-CNN Aff), its rate scaled by FLOPs per
@@ -16,6 +16,7 @@ image and marked "inferred_from", plus the first loan's rows for the kinds witho
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,7 +50,8 @@ def profile(kind: str, dataset: str, k: int, mode: str, options: Any, device: st
                     f"trainer.device={device}"])
     cfgs = [dataclasses.replace(base, seed=seed) for seed in range(k)]
     digits, labels = load_mnist(base.data_dir, train=True)
-    options = dataclasses.replace(options, mode=mode)
+    # eager, not graphed: the profiler then sees each kernel by name (a replayed CUDA graph may show as one launch)
+    options = dataclasses.replace(options, mode=mode, cuda_graph=False)
     engine = BatchedModels(cfgs, device, options)
     stream = make_stream(cfgs, digits, labels, device, options)
     for _ in range(3):
@@ -65,14 +67,18 @@ def profile(kind: str, dataset: str, k: int, mode: str, options: Any, device: st
     return f"{kind} {dataset} K={k} {mode}, {steps} steps:\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def cost_table(rows: list[dict[str, Any]], winners: dict[str, dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """Cost rows for every convolutional kind and canvas (inferred where not measured), and the loan's rows for
-    the kinds without convolutions."""
+@functools.cache
+def _flops_per_image(kind: str, dataset: str) -> float:
     from stn.compose import compose
     from stn.measure import model_flops_per_image
     from stn.models import TABLE1_MODELS
 
-    kinds = dict(TABLE1_MODELS)
+    return model_flops_per_image(compose([f"dataset={dataset}", *dict(TABLE1_MODELS)[kind]]))
+
+
+def cost_table(rows: list[dict[str, Any]], winners: dict[str, dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """Cost rows for every convolutional kind and canvas (inferred where not measured), and the loan's rows for
+    the kinds without convolutions."""
     measured = {(w["kind"], w["size"]): w for w in winners.values()}
     cost = []
     for kind in CONV_KINDS:
@@ -89,7 +95,7 @@ def cost_table(rows: list[dict[str, Any]], winners: dict[str, dict[str, Any]], d
             if source is None:
                 continue
             w = measured[source]
-            flops = model_flops_per_image(compose([f"dataset={dataset}", *kinds[kind], f"trainer.device={device}"]))
+            flops = _flops_per_image(kind, dataset)
             cost.append({"kind": kind, "size": size, "k": k, "mode": w["mode"], "flops_per_image": flops,
                          "images_per_s": w["pipeline_images_per_s"] * w["flops_per_image"] / flops,
                          "inferred_from": f"{source[0]} {source[1]}px K={w['k']} {w['mode']}"})
