@@ -112,7 +112,7 @@ def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Pat
     grid = tmp_path / "grid.yaml"
     grid.write_text((Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml").read_text())
     args = ["engine", "plan", "--grid", str(grid), "--preset", "smoke", "--rows", "CNN", "--columns", "R",
-            "--seeds", "0"]
+            "--seeds", "0", "--no-paths"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0 and "1 groups, 1 models" in first.output, first.output
 

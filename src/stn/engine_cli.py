@@ -2,6 +2,7 @@
 
     stn engine bench --kinds CNN,"ST-CNN Aff" --ks 1,3,9 --device cuda --out bench.json
     stn engine plan --preset paper --seeds 0,1,2 --cost bench.json --budget 540
+    stn engine plan --predict --peak-tflops 761 --done experiments/table1/paper-gpu/loan-2026-11-30/results.json
     stn engine run --preset paper --seeds 0,1,2 --state state/ --budget 540 --device cuda --amp --cuda-graph \
         --data block --in-flight 4
 """
@@ -124,10 +125,29 @@ Flops = Annotated[float, typer.Option(help="Achieved FLOP/s assumed where the co
 MaxK = Annotated[int | None, typer.Option(help="At most this many models per group.")]
 
 
+LOAN_BENCH = Path("experiments/table1/paper-gpu/loan-2026-11-30/bench_block.json")  # stn.step_cost.LOAN_BENCH
+LOAN_TABLE_RUN = Path("experiments/table1/paper-gpu/loan-2026-11-30/results.json")
+
+
 @engine_app.command("plan")
 def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", rows: Rows = None,
-         columns: Columns = None, cost: Cost = None, flops: Flops = 1e14, max_k: MaxK = None,
+         columns: Columns = None,
+         cost: Annotated[Path | None, typer.Option(help="Cost table: the JSON `stn engine bench --out` writes "
+                                                         "(default: the first H200 loan's bench).")] = LOAN_BENCH,
+         flops: Flops = 1e14, max_k: MaxK = None,
          budget: Annotated[float, typer.Option(help="Seconds per chunk.")] = 540.0,
+         table_run: Annotated[Path | None, typer.Option(help="A table run's results.json: its groups' measured "
+                                                              "seconds per step come first.")] = LOAN_TABLE_RUN,
+         paths: Annotated[bool, typer.Option("--paths/--no-paths", help="Predict each group's step per conv path "
+                                             "(vmap, loop, im2col) with a roofline fitted on the cost table.")]
+         = True,
+         in_flight: Annotated[int, typer.Option(help="Groups in flight at once for the concurrent estimate.")] = 4,
+         peak_tflops: Annotated[float | None, typer.Option(help="The device's bf16 peak for the roofline (default: "
+                                                           "the one the --cost bench measured).")] = None,
+         done: Annotated[Path | None, typer.Option(help="results.json of finished members: the 'remaining' "
+                                                        "estimate leaves their groups out.")] = None,
+         predict: Annotated[bool, typer.Option("--predict", help="Print the markdown prediction report (groups x "
+                                               "paths, the issue's targets) instead.")] = False,
          override: Override = None) -> None:
     """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
     import hashlib
@@ -137,27 +157,65 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
     def content(path: Path | None) -> str | None:  # the files the plan reads are part of the cache key
         return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
+    for name, path in (("--cost", cost), ("--table-run", table_run), ("--done", done)):
+        if path is not None and not path.is_file() and path not in (LOAN_BENCH, LOAN_TABLE_RUN):
+            typer.echo(f"{name} {path}: no such file", err=True)
+            raise typer.Exit(2)
+    if in_flight < 1 or (peak_tflops is not None and peak_tflops <= 0):
+        typer.echo(f"--in-flight {in_flight} (at least 1), --peak-tflops {peak_tflops} (positive)", err=True)
+        raise typer.Exit(2)
     key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
-           override or []]
+           override or [], str(table_run), content(table_run), paths, in_flight, str(done), content(done), predict,
+           peak_tflops]
     for line in memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
-                                                            max_k, budget, override)):
+                                                            max_k, budget, override, table_run, paths, in_flight,
+                                                            done, predict, peak_tflops)):
         typer.echo(line)
 
 
 def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, cost: Path | None,
-                flops: float, max_k: int | None, budget: float, override: list[str] | None) -> list[str]:
-    from stn.plan import CostModel, pack_chunks, run_order
+                flops: float, max_k: int | None, budget: float, override: list[str] | None,
+                table_run: Path | None = None, paths: bool = False, in_flight: int = 4, done: Path | None = None,
+                predict: bool = False, peak_tflops: float | None = None) -> list[str]:
+    from stn.plan import CostModel, pack_chunks, run_order, table_run_seconds
 
     groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
-    costs = CostModel.load(cost, flops)
+    costs = CostModel.load(cost, flops, table_run)
+    finished = {m["group"] for m in json.loads(done.read_text())["members"].values()} if done else set()
+    finished = {g.gid for g in groups if g.gid in finished}
+    device = None
+    lines: list[str] = []
+    if (paths or predict) and (cost is None or not cost.is_file()):
+        if predict:
+            raise typer.BadParameter("the prediction needs a bench (--cost) to fit the device on")
+        paths = False
+        lines.append(f"(no cost table at {cost}: FLOP estimates only, no path predictions)")
+    if paths or predict:
+        from stn.step_cost import fit_device
+
+        # fitted on the table run's groups of the paper table, whatever this plan selects
+        paper = _groups(grid, "paper", "0,1,2", None, None, None, None) if table_run else []
+        device = fit_device(cost, table_run_seconds(table_run) if table_run else {}, paper,
+                            peak_flops=peak_tflops * 1e12 if peak_tflops else None)
+    if predict:
+        from stn.step_cost import prediction_report
+
+        return prediction_report(run_order(groups, costs), costs, device, finished, in_flight)
     total = 0.0
-    lines = []
+    estimates = []
     for group in run_order(groups, costs):
         rate, how = costs.images_per_s(group)
         seconds = costs.seconds_per_step(group) * group.iterations
         total += seconds
         lines.append(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
                      f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
+        if device is not None:
+            from stn.step_cost import path_estimates
+
+            est = path_estimates(group, costs, device)
+            estimates.append((group, est))
+            lines.append("    " + "; ".join(f"{e.path} {e.seconds_per_step * 1e3:.3f} ms/step"
+                                           + ("" if e.measured else f" ({e.label})") for e in est.values()))
     chunks = pack_chunks(groups, costs, budget)
     lines.append(f"\n{len(groups)} groups, {sum(g.k for g in groups)} models, {total:.0f} s estimated; "
                  f"{len(chunks)} chunk(s) of at most {budget:.0f} s")
@@ -169,6 +227,15 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
             continue
         lines.append(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
                      + f"  ({sum(s.seconds for s in chunk):.0f} s)")
+    if device is not None:
+        from stn.step_cost import best_path, table_seconds
+
+        left = [(g, e) for g, e in estimates if g.gid not in finished]
+        bound = any(not best_path(e).measured for _, e in left)
+        lines.append(f"\nEach group in its fastest path ({device.name}; {device.kernel_latency_s * 1e6:.2f} us a "
+                     f"kernel, {device.step_overhead_s * 1e3:.3f} ms a step): {len(left)} groups "
+                     f"{table_seconds(left, 1):.0f} s one after another, {table_seconds(left, in_flight):.0f} s "
+                     f"with {in_flight} in flight" + (" (lower bounds: some paths are not measured)" if bound else ""))
     return lines
 
 

@@ -6,9 +6,11 @@ Groups: members whose models share every shape (`stn.batched.shape_signature`) a
 together in one `BatchedModels`: a cell's seeds, and one architecture across the 28x28 datasets R, P and E
 (Table 1 at 3 seeds: 8 groups of 9 models on 28x28, 8 groups of 3 on RTS, 4 groups of 3 on TC).
 
-Cost: seconds per step of a group from a cost table (`images_per_s` measured by `stn engine bench` per model
-kind, canvas size and K; the nearest K is used), else from FLOPs per image (torch's FlopCounterMode) at an
-assumed achieved FLOP/s. `pack_chunks` cuts the remaining work into chunks of at most `budget_s` seconds in
+Cost: seconds per step of a group measured in a table run (its results.json), else from a cost table
+(`images_per_s` measured by `stn engine bench` per model kind, canvas size and K; the nearest K is used), else
+from FLOPs per image (torch's FlopCounterMode) at an assumed achieved FLOP/s. `stn engine plan` defaults to the
+first H200 loan's bench and table run; its per-conv-path predictions (roofline lower bounds for paths not
+measured) are `stn.step_cost`'s. `pack_chunks` cuts the remaining work into chunks of at most `budget_s` seconds in
 run order (shortest group first, so cells finish as early as possible), splitting a group at a step boundary
 when it does not fit; it is what tells how many loans a table needs.
 
@@ -145,15 +147,21 @@ class CostModel:
 
     table: list[dict[str, Any]] = field(default_factory=list)
     flops_per_s: float = 1e12
+    # seconds per step of whole groups measured in a table run (gid -> s/step: data, step, logging included);
+    # they come before the bench rows (`table_run_seconds`)
+    group_seconds: dict[str, float] = field(default_factory=dict)
     _flops: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path | None, flops_per_s: float = 1e12) -> CostModel:
+    def load(cls, path: str | Path | None, flops_per_s: float = 1e12, table_run: str | Path | None = None
+             ) -> CostModel:
+        group_seconds = table_run_seconds(table_run) if table_run is not None else {}
         if path is None or not Path(path).is_file():
-            return cls(flops_per_s=flops_per_s)
+            return cls(flops_per_s=flops_per_s, group_seconds=group_seconds)
         data = json.loads(Path(path).read_text())
         rows = data.get("cost", data.get("rows", [])) if isinstance(data, dict) else data
-        return cls(table=[r for r in rows if r.get("images_per_s")], flops_per_s=flops_per_s)
+        return cls(table=[r for r in rows if r.get("images_per_s")], flops_per_s=flops_per_s,
+                   group_seconds=group_seconds)
 
     def flops_per_image(self, group: Group) -> float:
         cfg = group.members[0].config
@@ -179,6 +187,8 @@ class CostModel:
     def images_per_s(self, group: Group) -> tuple[float, str]:
         """Measured rate of this kind at the nearest K: at this canvas size, else at another size scaled by
         the FLOPs per image (rows that carry flops_per_image); else the FLOP estimate."""
+        if group.gid in self.group_seconds:
+            return group.k * group.trainer.batch_size / self.group_seconds[group.gid], "measured in a table run"
         best, scaled = self._row(group)
         if best is None:
             return self.flops_per_s / self.flops_per_image(group), "FLOP estimate"
@@ -196,6 +206,15 @@ class CostModel:
 
     def seconds_per_step(self, group: Group) -> float:
         return group.k * group.trainer.batch_size / self.images_per_s(group)[0]
+
+
+def table_run_seconds(path: str | Path) -> dict[str, float]:
+    """Seconds per step of each group a table run finished (its results.json: train_seconds / steps)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    members = json.loads(path.read_text()).get("members", {})
+    return {m["group"]: m["train_seconds"] / m["steps"] for m in members.values() if m.get("steps")}
 
 
 # ---------------------------------------------------------------------------------------------- chunks

@@ -5,7 +5,8 @@
 #           The engine, its CUDA tests and `stn train logger.mode=disabled` never import wandb, so it is left
 #           out by default: 20 MB of the 64 MB a call can carry, and wandb 0.31 pulls in OpenTelemetry.
 #   .data/  MNIST's four raw files, gzipped (11.6 MB instead of 55 MB; run_gpu.sh unpacks them there).
-# Both folders are gitignored; the device tool's `carry` takes them: carry=[".whl", ".data", ".state"].
+# Both folders are gitignored; the device tool's `carry` takes them: carry=[".whl", ".data", ".state"] (every step
+# of run_gpu.sh, `engine` included: its A/B bench and profiler need nothing beyond torch).
 set -euo pipefail
 PIP=${PIP:-python3 -m pip}
 SRC=${STN_DATA_DIR:-../shared/data}

@@ -3,6 +3,10 @@
 # Run from the repo root, on the GPU machine through the device tool (see README.md beside this file):
 #   run(command="bash experiments/table1/paper-gpu/run_gpu.sh check", carry=[".whl", ".data"], timeout_s=480)
 #   run(command="bash experiments/table1/paper-gpu/run_gpu.sh table", carry=[".whl", ".data", ".state"], timeout_s=600)
+#   run(command="LOAN_S=540 bash experiments/table1/paper-gpu/run_gpu.sh engine", carry=[".whl", ".data", ".state"], timeout_s=600)
+# engine (issue 28, <= LOAN_S s): CUDA tests of the conv paths (<= 30 s), the A/B bench of the paths on five
+#   groups with profiles (<= 110 s, experiments/bench/engine_ab.py), then the paper table from .state/ (each
+#   group in its winning path) until LOAN_S; a second call with the returned ab.json in .state/ skips to the table.
 # check (~3-4 min): CUDA tests, engine bench (-> the planner's cost table), the paper-table plan, and the
 #   whole table at the quick schedule with one seed (comparable with experiments/table1/quick-cpu/).
 # table: the paper table, 3 seeds, from the state in .state/ (results.json, partial.pt, bench.json: copy
@@ -11,7 +15,9 @@
 # Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS DATA (exact | block: the
 # data streams of the table step, see src/stn/batched_data.py) IN_FLIGHT (groups trained at once, default 4;
 # 1: one after another) STATE_FILES (partial-state files the groups in flight may leave, default 2: what the
-# device tool's 8 returned files leave after the loan's other 6) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds). STN_CUDA_COMPILE_TEST=1
+# device tool's 8 returned files leave after the loan's other 6) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS
+# TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds); for engine also LOAN_S TESTS_K (pytest -k)
+# AB_ARGS (engine_ab.py's options) T_AB T_MARGIN (seconds kept back at the end). STN_CUDA_COMPILE_TEST=1
 # adds the torch.compile (inductor) test, a minute or more of compiling.
 set -uo pipefail
 step=${1:-check}
@@ -122,7 +128,51 @@ loan)
   done
   cat "$STATE/results.csv" 2>/dev/null
   ;;
+engine)
+  # Issue 28's one command. At most 8 files come back: log.txt tests.txt ab.json (A/B rows, winners, profiles,
+  # the cost table) state/{results.json,results.csv,progress.json} and the groups in flight packed into at most
+  # STATE_FILES (2) partial*.pt. Second call: copy the returned
+  # ab.json and state files into .state/; the tests and the A/B are skipped and the table continues.
+  LOAN_S=${LOAN_S:-540}
+  STATE="$OUT/state"
+  mkdir -p "$STATE"
+  if [ -d .state ]; then
+    for f in .state/*; do  # every state file the last call returned (results, partial groups), not its bench
+      case "$(basename "$f")" in ab.json|bench*.json) ;; *) [ -f "$f" ] && cp -n "$f" "$STATE/" ;; esac
+    done
+  fi
+  has_cost() { $PY -c "import json,sys; sys.exit(0 if json.load(open('$1')).get('cost') else 1)" 2>/dev/null; }
+  if [ -s .state/ab.json ] && has_cost .state/ab.json; then
+    say "A/B from the previous call (.state/ab.json)"
+    COST=.state/ab.json
+  else
+    say "tests"
+    timeout ${T_TESTS:-30} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py} \
+      -k "${TESTS_K:-paths or im2col}" > "$OUT/tests.txt" 2>&1
+    say "tests rc=$? ($(tail -1 "$OUT/tests.txt"))"
+    [ "$DEVICE" = cpu ] && AB_FAST="" || AB_FAST="--amp --cuda-graph"
+    timeout ${T_AB:-110} $PY experiments/bench/engine_ab.py --device "$DEVICE" $AB_FAST --out "$OUT/ab.json" \
+      ${AB_ARGS:-} >> "$LOG" 2>&1
+    say "A/B rc=$? ($(( $(date +%s) - t0 )) s so far)"
+    COST="$OUT/ab.json"
+    # ab.json holds the cost table of every configuration measured before a timeout; none measured: the table
+    # runs on the first loan's bench (vmap for every group)
+    has_cost "$COST" || COST=experiments/table1/paper-gpu/loan-2026-11-30/bench_block.json
+  fi
+  for fast in "$FAST" "${FAST/--cuda-graph/--no-cuda-graph}"; do
+    budget=$(( LOAN_S - ($(date +%s) - t0) - ${T_MARGIN:-20} ))
+    [ $budget -gt 30 ] || break
+    say "table ($fast, cost $COST) from $(ls "$STATE" | tr '\n' ' ')with ${budget} s"
+    $ENGINE run --device "$DEVICE" $fast --state "$STATE" --cost "$COST" --preset "${PRESET:-paper}" \
+      --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode auto --in-flight "${IN_FLIGHT:-4}" \
+      --state-files "${STATE_FILES:-2}" ${TABLE_ARGS:-} >> "$LOG" 2>&1
+    rc=$?
+    say "table rc=$rc"
+    [ $rc -eq 0 ] && break
+  done
+  cat "$STATE/results.csv" 2>/dev/null
+  ;;
 *)
-  say "unknown step $step: use check, table or loan"; exit 2 ;;
+  say "unknown step $step: use check, table, loan or engine"; exit 2 ;;
 esac
 say "done in $(( $(date +%s) - t0 )) s; files: $(ls "$OUT" | tr '\n' ' ')"
