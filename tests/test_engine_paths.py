@@ -108,6 +108,20 @@ def test_im2col_shared_input_equals_per_model_input() -> None:
     assert torch.equal(shared, separate)
 
 
+def test_im2col_channels_last_option_changes_nothing() -> None:
+    """EngineOptions.channels_last lays the images and conv weights out NHWC; im2col reads any layout."""
+    cfgs = configs(KINDS["ST-CNN TPS"], seeds=SEEDS)
+    plain = BatchedModels(cfgs, CPU, EngineOptions(dtype=torch.float64, mode="im2col"))
+    nhwc = BatchedModels(cfgs, CPU, EngineOptions(dtype=torch.float64, mode="im2col", channels_last=True))
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        images = torch.rand(2, 8, 1, 28, 28, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 10, (2, 8), generator=generator)
+        torch.testing.assert_close(plain.step(images, labels), nhwc.step(images, labels), rtol=1e-6, atol=0)
+    for name, p in plain.params.items():
+        torch.testing.assert_close(p, nhwc.params[name], rtol=0, atol=1e-9 * float(p.abs().max()))
+
+
 # ---- the pooling step of the im2col path
 
 
