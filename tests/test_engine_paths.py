@@ -119,7 +119,7 @@ def test_im2col_channels_last_option_changes_nothing() -> None:
         labels = torch.randint(0, 10, (2, 8), generator=generator)
         torch.testing.assert_close(plain.step(images, labels), nhwc.step(images, labels), rtol=1e-6, atol=0)
     for name, p in plain.params.items():
-        torch.testing.assert_close(p, nhwc.params[name], rtol=0, atol=1e-9 * float(p.abs().max()))
+        torch.testing.assert_close(p, nhwc.params[name], rtol=0, atol=1e-9 * float(p.detach().abs().max()))
 
 
 # ---- the pooling step of the im2col path
