@@ -244,13 +244,13 @@ class StackedSGD:
 class EngineOptions:
     """How the batched step runs. Defaults: eager float32 (the CPU path, bit-for-bit torch's arithmetic).
 
-    amp under vmap on the CPU is float32 arithmetic: torch.func's batching rules run below CPU autocast, so a
-    vmapped conv2d (batched into aten::convolution, which CPU autocast does not list) and a vmapped linear
-    both return float32 under `torch.autocast("cpu", torch.bfloat16)`, where the same ops outside vmap return
-    bf16 (checked on torch 2.14: tests/test_engine_paths.py asserts both). So the engine's CPU "bf16" vmap runs
-    were float32 convolutions and matmuls; only the elementwise ops saw bf16 where an input already was.
-    "loop" (plain per-model calls) and "im2col" (baddbmm, cast explicitly) honour autocast on the CPU and on
-    CUDA; theta, grids and sampling stay float32 on every path.
+    amp under vmap on the CPU is float32 arithmetic: under `torch.autocast("cpu", torch.bfloat16)` a vmapped
+    conv2d and a vmapped linear both return float32 from float32 inputs, where the same ops outside vmap
+    return bf16 (torch 2.14.1; tests/test_engine_paths.py asserts both; for the conv, the batching rule's
+    grouped aten::convolution is not on CPU autocast's list). So the engine's CPU "bf16" vmap steps ran their
+    convolutions and matmuls in float32. "loop" (plain per-model calls) and "im2col" (baddbmm, its patches
+    cast to autocast's dtype first) honour autocast on the CPU and on CUDA; theta, grids and sampling stay
+    float32 on every path. Whether CUDA autocast reaches vmap's convolutions is not checked (no GPU here).
     """
 
     dtype: torch.dtype = torch.float32  # parameter dtype (float64 for the equality tests)
