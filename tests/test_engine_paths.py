@@ -234,3 +234,10 @@ def test_engine_options_for_adds_channels_last_to_cuda_loop_only() -> None:
     im2col = engine_options_for(_cfg("R", "CNN"), "cuda")
     assert (im2col.mode, im2col.channels_last) == ("im2col", False)
     assert engine_options_for(_cfg("TC", "CNN"), "cpu").mode == "vmap"
+
+
+def test_unknown_mode_is_refused_with_the_known_ones() -> None:
+    from stn.batched import EngineError
+
+    with pytest.raises(EngineError, match="vmap, loop, im2col"):
+        BatchedModels(configs(KINDS["CNN"], seeds=(0,)), CPU, EngineOptions(mode="grouped"))
