@@ -300,3 +300,53 @@ def test_block_data_drawn_ahead_on_a_side_stream_equals_drawn_inline(dataset: st
     for _ in range(8):  # crosses blocks; the consumer uses each block right after the side stream's draw
         (a_images, a_labels), (b_images, b_labels) = ahead.next(), inline.next()
         assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+
+
+@pytest.mark.parametrize(("label", "dataset", "mode"), [("ST-CNN Aff", "R", "im2col"), ("ST-CNN TPS", "TC", "im2col"),
+                                                         ("CNN", "TC", "loop")])
+def test_gpu_paths_equal_the_cpu_vmap_engine(label: str, dataset: str, mode: str) -> None:
+    """The paths `conv_path_for` picks on CUDA (im2col; loop with channels_last and cudnn.benchmark for the TC CNN)
+    equal the CPU's vmap engine in float64 (noise images: no max-pool ties), eager and CUDA-graphed."""
+    from stn.batched import conv_path_for, engine_options_for
+
+    cfgs = configs(label, (0, 1), dataset)
+    paper = compose([f"dataset={dataset}", *KINDS[label]])  # the rule reads the paper's batch of 256
+    assert conv_path_for(paper, "cuda") == mode
+    options = engine_options_for(paper, "cuda", dtype=torch.float64)
+    assert options.channels_last == (mode == "loop")
+    gpu = BatchedModels(cfgs, CUDA, options)
+    graph = BatchedModels(cfgs, CUDA, dataclasses.replace(options, cuda_graph=True))
+    cpu = BatchedModels(cfgs, "cpu", EngineOptions(dtype=torch.float64))
+    if label.startswith("ST"):
+        off_identity(gpu, graph, cpu)
+    path: dict[str, float] = {}
+    size = cfgs[0].dataset.size
+    for images, targets in noise_batches(2, 3, size):
+        losses = gpu.step(images.to(CUDA), targets.to(CUDA))
+        torch.testing.assert_close(graph.step(images.to(CUDA), targets.to(CUDA)), losses, rtol=1e-6, atol=0)
+        step_tracking_path(cpu, images, targets, path)
+    close_params(gpu, graph)
+    close_params(cpu, gpu, path)
+
+
+def test_im2col_runs_bf16_matmuls_under_cuda_autocast_with_theta_in_float32() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[torch.dtype] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.baddbmm.default:
+                self.seen.append(args[1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    cfgs = configs("ST-CNN Aff", (0, 1))
+    engine = BatchedModels(cfgs, CUDA, EngineOptions(amp=True, mode="im2col"))
+    images, targets = noise_batches(2, 1)[0]
+    with Dtypes() as dtypes:
+        losses = engine.step(images.float().to(CUDA), targets.to(CUDA))
+    assert torch.isfinite(losses).all()
+    # forward: localisation convs + FC in bf16, the regression (theta) in float32, the classifier in bf16
+    assert dtypes.seen[:7] == [torch.bfloat16] * 3 + [torch.float32] + [torch.bfloat16] * 3

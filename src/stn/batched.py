@@ -19,6 +19,12 @@ The summed loss's gradient w.r.t. model k's slice of the stacked parameters is m
 models share no computation), so "K batched models" equals "K runs of `stn train seed=k`" up to the
 summation order inside the batched kernels (tests/test_batched.py checks this in float64 for every kind).
 
+Three ways to run the K models' layers (`EngineOptions.mode`; `conv_path_for` says which a group takes):
+"vmap" (the reference above), "loop" (a Python loop over the K models through `stn train`'s kernels; on CUDA
+with cudnn.benchmark on) and "im2col" (`stn.im2col`: every convolution as explicit patches times weights in
+one `baddbmm` with the K models as the batch dimension, for the GPU, where vmap's grouped convolutions are
+slow). All three equal `stn train`'s step in float64 (tests/test_engine_paths.py).
+
 Options (`EngineOptions`): bf16 autocast (theta, grids and sampling stay float32: `SpatialTransformer`
 turns autocast off around them), channels_last, `torch.compile` of the loss function, and a CUDA graph of
 the whole step (forward, backward, SGD update; data is generated eagerly into the graph's static inputs).
@@ -46,6 +52,7 @@ from torch import Tensor, nn
 from stn.config import Config, TrainerConfig
 
 ENGINE_STATE_VERSION = 1
+ENGINE_MODES = ("vmap", "loop", "im2col")  # EngineOptions.mode
 
 
 class EngineError(RuntimeError):
@@ -71,6 +78,89 @@ def shape_signature(cfg: Config) -> str:
 
 
 _SIGNATURES: dict[str, str] = {}
+
+
+# ----------------------------------------------------------------------------------------- conv paths
+
+# Above this many bytes of explicit patches for one model's step, a group takes "loop" on CUDA (cuDNN's implicit
+# GEMM never writes them). The patch matrix is written once and read once forward, and its gradient written and
+# folded back once backward: ~4x its size in memory traffic, against a GEMM of only O (= 64) FLOP per patch
+# element, so on a GPU each of these convolutions is bound by that traffic. At batch 256 in bf16 the CNN on TC's
+# second conv has 612 MiB per model (1.8 GiB, ~1.9 GB, for K = 3); every other convolution of the table stays
+# under 190 MiB (the CNN on RTS: 185 MiB).
+IM2COL_PATCH_LIMIT = 256 * 2**20
+
+
+def _conv_inputs(cfg: Config) -> tuple[tuple[int, int, int, int, int], ...]:
+    """(C, H, W, kh, kw) of each convolution's input in one model, traced by one forward of one image (once
+    per config up to its seed, which changes no shape)."""
+    key = repr(dataclasses.replace(cfg, seed=0))
+    if key in _CONV_INPUTS:
+        return _CONV_INPUTS[key]
+    from stn.models import build_model
+
+    with torch.device("meta"):  # no initialisation (and no draw from the global generator)
+        model = build_model(cfg, fast=False)
+    model = model.to_empty(device="cpu")  # meta tensors cannot pass autocast's guard in the transformer
+    seen: list[tuple[int, int, int, int, int]] = []
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        c, h, w = inputs[0].shape[1:]
+        seen.append((int(c), int(h), int(w), *module.kernel_size))  # type: ignore[union-attr]
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, cfg.dataset.size, cfg.dataset.size))  # values unused: shapes only
+    finally:
+        for handle in handles:
+            handle.remove()
+    _CONV_INPUTS[key] = tuple(seen)
+    return _CONV_INPUTS[key]
+
+
+_CONV_INPUTS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {}
+
+
+def im2col_patch_bytes(cfg: Config, *, bytes_per_element: int = 2) -> int:
+    """The largest patch matrix the "im2col" path builds for one model of `cfg` in one step, in bytes.
+
+    batch * H' * W' * C * kh * kw elements of the biggest convolution (bf16 by default, what a GPU run's
+    autocast builds); 0 for a model without convolutions (FCN, ST-FCN).
+    """
+    sizes = [(h - kh + 1) * (w - kw + 1) * c * kh * kw
+             for c, h, w, kh, kw in _conv_inputs(cfg)]
+    return max(sizes, default=0) * cfg.trainer.batch_size * bytes_per_element
+
+
+def conv_path_for(cfg: Config, device_type: str) -> str:
+    """The engine mode ("im2col" | "loop" | "vmap") a group of `cfg`'s models takes on `device_type`.
+
+    - Not CUDA (the CPU): "vmap". oneDNN runs vmap's grouped convolutions well, and faster than the explicit
+      im2col (measured outside the repo; experiments/bench/engine.md); vmap is the path the CPU table ran.
+    - CUDA, no convolution anywhere (FCN, ST-FCN: Linear layers only, in the classifier and in the
+      localisation net): "vmap". Its batching rules make each layer one batched matmul, which is all the
+      im2col path would do, and it is the path the finished FCN cells ran on the H200.
+    - CUDA, convolutions (CNN, ST-CNN: the classifier's, and the localisation net's for ST-CNNs, every
+      transformer, every P reading and canvas): "im2col" while its largest patch matrix per model and step
+      stays under IM2COL_PATCH_LIMIT, else "loop" (each model through cuDNN's own convolutions, cudnn.benchmark
+      on; `engine_options_for` adds channels_last). At the paper's batch of 256 that is: R, P (every reading),
+      E (largest 24.5 MiB) and RTS (42 px; the CNN's 185 MiB) im2col for every conv kind; TC (60 px) loop for
+      the CNN (612 MiB) and im2col for the ST-CNNs, whose classifier reads the transformer's output pooled to
+      30 px and whose localisation net reads the input max-pooled to 30 px (largest 39.5 MiB).
+    """
+    if device_type != "cuda" or im2col_patch_bytes(cfg) == 0:
+        return "vmap"
+    return "im2col" if im2col_patch_bytes(cfg) <= IM2COL_PATCH_LIMIT else "loop"
+
+
+def engine_options_for(cfg: Config, device_type: str, **options: Any) -> EngineOptions:
+    """EngineOptions(**options) with `conv_path_for`'s mode; on CUDA, "loop" also gets channels_last (cuDNN's
+    NHWC convolutions are its fast ones for bf16)."""
+    mode = conv_path_for(cfg, device_type)
+    if mode == "loop" and device_type == "cuda":
+        options.setdefault("channels_last", True)
+    return EngineOptions(mode=mode, **options)
 
 
 def build_member(cfg: Config) -> nn.Module:
@@ -152,7 +242,16 @@ class StackedSGD:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the batched step runs. Defaults: eager float32 (the CPU path, bit-for-bit torch's arithmetic)."""
+    """How the batched step runs. Defaults: eager float32 (the CPU path, bit-for-bit torch's arithmetic).
+
+    amp under vmap on the CPU is float32 arithmetic: under `torch.autocast("cpu", torch.bfloat16)` a vmapped
+    conv2d and a vmapped linear both return float32 from float32 inputs, where the same ops outside vmap
+    return bf16 (torch 2.14.1; tests/test_engine_paths.py asserts both; for the conv, the batching rule's
+    grouped aten::convolution is not on CPU autocast's list). So the engine's CPU "bf16" vmap steps ran their
+    convolutions and matmuls in float32. "loop" (plain per-model calls) and "im2col" (baddbmm, its patches
+    cast to autocast's dtype first) honour autocast on the CPU and on CUDA; theta, grids and sampling stay
+    float32 on every path. Whether CUDA autocast reaches vmap's convolutions is not checked (no GPU here).
+    """
 
     dtype: torch.dtype = torch.float32  # parameter dtype (float64 for the equality tests)
     amp: bool = False  # bf16 autocast of the forward (CUDA); theta, grids and sampling stay float32
@@ -162,7 +261,9 @@ class EngineOptions:
     cuda_graph: bool = False  # capture forward + backward + update as one CUDA graph (CUDA only)
     fused_data: bool = True  # one warp per dataset for all models (see BatchedStream)
     # "vmap": one batched call per layer (grouped convs, batched matmuls); "loop": a Python loop over the
-    # K models, each through the same kernels as `stn train` (the exactness reference and the K-runs baseline)
+    # K models, each through the same kernels as `stn train` (the exactness reference and the K-runs baseline;
+    # on CUDA it turns cudnn.benchmark on); "im2col": explicit patches @ weights per conv, one baddbmm for the
+    # K models (stn.im2col). `conv_path_for` is the rule that picks one per group.
     mode: str = "vmap"
     # "exact": each model's batches are its `stn train` stream's (BatchedStream); "block": drawn block_steps
     # steps at a time per dataset (BlockStream: same epoch order, other distortion samples, ~K*T fewer launches)
@@ -240,8 +341,20 @@ class BatchedModels:
 
             self._forward = looped
             self._forward_shared = functools.partial(looped, shared=True)
+            if self.device.type == "cuda":
+                # each model runs cuDNN's ordinary (ungrouped) convolutions: let cuDNN time its algorithms for
+                # these shapes once (a process-wide switch; the shapes never change during training)
+                torch.backends.cudnn.benchmark = True
+        elif options.mode == "im2col":
+            from stn.im2col import stacked_forward
+
+            def stacked(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+                return stacked_forward(self.base, params, x)  # these models hold no buffers
+
+            self._forward = stacked
+            self._forward_shared = lambda params, buffers, x: stacked(params, buffers, x.expand(self.k, *x.shape))
         else:
-            raise EngineError(f"engine mode {options.mode!r}: expected 'vmap' or 'loop'")
+            raise EngineError(f"engine mode {options.mode!r}: expected one of {', '.join(ENGINE_MODES)}")
         loss_fn = self._losses
         if options.compile:
             loss_fn = torch.compile(loss_fn, backend=options.compile_backend)

@@ -27,8 +27,8 @@ engine_app = typer.Typer(help="The batched engine: K same-shape models per proce
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 GRID = Path("experiments/table1/grid.yaml")
-Mode = Literal["vmap", "loop"]  # stn.batched.EngineOptions.mode
-RunMode = Literal["vmap", "loop", "auto"]  # auto: stn.plan.run_table picks per group from the cost table
+Mode = Literal["vmap", "loop", "im2col"]  # stn.batched.EngineOptions.mode (ENGINE_MODES)
+RunMode = Literal["vmap", "loop", "im2col", "auto"]  # auto: stn.plan.run_table picks per group from the cost table
 DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
 
 
@@ -68,7 +68,7 @@ def bench(
     kinds: Annotated[str | None, typer.Option(help="Comma-separated Table 1 rows (default: all eight).")] = None,
     dataset: Annotated[DatasetName, typer.Option(help="Dataset of every measurement.")] = "R",
     ks: Annotated[str, typer.Option(help="Models per batch to measure, comma-separated.")] = "1,3,9",
-    modes: Annotated[str, typer.Option(help="Engine modes: loop, vmap.")] = "loop,vmap",
+    modes: Annotated[str, typer.Option(help="Engine modes: loop, vmap, im2col.")] = "loop,vmap",
     batch_size: Annotated[int, typer.Option(help="Batch per model.")] = 256,
     steps: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
