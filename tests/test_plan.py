@@ -307,6 +307,26 @@ def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_d
     assert any(" loop steps 0->6/6" in line for line in lines), lines
 
 
+def test_auto_mode_takes_the_measured_path_at_this_size_else_the_rule() -> None:
+    """`--mode auto` on the paper table: a kind measured at its own canvas takes the measured mode; one measured
+    only at another size (a row that scales a rate) takes stn.batched.conv_path_for's; a measured im2col never
+    overrides the rule's loop (the TC CNN's patch matrix, the memory the rule guards)."""
+    from stn.batched import conv_path_for
+
+    groups = {(g.kind, g.size): g for g in make_groups(table_members(GRID, seeds=(0, 1, 2), preset="paper"))}
+    cnn_r, cnn_rts, cnn_tc = groups[("CNN", 28)], groups[("CNN", 42)], groups[("CNN", 60)]
+    costs = CostModel(table=[
+        {"kind": "CNN", "size": 28, "k": 9, "images_per_s": 1e6, "mode": "loop", "flops_per_image": 1e6},
+        {"kind": "CNN", "size": 60, "k": 3, "images_per_s": 1e6, "mode": "im2col"},
+    ])  # fmt: skip
+    assert costs.auto_mode(cnn_r, "cuda") == "loop"  # measured at 28 px
+    assert conv_path_for(cnn_rts.members[0].config, "cuda") == "im2col"
+    assert costs.auto_mode(cnn_rts, "cuda") == "im2col"  # only 28 px measured: the rule
+    assert conv_path_for(cnn_tc.members[0].config, "cuda") == "loop"
+    assert costs.auto_mode(cnn_tc, "cuda") == "loop"  # measured im2col, but over the rule's memory limit
+    assert CostModel().auto_mode(groups[("FCN", 28)], "cuda") == "vmap"  # no convolution: the rule's vmap
+
+
 def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: Path) -> None:
     groups = make_groups(tiny_members(data_dir))
     costs = tiny_costs(groups)

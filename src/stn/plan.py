@@ -204,6 +204,20 @@ class CostModel:
         best, _ = self._row(group)
         return str(best.get("mode") or default) if best is not None else default
 
+    def auto_mode(self, group: Group, device_type: str) -> str:
+        """`--mode auto`'s choice for a group: the mode the bench measured faster for this kind at this canvas
+        size; where it measured none (another size's row only scales a rate, not a choice of path), the rule
+        `stn.batched.conv_path_for`. The rule's "loop" is kept over a measured "im2col": it means this canvas's
+        patch matrix exceeds the memory the rule allows (the TC CNN's is ~1.8 GB a step at K=3)."""
+        from stn.batched import conv_path_for
+
+        rule = conv_path_for(group.members[0].config, device_type)
+        best, scaled = self._row(group)
+        if best is None or scaled or not best.get("mode"):
+            return rule
+        measured = str(best["mode"])
+        return rule if measured == "im2col" and rule == "loop" else measured
+
     def seconds_per_step(self, group: Group) -> float:
         return group.k * group.trainer.batch_size / self.images_per_s(group)[0]
 
@@ -554,11 +568,13 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     def _start(group: Group) -> _Flying:
         cfgs = [m.config for m in group.members]
         digits, labels = load_mnist(cfgs[0].data_dir, train=True)
-        # mode "auto": each group in the mode the cost table measured faster for its kind (loop and vmap train
-        # the same models, tests/test_batched.py; a group may change mode between chunks)
+        # mode "auto": each group in the mode the cost table measured faster for its kind, else the rule's
+        # (every mode trains the same models, tests/test_engine_paths.py; a group may change mode between chunks)
         mode = mode_for(group) if mode_for is not None else \
-            (costs.mode_for(group) if options.mode == "auto" else options.mode)
+            (costs.auto_mode(group, device.type) if options.mode == "auto" else options.mode)
         group_options = dataclasses.replace(options, mode=mode)
+        if mode == "loop" and device.type == "cuda":  # cuDNN's fast bf16 convolutions are its NHWC ones
+            group_options = dataclasses.replace(group_options, channels_last=True)
         entry = partials.get(group.gid)
         if entry is not None:
             # a resumed group keeps the data streams its blocks were drawn with (block draws depend on
