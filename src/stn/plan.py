@@ -206,7 +206,8 @@ class CostModel:
 
     def auto_mode(self, group: Group, device_type: str) -> str:
         """`--mode auto`'s choice for a group: the mode the bench measured faster for this kind at this canvas
-        size; where it measured none (another size's row only scales a rate, not a choice of path), the rule
+        size (or, in experiments/bench/engine_ab.py's cost table, the winner of the nearest measured analogue,
+        marked inferred_from); where it has none (another size's row only scales a rate, not a choice of path), the rule
         `stn.batched.conv_path_for`. The rule's "loop" is kept over a measured "im2col": it means this canvas's
         patch matrix exceeds the memory the rule allows (the TC CNN's is ~1.8 GB a step at K=3)."""
         from stn.batched import conv_path_for
