@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from stn.plan import (
     run_table,
     table_members,
 )
+from stn.report import parse_errors
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
 
@@ -161,8 +164,28 @@ def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_pat
         assert a[key]["test_error"] == b[key]["test_error"]
         assert a[key]["final_loss"] == b[key]["final_loss"]
         assert a[key]["steps"] == b[key]["steps"] == 6
-    csv_text = (state / TABLE_CSV).read_text()
-    assert "FCN,R,1.0" in csv_text and "ST-CNN Aff,R,1.0" in csv_text
+    # results.csv in the table record's one schema (stn.report), the same cells as the straight run's
+    with (state / TABLE_CSV).open(newline="") as handle:
+        rows = {r["row"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"FCN", "ST-CNN Aff"}
+    for row in rows.values():
+        assert row["status"] == "done" and row["paper"] == "1.0" and row["steps"] == "6"
+        seeds = (0, 1) if row["row"] == "FCN" else (0,)
+        assert row["seeds_done"] == row["seeds"] == str(len(seeds))
+        errors = parse_errors(row["errors"])
+        assert errors == {s: round(a[f"{row['row']}|R|{s}"]["test_error"], 4) for s in seeds}
+        assert float(row["ours_mean"]) == pytest.approx(statistics.fmean(errors.values()), abs=1e-4)
+        if len(seeds) > 1:
+            assert float(row["ours_std"]) == pytest.approx(statistics.stdev(errors.values()), abs=1e-4)
+        else:
+            assert row["ours_std"] == ""  # one seed: no std, and no NaN
+    # each member records how it trained, and each ST member its distortion recovery, as `stn train` does
+    for key, record in b.items():
+        assert record["mode"] == "vmap" and record["data"] == "exact" and record["members"]
+        assert key in record["members"]
+        recovery = [k for k in record if k.startswith("recovery/")]
+        assert bool(recovery) == key.startswith("ST-"), (key, recovery)
+        assert "recovery/error" not in record
 
 
 def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_dir: Path) -> None:

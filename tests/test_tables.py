@@ -19,7 +19,9 @@ from stn.cli import app
 from stn.compose import compose
 from stn.config import Config, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
-from stn.tables import PRESETS, aggregate, plan_jobs, reproduce, summarise
+from stn.config import TRAINER_PRESETS
+from stn.report import mean_std, summarise
+from stn.tables import plan_jobs, reproduce
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -44,7 +46,7 @@ def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- the grid
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", TRAINER_PRESETS)
 def test_every_cell_composes_a_valid_config(preset: str, tmp_path: Path) -> None:
     grid = load_grid(GRID)
     jobs = plan_jobs(grid, list(grid.cells), [0, 1], preset, [], tmp_path / "table", "g")
@@ -91,13 +93,13 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path) -> None:
 
 
 def test_aggregate_is_mean_and_sample_std() -> None:
-    mean, std = aggregate([1.0, 2.0])
+    mean, std = mean_std([1.0, 2.0])
     assert mean == pytest.approx(1.5)
     assert std == pytest.approx(math.sqrt(((1.0 - 1.5) ** 2 + (2.0 - 1.5) ** 2) / (2 - 1)))  # 0.7071...
-    mean, std = aggregate([0.5, 0.7, 0.9])
+    mean, std = mean_std([0.5, 0.7, 0.9])
     assert mean == pytest.approx(0.7) and std == pytest.approx(0.2)
-    assert aggregate([1.25]) == (1.25, None)
-    assert aggregate([]) == (None, None)
+    assert mean_std([1.25]) == (1.25, None)
+    assert mean_std([]) == (None, None)
 
 
 def test_summarise_two_seeds_from_per_seed_records() -> None:
@@ -110,7 +112,7 @@ def test_summarise_two_seeds_from_per_seed_records() -> None:
 
     runs = [run("CNN", 0, "done", 1.0), run("CNN", 1, "done", 1.6), run("ST-CNN Aff", 0, "done", 0.9),
             run("ST-CNN Aff", 1, "failed"), run("FCN", 0, "pending"), run("FCN", 1, "pending")]  # fmt: skip
-    cnn, st_cnn, fcn = summarise(grid, cells, [0, 1], runs)
+    cnn, st_cnn, fcn = summarise({cell: grid.cells[cell] for cell in cells}, [0, 1], runs)
     assert (cnn.mean, cnn.status) == (pytest.approx(1.3), "done")
     assert cnn.std == pytest.approx(math.sqrt(0.18))  # ((1.0-1.3)^2 + (1.6-1.3)^2) / 1
     assert cnn.diff == pytest.approx(1.3 - 1.2)  # the paper's CNN on R

@@ -20,11 +20,11 @@ import typer  # noqa: E402
 
 from stn.cli_common import DatasetName  # noqa: E402
 from stn.config import TrainerPreset  # noqa: E402
+from stn.grid import DEFAULT_GRID as GRID  # noqa: E402
 
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-GRID = Path("experiments/table1/grid.yaml")
 Mode = Literal["vmap", "loop"]  # stn.batched.EngineOptions.mode
 RunMode = Literal["vmap", "loop", "auto"]  # auto: stn.plan.run_table picks per group from the cost table
 DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
@@ -104,13 +104,24 @@ def bench(
         markdown.write_text(table + "\n")
 
 
-def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
-            max_k: int | None):
-    from stn.plan import make_groups, table_members
+def _tables(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
+            extra: list[Path] | None = None):
+    """[(grid, its members)]: the table (--rows/--columns of --grid), then each --extra grid file whole."""
+    from stn.grid import load_grid
+    from stn.plan import table_members
 
-    members = table_members(grid, [int(s) for s in _list(seeds) or ["0"]], preset, override or [],
-                            _list(rows), _list(columns))
-    return make_groups(members, max_k=max_k)
+    seed_list = [int(s) for s in _list(seeds) or ["0"]]
+    tables = [(load_grid(grid), table_members(grid, seed_list, preset, override or [], _list(rows), _list(columns)))]
+    tables += [(load_grid(path), table_members(path, seed_list, preset, override or [])) for path in extra or []]
+    return tables
+
+
+def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
+            max_k: int | None, extra: list[Path] | None = None):
+    from stn.plan import make_groups, unique_members
+
+    tables = _tables(grid, preset, seeds, rows, columns, override, extra)
+    return make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
 
 
 Grid = Annotated[Path, typer.Option(help="The grid file.")]
@@ -121,13 +132,16 @@ Columns = Annotated[str | None, typer.Option(help="Columns to run (default: all)
 Cost = Annotated[Path | None, typer.Option(help="Cost table: the JSON `stn engine bench --out` writes.")]
 Flops = Annotated[float, typer.Option(help="Achieved FLOP/s assumed where the cost table has no row.")]
 MaxK = Annotated[int | None, typer.Option(help="At most this many models per group.")]
+Extra = Annotated[list[Path] | None, typer.Option(
+    "--extra", help="Another grid file whose cells are queued too (repeatable), e.g. readings of a dataset; its "
+                    "table.md and chart go to <state>/<its name>/.")]
 
 
 @engine_app.command("plan")
 def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", rows: Rows = None,
          columns: Columns = None, cost: Cost = None, flops: Flops = 1e14, max_k: MaxK = None,
          budget: Annotated[float, typer.Option(help="Seconds per chunk.")] = 540.0,
-         override: Override = None) -> None:
+         override: Override = None, extra: Extra = None) -> None:
     """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
     import hashlib
 
@@ -137,17 +151,18 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
         return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
     key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
-           override or []]
+           override or [], [(str(path), content(path)) for path in extra or []]]
     for line in memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
-                                                            max_k, budget, override)):
+                                                            max_k, budget, override, extra)):
         typer.echo(line)
 
 
 def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, cost: Path | None,
-                flops: float, max_k: int | None, budget: float, override: list[str] | None) -> list[str]:
+                flops: float, max_k: int | None, budget: float, override: list[str] | None,
+                extra: list[Path] | None = None) -> list[str]:
     from stn.plan import CostModel, pack_chunks, run_order
 
-    groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
+    groups = _groups(grid, preset, seeds, rows, columns, override, max_k, extra)
     costs = CostModel.load(cost, flops)
     total = 0.0
     lines = []
@@ -182,13 +197,15 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
         mode: Annotated[RunMode, typer.Option(help="Engine mode; auto: per group, the mode the --cost table "
                                                    "measured faster for its kind (vmap where none).")] = "vmap",
         data: Data = "exact", block_steps: BlockSteps = 32,
-        override: Override = None) -> None:
-    """Train the table's groups from the saved progress until done or --budget seconds; resumable."""
-    from stn.plan import CostModel, run_table
+        override: Override = None, extra: Extra = None) -> None:
+    """Train the table's groups from the saved progress until done or --budget seconds; resumable. Then writes
+    what `stn reproduce-table` writes: results.csv, table.md, ours_vs_paper.png and the W&B table run."""
+    from stn.plan import CostModel, make_groups, run_table, unique_members, write_tables
 
     start = time.perf_counter()
     device = _device(device)
-    groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
+    tables = _tables(grid, preset, seeds, rows, columns, override, extra)
+    groups = make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
     typer.echo(f"{len(groups)} groups, {sum(g.k for g in groups)} models on {device}; planning took "
                f"{time.perf_counter() - start:.1f} s", err=True)
     options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
@@ -196,6 +213,7 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
     record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                        options=options, costs=CostModel.load(cost, flops),
                        log=lambda line: typer.echo(line, err=True))
+    write_tables(state, tables, preset=preset, overrides=override or [], log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
 

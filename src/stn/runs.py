@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stn.compose import from_container
-from stn.config import Config, UserError, to_dict
+from stn.config import OPTIMISER_KEYS, Config, UserError, to_dict
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, not with the module
     import torch
@@ -54,9 +54,8 @@ RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 # - RUNTIME: where things live and how they are run and logged. Free to change; never makes a run stale.
 # - every other key (trainer.iterations, the intervals, amp, channels_last, dataset.test_limit, ...) changes
 #   the outcome but may change between invocations: resumable, but a finished run with another value is stale.
-IDENTITY = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr", "trainer.momentum",
-            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma", "trainer.schedule", "trainer.nesterov",
-            "trainer.loc_lr_scale")
+IDENTITY = ("dataset", "model", "transformer", "seed", *(f"trainer.{key}" for key in OPTIMISER_KEYS),
+            "trainer.schedule", "trainer.nesterov", "trainer.loc_lr_scale")
 RUNTIME = ("data_dir", "download", "runs_dir", "run_dir", "name", "trainer.resume", "trainer.stop_after",
            "trainer.device", "trainer.eval_batch_size", "trainer.compile", "logger")
 OUTCOME_EXCEPTIONS = ("dataset.test_limit",)  # inside an IDENTITY section, but evaluation only
