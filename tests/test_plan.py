@@ -217,3 +217,50 @@ def _partial_gid(state: Path) -> str:
     import torch
 
     return torch.load(state / PARTIAL, weights_only=True)["gid"]
+
+
+def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Path, data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stn engine run`: results.csv in the one schema, table.md in the paper's shape, the chart, one W&B table
+    run continued across calls; an --extra grid's cells are queued and get their own table."""
+    from typer.testing import CliRunner
+    from wandb_log import read_run
+
+    from stn.engine_cli import engine_app
+    from stn.report import RESULT_COLUMNS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    extra = tmp_path / "readings.yaml"
+    extra.write_text("name: readings\nrows: {FCN: [model=fcn]}\ncolumns: {P_axis: [dataset=P_axis]}\n"
+                     "cells: {FCN: {P_axis: 3.1}}\n")
+    state = tmp_path / "state"
+    args = ["run", "--grid", str(GRID), "--rows", "FCN", "--columns", "R", "--seeds", "0,1", "--preset", "smoke",
+            "--device", "cpu", "--no-amp", "--state", str(state), "--extra", str(extra),
+            *[f"--override={o}" for o in ("trainer.iterations=4", "dataset.train_limit=64", "dataset.test_limit=40",
+                                          f"data_dir={data_dir}")]]  # fmt: skip
+    result = CliRunner().invoke(engine_app, args)
+    assert result.exit_code == 0, result.output
+    members = json.loads((state / RESULTS).read_text())["members"]
+    assert set(members) == {"FCN|R|0", "FCN|R|1", "FCN|P_axis|0", "FCN|P_axis|1"}
+    with (state / TABLE_CSV).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == RESULT_COLUMNS
+        rows = {(r["row"], r["column"]): r for r in reader}
+    errors = [members[f"FCN|R|{s}"]["test_error"] for s in (0, 1)]
+    assert float(rows[("FCN", "R")]["ours_mean"]) == pytest.approx(statistics.fmean(errors), abs=1e-4)
+    table = (state / "table.md").read_text()
+    assert table.startswith("# Table 1") and f"| FCN | {statistics.fmean(errors):.2f} ± " in table
+    assert "P_axis" not in table and "| FCN | P_axis |" in (state / "readings" / "table.md").read_text()
+    assert (state / "ours_vs_paper.png").is_file() and (state / "readings" / "ours_vs_paper.png").is_file()
+    ids = {name: entry["wandb_id"] for name, entry in json.loads((state / "table.json").read_text()).items()}
+    assert set(ids) == {"table1", "readings"}
+    runs = [read_run(folder, lambda run: run["finished"]) for folder in (tmp_path / "wandb").glob("offline-run-*")]
+    assert sorted(run["id"] for run in runs) == sorted(ids.values())
+    (main,) = [run for run in runs if run["id"] == ids["table1"]]
+    assert main["job_type"] == "table" and main["summary"]["test_error/R_fcn"] == pytest.approx(statistics.fmean(errors))
+    # nothing new trained: the same table run is not logged again
+    result = CliRunner().invoke(engine_app, args)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
