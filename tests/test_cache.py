@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from stn import cache
-from stn.cache import cached_compose, cached_parameter_table
+from stn.cache import cached_compose
 from stn.compose import compose
 from stn.config import ConfigError
+from stn.parameters import cached_parameter_table
 
 OVERRIDES = ["dataset=RTS", "model=st_cnn", "transformer=tps", "trainer.iterations=77", "seed=3"]
 
@@ -85,14 +86,14 @@ def test_prune_keeps_the_newest(folder: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_parameter_table_hit_imports_neither_torch_nor_models(folder: Path) -> None:
-    """The rows are stn.models.parameter_table's; a second process reads them back without torch."""
+    """The rows are stn.parameters.parameter_table's; a second process reads them back without torch."""
     from dataclasses import asdict
 
-    from stn.models import parameter_table
+    from stn.parameters import parameter_table
 
     rows = cached_parameter_table(["R"], ["model.param_budget=150000"])
     assert rows == [asdict(row) for row in parameter_table(("R",), ["model.param_budget=150000"])]
-    code = ("import sys; from stn.cache import cached_parameter_table as t; "
+    code = ("import sys; from stn.parameters import cached_parameter_table as t; "
             "rows = t(['R'], ['model.param_budget=150000']); print(len(rows), 'torch' in sys.modules, "
             "'stn.models' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

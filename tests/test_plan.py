@@ -224,10 +224,10 @@ def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Pat
     """`stn engine run`: results.csv in the one schema, table.md in the paper's shape, the chart, one W&B table
     run continued across calls; an --extra grid's cells are queued and get their own table."""
     from typer.testing import CliRunner
-    from wandb_log import read_run
 
     from stn.engine_cli import engine_app
     from stn.report import RESULT_COLUMNS
+    from wandb_log import read_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

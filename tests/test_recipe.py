@@ -20,11 +20,6 @@ from stn.runs import CheckpointError
 from stn.train import TrainingInterrupted, build_optimizer, build_scheduler, fit
 
 
-def small(tmp_path: Path, *overrides: str):
-    return compose(["trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}",
-                    "dataset.test_limit=200", *overrides])
-
-
 def one_cycle_lr(step: int, total: int, peak: float) -> float:
     """The lr step `step` (0-based) trains with, from the one-cycle definition (Smith & Topin 2019, as PyTorch
     states it): cosine from peak/25 up to peak over the first 30% of the steps (reached at step 0.3*total - 1),
@@ -75,22 +70,22 @@ def test_the_validation_split_is_held_out_training_digits(data_dir):
     assert torch.equal(again.images, held_out.images)  # a fixed set, like the test set
 
 
-def test_a_validation_run_records_val_error_and_never_the_test_error(tmp_path):
-    summary = fit(small(tmp_path, "dataset.validation=300", "dataset.train_limit=512"))
+def test_a_validation_run_records_val_error_and_never_the_test_error(tmp_path, small):
+    summary = fit(small("dataset.validation=300", "dataset.train_limit=512"))
     assert "val_error" in summary and "test_error" not in summary
     assert 0 <= summary["val_error"] <= 100
     metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert any("val_error" in m for m in metrics) and not any("test_error" in m for m in metrics)
 
 
-def test_a_onecycle_run_cannot_resume_with_other_iterations(tmp_path):
+def test_a_onecycle_run_cannot_resume_with_other_iterations(tmp_path, small):
     recipe = ("dataset.train_limit=512", "trainer.schedule=onecycle", "trainer.nesterov=true")
     with pytest.raises(TrainingInterrupted) as stopped:
-        fit(small(tmp_path, *recipe, "trainer.stop_after=10"))
+        fit(small(*recipe, "trainer.stop_after=10"))
     resume = (*recipe, "trainer.resume=true", f"run_dir={stopped.value.run_dir}")
     with pytest.raises(CheckpointError, match="one-cycle schedule over 20 steps"):
-        fit(small(tmp_path, *resume, "trainer.iterations=100"))
-    assert fit(small(tmp_path, *resume))["steps"] == 20  # with its own iterations it continues
+        fit(small(*resume, "trainer.iterations=100"))
+    assert fit(small(*resume))["steps"] == 20  # with its own iterations it continues
 
 
 @pytest.mark.parametrize("overrides, named", [

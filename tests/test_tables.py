@@ -17,16 +17,13 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.compose import compose
-from stn.config import Config, to_yaml
+from stn.config import TRAINER_PRESETS, Config, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
-from stn.config import TRAINER_PRESETS
 from stn.report import mean_std, summarise
 from stn.tables import plan_jobs, reproduce
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
-# Small enough for seconds per cell on a CPU: smoke schedule (20 steps of 32), 512 train / 200 test digits.
-FAST = ["++dataset.train_limit=512", "++dataset.test_limit=200"]
 
 
 @pytest.fixture
@@ -241,10 +238,10 @@ def read_offline_run(folder: Path, timeout_s: float = 60.0) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> None:
+def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path, small_data) -> None:
     out = data_env / "table"
     args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN,ST-CNN Aff", "--columns", "R",
-            "--preset", "smoke", "--executor", "local", "--parallel", "2", "--out", str(out), *FAST]  # fmt: skip
+            "--preset", "smoke", "--executor", "local", "--parallel", "2", "--out", str(out), *small_data]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "2 runs ran (2 fresh, 0 resumed, 0 failed), 0 already done" in result.output
@@ -311,10 +308,10 @@ def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> Non
 
 
 @pytest.mark.slow
-def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) -> None:
+def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path, small_data) -> None:
     out = data_env / "table"
     args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R", "--preset", "smoke",
-            "--executor", "debug", "--out", str(out), *FAST, "logger.mode=disabled"]  # fmt: skip
+            "--executor", "debug", "--out", str(out), *small_data, "logger.mode=disabled"]  # fmt: skip
     run_dir = out / "cells" / "R_cnn" / "seed0"
     # First call stops the cell after 10 of its 20 steps: a checkpoint and no summary, as after a crash.
     result = CliRunner().invoke(app, [*args, "trainer.stop_after=10"])
@@ -337,13 +334,13 @@ def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) ->
 
 
 @pytest.mark.slow
-def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(data_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(data_env: Path, monkeypatch: pytest.MonkeyPatch, small_data) -> None:
     """WANDB_MODE=disabled (no logger.mode on the command line): neither the cell nor the table's own W&B run
     writes anything, and the table still finishes."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = data_env / "table"
     result = CliRunner().invoke(app, ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R",
-                                      "--preset", "smoke", "--executor", "debug", "--out", str(out), *FAST])
+                                      "--preset", "smoke", "--executor", "debug", "--out", str(out), *small_data])
     assert result.exit_code == 0, result.output
     assert "1 runs ran (1 fresh, 0 resumed, 0 failed)" in result.output
     summary = json.loads((out / "cells" / "R_cnn" / "seed0" / "summary.json").read_text())

@@ -62,7 +62,7 @@ def bench_data_command(
 def _bench_models(names: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """--models 'cnn,st_cnn_aff' (or Table 1 labels) -> (label, config choices) pairs; None = the default five."""
     from stn.bench import TRAIN_MODELS
-    from stn.models import TABLE1_MODELS
+    from stn.grid import TABLE1_MODELS
 
     if not names:
         return TRAIN_MODELS

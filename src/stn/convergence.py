@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from stn.config import Config
-from stn.grid import TableError, compose_cells
+from stn.grid import CellComposeError, TableError, compose_cells
 from stn.job import Job
 from stn.runs import write_atomic
 
@@ -263,8 +263,8 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
                  f"logger.group={study.name}"]
         try:
             composed = compose_cells(study.grid, pairs, chosen_seeds, words)
-        except TableError as err:
-            raise StudyError(f"at {budget}: {err}") from None
+        except CellComposeError as err:
+            raise StudyError(f"{err.row} / {err.column} at {budget}: {err.reason}") from None
         cells += [Cell(c.row, c.column, budget, c.seed,
                        dataclasses.replace(c.config, run_dir=str(cell_dir(study, c.row, c.column, budget, c.seed))),
                        c.paper) for c in composed]

@@ -48,6 +48,15 @@ class TableError(UserError):
     """A table that cannot run: bad grid file, unknown row/column, stale or mismatched cell folder."""
 
 
+class CellComposeError(TableError):
+    """A cell whose words do not compose: the message names the cell and its words; `row`, `column` and
+    `reason` (the config error alone) let a caller word it its own way."""
+
+    def __init__(self, row: str, column: str, words: Sequence[str], reason: str) -> None:
+        super().__init__(f"cell {row}/{column} ({' '.join(words)}): {reason}")
+        self.row, self.column, self.reason = row, column, reason
+
+
 @dataclass(frozen=True)
 class Grid:
     """A table of the paper as data. `cells` keeps the file's row order, then its column order."""
@@ -188,7 +197,7 @@ def compose_cells(grid: Grid, cells: Sequence[tuple[str, str]], seeds: Sequence[
     except ComposeError as err:
         words = list(err.overrides)
         row, column = cells[word_lists.index(words)]
-        raise TableError(f"cell {row}/{column} ({' '.join(words)}): {err}") from None
+        raise CellComposeError(row, column, words, str(err)) from None
     return [CellSeed(row, column, int(seed), dataclasses.replace(base, seed=int(seed)), grid.cells[(row, column)])
             for (row, column), base in zip(cells, bases, strict=True) for seed in seeds]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stn.compose import from_container
-from stn.config import OPTIMISER_KEYS, Config, UserError, to_dict
+from stn.config import OPTIMISER_KEYS, Config, ConfigError, UserError, to_dict
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, not with the module
     import torch
@@ -223,6 +223,51 @@ def load_checkpoint(path: Path, device: Any) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has format version {state['version']}, this stn reads "
                               f"{CHECKPOINT_VERSION}; delete it to start that run over")
     return state
+
+
+def load_model(path: str | os.PathLike, *, need_transformer: bool = False) -> tuple[Any, Config, dict[str, Any]]:
+    """(the model its config describes, in eval mode, on the CPU, with the checkpoint's weights; that config; the
+    checkpoint itself) from a training checkpoint: the one loader for reading a trained model back (`stn
+    visualize`, `stn recovery`). Needs only the `model` and `config` keys, so a checkpoint from another
+    version of the format still draws. need_transformer: a model without a spatial transformer is an error."""
+    import torch
+
+    from stn.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run's checkpoints/last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        found = sorted(state.keys()) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not an stn training checkpoint: expected keys 'model' and 'config', "
+                              f"found {found}")
+    try:
+        cfg = from_container(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its saved config does not validate: {err}") from None
+    if need_transformer and not cfg.model.name.startswith("st_"):
+        raise CheckpointError(f"{path} holds model={cfg.model.name}, which has no spatial transformer: pass the "
+                              "checkpoint of an st_fcn or st_cnn run")
+    try:
+        model = build_model(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {err}") from None
+    try:  # fit saves the model's own state_dict, never torch.compile's wrapper: no "_orig_mod." keys
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config describes ({_first_line(err)[:300]})"
+        ) from None
+    return model.eval(), cfg, state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def checkpoint_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
