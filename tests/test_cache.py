@@ -85,6 +85,7 @@ def test_prune_keeps_the_newest(folder: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(entries(folder)) == 4 // 2  # at 5 > MAX_ENTRIES files, the oldest go down to half of it
 
 
+@pytest.mark.subprocess
 def test_parameter_table_hit_imports_neither_torch_nor_models(folder: Path) -> None:
     """The rows are stn.parameters.parameter_table's; a second process reads them back without torch."""
     from dataclasses import asdict
@@ -127,6 +128,7 @@ def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Pat
     assert isinstance(CliRunner().invoke(app, args).exception, AssertionError)
 
 
+@pytest.mark.subprocess
 def test_compose_sources_list_every_module_composition_imports() -> None:
     """A composed config is keyed on COMPOSE_SOURCES only: they must be all of stn that stn.compose loads."""
     code = "import sys, stn.compose; print(' '.join(sorted(m for m in sys.modules if m.startswith('stn.'))))"

@@ -72,6 +72,7 @@ def test_table_cells_and_sweep_members_share_the_job_shape(tmp_path: Path) -> No
     assert cell.label == "CNN / R seed 1" and member.label == "#0 dataset=R"
 
 
+@pytest.mark.subprocess
 def test_planning_a_sweep_does_not_import_submitit() -> None:
     """`stn train --cfg job` plans without launching: stn.sweep must not pull in submitit (about 0.2 s)."""
     import subprocess

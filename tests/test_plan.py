@@ -219,6 +219,7 @@ def _partial_gid(state: Path) -> str:
     return torch.load(state / PARTIAL, weights_only=True)["gid"]
 
 
+@pytest.mark.slow
 def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Path, data_dir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """`stn engine run`: results.csv in the one schema, table.md in the paper's shape, the chart, one W&B table

@@ -139,6 +139,7 @@ def test_single_run_records_its_command_line(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.slow
+@pytest.mark.executor
 def test_sweep_trains_two_members_through_the_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides) -> None:
     """`stn train -m model=cnn,fcn`: two runs in submitit's local processes (stn.launch, as a table's cells),
     each in <hydra.sweep.dir>/<num>-<run name> with the sweep's command line; sweep.json says how each ended."""

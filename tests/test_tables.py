@@ -238,6 +238,7 @@ def read_offline_run(folder: Path, timeout_s: float = 60.0) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.executor
 def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path, small_data) -> None:
     out = data_env / "table"
     args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN,ST-CNN Aff", "--columns", "R",
