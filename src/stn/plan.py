@@ -1,7 +1,8 @@
 """Plan and run a table with the batched engine: groups of same-shape models, chunks that resume.
 
 Members: one per (row, column, seed) of a grid file (experiments/table1/grid.yaml), composed as
-`stn reproduce-table` composes its cells (row and column overrides, `trainer=<preset>`, the seed).
+`stn reproduce-table` composes its cells (`stn.grid.compose_cells`); further grids' members may be queued
+beside them (`unique_members`: a cell two grids share trains once).
 Groups: members whose models share every shape (`stn.batched.shape_signature`) and optimiser settings train
 together in one `BatchedModels`: a cell's seeds, and one architecture across the 28x28 datasets R, P and E
 (Table 1 at 3 seeds: 8 groups of 9 models on 28x28, 8 groups of 3 on RTS, 4 groups of 3 on TC).
@@ -16,7 +17,12 @@ when it does not fit; it is what tells how many loans a table needs.
 first), each trained until it finishes or the deadline would pass (`stn.batched_run.train_for`), then either
 evaluated (its members' results are written) or checkpointed. Sequential groups leave at most one partly
 trained group, so the state that must travel between loans is `results.json` (every finished member: test
-error, steps, wall time, images/s) plus one `partial.pt` (that group's weights, momentum and data positions).
+error, steps, wall time, images/s, how it trained, an ST member's distortion recovery) plus one `partial.pt`
+(that group's weights, momentum and data positions).
+
+The record: `cell_results` turns results.json into the per-cell results `stn reproduce-table` aggregates
+(stn.report), so results.csv (every cell of the state), and per grid table.md, ours_vs_paper.png and the W&B
+table run (`write_tables`, after a chunk) are the CPU table's.
 """
 
 from __future__ import annotations

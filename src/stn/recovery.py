@@ -262,7 +262,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def recovery_checkpoint(path: Any, data_dir: str | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Load a training checkpoint (`stn.runs.load_model`, as `stn visualize` does) and measure its recovery on its test set."""
+    """Load a training checkpoint (`stn.runs.load_model`, as `stn visualize` does); measure its recovery on
+    its test set."""
     import os
 
     from stn.config import DATA_DIR_ENV
