@@ -273,6 +273,7 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
 
 
 def cell_dir(study: Study, row: str, column: str, budget: str, seed: int) -> Path:
+    # Not stn.grid.slug: studies under way have checkpoints in folders named this way ('st_cnn_aff').
     slug = row.lower().replace(" ", "_").replace("-", "_")
     return study.runs_dir / column / slug / budget.replace("/", "_") / f"seed{seed}"
 
