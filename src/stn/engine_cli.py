@@ -197,7 +197,11 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
         mode: Annotated[RunMode, typer.Option(help="Engine mode; auto: per group, the mode the --cost table "
                                                    "measured faster for its kind (vmap where none).")] = "vmap",
         data: Data = "exact", block_steps: BlockSteps = 32,
-        override: Override = None, extra: Extra = None) -> None:
+        override: Override = None, extra: Extra = None,
+        record: Annotated[bool, typer.Option(
+            "--record/--no-record", help="After the chunk, write table.md, ours_vs_paper.png and the W&B table run "
+                                         "(off where returned files are counted; a later --budget 0 call writes "
+                                         "them from the state).")] = True) -> None:
     """Train the table's groups from the saved progress until done or --budget seconds; resumable. Then writes
     what `stn reproduce-table` writes: results.csv, table.md, ours_vs_paper.png and the W&B table run."""
     from stn.plan import CostModel, make_groups, run_table, unique_members, write_tables
@@ -213,7 +217,9 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
     record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                        options=options, costs=CostModel.load(cost, flops),
                        log=lambda line: typer.echo(line, err=True))
-    write_tables(state, tables, preset=preset, overrides=override or [], log=lambda line: typer.echo(line, err=True))
+    if record:
+        write_tables(state, tables, preset=preset, overrides=override or [],
+                     log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
 

@@ -510,5 +510,6 @@ def write_tables(state_dir: str | Path, tables: Sequence[tuple[Any, Sequence[Mem
                 log(f"{grid.name}: W&B table run {wandb_dir}")
         saved[grid.name] = {"wandb_id": meta["wandb_id"], "wandb_step": meta["wandb_step"], "runs_done": done}
         log(f"{grid.name}: {sum(c.status == 'done' for c in cells)}/{len(cells)} cells done -> {folder / 'table.md'}")
-    write_atomic(state_dir / TABLE_META, json.dumps(saved, indent=1) + "\n")
+    if template.logger.mode != "disabled":  # no W&B run to continue: no file (a GPU loan counts its files)
+        write_atomic(state_dir / TABLE_META, json.dumps(saved, indent=1) + "\n")
     return out

@@ -83,7 +83,8 @@ loan)
   # streams (K = 9, vmap: the block one is the cost table), then the paper table with block data from .state/
   # until LOAN_S seconds after the start. The state is written straight into $OUT/state, so a call stopped at its
   # limit still brings back every finished group. At most 8 files: log.txt tests.txt bench_block.json
-  # (bench.json with BENCH_EXACT=1) state/{results.json,results.csv,progress.json,partial.pt}.
+  # (bench.json with BENCH_EXACT=1) state/{results.json,results.csv,progress.json,partial.pt}; hence --no-record
+  # (table.md and the chart: `stn engine run --budget 0` on the returned state writes them).
   LOAN_S=${LOAN_S:-540}
   say "tests"
   timeout ${T_TESTS:-120} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py tests/test_spatial.py} > "$OUT/tests.txt" 2>&1
@@ -109,7 +110,7 @@ loan)
     [ $budget -gt 30 ] || break
     say "table ($fast) from $(ls "$STATE" | tr '\n' ' ')with ${budget} s"
     $ENGINE run --device "$DEVICE" $fast --state "$STATE" --cost "$COST" --preset "${PRESET:-paper}" \
-      --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode "${MODE:-auto}" ${TABLE_ARGS:-} >> "$LOG" 2>&1
+      --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode "${MODE:-auto}" --no-record ${TABLE_ARGS:-} >> "$LOG" 2>&1
     rc=$?
     say "table rc=$rc"
     [ $rc -eq 0 ] && break
