@@ -261,7 +261,15 @@ def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Pat
     assert sorted(run["id"] for run in runs) == sorted(ids.values())
     (main,) = [run for run in runs if run["id"] == ids["table1"]]
     assert main["job_type"] == "table" and main["summary"]["test_error/R_fcn"] == pytest.approx(statistics.fmean(errors))
-    # nothing new trained: the same table run is not logged again
-    result = CliRunner().invoke(engine_app, args)
+    # --no-record writes no table; --budget 0 trains nothing and writes the record from the state, and with
+    # nothing new trained the table's W&B run is not logged again
+    (state / "table.md").unlink()
+    result = CliRunner().invoke(engine_app, [*args, "--no-record"])
+    assert result.exit_code == 0 and not (state / "table.md").exists(), result.output
+    result = CliRunner().invoke(engine_app, [*args, "--budget", "0"])
     assert result.exit_code == 0, result.output
+    def undated(text: str) -> list[str]:
+        return [line for line in text.splitlines() if "(updated " not in line]
+
+    assert undated((state / "table.md").read_text()) == undated(table)
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2

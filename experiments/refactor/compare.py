@@ -1,5 +1,6 @@
 """Compare the before/after runs: torch.equal on every tensor of every checkpoint; the engine table's members
-(engine/results.json, where both have one): the same test errors and final losses, to the last digit."""
+(engine/results.json, where both have one): the same members, test errors and final losses, to the last digit
+(an engine member's recovery/* keys are new in the after code: not compared)."""
 import json
 import sys
 from pathlib import Path
