@@ -198,7 +198,7 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
                                                    "measured faster for its kind (vmap where none).")] = "vmap",
         data: Data = "exact", block_steps: BlockSteps = 32,
         override: Override = None, extra: Extra = None,
-        record: Annotated[bool, typer.Option(
+        write_record: Annotated[bool, typer.Option(
             "--record/--no-record", help="After the chunk, write table.md, ours_vs_paper.png and the W&B table run "
                                          "(off where returned files are counted; a later --budget 0 call writes "
                                          "them from the state).")] = True) -> None:
@@ -217,7 +217,7 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
     record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                        options=options, costs=CostModel.load(cost, flops),
                        log=lambda line: typer.echo(line, err=True))
-    if record:
+    if write_record:
         write_tables(state, tables, preset=preset, overrides=override or [],
                      log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(record, indent=1))
