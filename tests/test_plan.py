@@ -273,3 +273,22 @@ def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Pat
 
     assert undated((state / "table.md").read_text()) == undated(table)
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_a_queued_table_keeps_the_first_tables_groups() -> None:
+    """--extra: the P readings' cells train in groups of their own, so Table 1's group names (and a partial.pt of
+    one) are what they are without them; a cell both tables have is trained once."""
+    from stn.plan import unique_members
+
+    extra = GRID.parent / "paper-gpu" / "p_readings.yaml"
+    table1 = table_members(GRID, seeds=(0, 1, 2), preset="paper")
+    readings = table_members(extra, seeds=(0, 1, 2), preset="paper")
+    alone = {g.gid: [m.key for m in g.members] for g in make_groups(table1)}
+    both = {g.gid: [m.key for m in g.members] for g in make_groups(unique_members([*table1, *readings]))}
+    assert {gid: keys for gid, keys in both.items() if gid in alone} == alone
+    assert sorted(set(both) - set(alone)) == ["cnn_P_axis-P_image", "fcn_P_axis-P_image"]
+    again = unique_members([*table1, *table1[:3]])
+    assert len(again) == len(table1)
+    changed = dataclasses.replace(table1[0], config=dataclasses.replace(table1[0].config, seed=99), table="other")
+    with pytest.raises(PlanError, match="in tables table1 and other with different configs"):
+        unique_members([*table1, changed])

@@ -122,12 +122,14 @@ def unique_members(members: Sequence[Member]) -> list[Member]:
 
 
 def make_groups(members: Sequence[Member], max_k: int | None = None) -> list[Group]:
-    """Members with one shape and one optimiser, in order of first appearance; at most max_k per group."""
+    """Members of one table with one shape and one optimiser, in order of first appearance; at most max_k per
+    group. A queued table's members form their own groups: the first table's group names (a partial.pt's)
+    stay what they were without it."""
     keys = (*OPTIMISER_KEYS, "iterations")
     buckets: dict[tuple, list[Member]] = {}
     for member in members:
         trainer = member.config.trainer
-        key = (shape_signature(member.config), tuple(getattr(trainer, k) for k in keys))
+        key = (member.table, shape_signature(member.config), tuple(getattr(trainer, k) for k in keys))
         buckets.setdefault(key, []).append(member)
     groups = []
     for bucket in buckets.values():
