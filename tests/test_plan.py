@@ -292,3 +292,18 @@ def test_a_queued_table_keeps_the_first_tables_groups() -> None:
     changed = dataclasses.replace(table1[0], config=dataclasses.replace(table1[0].config, seed=99), table="other")
     with pytest.raises(PlanError, match="in tables table1 and other with different configs"):
         unique_members([*table1, changed])
+
+
+def test_engine_commands_read_seeds_and_devices_as_the_other_commands_do(tmp_path: Path) -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from stn.engine_cli import engine_app
+
+    for seeds, said in (("0,a", "must be comma-separated integers"), ("0,0", "seed 0 is repeated")):
+        result = CliRunner().invoke(engine_app, ["plan", "--grid", str(GRID), "--seeds", seeds, "--preset", "smoke"])
+        assert result.exit_code == 2 and said in result.output, result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(engine_app, ["run", "--grid", str(GRID), "--rows", "FCN", "--columns", "R",
+                                                 "--device", "cuda", "--state", str(tmp_path / "s")])
+        assert result.exit_code == 2 and "no CUDA device" in result.output and not (tmp_path / "s").exists()

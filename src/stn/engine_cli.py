@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch 
 
 import typer  # noqa: E402
 
-from stn.cli_common import DatasetName  # noqa: E402
+from stn.cli_common import DatasetName, csv_list, fail, parse_seeds  # noqa: E402
 from stn.config import TrainerPreset  # noqa: E402
 from stn.grid import DEFAULT_GRID as GRID  # noqa: E402
 
@@ -30,10 +30,6 @@ RunMode = Literal["vmap", "loop", "auto"]  # auto: stn.plan.run_table picks per 
 DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
 
 
-def _list(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
-
-
 def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
              data: str = "exact", block_steps: int = 32):
     from stn.batched import EngineOptions
@@ -43,11 +39,15 @@ def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_gr
 
 
 def _device(name: str) -> str:
-    import torch
+    """--device as `stn train` reads trainer.device (stn.device.resolve_device): auto is CUDA where there is one;
+    a CUDA device that is not there exits 2."""
+    from stn.config import ConfigError
+    from stn.device import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    try:
+        return str(resolve_device(name))
+    except (ConfigError, RuntimeError) as err:  # RuntimeError: torch.device() of a name it does not know
+        fail(f"--device {name!r}: {str(err).splitlines()[0]}", 2)
 
 
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast (theta, grids, sampling stay fp32).")]
@@ -87,8 +87,8 @@ def bench(
 
     device = _device(device)
     start = time.perf_counter()
-    result = bench_engine(_list(kinds), dataset=dataset, ks=[int(k) for k in _list(ks) or [1]],
-                          modes=_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
+    result = bench_engine(csv_list(kinds), dataset=dataset, ks=[int(k) for k in csv_list(ks) or [1]],
+                          modes=csv_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
                           device=device, options=_options(device, amp, channels_last, compile, cuda_graph, "vmap", data, block_steps),
                           overrides=override or [], log=lambda line: typer.echo(line, err=True))
     result["wall_s"] = time.perf_counter() - start
@@ -110,8 +110,8 @@ def _tables(grid: Path, preset: str, seeds: str, rows: str | None, columns: str 
     from stn.grid import load_grid
     from stn.plan import table_members
 
-    seed_list = [int(s) for s in _list(seeds) or ["0"]]
-    tables = [(load_grid(grid), table_members(grid, seed_list, preset, override or [], _list(rows), _list(columns)))]
+    seed_list = parse_seeds(seeds)
+    tables = [(load_grid(grid), table_members(grid, seed_list, preset, override or [], csv_list(rows), csv_list(columns)))]
     tables += [(load_grid(path), table_members(path, seed_list, preset, override or [])) for path in extra or []]
     return tables
 
