@@ -25,7 +25,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # default = never add an index; a URL = that index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128.
 TORCH_INDEX ?= auto
 
-.PHONY: setup run test lint bench table convergence clean
+.PHONY: setup run test test-fast lint bench table convergence clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ run: setup
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The inner loop: everything but real trainings, extra processes and executor workers (CI and `make test` run all).
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not subprocess and not executor" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -50,3 +50,35 @@ def datasets():
     from stn.compose import compose
 
     return {name: compose([f"dataset={name}"]).dataset for name in ("plain", "R", "RTS", "P", "P_axis", "E", "TC")}
+
+
+# The fast override list: a seconds-long CPU run on slices of real MNIST (smoke schedule: 20 steps of 32). "++"
+# so the same words work on the command line (stn train, stn reproduce-table), where Hydra needs it for keys
+# the config group may not list.
+SMALL_DATA = ("++dataset.train_limit=512", "++dataset.test_limit=200")
+SMALL_RUN = ("trainer=smoke", "trainer.device=cpu", *SMALL_DATA)
+
+
+@pytest.fixture(scope="session")
+def small_overrides() -> list[str]:
+    """SMALL_RUN with W&B off: the words of a seconds-long run, for commands (stn train -m, reproduce-table)."""
+    return [*SMALL_RUN, "logger.mode=disabled"]
+
+
+@pytest.fixture
+def small(tmp_path: Path):
+    """small(*overrides, wandb_from_env=False) -> a composed Config of a seconds-long CPU run (SMALL_RUN) with its
+    runs under tmp_path/runs and W&B off (unless wandb_from_env: then WANDB_MODE and logger.* decide)."""
+    from stn.compose import compose
+
+    def make(*overrides: str, wandb_from_env: bool = False):
+        quiet = [] if wandb_from_env else ["logger.mode=disabled"]
+        return compose([*SMALL_RUN, *quiet, f"runs_dir={tmp_path / 'runs'}", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_data() -> list[str]:
+    """SMALL_DATA alone: for tables, which set the trainer preset themselves."""
+    return list(SMALL_DATA)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from stn.compose import compose
-from stn.models import TABLE1_MODELS
+from stn.grid import TABLE1_MODELS
 
 CPU = torch.device("cpu")
 KINDS = dict(TABLE1_MODELS)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from stn import cache
-from stn.cache import cached_compose, cached_parameter_table
+from stn.cache import cached_compose
 from stn.compose import compose
 from stn.config import ConfigError
+from stn.parameters import cached_parameter_table
 
 OVERRIDES = ["dataset=RTS", "model=st_cnn", "transformer=tps", "trainer.iterations=77", "seed=3"]
 
@@ -84,15 +85,16 @@ def test_prune_keeps_the_newest(folder: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(entries(folder)) == 4 // 2  # at 5 > MAX_ENTRIES files, the oldest go down to half of it
 
 
+@pytest.mark.subprocess
 def test_parameter_table_hit_imports_neither_torch_nor_models(folder: Path) -> None:
-    """The rows are stn.models.parameter_table's; a second process reads them back without torch."""
+    """The rows are stn.parameters.parameter_table's; a second process reads them back without torch."""
     from dataclasses import asdict
 
-    from stn.models import parameter_table
+    from stn.parameters import parameter_table
 
     rows = cached_parameter_table(["R"], ["model.param_budget=150000"])
     assert rows == [asdict(row) for row in parameter_table(("R",), ["model.param_budget=150000"])]
-    code = ("import sys; from stn.cache import cached_parameter_table as t; "
+    code = ("import sys; from stn.parameters import cached_parameter_table as t; "
             "rows = t(['R'], ['model.param_budget=150000']); print(len(rows), 'torch' in sys.modules, "
             "'stn.models' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -126,6 +128,7 @@ def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Pat
     assert isinstance(CliRunner().invoke(app, args).exception, AssertionError)
 
 
+@pytest.mark.subprocess
 def test_compose_sources_list_every_module_composition_imports() -> None:
     """A composed config is keyed on COMPOSE_SOURCES only: they must be all of stn that stn.compose loads."""
     code = "import sys, stn.compose; print(' '.join(sorted(m for m in sys.modules if m.startswith('stn.'))))"

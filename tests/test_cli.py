@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from stn.cli import app
@@ -30,6 +31,7 @@ def test_cli_help_lists_exactly_the_registered_commands():
     assert {"train", "data", "reproduce-table", "models", "visualize", "bench"} <= set(group.commands)
 
 
+@pytest.mark.subprocess
 def test_version_and_python_dash_m(tmp_path) -> None:
     """`stn --version` prints the installed version; `python -m stn` is the same command (run from another folder)."""
     import os
@@ -48,6 +50,7 @@ def test_version_and_python_dash_m(tmp_path) -> None:
     assert done.returncode == 0 and "reproduce-table" in done.stdout and "Usage: stn" in done.stdout
 
 
+@pytest.mark.subprocess
 def test_a_stn_folder_in_the_working_directory_cannot_join_the_package(tmp_path) -> None:
     """stn is a regular package: a folder named `stn` where the user stands (with its own cli.py) is not merged
     into it, so `python -m stn` runs stn's CLI, not that file."""
@@ -108,6 +111,7 @@ def test_short_flags_mean_one_thing_everywhere() -> None:
     assert {short: longs for short, longs in meanings.items() if len(longs) != 1} == {}
 
 
+@pytest.mark.subprocess
 def test_shell_completion_script_and_answers(monkeypatch) -> None:
     """`stn --show-completion` prints the script for the user's shell (typer detects it; its test switch turns
     detection off so the shell can be named here); the script's callback completes commands and an option's
@@ -133,13 +137,19 @@ def test_shell_completion_script_and_answers(monkeypatch) -> None:
     assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "paper"]
 
 
-def test_dataset_choices_are_the_config_group() -> None:
+def test_dataset_choices_are_every_dataset_and_refuse_the_rest() -> None:
+    """--dataset offers Table 1's datasets and P's readings, each of which composes to the dataset of that name
+    (a file whose `name` disagrees would fail here), and a name outside them exits 2 listing them."""
     from typing import get_args
 
     from stn.cli_common import DatasetName
-    from stn.compose import group_choices
+    from stn.compose import compose
 
-    assert list(get_args(DatasetName)) == group_choices("dataset")
+    choices = get_args(DatasetName)
+    assert {"R", "RTS", "P", "E", "TC", "P_axis", "P_image"} <= set(choices)
+    assert [compose([f"dataset={name}"]).dataset.name for name in choices] == list(choices)
+    result = runner.invoke(app, ["models", "--dataset", "Q"])
+    assert result.exit_code == 2 and "'Q'" in result.output and "'P_axis'" in result.output, result.output
 
 
 def test_reproduce_table_dry_run_lists_each_run_and_writes_nothing(tmp_path) -> None:

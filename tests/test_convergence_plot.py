@@ -119,6 +119,23 @@ def write_engine_results(path: Path) -> None:
                     "FCN,P,3.1,nan,,0,nan,150000,1.0,1000,fcn_R-P-E,9\n")
 
 
+def test_paper_schedule_reads_the_table_records_schema_too(tmp_path: Path) -> None:
+    """An `stn engine run` results.csv in the table record's schema (stn.report): seed:error pairs, a failed seed
+    left out, a cell below the paper's steps skipped."""
+    from stn.report import CellResult, render_csv, summarise
+
+    runs = [{"row": "CNN", "column": "R", "seed": s, "status": "done", "test_error": e, "steps": 150_000}
+            for s, e in ((0, 1.4), (1, 1.6))]
+    runs += [{"row": "CNN", "column": "R", "seed": 2, "status": "failed", "error": "non-finite loss"},
+             {"row": "FCN", "column": "R", "seed": 0, "status": "done", "test_error": 9.0, "steps": 1200}]
+    results: list[CellResult] = summarise({("CNN", "R"): 1.2, ("FCN", "R"): 2.1}, [0, 1, 2], runs)
+    engine = tmp_path / "engine.csv"
+    engine.write_text(render_csv(results))
+    cells = read_paper_schedule([engine])
+    assert list(cells) == [("R", "CNN")] and cells[("R", "CNN")]["errors"] == [1.4, 1.6]
+    assert cells[("R", "CNN")]["mean"] == pytest.approx(1.5) and cells[("R", "CNN")]["std"] == pytest.approx(0.1414, abs=1e-4)
+
+
 def test_paper_schedule_cells_are_read_plotted_and_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = tmp_path / "engine.csv"
     write_engine_results(engine)

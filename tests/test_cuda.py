@@ -27,8 +27,8 @@ from stn.batched import BatchedModels, EngineOptions
 from stn.batched_data import BatchedStream
 from stn.batched_run import GroupRun, train_for
 from stn.compose import compose
+from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
-from stn.models import TABLE1_MODELS
 from stn.spatial import identity_params, make_grid, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -24,7 +24,8 @@ GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.ya
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, dict[str, Any]]:
+def logged(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, small_data: list[str]
+           ) -> dict[str, dict[str, Any]]:
     """The offline records of one smoke table cell's training run ("cell") and of its table run ("table")."""
     root = tmp_path_factory.mktemp("dashboard")
     with pytest.MonkeyPatch.context() as patch:
@@ -35,8 +36,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str
             patch.delenv(name, raising=False)
         reproduce(GRID, rows=["ST-CNN Aff"], columns=["R"], seeds=[0], preset="smoke", executor="debug",
                   out=root / "table", log=lambda _: None,
-                  overrides=["logger.mode=offline", "logger.images=2", "logger.card_draws=50",
-                             "++dataset.train_limit=512", "++dataset.test_limit=200"])
+                  overrides=["logger.mode=offline", "logger.images=2", "logger.card_draws=50", *small_data])
     runs = [read_run(folder, lambda run: run["finished"]) for folder in root.glob("wandb/offline-run-*")]
     (cell,) = [run for run in runs if run["job_type"] == "train"]
     table = max((run for run in runs if run["job_type"] == "table"), key=lambda run: run["history"][0]["_step"])

@@ -48,6 +48,7 @@ print(per_image, status('VmHWM') - before)
 @pytest.mark.parametrize("overrides", [("dataset=R", "model=cnn"), ("dataset=RTS", "model=st_cnn", "transformer=affine"),
                                        ("dataset=TC", "model=st_cnn", "transformer=affine")],
                          ids=["R-cnn", "RTS-st_cnn", "TC-st_cnn"])
+@pytest.mark.subprocess
 def test_the_estimate_covers_the_measured_peak_of_a_training_step(overrides):
     """One step at batch 1024 in a fresh process: the peak resident memory it adds (measured 0.2-0.6 GiB here)
     lies under the estimate (2x autograd's saved bytes + the batch), and the estimate is not more than twice it."""
@@ -95,6 +96,7 @@ print(peak - base, after - base)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
+@pytest.mark.subprocess
 def test_keep_freed_memory_keeps_a_freed_block_resident():
     """A 64 MiB tensor: glibc serves it with mmap and returns it to the kernel on free (resident memory falls
     back), unless keep_freed_memory made the heap serve and keep it. Fresh processes: the setting is global."""
@@ -159,6 +161,7 @@ def test_auto_takes_bf16_only_for_the_models_it_speeds_up(monkeypatch: pytest.Mo
     assert resolve_precision(cfg.trainer, torch.device("cpu"), cfg.model) == "float32"
 
 
+@pytest.mark.subprocess
 def test_code_commit_is_stns_own_whatever_the_working_directory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run records the commit of the stn checkout it imported, not of the repository it was started from, and
     nothing for an stn that is not its own checkout (an install inside another repository)."""

@@ -255,6 +255,7 @@ def test_a_resume_below_the_checkpoints_step_is_refused(cwd: Path, data_dir: Pat
     assert json.loads((cwd / "run" / "summary.json").read_text())["resumed_from"] == 8
 
 
+@pytest.mark.subprocess
 def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(cwd: Path, data_dir: Path) -> None:
     run = ["train", *SMALL, f"data_dir={data_dir}", "run_dir=run"]
     (cwd / "run").mkdir()
@@ -268,6 +269,7 @@ def test_a_live_lock_is_respected_and_a_dead_ones_taken_over(cwd: Path, data_dir
     assert not (cwd / "run" / ".lock").exists() and (cwd / "run" / "summary.json").is_file()
 
 
+@pytest.mark.subprocess
 def test_a_failure_during_the_run_exits_1_and_touches_only_its_folder(cwd: Path, data_dir: Path) -> None:
     before = tree(cwd)
     result = runner.invoke(app, ["train", *SMALL, f"data_dir={data_dir}", "run_dir=run", "trainer.lr=1e10"])

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from stn.config import Config
-from stn.grid import TableError, load_grid
-from stn.launch import SlurmOptions, slurm_parameters
+from stn.grid import load_grid
+from stn.launch import LaunchError, SlurmOptions, slurm_parameters
 from stn.tables import plan_jobs, reproduce
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -52,7 +52,7 @@ def test_cell_task_requeues_itself_with_the_same_arguments(tmp_path: Path) -> No
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the error cannot occur")
 def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(TableError, match="needs a Slurm cluster.*--executor local"):
+    with pytest.raises(LaunchError, match="needs a Slurm cluster.*--executor local"):
         reproduce(GRID, rows=["CNN"], columns=["R"], preset="smoke", executor="slurm", out=tmp_path,
                   fit_fn=fake_fit, log=lambda _: None)  # fmt: skip
 
@@ -72,6 +72,7 @@ def test_table_cells_and_sweep_members_share_the_job_shape(tmp_path: Path) -> No
     assert cell.label == "CNN / R seed 1" and member.label == "#0 dataset=R"
 
 
+@pytest.mark.subprocess
 def test_planning_a_sweep_does_not_import_submitit() -> None:
     """`stn train --cfg job` plans without launching: stn.sweep must not pull in submitit (about 0.2 s)."""
     import subprocess

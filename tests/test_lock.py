@@ -25,6 +25,7 @@ def test_a_held_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> 
     assert not (folder / LOCK).exists()
 
 
+@pytest.mark.subprocess
 def test_a_dead_processs_lock_is_taken_over_another_hosts_is_not(tmp_path: Path) -> None:
     folder = tmp_path / "run"
     folder.mkdir()

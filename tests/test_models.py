@@ -12,15 +12,15 @@ from typer.testing import CliRunner
 from stn.cli import app
 from stn.compose import compose
 from stn.config import ConfigError
+from stn.grid import TABLE1_MODELS
 from stn.models import (
     CNN_FILTERS_RANGE,
     FCN_UNITS_RANGE,
-    TABLE1_MODELS,
     build_model,
     count_parameters,
     count_parameters_of,
-    parameter_table,
 )
+from stn.parameters import parameter_table
 from stn.spatial import SpatialTransformer
 
 DATASETS = ("R", "RTS", "P", "E", "TC", "plain")

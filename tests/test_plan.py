@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ from stn.plan import (
     state_bytes,
     table_members,
 )
+from stn.report import parse_errors
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
 
@@ -254,8 +257,28 @@ def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_pat
         assert b[key]["data"] == data and b[key]["block_steps"] == (4 if data == "block" else None)
         assert b[key]["grouping"] == grouping[key]
         assert b[key]["in_flight"] == in_flight
-    csv_text = (state / TABLE_CSV).read_text()
-    assert "FCN,R,1.0" in csv_text and "ST-CNN Aff,R,1.0" in csv_text
+    # results.csv in the table record's one schema (stn.report), the same cells as the straight run's
+    with (state / TABLE_CSV).open(newline="") as handle:
+        rows = {r["row"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"FCN", "ST-CNN Aff"}
+    for row in rows.values():
+        assert row["status"] == "done" and row["paper"] == "1.0" and row["steps"] == "6"
+        seeds = (0, 1) if row["row"] == "FCN" else (0,)
+        assert row["seeds_done"] == row["seeds"] == str(len(seeds))
+        errors = parse_errors(row["errors"])
+        assert errors == {s: round(a[f"{row['row']}|R|{s}"]["test_error"], 4) for s in seeds}
+        assert float(row["ours_mean"]) == pytest.approx(statistics.fmean(errors.values()), abs=1e-4)
+        if len(seeds) > 1:
+            assert float(row["ours_std"]) == pytest.approx(statistics.stdev(errors.values()), abs=1e-4)
+        else:
+            assert row["ours_std"] == ""  # one seed: no std, and no NaN
+    # each member records how it trained, and each ST member its distortion recovery, as `stn train` does
+    for key, record in b.items():
+        assert record["mode"] == "vmap" and record["data"] == data and record["members"]
+        assert key in record["members"]
+        recovery = [k for k in record if k.startswith("recovery/")]
+        assert bool(recovery) == key.startswith("ST-"), (key, recovery)
+        assert "recovery/error" not in record
 
 
 def test_a_resumed_group_keeps_the_block_length_it_was_drawn_with(tmp_path: Path, data_dir: Path) -> None:
@@ -341,7 +364,6 @@ def test_a_partial_state_from_another_plan_is_refused(tmp_path: Path, data_dir: 
 def _partial_gid(state: Path) -> str:
     return torch.load(state / PARTIAL, weights_only=True)["groups"][0]["gid"]
 
-
 def test_a_one_group_partial_file_of_the_first_loan_resumes(tmp_path: Path, data_dir: Path) -> None:
     """The first GPU loan left `partial.pt` as {"gid", "state"} (one group, no loss windows, no record of its
     grouping or data): it is read, its block length taken from its stream state, and rewritten in the new form."""
@@ -369,3 +391,93 @@ def test_engine_run_needs_a_group_in_flight(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["engine", "run", "--in-flight", "0", "--state", str(tmp_path / "state")])
     assert result.exit_code == 2 and "error: --in-flight 0" in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "state").exists()
+
+
+@pytest.mark.slow
+def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Path, data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stn engine run`: results.csv in the one schema, table.md in the paper's shape, the chart, one W&B table
+    run continued across calls; an --extra grid's cells are queued and get their own table."""
+    from typer.testing import CliRunner
+
+    from stn.engine_cli import engine_app
+    from stn.report import RESULT_COLUMNS
+    from wandb_log import read_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    extra = tmp_path / "readings.yaml"
+    extra.write_text("name: readings\nrows: {FCN: [model=fcn]}\ncolumns: {P_axis: [dataset=P_axis]}\n"
+                     "cells: {FCN: {P_axis: 3.1}}\n")
+    state = tmp_path / "state"
+    args = ["run", "--grid", str(GRID), "--rows", "FCN", "--columns", "R", "--seeds", "0,1", "--preset", "smoke",
+            "--device", "cpu", "--no-amp", "--state", str(state), "--extra", str(extra),
+            *[f"--override={o}" for o in ("trainer.iterations=4", "dataset.train_limit=64", "dataset.test_limit=40",
+                                          f"data_dir={data_dir}")]]  # fmt: skip
+    result = CliRunner().invoke(engine_app, args)
+    assert result.exit_code == 0, result.output
+    members = json.loads((state / RESULTS).read_text())["members"]
+    assert set(members) == {"FCN|R|0", "FCN|R|1", "FCN|P_axis|0", "FCN|P_axis|1"}
+    with (state / TABLE_CSV).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == RESULT_COLUMNS
+        rows = {(r["row"], r["column"]): r for r in reader}
+    errors = [members[f"FCN|R|{s}"]["test_error"] for s in (0, 1)]
+    assert float(rows[("FCN", "R")]["ours_mean"]) == pytest.approx(statistics.fmean(errors), abs=1e-4)
+    table = (state / "table.md").read_text()
+    assert table.startswith("# Table 1") and f"| FCN | {statistics.fmean(errors):.2f} ± " in table
+    assert "P_axis" not in table and "| FCN | P_axis |" in (state / "readings" / "table.md").read_text()
+    assert (state / "ours_vs_paper.png").is_file() and (state / "readings" / "ours_vs_paper.png").is_file()
+    ids = {name: entry["wandb_id"] for name, entry in json.loads((state / "table.json").read_text()).items()}
+    assert set(ids) == {"table1", "readings"}
+    runs = [read_run(folder, lambda run: run["finished"]) for folder in (tmp_path / "wandb").glob("offline-run-*")]
+    assert sorted(run["id"] for run in runs) == sorted(ids.values())
+    (main,) = [run for run in runs if run["id"] == ids["table1"]]
+    assert main["job_type"] == "table" and main["summary"]["test_error/R_fcn"] == pytest.approx(statistics.fmean(errors))
+    # --no-record writes no table; --budget 0 trains nothing and writes the record from the state, and with
+    # nothing new trained the table's W&B run is not logged again
+    (state / "table.md").unlink()
+    result = CliRunner().invoke(engine_app, [*args, "--no-record"])
+    assert result.exit_code == 0 and not (state / "table.md").exists(), result.output
+    result = CliRunner().invoke(engine_app, [*args, "--budget", "0"])
+    assert result.exit_code == 0, result.output
+    def undated(text: str) -> list[str]:
+        return [line for line in text.splitlines() if "(updated " not in line]
+
+    assert undated((state / "table.md").read_text()) == undated(table)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_a_queued_table_keeps_the_first_tables_groups() -> None:
+    """--extra: the P readings' cells train in groups of their own, so Table 1's group names (and a partial.pt of
+    one) are what they are without them; a cell both tables have is trained once."""
+    from stn.plan import unique_members
+
+    extra = GRID.parent / "paper-gpu" / "p_readings.yaml"
+    table1 = table_members(GRID, seeds=(0, 1, 2), preset="paper")
+    readings = table_members(extra, seeds=(0, 1, 2), preset="paper")
+    alone = {g.gid: [m.key for m in g.members] for g in make_groups(table1)}
+    both = {g.gid: [m.key for m in g.members] for g in make_groups(unique_members([*table1, *readings]))}
+    assert {gid: keys for gid, keys in both.items() if gid in alone} == alone
+    assert sorted(set(both) - set(alone)) == ["cnn_P_axis-P_image", "fcn_P_axis-P_image"]
+    again = unique_members([*table1, *table1[:3]])
+    assert len(again) == len(table1)
+    changed = dataclasses.replace(table1[0], config=dataclasses.replace(table1[0].config, seed=99), table="other")
+    with pytest.raises(PlanError, match="in tables table1 and other with different configs"):
+        unique_members([*table1, changed])
+
+
+def test_engine_commands_read_seeds_and_devices_as_the_other_commands_do(tmp_path: Path) -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from stn.engine_cli import engine_app
+
+    for seeds, said in (("0,a", "must be comma-separated integers"), ("0,0", "seed 0 is repeated")):
+        result = CliRunner().invoke(engine_app, ["plan", "--grid", str(GRID), "--seeds", seeds, "--preset", "smoke"])
+        assert result.exit_code == 2 and said in result.output, result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(engine_app, ["run", "--grid", str(GRID), "--rows", "FCN", "--columns", "R",
+                                                 "--device", "cuda", "--state", str(tmp_path / "s")])
+        assert result.exit_code == 2 and "no CUDA device" in result.output and not (tmp_path / "s").exists()

@@ -20,11 +20,6 @@ from stn.runs import CheckpointError
 from stn.train import TrainingInterrupted, build_optimizer, build_scheduler, fit, train_step
 
 
-def small(tmp_path: Path, *overrides: str):
-    return compose(["trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}",
-                    "dataset.test_limit=200", *overrides])
-
-
 def one_cycle_lr(step: int, total: int, peak: float) -> float:
     """The lr step `step` (0-based) trains with, from the one-cycle definition (Smith & Topin 2019, as PyTorch
     states it): cosine from peak/25 up to peak over the first 30% of the steps (reached at step 0.3*total - 1),
@@ -75,22 +70,22 @@ def test_the_validation_split_is_held_out_training_digits(data_dir):
     assert torch.equal(again.images, held_out.images)  # a fixed set, like the test set
 
 
-def test_a_validation_run_records_val_error_and_never_the_test_error(tmp_path):
-    summary = fit(small(tmp_path, "dataset.validation=300", "dataset.train_limit=512"))
+def test_a_validation_run_records_val_error_and_never_the_test_error(tmp_path, small):
+    summary = fit(small("dataset.validation=300", "dataset.train_limit=512"))
     assert "val_error" in summary and "test_error" not in summary
     assert 0 <= summary["val_error"] <= 100
     metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert any("val_error" in m for m in metrics) and not any("test_error" in m for m in metrics)
 
 
-def test_a_onecycle_run_cannot_resume_with_other_iterations(tmp_path):
+def test_a_onecycle_run_cannot_resume_with_other_iterations(tmp_path, small):
     recipe = ("dataset.train_limit=512", "trainer.schedule=onecycle", "trainer.nesterov=true")
     with pytest.raises(TrainingInterrupted) as stopped:
-        fit(small(tmp_path, *recipe, "trainer.stop_after=10"))
+        fit(small(*recipe, "trainer.stop_after=10"))
     resume = (*recipe, "trainer.resume=true", f"run_dir={stopped.value.run_dir}")
     with pytest.raises(CheckpointError, match="one-cycle schedule over 20 steps"):
-        fit(small(tmp_path, *resume, "trainer.iterations=100"))
-    assert fit(small(tmp_path, *resume))["steps"] == 20  # with its own iterations it continues
+        fit(small(*resume, "trainer.iterations=100"))
+    assert fit(small(*resume))["steps"] == 20  # with its own iterations it continues
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -169,13 +164,13 @@ def test_grad_clip_scales_the_step_to_the_global_norm_written_out(clip):
         assert scale < 1  # the case that actually clips
 
 
-def test_ema_is_the_recurrence_written_out_and_what_evaluation_sees(tmp_path):
+def test_ema_is_the_recurrence_written_out_and_what_evaluation_sees(small):
     """With trainer.ema_decay d the evaluated weights are a_1 = w_1, a_t = d a_{t-1} + (1 - d) w_t over the
     trained weights w_t after each step; evaluations and the checkpoint's evaluated weights are the average's."""
     from stn.runs import evaluated_weights, load_checkpoint
     from stn.train import build_average, fit_step
 
-    cfg = small(tmp_path, "dataset.train_limit=512", "trainer.ema_decay=0.9", "model=fcn")
+    cfg = small("dataset.train_limit=512", "trainer.ema_decay=0.9", "model=fcn")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
     average = build_average(model, cfg.trainer)
@@ -203,13 +198,13 @@ def test_ema_is_the_recurrence_written_out_and_what_evaluation_sees(tmp_path):
     assert evaluated_weights({"model": state["model"]}) is state["model"]  # no average: the trained weights
 
 
-def test_an_ema_run_resumes_exactly(tmp_path):
+def test_an_ema_run_resumes_exactly(small):
     recipe = ("dataset.train_limit=512", "trainer.ema_decay=0.8", "trainer.label_smoothing=0.1",
               "trainer.grad_clip=1.0", "model=fcn")
-    whole = fit(small(tmp_path / "whole", *recipe))
+    whole = fit(small(*recipe))
     with pytest.raises(TrainingInterrupted) as stopped:
-        fit(small(tmp_path / "split", *recipe, "trainer.stop_after=7"))
-    resumed = fit(small(tmp_path / "split", *recipe, "trainer.resume=true", f"run_dir={stopped.value.run_dir}"))
+        fit(small(*recipe, "trainer.stop_after=7"))
+    resumed = fit(small(*recipe, "trainer.resume=true", f"run_dir={stopped.value.run_dir}"))
     from stn.runs import load_checkpoint
 
     a = load_checkpoint(Path(whole["run_dir"]) / "checkpoints" / "last.pt", "cpu")
@@ -218,7 +213,7 @@ def test_an_ema_run_resumes_exactly(tmp_path):
         assert torch.equal(a["average"][key], b["average"][key]), key
     assert resumed["test_error"] == whole["test_error"]
     with pytest.raises(CheckpointError, match="ema_decay"):  # the average is part of what the run is
-        fit(small(tmp_path / "split", *recipe[:1], *recipe[2:], "trainer.resume=true",
+        fit(small(*recipe[:1], *recipe[2:], "trainer.resume=true",
                   f"run_dir={stopped.value.run_dir}", "trainer.iterations=30"))
 
 

@@ -24,3 +24,15 @@ def test_the_chart_has_a_log_error_axis_spanning_sub_percent_and_tens_of_percent
     plt.close(fig)
     path = plot_bars(cells(), tmp_path / "bars.png", "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarise_plans_seeds_per_cell_and_keeps_steps_only_when_they_agree() -> None:
+    from stn.report import summarise
+
+    runs = [{"row": "CNN", "column": "R", "seed": 0, "status": "done", "test_error": 2.0, "steps": 20},
+            {"row": "CNN", "column": "R", "seed": 1, "status": "done", "test_error": 4.0, "steps": 30},
+            {"row": "FCN", "column": "R", "seed": 0, "status": "done", "test_error": 1.0, "steps": 20},
+            {"row": "FCN", "column": "R", "seed": 1, "status": "done", "test_error": 9.0, "steps": 20}]  # not planned
+    cnn, fcn = summarise({("CNN", "R"): None, ("FCN", "R"): 2.1}, {("CNN", "R"): [0, 1], ("FCN", "R"): [0]}, runs)
+    assert (cnn.mean, cnn.status, cnn.steps, cnn.diff) == (3.0, "done", None, None)  # steps differ; no paper
+    assert (fcn.mean, fcn.std, fcn.status, fcn.steps, fcn.errors) == (1.0, None, "done", 20, {0: 1.0})

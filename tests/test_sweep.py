@@ -18,8 +18,6 @@ from stn.config import to_dict
 from stn.sweep import SweepError, expand, split_hydra
 
 runner = CliRunner()
-FAST = ["trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", "++dataset.train_limit=512",
-        "++dataset.test_limit=200"]
 
 
 def test_expand_is_hydras_basic_sweep_the_cartesian_product_in_order() -> None:
@@ -131,25 +129,26 @@ def test_typed_command_is_argv_when_run_as_stn(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.slow
-def test_single_run_records_its_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_run_records_its_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides) -> None:
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", *FAST, "hydra.run.dir=one"])
+    result = runner.invoke(app, ["train", *small_overrides, "hydra.run.dir=one"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "one" / "summary.json").is_file()
-    assert (tmp_path / "one" / "command.txt").read_text() == f"stn train {' '.join(FAST)} hydra.run.dir=one\n"
+    assert (tmp_path / "one" / "command.txt").read_text() == f"stn train {' '.join(small_overrides)} hydra.run.dir=one\n"
     assert "STN_COMMAND" not in os.environ  # restored after the command
 
 
 @pytest.mark.slow
-def test_sweep_trains_two_members_through_the_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.executor
+def test_sweep_trains_two_members_through_the_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides) -> None:
     """`stn train -m model=cnn,fcn`: two runs in submitit's local processes (stn.launch, as a table's cells),
     each in <hydra.sweep.dir>/<num>-<run name> with the sweep's command line; sweep.json says how each ended."""
     monkeypatch.chdir(tmp_path)
-    args = ["train", "-m", "model=cnn,fcn", *FAST, "hydra.sweep.dir=sweep", "--parallel", "2"]
+    args = ["train", "-m", "model=cnn,fcn", *small_overrides, "hydra.sweep.dir=sweep", "--parallel", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "2 of 2 runs done, 0 failed, 0 stopped" in result.output
-    command = "stn train -m model=cnn,fcn " + " ".join(FAST) + " hydra.sweep.dir=sweep --parallel 2"
+    command = "stn train -m model=cnn,fcn " + " ".join(small_overrides) + " hydra.sweep.dir=sweep --parallel 2"
     record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert record["command"] == command
     for num, model in enumerate(("cnn", "fcn")):
@@ -159,15 +158,15 @@ def test_sweep_trains_two_members_through_the_local_executor(tmp_path: Path, mon
         assert (folder / "command.txt").read_text() == command + "\n"
         member = record["members"][num]
         assert member["status"] == "done" and member["test_error"] == summary["test_error"]
-        assert member["overrides"] == [f"model={model}", *FAST] and Path(member["run_dir"]) == folder
+        assert member["overrides"] == [f"model={model}", *small_overrides] and Path(member["run_dir"]) == folder
     assert list((tmp_path / "sweep" / "submitit").glob("*_log.out"))  # the jobs ran as submitit jobs
 
 
 @pytest.mark.slow
-def test_sweep_in_process_reports_the_validation_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_in_process_reports_the_validation_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides) -> None:
     """--executor debug runs the members in this process; a member on a validation split reports val_error."""
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", "-m", "seed=0", *FAST, "++dataset.validation=100", "--executor", "debug"])
+    result = runner.invoke(app, ["train", "-m", "seed=0", *small_overrides, "++dataset.validation=100", "--executor", "debug"])
     assert result.exit_code == 0, result.output
     (folder,) = tmp_path.glob("runs/multirun/*/*/0-R-cnn")
     summary = json.loads((folder / "summary.json").read_text())

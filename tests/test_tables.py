@@ -17,14 +17,13 @@ from typer.testing import CliRunner
 
 from stn.cli import app
 from stn.compose import compose
-from stn.config import Config, to_yaml
+from stn.config import TRAINER_PRESETS, Config, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
-from stn.tables import PRESETS, aggregate, plan_jobs, reproduce, summarise
+from stn.report import mean_std, summarise
+from stn.tables import plan_jobs, reproduce
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
-# Small enough for seconds per cell on a CPU: smoke schedule (20 steps of 32), 512 train / 200 test digits.
-FAST = ["++dataset.train_limit=512", "++dataset.test_limit=200"]
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------- the grid
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", TRAINER_PRESETS)
 def test_every_cell_composes_a_valid_config(preset: str, tmp_path: Path) -> None:
     grid = load_grid(GRID)
     jobs = plan_jobs(grid, list(grid.cells), [0, 1], preset, [], tmp_path / "table", "g")
@@ -91,13 +90,13 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path) -> None:
 
 
 def test_aggregate_is_mean_and_sample_std() -> None:
-    mean, std = aggregate([1.0, 2.0])
+    mean, std = mean_std([1.0, 2.0])
     assert mean == pytest.approx(1.5)
     assert std == pytest.approx(math.sqrt(((1.0 - 1.5) ** 2 + (2.0 - 1.5) ** 2) / (2 - 1)))  # 0.7071...
-    mean, std = aggregate([0.5, 0.7, 0.9])
+    mean, std = mean_std([0.5, 0.7, 0.9])
     assert mean == pytest.approx(0.7) and std == pytest.approx(0.2)
-    assert aggregate([1.25]) == (1.25, None)
-    assert aggregate([]) == (None, None)
+    assert mean_std([1.25]) == (1.25, None)
+    assert mean_std([]) == (None, None)
 
 
 def test_summarise_two_seeds_from_per_seed_records() -> None:
@@ -110,7 +109,7 @@ def test_summarise_two_seeds_from_per_seed_records() -> None:
 
     runs = [run("CNN", 0, "done", 1.0), run("CNN", 1, "done", 1.6), run("ST-CNN Aff", 0, "done", 0.9),
             run("ST-CNN Aff", 1, "failed"), run("FCN", 0, "pending"), run("FCN", 1, "pending")]  # fmt: skip
-    cnn, st_cnn, fcn = summarise(grid, cells, [0, 1], runs)
+    cnn, st_cnn, fcn = summarise({cell: grid.cells[cell] for cell in cells}, [0, 1], runs)
     assert (cnn.mean, cnn.status) == (pytest.approx(1.3), "done")
     assert cnn.std == pytest.approx(math.sqrt(0.18))  # ((1.0-1.3)^2 + (1.6-1.3)^2) / 1
     assert cnn.diff == pytest.approx(1.3 - 1.2)  # the paper's CNN on R
@@ -239,10 +238,11 @@ def read_offline_run(folder: Path, timeout_s: float = 60.0) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> None:
+@pytest.mark.executor
+def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path, small_data) -> None:
     out = data_env / "table"
     args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN,ST-CNN Aff", "--columns", "R",
-            "--preset", "smoke", "--executor", "local", "--parallel", "2", "--out", str(out), *FAST]  # fmt: skip
+            "--preset", "smoke", "--executor", "local", "--parallel", "2", "--out", str(out), *small_data]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "2 runs ran (2 fresh, 0 resumed, 0 failed), 0 already done" in result.output
@@ -309,10 +309,10 @@ def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path) -> Non
 
 
 @pytest.mark.slow
-def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) -> None:
+def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path, small_data) -> None:
     out = data_env / "table"
     args = ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R", "--preset", "smoke",
-            "--executor", "debug", "--out", str(out), *FAST, "logger.mode=disabled"]  # fmt: skip
+            "--executor", "debug", "--out", str(out), *small_data, "logger.mode=disabled"]  # fmt: skip
     run_dir = out / "cells" / "R_cnn" / "seed0"
     # First call stops the cell after 10 of its 20 steps: a checkpoint and no summary, as after a crash.
     result = CliRunner().invoke(app, [*args, "trainer.stop_after=10"])
@@ -335,13 +335,13 @@ def test_cli_resumes_a_half_finished_cell_from_its_checkpoint(data_env: Path) ->
 
 
 @pytest.mark.slow
-def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(data_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_run(data_env: Path, monkeypatch: pytest.MonkeyPatch, small_data) -> None:
     """WANDB_MODE=disabled (no logger.mode on the command line): neither the cell nor the table's own W&B run
     writes anything, and the table still finishes."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = data_env / "table"
     result = CliRunner().invoke(app, ["reproduce-table", "--grid", str(GRID), "--rows", "CNN", "--columns", "R",
-                                      "--preset", "smoke", "--executor", "debug", "--out", str(out), *FAST])
+                                      "--preset", "smoke", "--executor", "debug", "--out", str(out), *small_data])
     assert result.exit_code == 0, result.output
     assert "1 runs ran (1 fresh, 0 resumed, 0 failed)" in result.output
     summary = json.loads((out / "cells" / "R_cnn" / "seed0" / "summary.json").read_text())

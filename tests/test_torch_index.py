@@ -70,6 +70,7 @@ def test_reachable_asks_the_index_over_http(tmp_path: Path) -> None:
     assert not torch_index.reachable("not a url")
 
 
+@pytest.mark.subprocess
 def test_script_prints_pip_arguments_on_stdout_and_one_line_on_stderr() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "https://example.invalid/whl"], capture_output=True,
                           text=True, timeout=60)

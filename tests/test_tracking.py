@@ -18,7 +18,7 @@ import torch
 import wandb
 
 from stn.compose import compose
-from stn.config import Config, to_dict
+from stn.config import to_dict
 from stn.models import build_model
 from stn.panels import sample_panels
 from stn.tracking import Tracker, has_wandb_credentials
@@ -42,16 +42,11 @@ def _wandb_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def small(tmp_path: Path, *overrides: str) -> Config:
-    return compose([
-        "trainer=smoke", "trainer.device=cpu", f"runs_dir={tmp_path / 'runs'}", "dataset.train_limit=512",
-        "dataset.test_limit=200", *overrides,
-    ])  # fmt: skip
 
 
-def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = small(tmp_path, "model=st_cnn", "transformer=affine", "logger.mode=offline", "logger.group=g1",
+    cfg = small("model=st_cnn", "transformer=affine", "logger.mode=offline", "logger.group=g1",
                 "logger.tags=[extra]", "logger.images=3")
     summary = fit(cfg)
     run = offline_run(tmp_path)
@@ -101,32 +96,31 @@ def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.Mo
     assert model["files"] == ["config.yaml", "last.pt", "summary.json"]
     assert model["metadata"]["test_error"] == summary["test_error"] and model["metadata"]["steps"] == 20
     # What `wandb sync` uploads is the checkpoint itself, which `stn visualize` loads (the colleague's side).
-    from stn.visualize import load_checkpoint
+    from stn.runs import load_model
 
     staged = Path(model["staged"]["last.pt"])
     assert staged.read_bytes() == (Path(summary["run_dir"]) / "checkpoints" / "last.pt").read_bytes()
-    assert load_checkpoint(staged)[1] == dataclasses.replace(cfg, run_dir=summary["run_dir"])
+    assert load_model(staged)[1] == dataclasses.replace(cfg, run_dir=summary["run_dir"])
     assert card["name"] == "card-R" and card["type"] == "dataset-card" and card["files"] == ["R.json", "R.md"]
     assert card["metadata"]["draws"] == cfg.logger.card_draws
 
 
-def test_disabled_mode_writes_no_wandb_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disabled_mode_writes_no_wandb_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
     monkeypatch.chdir(tmp_path)
-    summary = fit(small(tmp_path, "logger.mode=disabled"))
+    summary = fit(small("logger.mode=disabled"))
     assert summary["wandb"] is None
     assert not (tmp_path / "wandb").exists()
 
 
 def test_a_failing_wandb_init_does_not_stop_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, small) -> None:
     monkeypatch.chdir(tmp_path)
 
     def broken_init(**kwargs: object) -> None:
         raise RuntimeError("the W&B service is down")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    summary = fit(small(tmp_path, "logger.mode=offline"))
+    summary = fit(small("logger.mode=offline"))
     assert summary["steps"] == 20 and summary["wandb"] is None
     assert (Path(summary["run_dir"]) / "summary.json").is_file()
     err = capsys.readouterr().err
@@ -134,8 +128,7 @@ def test_a_failing_wandb_init_does_not_stop_training(
 
 
 def test_a_failing_wandb_log_does_not_stop_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, small) -> None:
     monkeypatch.chdir(tmp_path)
     real_init = wandb.init
 
@@ -149,20 +142,19 @@ def test_a_failing_wandb_log_does_not_stop_training(
         return run
 
     monkeypatch.setattr(wandb, "init", init_with_broken_log)
-    summary = fit(small(tmp_path, "logger.mode=offline"))
+    summary = fit(small("logger.mode=offline"))
     assert summary["steps"] == 20 and summary["wandb"] is None  # turned off after the first failure
     assert capsys.readouterr().err.count("lost the connection") == 1
 
 
 def test_online_without_credentials_falls_back_to_offline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, small) -> None:
     monkeypatch.chdir(tmp_path)
     for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert not has_wandb_credentials()
-    summary = fit(small(tmp_path, "logger.mode=online"))
+    summary = fit(small("logger.mode=online"))
     assert summary["wandb"]["mode"] == "offline"
     assert offline_run(tmp_path)["summary"]["test_error"]["last"] == summary["test_error"]
     assert "no API key" in capsys.readouterr().err
@@ -236,8 +228,7 @@ def test_tracker_disabled_is_a_no_op(tmp_path: Path) -> None:
 
 
 def test_online_without_a_reachable_server_falls_back_to_offline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, small) -> None:
     """A key but no network: wandb.init(mode=online) fails (here at once; for real after init_timeout, bounded
     by tracking.ONLINE_TIMEOUT_S): the run is logged offline instead, and the user is told."""
     import stn.tracking as tracking
@@ -255,7 +246,7 @@ def test_online_without_a_reachable_server_falls_back_to_offline(
         return real_init(**kwargs)
 
     monkeypatch.setattr(wandb, "init", unreachable)
-    summary = fit(small(tmp_path, "logger.mode=online"))
+    summary = fit(small("logger.mode=online"))
     assert modes == ["online", "offline"]
     assert summary["wandb"]["mode"] == "offline"
     assert offline_run(tmp_path)["summary"]["test_error"]["last"] == summary["test_error"]
@@ -263,7 +254,7 @@ def test_online_without_a_reachable_server_falls_back_to_offline(
     assert "could not reach W&B" in err and "wandb sync" in err
 
 
-def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
     """Stop at step 8 (trainer.stop_after), resume to 20: both invocations log to one W&B run id (kept in
     the checkpoint), the second resumes it, and together their offline logs hold every step once."""
     from stn.runs import CHECKPOINT, load_checkpoint
@@ -272,7 +263,7 @@ def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "one"
     with pytest.raises(TrainingInterrupted):
-        fit(small(tmp_path, "logger.mode=offline", f"run_dir={run_dir}", "trainer.stop_after=8"))
+        fit(small("logger.mode=offline", f"run_dir={run_dir}", "trainer.stop_after=8"))
     first_id = load_checkpoint(run_dir / CHECKPOINT, torch.device("cpu"))["wandb_id"]
     inits: list[dict[str, Any]] = []
     real_init = wandb.init
@@ -282,7 +273,7 @@ def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeyp
         return real_init(**kwargs)
 
     monkeypatch.setattr(wandb, "init", recording_init)
-    summary = fit(small(tmp_path, "logger.mode=offline", f"run_dir={run_dir}", "trainer.resume=true"))
+    summary = fit(small("logger.mode=offline", f"run_dir={run_dir}", "trainer.resume=true"))
     assert summary["resumed_from"] == 8 and summary["wandb"]["id"] == first_id
     assert inits[0]["id"] == first_id and inits[0]["resume"] == "allow"
     folders = sorted(tmp_path.glob("wandb/offline-run-*"))  # one per invocation, as wandb writes offline
@@ -301,21 +292,21 @@ def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeyp
     assert steps == [m["step"] for m in local if "loss" in m] and max(steps) == 20 and len(set(steps)) == len(steps)
     # The checkpoint at the end still names the run, and a fresh training gets another id.
     assert load_checkpoint(run_dir / CHECKPOINT, torch.device("cpu"))["wandb_id"] == first_id
-    other = fit(small(tmp_path, "logger.mode=offline"))
+    other = fit(small("logger.mode=offline"))
     assert other["wandb"]["id"] != first_id and "resume" not in inits[-1]
 
 
-def test_wandb_environment_variables_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_environment_variables_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
     """WANDB_MODE=disabled writes no W&B run at all; WANDB_PROJECT / WANDB_NAME / WANDB_TAGS name the run
     (read back from the offline log), below a logger.* value given on the command line."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    summary = fit(small(tmp_path))
+    summary = fit(small(wandb_from_env=True))
     assert summary["wandb"] is None and not (tmp_path / "wandb").exists()
     monkeypatch.setenv("WANDB_PROJECT", "envproj")
     monkeypatch.setenv("WANDB_NAME", "from-env")
     monkeypatch.setenv("WANDB_TAGS", "t1,t2")
-    summary = fit(small(tmp_path, "logger.mode=offline", "logger.tags=[cli]", "logger.artifacts=false"))  # CLI wins
+    summary = fit(small("logger.mode=offline", "logger.tags=[cli]", "logger.artifacts=false"))  # CLI wins
     run = offline_run(tmp_path)
     assert run["name"] == "from-env" and run["tags"] == ["R", "cnn", "none", "cli"]
     assert run["artifacts"] == []  # logger.artifacts=false: no checkpoint, no card

@@ -47,12 +47,6 @@ CHECKPOINT_KEYS = {"version", "step", "model", "optimizer", "scheduler", "rng", 
                    "precisions"}
 
 
-def small(tmp_path: Path, *overrides: str) -> Config:
-    """A seconds-long CPU run on slices of real MNIST, W&B off, everything under tmp_path."""
-    return compose([
-        "trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", f"runs_dir={tmp_path / 'runs'}",
-        "dataset.train_limit=512", "dataset.test_limit=200", *overrides,
-    ])  # fmt: skip
 
 
 def with_trainer(cfg: Config, **changes: object) -> Config:
@@ -63,8 +57,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
-    cfg = small(tmp_path)
+def test_fit_writes_the_run_folder(tmp_path: Path, small) -> None:
+    cfg = small()
     summary = fit(cfg)
     run_dir = Path(summary["run_dir"])
     # <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/
@@ -94,20 +88,20 @@ def test_fit_writes_the_run_folder(tmp_path: Path) -> None:
     assert not list(run_dir.rglob("*.tmp*"))  # atomic writes leave no temporaries behind
 
 
-def test_a_cell_records_the_threads_and_machine_it_trained_with(tmp_path: Path) -> None:
+def test_a_cell_records_the_threads_and_machine_it_trained_with(tmp_path: Path, small) -> None:
     """Parallel cells get a share of the cores (stn.launch.run_cell); the summary says how many threads a run had,
     since results, not only speed, can depend on it."""
     previous = torch.get_num_threads()
     threads = 2 if previous == 1 else 1
-    summary = run_cell(small(tmp_path), threads=threads)
+    summary = run_cell(small(), threads=threads)
     assert summary["status"] == "done" and summary["torch_threads"] == threads
     assert torch.get_num_threads() == previous
     assert torch.backends.cpu.get_cpu_capability() in summary["machine"]
 
 
 @pytest.mark.parametrize("schedule", ["step", "onecycle"])
-def test_loc_lr_scale_keeps_the_localisation_nets_at_that_multiple(tmp_path: Path, schedule: str) -> None:
-    cfg = small(tmp_path, "model=st_cnn", "transformer=affine", "trainer.loc_lr_scale=0.1",
+def test_loc_lr_scale_keeps_the_localisation_nets_at_that_multiple(tmp_path: Path, schedule: str, small) -> None:
+    cfg = small("model=st_cnn", "transformer=affine", "trainer.loc_lr_scale=0.1",
                 f"trainer.schedule={schedule}", "trainer.lr_step=5")
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg.trainer)
@@ -124,12 +118,12 @@ def test_loc_lr_scale_keeps_the_localisation_nets_at_that_multiple(tmp_path: Pat
         scheduler.step()
     assert len({r for r, _ in rates}) > 1  # the schedule moved the rate
     assert all(loc_rate == pytest.approx(0.1 * rate, rel=1e-12) for rate, loc_rate in rates)
-    single = build_optimizer(model, small(tmp_path, "model=st_cnn", "transformer=affine").trainer)
+    single = build_optimizer(model, small("model=st_cnn", "transformer=affine").trainer)
     assert len(single.param_groups) == 1  # the paper's single rate: one group, as every recorded checkpoint
 
 
-def test_loc_lr_scale_zero_freezes_the_transformer_only(tmp_path: Path) -> None:
-    cfg = small(tmp_path, "model=st_fcn", "transformer=affine", "trainer.loc_lr_scale=0")
+def test_loc_lr_scale_zero_freezes_the_transformer_only(tmp_path: Path, small) -> None:
+    cfg = small("model=st_fcn", "transformer=affine", "trainer.loc_lr_scale=0")
     torch.manual_seed(0)
     model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -141,15 +135,15 @@ def test_loc_lr_scale_zero_freezes_the_transformer_only(tmp_path: Path) -> None:
     assert moved and not any(n.startswith("transformers.") for n in moved)
 
 
-def test_loc_lr_scale_needs_a_localisation_net(tmp_path: Path) -> None:
+def test_loc_lr_scale_needs_a_localisation_net(tmp_path: Path, small) -> None:
     with pytest.raises(ComposeError, match=r"trainer\.loc_lr_scale=0\.5: model=cnn has no localisation net"):
-        small(tmp_path, "trainer.loc_lr_scale=0.5")
-    assert not problems(small(tmp_path, "model=st_cnn", "transformer=affine", "trainer.loc_lr_scale=0.5"))
+        small("trainer.loc_lr_scale=0.5")
+    assert not problems(small("model=st_cnn", "transformer=affine", "trainer.loc_lr_scale=0.5"))
 
 
-def test_learning_rate_follows_step_decay(tmp_path: Path) -> None:
+def test_learning_rate_follows_step_decay(tmp_path: Path, small) -> None:
     # Step s (1-based) trains with lr * gamma ** ((s - 1) // lr_step): StepLR stepped once per iteration.
-    cfg = small(tmp_path, "trainer.iterations=12", "trainer.log_every=1", "trainer.lr_step=4",
+    cfg = small("trainer.iterations=12", "trainer.log_every=1", "trainer.lr_step=4",
                 "trainer.lr_gamma=0.5", "trainer.lr=0.02", "trainer.eval_every=100")
     summary = fit(cfg)
     logged = {m["step"]: m["lr"] for m in read_metrics(Path(summary["run_dir"])) if "lr" in m}
@@ -194,13 +188,13 @@ def test_a_missing_cuda_device_fails_before_a_run_folder_exists(tmp_path: Path) 
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_bf16_run_records_its_precision(tmp_path: Path) -> None:
+def test_a_bf16_run_records_its_precision(tmp_path: Path, small) -> None:
     """cpu_precision=bf16 trains under CPU autocast (even where it is emulated) and says so in the summary."""
-    summary = fit(small(tmp_path, "trainer.iterations=2", "trainer.cpu_precision=bf16", "model=fcn"))
+    summary = fit(small("trainer.iterations=2", "trainer.cpu_precision=bf16", "model=fcn"))
     assert summary["precision"] == "bf16" and summary["steps"] == 2
 
 
-def test_resume_is_bit_exact_on_cpu(tmp_path: Path) -> None:
+def test_resume_is_bit_exact_on_cpu(tmp_path: Path, small) -> None:
     """N steps in one go == N/2 steps, stop, then a fresh fit() resuming for the rest: identical weights.
 
     Tolerance: none (torch.equal) for the weights and the optimizer's momentum buffers. An ST model, so
@@ -209,8 +203,8 @@ def test_resume_is_bit_exact_on_cpu(tmp_path: Path) -> None:
     """
     overrides = ("model=st_cnn", "transformer=affine", "trainer.iterations=12", "trainer.checkpoint_every=3",
                  "trainer.eval_every=5", "trainer.log_every=2", "trainer.lr_step=5")
-    whole = fit(small(tmp_path, *overrides, f"run_dir={tmp_path / 'whole'}"))
-    split = small(tmp_path, *overrides, f"run_dir={tmp_path / 'split'}")
+    whole = fit(small(*overrides, f"run_dir={tmp_path / 'whole'}"))
+    split = small(*overrides, f"run_dir={tmp_path / 'split'}")
     with pytest.raises(TrainingInterrupted, match="stopped at step 7/12") as stopped:
         fit(with_trainer(split, stop_after=7))
     assert stopped.value.step == 7 and stopped.value.exit_code == 0
@@ -233,8 +227,8 @@ def test_resume_is_bit_exact_on_cpu(tmp_path: Path) -> None:
     assert steps == sorted(set(steps)) and steps[-1] == 12
 
 
-def test_resume_of_a_finished_run_returns_its_summary(tmp_path: Path) -> None:
-    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+def test_resume_of_a_finished_run_returns_its_summary(tmp_path: Path, small) -> None:
+    cfg = small(f"run_dir={tmp_path / 'run'}")
     first = fit(cfg)
     checkpoint = tmp_path / "run" / CHECKPOINT
     before = checkpoint.stat().st_mtime_ns
@@ -243,9 +237,9 @@ def test_resume_of_a_finished_run_returns_its_summary(tmp_path: Path) -> None:
     assert checkpoint.stat().st_mtime_ns == before  # nothing was trained or written
 
 
-def test_resume_without_run_dir_picks_the_newest_run_of_that_name(tmp_path: Path) -> None:
-    cfg = small(tmp_path)
-    fit(small(tmp_path, "model=fcn"))  # another name: must not be picked
+def test_resume_without_run_dir_picks_the_newest_run_of_that_name(tmp_path: Path, small) -> None:
+    cfg = small()
+    fit(small("model=fcn"))  # another name: must not be picked
     with pytest.raises(TrainingInterrupted) as stopped:
         fit(with_trainer(cfg, stop_after=4))
     assert newest_run_dir(tmp_path / "runs", cfg.run_name) == stopped.value.run_dir
@@ -253,15 +247,15 @@ def test_resume_without_run_dir_picks_the_newest_run_of_that_name(tmp_path: Path
     assert Path(summary["run_dir"]) == stopped.value.run_dir and summary["resumed_from"] == 4
 
 
-def test_resume_into_an_empty_folder_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_into_an_empty_folder_starts_fresh(tmp_path: Path, capsys: pytest.CaptureFixture, small) -> None:
     (tmp_path / "empty").mkdir()
-    summary = fit(with_trainer(small(tmp_path, f"run_dir={tmp_path / 'empty'}"), resume=True))
+    summary = fit(with_trainer(small(f"run_dir={tmp_path / 'empty'}"), resume=True))
     assert summary["resumed_from"] is None and summary["steps"] == 20
     assert "starting fresh" in capsys.readouterr().out
 
 
-def test_a_finished_run_is_never_overwritten(tmp_path: Path) -> None:
-    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+def test_a_finished_run_is_never_overwritten(tmp_path: Path, small) -> None:
+    cfg = small(f"run_dir={tmp_path / 'run'}")
     fit(cfg)
     with pytest.raises(RunFolderError, match="already holds a run.*trainer.resume=true"):
         fit(cfg)
@@ -271,49 +265,49 @@ def test_a_finished_run_is_never_overwritten(tmp_path: Path) -> None:
     ("change", "named"),
     [("dataset=RTS", "dataset.name"), ("model=fcn", "model.name"), ("trainer.lr=0.5", "trainer.lr")],
 )
-def test_resume_refuses_a_mismatched_checkpoint(tmp_path: Path, change: str, named: str) -> None:
+def test_resume_refuses_a_mismatched_checkpoint(tmp_path: Path, change: str, named: str, small) -> None:
     run = f"run_dir={tmp_path / 'run'}"
     with pytest.raises(TrainingInterrupted):
-        fit(with_trainer(small(tmp_path, run), stop_after=2))
+        fit(with_trainer(small(run), stop_after=2))
     with pytest.raises(CheckpointError, match="different configuration") as err:
-        fit(with_trainer(small(tmp_path, run, change), resume=True))
+        fit(with_trainer(small(run, change), resume=True))
     assert str(tmp_path / "run" / CHECKPOINT) in str(err.value) and named in str(err.value)
 
 
-def test_resume_refuses_another_localisation_rate_scale_by_name(tmp_path: Path) -> None:
+def test_resume_refuses_another_localisation_rate_scale_by_name(tmp_path: Path, small) -> None:
     """A checkpoint trained with the localisation nets in their own parameter group does not resume with one
     group (or the reverse): the error names the key, not the optimizer's group count."""
     run = f"run_dir={tmp_path / 'run'}"
     st_model = ("model=st_fcn", "transformer=affine")
     with pytest.raises(TrainingInterrupted):
-        fit(with_trainer(small(tmp_path, run, *st_model, "trainer.loc_lr_scale=0.1"), stop_after=2))
+        fit(with_trainer(small(run, *st_model, "trainer.loc_lr_scale=0.1"), stop_after=2))
     with pytest.raises(CheckpointError, match="different configuration") as err:
-        fit(with_trainer(small(tmp_path, run, *st_model), resume=True))
+        fit(with_trainer(small(run, *st_model), resume=True))
     assert "trainer.loc_lr_scale: 0.1 -> 1.0" in str(err.value)
 
 
-def test_resume_may_change_the_iterations(tmp_path: Path) -> None:
+def test_resume_may_change_the_iterations(tmp_path: Path, small) -> None:
     run = f"run_dir={tmp_path / 'run'}"
     with pytest.raises(TrainingInterrupted):
-        fit(with_trainer(small(tmp_path, run), stop_after=5))
-    summary = fit(with_trainer(small(tmp_path, run, "trainer.iterations=8", "trainer.eval_every=4"), resume=True))
+        fit(with_trainer(small(run), stop_after=5))
+    summary = fit(with_trainer(small(run, "trainer.iterations=8", "trainer.eval_every=4"), resume=True))
     assert summary["steps"] == 8 and summary["resumed_from"] == 5
 
 
-def test_a_corrupt_checkpoint_is_named(tmp_path: Path) -> None:
+def test_a_corrupt_checkpoint_is_named(tmp_path: Path, small) -> None:
     run = f"run_dir={tmp_path / 'run'}"
     with pytest.raises(TrainingInterrupted):
-        fit(with_trainer(small(tmp_path, run), stop_after=2))
+        fit(with_trainer(small(run), stop_after=2))
     path = tmp_path / "run" / CHECKPOINT
     path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write without os.replace
     with pytest.raises(CheckpointError, match="unreadable") as err:
-        fit(with_trainer(small(tmp_path, run), resume=True))
+        fit(with_trainer(small(run), resume=True))
     assert str(path) in str(err.value)
 
 
-def test_a_diverging_run_stops_at_the_nan_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_a_diverging_run_stops_at_the_nan_and_keeps_the_last_good_checkpoint(tmp_path: Path, small) -> None:
     # A realistic path to NaN: a learning rate far too large, from the config.
-    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}", "trainer.lr=1e10", "trainer.checkpoint_every=1",
+    cfg = small(f"run_dir={tmp_path / 'run'}", "trainer.lr=1e10", "trainer.checkpoint_every=1",
                 "trainer.log_every=4")
     with pytest.raises(TrainingError, match=r"NaN/inf at step (\d+)") as err:
         fit(cfg)
@@ -327,7 +321,7 @@ def test_a_diverging_run_stops_at_the_nan_and_keeps_the_last_good_checkpoint(tmp
     assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "run") if "loss" in m)
 
 
-def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
     real_step = train_module.train_step
     calls = []
 
@@ -338,7 +332,7 @@ def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch:
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
-    cfg = small(tmp_path, f"run_dir={tmp_path / 'run'}")
+    cfg = small(f"run_dir={tmp_path / 'run'}")
     # What SIGINT did before: Python's default handler in a terminal, SIG_IGN when pytest runs in the background.
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="SIGINT") as stopped:
@@ -349,8 +343,8 @@ def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch:
     assert fit(with_trainer(cfg, resume=True))["resumed_from"] == 3
 
 
-def test_quiet_output_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    fit(small(tmp_path))
+def test_quiet_output_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture, small) -> None:
+    fit(small())
     out = capsys.readouterr().out
     assert "\x1b[" not in out  # no progress bar escape codes on a pipe
     assert out.count("test error") == 2  # one line per evaluation
@@ -370,9 +364,9 @@ def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert "test error 1.00%" in capsys.readouterr().out
 
 
-def test_a_run_that_cannot_start_leaves_no_folder(tmp_path: Path) -> None:
+def test_a_run_that_cannot_start_leaves_no_folder(tmp_path: Path, small) -> None:
     with pytest.raises(MNISTDataError, match="MNIST not found"):
-        fit(small(tmp_path, f"data_dir={tmp_path / 'nowhere'}"))
+        fit(small(f"data_dir={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "runs").exists()  # the run folder is claimed only once data and model are built
 
 

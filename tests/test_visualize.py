@@ -44,20 +44,21 @@ def test_draw_transformations_writes_a_png(tmp_path, variant):
 
 
 def test_visualize_checkpoint_and_cli(tmp_path):
-    from stn.visualize import load_checkpoint, visualize_checkpoint
+    from stn.runs import load_model
+    from stn.visualize import render_checkpoint
 
     cfg = config("dataset=P", "model=st_fcn", "transformer=projective")
     torch.manual_seed(4)
     model = build_model(cfg)
     path = tmp_path / "last.pt"
     save_checkpoint(path, cfg, model)
-    loaded, loaded_cfg = load_checkpoint(path)
+    loaded, loaded_cfg, _ = load_model(path, need_transformer=True)
     assert loaded_cfg == cfg and not loaded.training
     loaded_state = loaded.state_dict()
     assert loaded_state.keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
         assert torch.equal(value, loaded_state[name]), name
-    out = visualize_checkpoint(path, tmp_path / "v.png", count=4)
+    out = render_checkpoint(path, tmp_path / "v.png", count=4).path
     assert out.read_bytes()[:8] == PNG_MAGIC
     result = CliRunner().invoke(
         app, ["visualize", str(path), "--out", str(tmp_path / "cli.png"), "--count", "3"]
@@ -67,28 +68,32 @@ def test_visualize_checkpoint_and_cli(tmp_path):
 
 
 def test_visualize_rejects_bad_checkpoints(tmp_path):
-    from stn.visualize import VisualizeError, load_checkpoint
+    from functools import partial
 
-    with pytest.raises(VisualizeError, match="does not exist"):
+    from stn.runs import CheckpointError, load_model
+
+    load_checkpoint = partial(load_model, need_transformer=True)
+
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(VisualizeError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_checkpoint(corrupt)
     bare = tmp_path / "bare.pt"
     torch.save({"weights": {}}, bare)
-    with pytest.raises(VisualizeError, match="expected keys 'model' and 'config'"):
+    with pytest.raises(CheckpointError, match="expected keys 'model' and 'config'"):
         load_checkpoint(bare)
     cnn_cfg = config("dataset=R", "model=cnn")
     baseline = tmp_path / "cnn.pt"
     save_checkpoint(baseline, cnn_cfg, build_model(cnn_cfg))
-    with pytest.raises(VisualizeError, match="no spatial transformer"):
+    with pytest.raises(CheckpointError, match="no spatial transformer"):
         load_checkpoint(baseline)
     st_cfg = config("dataset=R", "model=st_cnn", "transformer=affine")
     mismatched = tmp_path / "mismatched.pt"
     wrong_width = dataclasses.replace(st_cfg, model=dataclasses.replace(st_cfg.model, conv_filters=20))
     torch.save({"model": build_model(wrong_width).state_dict(), "config": to_dict(st_cfg)}, mismatched)
-    with pytest.raises(VisualizeError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(mismatched)
     result = CliRunner().invoke(app, ["visualize", str(corrupt)])
     assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output

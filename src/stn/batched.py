@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import Config, TrainerConfig
+from stn.config import OPTIMISER_KEYS, Config, TrainerConfig
 
 ENGINE_STATE_VERSION = 1
 ENGINE_MODES = ("vmap", "loop", "im2col")  # EngineOptions.mode
@@ -299,10 +299,10 @@ class BatchedModels:
         if len(signatures) != 1:
             raise EngineError("these models differ in shape and cannot be batched: "
                               + ", ".join(f"{c.run_name}(seed {c.seed})" for c in self.cfgs))
-        keys = ("batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma")
-        trainers = {tuple(getattr(c.trainer, k) for k in keys) for c in self.cfgs}
+        trainers = {tuple(getattr(c.trainer, k) for k in OPTIMISER_KEYS) for c in self.cfgs}
         if len(trainers) != 1:
-            raise EngineError(f"batched models share one optimiser: their trainer.{keys} differ ({trainers})")
+            raise EngineError(f"batched models share one optimiser: their trainer.{OPTIMISER_KEYS} differ "
+                              f"({trainers})")
         beyond = sorted({f"trainer.{k}={getattr(c.trainer, k)}" for c in self.cfgs
                          for k, paper in (("schedule", "step"), ("nesterov", False), ("loc_lr_scale", 1.0),
                                           ("label_smoothing", 0.0), ("grad_clip", 0.0), ("ema_decay", 0.0))

@@ -40,9 +40,9 @@ from stn.device import (
     runtime_flags,
     sync,
 )
+from stn.grid import TABLE1_MODELS
 from stn.measure import count_syncs, measure_matmul_peak, model_flops_per_image, nominal_peak
 from stn.mnist import load_mnist
-from stn.models import TABLE1_MODELS
 
 # The models `stn bench` measures by default: Table 1's baselines and the ST-CNNs (label, config choices).
 TRAIN_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(

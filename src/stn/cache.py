@@ -148,18 +148,3 @@ def cached_compose_many(override_lists: Sequence[Sequence[str]]) -> list[Config]
     if kept:
         configs.update(zip(kept, memo_many("compose", [lists[index] for index in kept], compose_many), strict=True))
     return [configs[index] for index in range(len(lists))]
-
-
-def cached_parameter_table(datasets: Sequence[str], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """stn.models.parameter_table's rows as dicts (model, dataset, params, width_name, width, target), cached
-    on disk: a hit imports neither torch nor stn.models."""
-    import dataclasses
-
-    def count() -> list[dict[str, Any]]:
-        from stn.models import parameter_table
-
-        return [dataclasses.asdict(row) for row in parameter_table(tuple(datasets), list(overrides))]
-
-    if any("${" in item for item in overrides):
-        return count()
-    return memo("parameters", [list(datasets), list(overrides)], count)

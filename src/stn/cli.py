@@ -193,8 +193,8 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from stn.cache import cached_parameter_table
     from stn.grid import TABLE1_MODELS
+    from stn.parameters import cached_parameter_table
 
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
     choices = ", ".join(map(repr, get_args(DatasetName)))

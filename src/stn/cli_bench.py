@@ -62,16 +62,13 @@ def bench_data_command(
 def _bench_models(names: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """--models 'cnn,st_cnn_aff' (or Table 1 labels) -> (label, config choices) pairs; None = the default five."""
     from stn.bench import TRAIN_MODELS
-    from stn.models import TABLE1_MODELS
+    from stn.grid import TABLE1_MODELS, slug
 
     if not names:
         return TRAIN_MODELS
-
-    def slug(label: str) -> str:
-        return label.lower().replace("-", "_").replace(" ", "_")
-
-    known = {slug(label): (label, choice) for label, choice in TABLE1_MODELS}
-    wanted = [slug(name) for name in csv_list(names) or []]
+    # slug: 'ST-CNN Aff', 'st_cnn_aff' and 'st-cnn-aff' name one model
+    known = {slug(label).replace("-", "_"): (label, choice) for label, choice in TABLE1_MODELS}
+    wanted = [slug(name).replace("-", "_") for name in csv_list(names) or []]
     unknown = [name for name in wanted if name not in known]
     if unknown or not wanted:
         fail(f"--models {names!r}: unknown {unknown}; choose from {', '.join(known)}", 2)

@@ -22,13 +22,12 @@ from stn.cli_common import (
     typed_command,
 )
 from stn.config import TrainerPreset
+from stn.grid import DEFAULT_GRID
 
 
 def reproduce_table(
     overrides: Annotated[list[str] | None, typer.Argument(help=f"{OVERRIDES_HELP} (every cell)")] = None,
-    grid: Annotated[Path, typer.Option(help="The table as data: rows, columns, the paper's numbers.")] = Path(
-        "experiments/table1/grid.yaml"
-    ),
+    grid: Annotated[Path, typer.Option(help="The table as data: rows, columns, the paper's numbers.")] = DEFAULT_GRID,
     rows: Annotated[str | None, typer.Option(help='Row labels, e.g. "CNN,ST-CNN Aff" (default: all).')] = None,
     columns: Annotated[str | None, typer.Option(help="Column labels, e.g. R,RTS (default: all).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean ± std per cell.")] = "0",

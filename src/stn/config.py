@@ -189,6 +189,9 @@ CPU_PRECISIONS = ("float32", "bf16", "auto")
 SCHEDULES = ("step", "onecycle")
 TrainerPreset = Literal["smoke", "quick", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
 TRAINER_PRESETS: tuple[str, ...] = get_args(TrainerPreset)
+# The trainer keys of one SGD update: runs that agree on them can share an optimiser (the batched engine's
+# groups), and a resumed run must keep them (stn.runs.IDENTITY).
+OPTIMISER_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma")
 
 MNIST_TRAIN, MNIST_TEST = 60_000, 10_000  # digits per MNIST split: the bounds of the limits and the batch
 DIGIT = 28  # side of an MNIST digit in pixels

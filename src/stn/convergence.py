@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import fcntl
 from collections.abc import Sequence
@@ -29,9 +30,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.cache import cached_compose_many
-from stn.compose import ComposeError
 from stn.config import Config
+from stn.grid import CellComposeError, TableError, compose_cells
 from stn.job import Job
 from stn.runs import write_atomic
 
@@ -153,7 +153,7 @@ def budget_overrides(budget: str, batch_size: int) -> list[str]:
 
 def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
     """Read and check a study file; every problem names the file and the key."""
-    from stn.grid import TableError, load_grid
+    from stn.grid import load_grid
 
     path = Path(path)
     if not path.is_file():
@@ -253,24 +253,27 @@ def plan(study: Study, *, rows: Sequence[str] | None = None, columns: Sequence[s
                         wanted.append((row, column, budget))
     wanted = list(dict.fromkeys(wanted))
     row_order, column_order = list(study.grid.rows), list(study.grid.columns)
-    planned = [(seed, row, column, budget) for seed in chosen_seeds for row, column, budget in wanted]
-    override_lists = [[*study.grid.columns[column], *study.grid.rows[row], *study.overrides,
-                       *budget_overrides(budget, study.batch_size), f"seed={seed}",
-                       *([f"dataset.validation={study.validation}"] if study.validation else []),
-                       f"run_dir={cell_dir(study, row, column, budget, seed)}", "trainer.resume=true",
-                       f"logger.group={study.name}"] for seed, row, column, budget in planned]
-    try:
-        configs = cached_compose_many(override_lists)
-    except ComposeError as err:
-        _, row, column, budget = planned[override_lists.index(list(err.overrides))]
-        raise StudyError(f"{row} / {column} at {budget}: {err}") from None
-    cells = [Cell(row, column, budget, seed, config, study.grid.cells[(row, column)])
-             for (seed, row, column, budget), config in zip(planned, configs, strict=True)]
+    # Each (row, column, budget) composed once (stn.grid.compose_cells: the row's, the column's, then the study's
+    # words), each seed given its own run folder.
+    cells: list[Cell] = []
+    for budget in dict.fromkeys(budget for _, _, budget in wanted):
+        pairs = [(row, column) for row, column, b in wanted if b == budget]
+        words = [*study.overrides, *budget_overrides(budget, study.batch_size),
+                 *([f"dataset.validation={study.validation}"] if study.validation else []), "trainer.resume=true",
+                 f"logger.group={study.name}"]
+        try:
+            composed = compose_cells(study.grid, pairs, chosen_seeds, words)
+        except CellComposeError as err:
+            raise StudyError(f"{err.row} / {err.column} at {budget}: {err.reason}") from None
+        cells += [Cell(c.row, c.column, budget, c.seed,
+                       dataclasses.replace(c.config, run_dir=str(cell_dir(study, c.row, c.column, budget, c.seed))),
+                       c.paper) for c in composed]
     cells.sort(key=lambda c: (parse_budget(c.budget), c.seed, column_order.index(c.column), row_order.index(c.row)))
     return cells
 
 
 def cell_dir(study: Study, row: str, column: str, budget: str, seed: int) -> Path:
+    # Not stn.grid.slug: studies under way have checkpoints in folders named this way ('st_cnn_aff').
     slug = row.lower().replace(" ", "_").replace("-", "_")
     return study.runs_dir / column / slug / budget.replace("/", "_") / f"seed{seed}"
 

@@ -9,12 +9,12 @@ models the paper ranks, with the seed-noise criterion the write-ups use.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from stn.convergence import PAPER_IMAGES, PAPER_STEPS, StudyError, parse_budget, read_results
+from stn.report import mean_std, parse_errors
 
 
 def aggregate(rows: Sequence[dict[str, str]], error: str = "test_error"
@@ -27,17 +27,16 @@ def aggregate(rows: Sequence[dict[str, str]], error: str = "test_error"
         entry = out.setdefault(key, {"images": int(r["images"]), "errors": [], "paper": r.get("paper") or None})
         entry["errors"].append(float(r[error]))
     for entry in out.values():
-        errors = entry["errors"]
-        entry["mean"] = statistics.fmean(errors)
-        entry["std"] = statistics.stdev(errors) if len(errors) > 1 else None
+        entry["mean"], entry["std"] = mean_std(entry["errors"])
         entry["paper"] = None if entry["paper"] in (None, "") else float(entry["paper"])
     return out
 
 
 def read_paper_schedule(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(dataset, model) -> {errors, mean, std, source} from `stn engine run` results.csv files (columns row,
-    column, errors "e0;e1;..", steps), keeping the cells trained the paper's full PAPER_STEPS. A later file's
-    cell replaces an earlier one's."""
+    """(dataset, model) -> {errors, mean, std, source} from `stn engine run` results.csv files, keeping the
+    cells trained the paper's full PAPER_STEPS. Both schemas: the table record's (stn.report.RESULT_COLUMNS:
+    errors "seed:error;..", steps) and the engine's before it (errors "e0;e1;..", NaN for a diverged seed).
+    A later file's cell replaces an earlier one's."""
     import csv
 
     out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -50,14 +49,17 @@ def read_paper_schedule(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str
             missing = {"row", "column", "errors", "steps"} - set(reader.fieldnames or [])
             if missing:
                 raise StudyError(f"{path}: not an `stn engine run` results.csv (no column {', '.join(sorted(missing))})")
+            record = "ours_mean" in (reader.fieldnames or [])
             for r in reader:
-                if int(r["steps"]) != PAPER_STEPS:
+                if not r["steps"] or int(r["steps"]) != PAPER_STEPS:
                     continue
-                errors = [float(e) for e in r["errors"].split(";") if e and e.lower() != "nan"]
+                if record:
+                    errors = list(parse_errors(r["errors"]).values())
+                else:
+                    errors = [float(e) for e in r["errors"].split(";") if e and e.lower() != "nan"]
                 if errors:
-                    out[(r["column"], r["row"])] = {
-                        "errors": errors, "mean": statistics.fmean(errors), "source": str(path),
-                        "std": statistics.stdev(errors) if len(errors) > 1 else None}
+                    mean, std = mean_std(errors)
+                    out[(r["column"], r["row"])] = {"errors": errors, "mean": mean, "std": std, "source": str(path)}
     return out
 
 

@@ -30,7 +30,7 @@ from stn.batched import BatchedModels, EngineOptions
 from stn.batched_data import BlockStream, make_stream
 from stn.compose import compose
 from stn.device import cpu_model, sync
-from stn.models import TABLE1_MODELS
+from stn.grid import TABLE1_MODELS
 
 
 def device_name(device: torch.device) -> str:

@@ -20,20 +20,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch 
 
 import typer  # noqa: E402
 
-from stn.cli_common import DatasetName  # noqa: E402
+from stn.cli_common import DatasetName, csv_list, fail, parse_seeds  # noqa: E402
 from stn.config import TrainerPreset  # noqa: E402
+from stn.grid import DEFAULT_GRID as GRID  # noqa: E402
 
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-GRID = Path("experiments/table1/grid.yaml")
 Mode = Literal["vmap", "loop", "im2col"]  # stn.batched.EngineOptions.mode (ENGINE_MODES)
 RunMode = Literal["vmap", "loop", "im2col", "auto"]  # auto: stn.plan.run_table picks per group from the cost table
 DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
-
-
-def _list(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
 def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
@@ -45,11 +41,15 @@ def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_gr
 
 
 def _device(name: str) -> str:
-    import torch
+    """--device as `stn train` reads trainer.device (stn.device.resolve_device): auto is CUDA where there is one;
+    a CUDA device that is not there exits 2."""
+    from stn.config import ConfigError
+    from stn.device import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    try:
+        return str(resolve_device(name))
+    except (ConfigError, RuntimeError) as err:  # RuntimeError: torch.device() of a name it does not know
+        fail(f"--device {name!r}: {str(err).splitlines()[0]}", 2)
 
 
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast (theta, grids, sampling stay fp32).")]
@@ -89,8 +89,8 @@ def bench(
 
     device = _device(device)
     start = time.perf_counter()
-    result = bench_engine(_list(kinds), dataset=dataset, ks=[int(k) for k in _list(ks) or [1]],
-                          modes=_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
+    result = bench_engine(csv_list(kinds), dataset=dataset, ks=[int(k) for k in csv_list(ks) or [1]],
+                          modes=csv_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
                           device=device, options=_options(device, amp, channels_last, compile, cuda_graph, "vmap", data, block_steps),
                           overrides=override or [], log=lambda line: typer.echo(line, err=True))
     result["wall_s"] = time.perf_counter() - start
@@ -106,13 +106,24 @@ def bench(
         markdown.write_text(table + "\n")
 
 
-def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
-            max_k: int | None):
-    from stn.plan import make_groups, table_members
+def _tables(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
+            extra: list[Path] | None = None):
+    """[(grid, its members)]: the table (--rows/--columns of --grid), then each --extra grid file whole."""
+    from stn.grid import load_grid
+    from stn.plan import table_members
 
-    members = table_members(grid, [int(s) for s in _list(seeds) or ["0"]], preset, override or [],
-                            _list(rows), _list(columns))
-    return make_groups(members, max_k=max_k)
+    seed_list = parse_seeds(seeds)
+    tables = [(load_grid(grid), table_members(grid, seed_list, preset, override or [], csv_list(rows), csv_list(columns)))]
+    tables += [(load_grid(path), table_members(path, seed_list, preset, override or [])) for path in extra or []]
+    return tables
+
+
+def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
+            max_k: int | None, extra: list[Path] | None = None):
+    from stn.plan import make_groups, unique_members
+
+    tables = _tables(grid, preset, seeds, rows, columns, override, extra)
+    return make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
 
 
 Grid = Annotated[Path, typer.Option(help="The grid file.")]
@@ -123,6 +134,9 @@ Columns = Annotated[str | None, typer.Option(help="Columns to run (default: all)
 Cost = Annotated[Path | None, typer.Option(help="Cost table: the JSON `stn engine bench --out` writes.")]
 Flops = Annotated[float, typer.Option(help="Achieved FLOP/s assumed where the cost table has no row.")]
 MaxK = Annotated[int | None, typer.Option(help="At most this many models per group.")]
+Extra = Annotated[list[Path] | None, typer.Option(
+    "--extra", help="Another grid file whose cells are queued too (repeatable), e.g. readings of a dataset; its "
+                    "table.md and chart go to <state>/<its name>/.")]
 
 
 LOAN_BENCH = Path("experiments/table1/paper-gpu/loan-2026-11-30/bench_block.json")  # stn.step_cost.LOAN_BENCH
@@ -148,7 +162,7 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
                                                         "estimate leaves their groups out.")] = None,
          predict: Annotated[bool, typer.Option("--predict", help="Print the markdown prediction report (groups x "
                                                "paths, the issue's targets) instead.")] = False,
-         override: Override = None) -> None:
+         override: Override = None, extra: Extra = None) -> None:
     """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
     import hashlib
 
@@ -166,20 +180,21 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
         raise typer.Exit(2)
     key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
            override or [], str(table_run), content(table_run), paths, in_flight, str(done), content(done), predict,
-           peak_tflops]
+           peak_tflops, [(str(path), content(path)) for path in extra or []]]
     for line in memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
                                                             max_k, budget, override, table_run, paths, in_flight,
-                                                            done, predict, peak_tflops)):
+                                                            done, predict, peak_tflops, extra)):
         typer.echo(line)
 
 
 def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, cost: Path | None,
                 flops: float, max_k: int | None, budget: float, override: list[str] | None,
                 table_run: Path | None = None, paths: bool = False, in_flight: int = 4, done: Path | None = None,
-                predict: bool = False, peak_tflops: float | None = None) -> list[str]:
+                predict: bool = False, peak_tflops: float | None = None,
+                extra: list[Path] | None = None) -> list[str]:
     from stn.plan import CostModel, pack_chunks, run_order, table_run_seconds
 
-    groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
+    groups = _groups(grid, preset, seeds, rows, columns, override, max_k, extra)
     costs = CostModel.load(cost, flops, table_run)
     finished = {m["group"] for m in json.loads(done.read_text())["members"].values()} if done else set()
     finished = {g.gid for g in groups if g.gid in finished}
@@ -258,17 +273,31 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
             help="One CUDA stream per group in flight (off: round-robin on one stream, the A/B baseline).")] = True,
         state_files: Annotated[int, typer.Option(
             help="Partial-state files (16 MiB each) a run may leave for the groups in flight.")] = 2,
-        override: Override = None) -> None:
-    """Train the table's groups from the saved progress until done or --budget seconds; resumable."""
+        override: Override = None, extra: Extra = None,
+        write_record: Annotated[bool, typer.Option(
+            "--record/--no-record", help="After the chunk, write table.md, ours_vs_paper.png and the W&B table run "
+                                         "(off where returned files are counted; a later --budget 0 call writes "
+                                         "them from the state).")] = True) -> None:
+    """Train the table's groups from the saved progress until done or --budget seconds; resumable. Then writes
+    what `stn reproduce-table` writes: results.csv, table.md, ours_vs_paper.png and the W&B table run."""
     from stn.batched import EngineError
     from stn.cli_common import fail
-    from stn.plan import CostModel, PlanError, StateLimits, run_table
+    from stn.plan import (
+        CostModel,
+        PlanError,
+        StateLimits,
+        make_groups,
+        run_table,
+        unique_members,
+        write_tables,
+    )
 
     if in_flight < 1 or state_files < 1:
         fail(f"--in-flight {in_flight} and --state-files {state_files} must be at least 1", 2)
     start = time.perf_counter()
     device = _device(device)
-    groups = _groups(grid, preset, seeds, rows, columns, override, max_k)
+    tables = _tables(grid, preset, seeds, rows, columns, override, extra)
+    groups = make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
     typer.echo(f"{len(groups)} groups, {sum(g.k for g in groups)} models on {device}; planning took "
                f"{time.perf_counter() - start:.1f} s", err=True)
     options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
@@ -280,6 +309,9 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
                            group_streams=group_streams, limits=StateLimits(files=state_files))
     except (PlanError, EngineError) as err:  # a state folder or plan that does not fit: the message says how
         fail(str(err), 2)
+    if write_record:
+        write_tables(state, tables, preset=preset, overrides=override or [],
+                     log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
 

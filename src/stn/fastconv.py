@@ -7,7 +7,7 @@ It is kept because float32 is what the CPU trains in wherever it lacks bf16 hard
 (experiments/bench/precision.md: ST-CNN Aff step 1.28x, TPS 1.10x on a 2-core AVX2 AMD EPYC). Elsewhere (no
 input gradient needed, autocast, CUDA, torch.func transforms of the batched engine, which builds models with
 fast=False) `InputGradConv2d` is plain nn.Conv2d. Same parameters and state dict; values and gradients agree
-with nn.Conv2d to float rounding (tests/test_bench.py, float64).
+with nn.Conv2d to float rounding (tests/test_fastconv.py, float64).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class InputGradConv2d(nn.Conv2d):
     input needs a gradient (the classification net's first conv behind a spatial transformer: the gradient
     flows on into the sampler and the grid). There oneDNN's backward-data kernel for a one-channel input is
     several times slower than the matmul + `fold_patches` (experiments/bench/train.md); the results agree to
-    float rounding (tests/test_bench.py). Elsewhere (no input gradient, autocast, CUDA) it is nn.Conv2d.
+    float rounding (tests/test_fastconv.py). Elsewhere (no input gradient, autocast, CUDA) it is nn.Conv2d.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:

@@ -9,6 +9,7 @@ trainer preset) to the table, paper values finite numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from stn.config import UserError
+from stn.config import Config, UserError
 from stn.validation import SAFE_NAME
 
 DEFAULT_GRID = Path("experiments/table1/grid.yaml")
@@ -45,6 +46,15 @@ TABLE1_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 class TableError(UserError):
     """A table that cannot run: bad grid file, unknown row/column, stale or mismatched cell folder."""
+
+
+class CellComposeError(TableError):
+    """A cell whose words do not compose: the message names the cell and its words; `row`, `column` and
+    `reason` (the config error alone) let a caller word it its own way."""
+
+    def __init__(self, row: str, column: str, words: Sequence[str], reason: str) -> None:
+        super().__init__(f"cell {row}/{column} ({' '.join(words)}): {reason}")
+        self.row, self.column, self.reason = row, column, reason
 
 
 @dataclass(frozen=True)
@@ -150,10 +160,46 @@ def _load_yaml(path: Path, what: str) -> Any:
         raise TableError(f"{what} {path} is not valid YAML: {err}") from None
 
 
+def slug(label: str) -> str:
+    """A label as a lower-case folder- and id-safe word: 'ST-CNN Aff' -> 'st-cnn-aff' (the one slug of row
+    labels: cell folders, engine group ids, `stn bench --models`)."""
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in label.lower()).strip("-")
+
+
 def cell_name(row: str, column: str) -> str:
     """A folder-safe cell id: ('ST-CNN Aff', 'RTS') -> 'RTS_st-cnn-aff'."""
-    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in row.lower()).strip("-")
-    return f"{column}_{slug}"
+    return f"{column}_{slug(row)}"
+
+
+@dataclass(frozen=True)
+class CellSeed:
+    """One cell x seed of a grid, composed: what `stn reproduce-table`, `stn engine` and the convergence study
+    each train (they add their own run folder and W&B settings)."""
+
+    row: str
+    column: str
+    seed: int
+    config: Config
+    paper: float | None
+
+
+def compose_cells(grid: Grid, cells: Sequence[tuple[str, str]], seeds: Sequence[int],
+                  overrides: Sequence[str]) -> list[CellSeed]:
+    """The one way a cell x seed becomes a Config: the row's overrides, the column's, then `overrides` (the
+    preset, the user's words), composed and validated once per cell (all cells before anything runs), then
+    the seed. Cell by cell, seeds inside; a word that does not compose is a TableError naming the cell."""
+    from stn.cache import cached_compose_many  # here: reading a grid file must not load Hydra
+    from stn.compose import ComposeError
+
+    word_lists = [[*grid.rows[row], *grid.columns[column], *overrides] for row, column in cells]
+    try:
+        bases = cached_compose_many(word_lists)
+    except ComposeError as err:
+        words = list(err.overrides)
+        row, column = cells[word_lists.index(words)]
+        raise CellComposeError(row, column, words, str(err)) from None
+    return [CellSeed(row, column, int(seed), dataclasses.replace(base, seed=int(seed)), grid.cells[(row, column)])
+            for (row, column), base in zip(cells, bases, strict=True) for seed in seeds]
 
 
 def select_cells(

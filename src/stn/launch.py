@@ -25,11 +25,14 @@ import submitit
 import submitit.helpers
 import submitit.local.local
 
-from stn.config import Config
-from stn.grid import TableError
+from stn.config import Config, UserError
 from stn.job import Job
 
 EXECUTORS = ("local", "slurm", "debug")
+
+
+class LaunchError(UserError):
+    """An executor that cannot run here (an unknown kind, Slurm without a cluster); the message names the fix."""
 FitFn = Callable[[Config], dict]
 
 
@@ -128,12 +131,12 @@ def build_executor(kind: str, folder: Path, parallel: int, slurm: SlurmOptions) 
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
         except RuntimeError as err:
-            raise TableError(
+            raise LaunchError(
                 f"--executor slurm needs a Slurm cluster ({err}); use --executor local on this machine"
             ) from None
         executor.update_parameters(**slurm_parameters(slurm, parallel))
         return executor
-    raise TableError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    raise LaunchError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
 
 
 def start_pool(kind: str, count: int, parallel: int | None, folder: Path,

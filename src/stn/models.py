@@ -2,51 +2,18 @@
 
 Every model is a `DigitClassifier`: `before` (nothing, or the CNN's first conv block) -> spatial transformers
 side by side, outputs concatenated along channels (none for the baselines) -> average pooling by
-`dataset.st_output_pool` (RTS, TC: 2; input placement only) -> `after` (the rest of the classification net).
-
-Architectures (ReLU everywhere; the softmax lives in the loss, so forward returns logits (B, 10)):
-- FCN: two hidden fully-connected layers of `fc_units` + the classification layer.
-- CNN: conv 9x9 -> max-pool 2 -> conv 7x7 -> max-pool 2 -> classification layer, `conv_filters` filters per
-  conv, stride 1, no padding. Max-pooling rounds up (ceil mode): RTS's pooled transformer output is 21x21,
-  and 21 -> 13 -> 7 -> 1 -> 1 only works with ceil; with floor the 7x7 conv would face a 6x6 map. It changes
-  nothing on even-sized maps (28, 60, 30 -> only the last map of 42 and 30 grows by one row/column).
-- ST-FCN: ST at the input, localisation net Flatten -> FC 32 -> FC 32 -> regression (three weight layers).
-- ST-CNN: ST at the input, localisation net max-pool 2 (the "2x downsampled input") -> conv 5x5x20 ->
-  max-pool 2 -> conv 5x5x20 -> FC 20 -> regression.
-- transformer.placement=features (ST-CNN only): the transformers act on the feature maps after the first
-  conv block (paper Section 4: STs deeper in the network). Their localisation net follows the SVHN one of
-  Section 4.2 (two FC layers of 32 units) after a 2x max-pool of the maps, like the input nets' downsampling.
-  The sampled feature maps are not pooled (pooling is the paper's rule for the input transformer).
-- transformer.parallel=N: N transformers, each with its own localisation net, see the same input; their
-  outputs are stacked as N channels (N * channels for features), so the next layer takes N times the channels.
-
-Widths ("approximately the same number of parameters", Appendix A). What the paper gives: FCN 128-256
-units, CNN 32-64 filters, "set so the parameter count matches"; the per-dataset widths are not printed.
-What we do, per dataset (derived at build time, never written back into the config):
-- CNN: 64 filters, the top of the paper's range (its count is then the dataset's reference budget).
-- FCN: the integer width closest to the CNN's count, clamped to 128-256. On 28x28 (R, P, E) that is 208
-  units and every Table 1 model of the dataset has ~208.6k parameters. On 42x42 and 60x60 the FCN's first
-  layer alone outgrows the CNN even at 128 units, so the FCN stays at 128 (RTS 244k, TC 479k vs 229k, 270k).
-- ST-FCN / ST-CNN: the classification net's width is the integer whose total (transformers included) is
-  closest to its own baseline's count (FCN, resp. CNN) on that dataset.
-`model.param_budget` replaces the target; `model.fc_units` / `model.conv_filters` fix the width outright.
-The ~400k figure recalled from the appendix is out of reach inside those ranges on 28x28 (CNN at 64 filters:
-209k, FCN at 256 units: 269k), so it is not used.
-
-Initialisation: PyTorch's defaults for every layer of every model (Kaiming-uniform weights, a=sqrt(5), and
-uniform biases), except the transformers' regression layers (zero weight, identity bias).
-
-Input standardisation: images enter in [0, 1] and the sampler reads them raw, so its zero padding outside the
-input is the black background. Every weight layer that reads pixels (the classification net's first layer,
-after the transformer and its pooling; the localisation nets) sees them standardised with MNIST's pixel
-statistics, (x - 0.1307) / 0.3081. Without it, PyTorch's small default initialisation leaves the FCN on its
-initial loss plateau for hundreds of steps (measured: FCN on R after 1200 quick steps, 32.8% test error
-raw vs 15.3% standardised). It has no parameters, so the counts above are unchanged.
+`dataset.st_output_pool` (input placement only) -> `after` (the rest of the classification net); forward
+returns logits. The layers, the widths matched to a parameter budget, the initialisation and the input
+standardisation, with the paper's words and our choices: README "Models" and experiments/models/README.md.
+Two things only the code shows: max-pooling rounds up (ceil mode), because RTS's pooled 21x21 transformer
+output goes 21 -> 13 -> 7 -> 1 only with ceil (it changes nothing on even-sized maps); and widths are derived
+at build time (`classifier_width`), never written back into the config.
 
 Speed (build_model(cfg, fast=True), the default): every conv -> ReLU -> max-pool runs as conv -> max-pool ->
 ReLU, and the classification net's first conv is an `InputGradConv2d` (stn.fastconv, with its reason). Both
-give the same values and gradients as the paper's order with plain nn.Conv2d (fast=False; equal to float rounding, tests/test_bench.py)
-and the same state dict; they only make a CPU training step faster (measured: experiments/bench/train.md).
+give the same values and gradients as the paper's order with plain nn.Conv2d (fast=False; equal to float
+rounding, tests/test_fastconv.py) and the same state dict; they only make a CPU training step faster
+(measured: experiments/bench/train.md).
 """
 
 from __future__ import annotations
@@ -59,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.compose import compose_many
 from stn.config import Config, ConfigError, TransformerConfig
 from stn.fastconv import InputGradConv2d
-from stn.grid import TABLE1_MODELS
 from stn.spatial import SpatialTransformer
 
 NUM_CLASSES = 10
@@ -245,12 +210,12 @@ def conv_localisation(channels: int, side: int, *, fast: bool = True) -> tuple[n
 # ---- assembly --------------------------------------------------------------------------------------
 
 
-def _family(name: str) -> str:
+def model_family(name: str) -> str:
     return "fcn" if name in ("fcn", "st_fcn") else "cnn"
 
 
-def _width_key(name: str) -> str:
-    return "fc_units" if _family(name) == "fcn" else "conv_filters"
+def width_key(name: str) -> str:
+    return "fc_units" if model_family(name) == "fcn" else "conv_filters"
 
 
 def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
@@ -260,7 +225,7 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
     that the fast layout (`conv_relu_pool`, `InputGradConv2d`) must match; same parameters, same state dict.
     """
     name, size, spec = cfg.model.name, cfg.dataset.size, cfg.transformer
-    widths = {_width_key(name): width}
+    widths = {width_key(name): width}
     if name == "fcn":
         return DigitClassifier(
             name, nn.Identity(), nn.ModuleList(), 1, fcn_classifier(1, size, width), widths
@@ -308,14 +273,14 @@ def assemble(cfg: Config, width: int, *, fast: bool = True) -> DigitClassifier:
     return DigitClassifier(name, nn.Identity(), transformers, pool, after, widths)
 
 
-def _count(cfg: Config, width: int) -> int:
+def count_at_width(cfg: Config, width: int) -> int:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         return count_parameters(assemble(cfg, width))
 
 
 def _closest_width(cfg: Config, target: int, *, limit: int = 1 << 14) -> int:
     """The integer width whose parameter count is closest to `target` (the count grows with the width)."""
-    count = _count_polynomial(cfg, limit) or functools.partial(_count, cfg)
+    count = _count_polynomial(cfg, limit) or functools.partial(count_at_width, cfg)
     low, high = 1, limit
     while low < high:  # smallest width with count >= target
         mid = (low + high) // 2
@@ -336,7 +301,7 @@ def _count_polynomial(cfg: Config, limit: int) -> Callable[[int], int] | None:
     polynomial of degree <= 4 that agrees with the quadratic at 5 points is it). The width search then costs
     5 model builds instead of about 30 (each a few ms on meta tensors; `stn models` makes 40 searches).
     """
-    c1, c2, c3 = (_count(cfg, width) for width in (1, 2, 3))
+    c1, c2, c3 = (count_at_width(cfg, width) for width in (1, 2, 3))
     a2 = c3 - 2 * c2 + c1  # 2a: the second difference
     if a2 % 2:
         return None
@@ -347,7 +312,7 @@ def _count_polynomial(cfg: Config, limit: int) -> Callable[[int], int] | None:
     def count(width: int) -> int:
         return (a * width + b) * width + c
 
-    return count if all(count(w) == _count(cfg, w) for w in (7, limit)) else None
+    return count if all(count(w) == count_at_width(cfg, w) for w in (7, limit)) else None
 
 
 def baseline_config(cfg: Config, name: str) -> Config:
@@ -359,7 +324,7 @@ def baseline_config(cfg: Config, name: str) -> Config:
 def classifier_width(cfg: Config) -> int:
     """The classification net's width for `cfg` (see the module docstring for the rule)."""
     name, model = cfg.model.name, cfg.model
-    fixed = model.fc_units if _family(name) == "fcn" else model.conv_filters
+    fixed = model.fc_units if model_family(name) == "fcn" else model.conv_filters
     if fixed is not None:
         return fixed
     if model.param_budget is not None:
@@ -370,16 +335,16 @@ def classifier_width(cfg: Config) -> int:
         low, high = FCN_UNITS_RANGE
         return min(max(_closest_width(cfg, reference_parameters(cfg)), low), high)
     else:
-        target = count_parameters_of(baseline_config(cfg, _family(name)))
+        target = count_parameters_of(baseline_config(cfg, model_family(name)))
     width = _closest_width(cfg, target)
-    got = _count(cfg, width)
+    got = count_at_width(cfg, width)
     if abs(got - target) > MATCH_TOLERANCE * target:
         source = (
             f"model.param_budget={target}" if model.param_budget is not None else f"the baseline's {target}"
         )
         raise ConfigError(
             f"no width of model={name} gets near {source} parameters (closest: {got} at "
-            f"{_width_key(name)}={width}); raise model.param_budget or set model.{_width_key(name)}"
+            f"{width_key(name)}={width}); raise model.param_budget or set model.{width_key(name)}"
         )
     return width
 
@@ -391,7 +356,7 @@ def reference_parameters(cfg: Config) -> int:
 
 def count_parameters_of(cfg: Config) -> int:
     """The parameter count of the model `cfg` describes, without allocating it."""
-    return _count(cfg, classifier_width(cfg))
+    return count_at_width(cfg, classifier_width(cfg))
 
 
 def build_model(cfg: Config, *, fast: bool = True) -> DigitClassifier:
@@ -401,40 +366,3 @@ def build_model(cfg: Config, *, fast: bool = True) -> DigitClassifier:
     the throughput benchmark's reference pipeline uses it.
     """
     return assemble(cfg, classifier_width(cfg), fast=fast)
-
-
-# ---- Table 1's parameter counts ----------------------------------------------------------------------
-
-
-
-@dataclass(frozen=True)
-class ParameterRow:
-    model: str  # Table 1's label, e.g. "ST-CNN TPS"
-    dataset: str
-    params: int
-    width_name: str  # fc_units | conv_filters
-    width: int
-    target: int  # the count it is matched to: model.param_budget, else its baseline's (a baseline: its own)
-
-
-def parameter_table(
-    datasets: tuple[str, ...] | list[str] = ("R", "RTS", "P", "E", "TC"),
-    overrides: tuple[str, ...] | list[str] = (),
-) -> list[ParameterRow]:
-    """Every Table 1 model on every dataset, composed from conf/ (+ `overrides`), counted on meta tensors."""
-    rows = []
-    planned = [(dataset, label) for dataset in datasets for label, _ in TABLE1_MODELS]
-    configs = compose_many([[f"dataset={dataset}", *choice, *overrides]
-                            for dataset in datasets for _, choice in TABLE1_MODELS])
-    for (dataset, label), cfg in zip(planned, configs, strict=True):
-        width = classifier_width(cfg)
-        params = _count(cfg, width)
-        name = cfg.model.name
-        if cfg.model.param_budget is not None:
-            target = cfg.model.param_budget
-        elif name in ("fcn", "cnn"):
-            target = params
-        else:
-            target = count_parameters_of(baseline_config(cfg, _family(name)))
-        rows.append(ParameterRow(label, dataset, params, _width_key(name), width, target))
-    return rows

@@ -1,6 +1,7 @@
-"""The W&B sample images of a training (`stn.tracking.Tracker.log_images`): per test digit, the input enlarged
-with the first transformer's sampling grid T(G) drawn over it (the lines of `stn visualize`), beside what the
-transformer outputs; baselines show the enlarged input alone."""
+"""The pictures W&B shows of a finished training, drawn here and handed by train.fit to
+`stn.tracking.Tracker.log_pictures` (which only logs): per test digit, the input enlarged with the first
+transformer's sampling grid T(G) drawn over it (the lines of `stn visualize`), beside what the transformer
+outputs (baselines: the enlarged input alone), and for ST models the `stn visualize` figure."""
 
 from __future__ import annotations
 
@@ -53,6 +54,32 @@ def sample_panels(model: nn.Module, images: Tensor) -> list[Any]:
         gap = np.full((size[0], 2 * zoom, 3), 255, dtype=np.uint8)  # a white line between the two
         panels.append(np.concatenate([left, gap, right], axis=1))
     return panels
+
+
+def end_pictures(model: nn.Module, images: Tensor, labels: Tensor, caption: str) -> dict[str, Any]:
+    """{"key": input_rectified (ST models) | input, "samples": [(panel, "label N")] (`sample_panels`),
+    "transformations": the `stn visualize` figure of these digits titled `caption`, as an RGB PIL image (ST
+    models; else None), "caption": caption}."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from stn.visualize import draw_transformations
+
+    has_transformer = len(getattr(model, "transformers", ())) > 0
+    if not len(images):  # logger.images=0: nothing to draw
+        return {"key": "input", "samples": [], "transformations": None, "caption": caption}
+    samples = [(panel, f"label {int(label)}")
+               for panel, label in zip(sample_panels(model, images), labels.tolist(), strict=True)]
+    figure = None
+    if has_transformer:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = draw_transformations(model, images, labels, Path(tmp) / "transformations.png", title=caption)
+            with Image.open(path) as picture:
+                figure = picture.convert("RGB")  # read now: the file goes with the folder
+    return {"key": "input_rectified" if has_transformer else "input", "samples": samples,
+            "transformations": figure, "caption": caption}
 
 
 def enlarge(images: Tensor, k: int) -> Tensor:

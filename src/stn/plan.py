@@ -1,7 +1,8 @@
 """Plan and run a table with the batched engine: groups of same-shape models, chunks that resume.
 
 Members: one per (row, column, seed) of a grid file (experiments/table1/grid.yaml), composed as
-`stn reproduce-table` composes its cells (row and column overrides, `trainer=<preset>`, the seed).
+`stn reproduce-table` composes its cells (`stn.grid.compose_cells`); further grids' members may be queued
+beside them (`unique_members`: a cell two grids share trains once).
 Groups: members whose models share every shape (`stn.batched.shape_signature`) and optimiser settings train
 together in one `BatchedModels`: a cell's seeds, and one architecture across the 28x28 datasets R, P and E
 (Table 1 at 3 seeds: 8 groups of 9 models on 28x28, 8 groups of 3 on RTS, 4 groups of 3 on TC).
@@ -21,16 +22,17 @@ deadline would pass (then checkpointed). What travels between loans is `results.
 test error, steps, wall time, images/s, data streams and grouping) plus the partial files (`partial.pt`,
 `partial-2.pt`, ...: the in-flight groups' weights, momentum, loss windows and data positions), packed so that
 they fit what a GPU run may return (`StateLimits`, `pack_states`): the groups in flight are capped by it.
+
+The record: `cell_results` turns results.json into the per-cell results `stn reproduce-table` aggregates
+(stn.report), so results.csv (every cell of the state), and per grid table.md, ours_vs_paper.png and the W&B
+table run (`write_tables`, after a chunk) are the CPU table's; an ST member also records its distortion recovery.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +44,9 @@ import torch
 from stn.batched import BatchedModels, EngineError, EngineOptions, shape_signature
 from stn.batched_data import make_stream
 from stn.batched_run import GroupRun, InFlight
-from stn.compose import compose_many
-from stn.config import Config
+from stn.config import OPTIMISER_KEYS, Config
+from stn.grid import slug
+from stn.report import CellResult, render_csv, summarise
 from stn.runs import save_checkpoint, write_atomic
 
 RESULTS = "results.json"
@@ -65,6 +68,7 @@ class Member:
     seed: int
     config: Config
     paper: float | None = None
+    table: str = ""  # the grid file's name: a state may hold several tables' members (stn engine run --extra)
 
     @property
     def key(self) -> str:
@@ -97,34 +101,39 @@ class Group:
         return self.members[0].row
 
 
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
 def table_members(grid_path: str | Path, seeds: Sequence[int], preset: str, overrides: Sequence[str] = (),
                   rows: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> list[Member]:
-    """One Member per selected cell x seed of the grid file, composed like `stn reproduce-table` does."""
-    from stn.grid import load_grid, select_cells
+    """One Member per selected cell x seed of the grid file, composed as `stn reproduce-table` composes its cells
+    (`stn.grid.compose_cells`)."""
+    from stn.grid import compose_cells, load_grid, select_cells
 
     grid = load_grid(grid_path)
-    members = []
-    cells = select_cells(grid, rows, columns)
-    bases = compose_many([[*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides]
-                          for row, column in cells])
-    for (row, column), base in zip(cells, bases, strict=True):
-        for seed in seeds:
-            members.append(Member(row, column, int(seed), dataclasses.replace(base, seed=int(seed)),
-                                  grid.cells[(row, column)]))
-    return members
+    cells = compose_cells(grid, select_cells(grid, rows, columns), [int(s) for s in seeds],
+                          [f"trainer={preset}", *overrides])
+    return [Member(c.row, c.column, c.seed, c.config, c.paper, table=grid.name) for c in cells]
+
+
+def unique_members(members: Sequence[Member]) -> list[Member]:
+    """Members with one key once (a cell two queued grids share trains once); PlanError if the two would
+    train different configs under one key."""
+    seen: dict[str, Member] = {}
+    for member in members:
+        other = seen.setdefault(member.key, member)
+        if other.config != member.config:
+            raise PlanError(f"cell {member.row} / {member.column} seed {member.seed} is in tables {other.table} and "
+                            f"{member.table} with different configs; rename one's row or column")
+    return list(seen.values())
 
 
 def make_groups(members: Sequence[Member], max_k: int | None = None) -> list[Group]:
-    """Members with one shape and one optimiser, in order of first appearance; at most max_k per group."""
-    keys = ("batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "iterations")
+    """Members of one table with one shape and one optimiser, in order of first appearance; at most max_k per
+    group. A queued table's members form their own groups: the first table's group names (a partial.pt's)
+    stay what they were without it."""
+    keys = (*OPTIMISER_KEYS, "iterations")
     buckets: dict[tuple, list[Member]] = {}
     for member in members:
         trainer = member.config.trainer
-        key = (shape_signature(member.config), tuple(getattr(trainer, k) for k in keys))
+        key = (member.table, shape_signature(member.config), tuple(getattr(trainer, k) for k in keys))
         buckets.setdefault(key, []).append(member)
     groups = []
     for bucket in buckets.values():
@@ -623,21 +632,13 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
             flight.remove(run)
             cfgs = [m.config for m in group.members]
             with run.lane():
-                errors = run.engine.evaluate(_test_sets(group.members, cfgs[0].data_dir, device, cache),
-                                             cfgs[0].trainer.eval_batch_size)
-            bad = run.bad_steps()
-            for k, member in enumerate(group.members):
-                results[member.key] = {
-                    "row": member.row, "column": member.column, "seed": member.seed, "paper": member.paper,
-                    "test_error": errors[k] if bad[k] < 0 else math.nan, "first_nonfinite_step": bad[k],
-                    "final_loss": run.last_losses[k] if run.last_losses else None, "steps": run.step,
-                    "group": group.gid, "k": group.k, "train_seconds": run.train_seconds,
-                    "images_per_s_group": rate, "mode": f.options.mode, "device": str(device),
-                    "torch": torch.__version__, "in_flight": in_flight,
-                    # block draws depend on these: the models drawn together and the block length
-                    "data": f.options.data, "block_steps": f.options.block_steps if f.options.data == "block"
-                    else None, "grouping": [m.key for m in group.members],
-                }  # fmt: skip
+                test_sets = _test_sets(group.members, cfgs[0].data_dir, device, cache)
+                errors = run.engine.evaluate(test_sets, cfgs[0].trainer.eval_batch_size)
+                records = member_records(group, run.engine, run, errors, test_sets, f.options, rate, device)
+            for record in records.values():
+                # the groups trained beside this one, and the models drawn together (block draws depend on them)
+                record.update({"in_flight": in_flight, "grouping": [m.key for m in group.members]})
+            results.update(records)
             save_results(state_dir, results)
             del flying[group.gid]
             if group.gid in partials:
@@ -674,28 +675,117 @@ def write_progress(groups: Sequence[Group], state_dir: Path, results: dict[str, 
         "estimated_seconds_left": sum(s.seconds for c in remaining for s in c),
     }
     write_atomic(state_dir / PROGRESS, json.dumps(record, indent=1) + "\n")
-    write_atomic(state_dir / TABLE_CSV, table_csv(results))
+    write_atomic(state_dir / TABLE_CSV, table_csv(groups, results))
     return record
 
 
-def table_csv(results: dict[str, dict[str, Any]]) -> str:
-    """Per cell: the paper's error, mean and sample std over the finished seeds, steps, time, images/s."""
-    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for record in results.values():
-        cells.setdefault((record["row"], record["column"]), []).append(record)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["row", "column", "paper", "mean", "std", "seeds", "errors", "steps", "train_seconds",
-                     "images_per_s_group", "group", "k"])
-    for (row, column), records in cells.items():
-        records.sort(key=lambda r: r["seed"])
-        errors = [r["test_error"] for r in records]
-        finite = [e for e in errors if not math.isnan(e)]
-        mean = statistics.fmean(finite) if finite else math.nan
-        std = statistics.stdev(finite) if len(finite) > 1 else math.nan
-        first = records[0]
-        writer.writerow([row, column, first["paper"], f"{mean:.3f}", f"{std:.3f}",
-                         ";".join(str(r["seed"]) for r in records), ";".join(f"{e:.2f}" for e in errors),
-                         first["steps"], f"{first['train_seconds']:.1f}", f"{first['images_per_s_group']:.0f}",
-                         first["group"], first["k"]])
-    return out.getvalue()
+def member_records(group: Group, engine: BatchedModels, run: GroupRun, errors: Sequence[float],
+                   test_sets: Sequence[Any], options: EngineOptions, rate: float, device: torch.device
+                   ) -> dict[str, dict[str, Any]]:
+    """What results.json keeps of each member of a finished group: its test error (None after a non-finite
+    loss), how it trained (steps, group, K, the conv path `mode`, the `data` streams and, for block data, the
+    grouping that drew them) and, for ST models, the distortion recovery `stn train` records (stn.recovery)."""
+    bad = run.bad_steps()
+    records = {}
+    for k, member in enumerate(group.members):
+        record = {
+            "row": member.row, "column": member.column, "seed": member.seed, "paper": member.paper,
+            "table": member.table, "test_error": errors[k] if bad[k] < 0 else None, "first_nonfinite_step": bad[k],
+            "final_loss": run.last_losses[k] if run.last_losses else None, "steps": run.step,
+            "group": group.gid, "k": group.k, "members": [m.key for m in group.members],
+            "train_seconds": run.train_seconds, "images_per_s_group": rate, "mode": options.mode,
+            "data": options.data, "block_steps": options.block_steps if options.data == "block" else None,
+            "amp": options.amp, "device": str(device), "torch": torch.__version__,
+        }  # fmt: skip
+        if member.config.model.name.startswith("st_") and bad[k] < 0:
+            record.update(member_recovery(engine, k, member.config, test_sets[k], device))
+        records[member.key] = record
+    return records
+
+
+def member_recovery(engine: BatchedModels, k: int, cfg: Config, test_set: Any, device: torch.device
+                    ) -> dict[str, Any]:
+    """Model k of the group as the single model `stn train` builds, and its recovery metrics (flat
+    recovery/* keys, as in a run's summary.json; recovery/error when it could not be measured)."""
+    from stn.models import build_model
+    from stn.recovery import recovery_metrics
+
+    model = build_model(cfg).to(device)
+    model.load_state_dict(engine.member_state_dict(k))
+    return recovery_metrics(model.eval(), test_set, cfg)
+
+
+def member_run(record: dict[str, Any]) -> dict[str, Any]:
+    """A results.json member record as the table record's per-run record (`stn.report.summarise`): done with
+    its test error, or failed after a non-finite loss (None; NaN in state written before None was used)."""
+    error = record.get("test_error")
+    done = error is not None and math.isfinite(float(error))
+    run = {"row": record["row"], "column": record["column"], "seed": record["seed"], "steps": record.get("steps"),
+           "status": "done" if done else "failed"}
+    if done:
+        run["test_error"] = float(error)
+    else:
+        run["error"] = f"non-finite loss from step {record.get('first_nonfinite_step')}"
+    return run
+
+
+def cell_results(members: Sequence[Member], results: dict[str, dict[str, Any]]) -> list[CellResult]:
+    """The table record of `members` (one grid's, in plan order) from results.json: the same per-cell results
+    `stn reproduce-table` aggregates (mean, sample std, seeds done), for results.csv, table.md and W&B."""
+    papers = {(m.row, m.column): m.paper for m in members}
+    seeds: dict[tuple[str, str], list[int]] = {}
+    for m in members:
+        seeds.setdefault((m.row, m.column), []).append(m.seed)
+    return summarise(papers, seeds, [member_run(results[m.key]) for m in members if m.key in results])
+
+
+def table_csv(groups: Sequence[Group], results: dict[str, dict[str, Any]]) -> str:
+    """results.csv of the state: every member's cell in the table record's one schema (stn.report)."""
+    return render_csv(cell_results([m for g in groups for m in g.members], results))
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+TABLE_META = "table.json"  # per grid: its W&B table run's id and last step, and how many seeds it had logged
+
+
+def write_tables(state_dir: str | Path, tables: Sequence[tuple[Any, Sequence[Member]]], *, preset: str,
+                 overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, list[CellResult]]:
+    """What `stn reproduce-table` writes for a table, from the state's results.json, per grid (the first in
+    `state_dir`, each extra one in `state_dir/<grid name>/`): table.md, ours_vs_paper.png and the W&B table run
+    (stn.report; job_type table, continued across chunks, logged again only when more seeds finished).
+    results.csv of every cell is write_progress's. Returns each grid's per-cell results."""
+    from stn.cache import cached_compose
+    from stn.report import log_table_to_wandb, new_run_id, plot_bars, write_table
+
+    state_dir = Path(state_dir)
+    results = load_results(state_dir)
+    saved = json.loads((state_dir / TABLE_META).read_text()) if (state_dir / TABLE_META).is_file() else {}
+    template = cached_compose([f"trainer={preset}", *overrides])  # W&B project, entity, mode, group
+    group = template.logger.group or state_dir.resolve().name
+    out: dict[str, list[CellResult]] = {}
+    for index, (grid, members) in enumerate(tables):
+        folder = state_dir if index == 0 else state_dir / grid.name
+        folder.mkdir(parents=True, exist_ok=True)
+        cells = out[grid.name] = cell_results(members, results)
+        previous = saved.get(grid.name, {})
+        meta: dict[str, Any] = {
+            "grid": str(grid.path), "name": grid.name, "preset": preset,
+            "seeds": sorted({m.seed for m in members}), "overrides": list(overrides), "executor": "engine",
+            "group": group if index == 0 else f"{group}-{grid.name}", "table_dir": str(folder.resolve()),
+            "wandb_id": previous.get("wandb_id") or new_run_id(), "wandb_step": int(previous.get("wandb_step", 0)),
+        }  # fmt: skip
+        # the state's own results.csv (write_progress) holds every cell of every grid
+        write_table(folder, grid, cells, meta, with_csv=index > 0)
+        chart = plot_bars(cells, folder / "ours_vs_paper.png", f"{grid.title} [{preset}]")
+        done = sum(len(c.errors) for c in cells)
+        if done and done != previous.get("runs_done"):
+            meta["wandb_step"] += 1
+            wandb_dir = log_table_to_wandb(grid, cells, chart, meta, template)
+            if wandb_dir is not None:
+                log(f"{grid.name}: W&B table run {wandb_dir}")
+        saved[grid.name] = {"wandb_id": meta["wandb_id"], "wandb_step": meta["wandb_step"], "runs_done": done}
+        log(f"{grid.name}: {sum(c.status == 'done' for c in cells)}/{len(cells)} cells done -> {folder / 'table.md'}")
+    if template.logger.mode != "disabled":  # no W&B run to continue: no file (a GPU loan counts its files)
+        write_atomic(state_dir / TABLE_META, json.dumps(saved, indent=1) + "\n")
+    return out

@@ -1,7 +1,11 @@
-"""Rendering a table's results: markdown, CSV, JSON, a bar chart, the terminal table and the W&B table run.
+"""A table's record: per-run records aggregated into per-cell results, and everything rendered from them.
 
-Pure functions of the per-cell results (`CellResult`, aggregated by `stn.tables`); every file is written
-atomically (`stn.runs.write_atomic`), so a reader never sees half a table.
+One record for every way a table is trained: `stn reproduce-table` (stn.tables, one process per cell) and
+`stn engine run` (stn.plan, many models per process) both hand `summarise` their per-run records and get
+`CellResult`s back, from which come the one results.csv schema (`RESULT_COLUMNS`), table.md, the bar chart,
+the terminal table and the W&B table run. `mean_std` is the one mean ± sample std over seeds (the convergence
+study's record uses it too); a missing value is None, never NaN. Every file is written atomically
+(`stn.runs.write_atomic`), so a reader never sees half a table.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stn.config import Config
-from stn.grid import Grid
+from stn.grid import Grid, cell_name
 from stn.runs import write_atomic
 
 
@@ -36,6 +41,7 @@ class CellResult:
     mean: float | None = None
     std: float | None = None
     diff: float | None = None  # mean - paper
+    steps: int | None = None  # training steps of the finished seeds (None: none finished, or they differ)
 
     @property
     def status(self) -> str:
@@ -44,6 +50,42 @@ class CellResult:
         if self.failed:
             return "failed"
         return "partial" if self.errors else "pending"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation with n-1) of per-seed values; None for the mean without values and
+    for the std below two."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(papers: Mapping[tuple[str, str], float | None],
+              seeds: Sequence[int] | Mapping[tuple[str, str], Sequence[int]], runs: Sequence[dict]) -> list[CellResult]:
+    """Per-cell results, in the order of `papers` ((row, column) -> the paper's error), from per-run records
+    (`row`, `column`, `seed`, `status` done / failed / anything else, `test_error`, `error`, `steps`). `seeds`:
+    the seeds planned for every cell, or per cell."""
+    planned = seeds if isinstance(seeds, Mapping) else dict.fromkeys(papers, seeds)
+    results = {(row, column): CellResult(row, column, cell_name(row, column), paper, list(planned[(row, column)]))
+               for (row, column), paper in papers.items()}
+    steps: dict[tuple[str, str], set[int]] = {key: set() for key in results}
+    for run in runs:
+        key = (run["row"], run["column"])
+        result = results.get(key)
+        if result is None or run["seed"] not in result.seeds:
+            continue
+        if run["status"] == "done":
+            result.errors[run["seed"]] = float(run["test_error"])
+            if run.get("steps") is not None:
+                steps[key].add(int(run["steps"]))
+        elif run["status"] == "failed":
+            result.failed[run["seed"]] = str(run.get("error", "failed"))
+    for key, result in results.items():
+        result.mean, result.std = mean_std([result.errors[s] for s in sorted(result.errors)])
+        if result.mean is not None and result.paper is not None:
+            result.diff = result.mean - result.paper
+        result.steps = next(iter(steps[key])) if len(steps[key]) == 1 else None
+    return list(results.values())
 
 
 def format_error(result: CellResult) -> str:
@@ -110,7 +152,13 @@ def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, A
 
 
 RESULT_COLUMNS = ("row", "column", "cell", "status", "ours_mean", "ours_std", "paper", "diff", "seeds_done",
-                  "seeds", "errors")  # fmt: skip
+                  "seeds", "errors", "steps")  # fmt: skip
+
+
+def parse_errors(text: str) -> dict[int, float]:
+    """results.csv's `errors` field back: '0:1.2300;2:1.4100' -> {0: 1.23, 2: 1.41}."""
+    pairs = (item.split(":", 1) for item in text.split(";") if item)
+    return {int(seed): float(error) for seed, error in pairs}
 
 
 def result_row(x: CellResult) -> list[Any]:
@@ -128,6 +176,7 @@ def result_row(x: CellResult) -> list[Any]:
         len(x.errors),
         len(x.seeds),
         errors,
+        x.steps,
     ]
 
 
@@ -145,15 +194,25 @@ def write_results(
 ) -> dict[str, Path]:
     """results.json (everything), results.csv (one line per cell), table.md; each written atomically."""
     meta = {**meta, "updated": datetime.now().isoformat(timespec="seconds")}
-    files = {name: table_dir / name for name in ("results.json", "results.csv", "table.md")}
     payload = {
         **meta,
         "title": grid.title,
         "cells": [{**dataclasses.asdict(x), "status": x.status} for x in results],
         "runs": list(runs),
     }
-    write_atomic(files["results.json"], json.dumps(payload, indent=2, default=str) + "\n")
-    write_atomic(files["results.csv"], render_csv(results))
+    write_atomic(table_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    return {"results.json": table_dir / "results.json", **write_table(table_dir, grid, results, meta)}
+
+
+def write_table(folder: Path, grid: Grid, results: Sequence[CellResult], meta: dict[str, Any],
+                with_csv: bool = True) -> dict[str, Path]:
+    """results.csv (one line per cell, RESULT_COLUMNS; unless with_csv=False) and table.md: the files every table
+    writes, whichever engine trained it; meta names the grid, preset, seeds, W&B group and (`updated`) when."""
+    meta = {"updated": datetime.now().isoformat(timespec="seconds"), **meta}
+    files = {"table.md": folder / "table.md"}
+    if with_csv:
+        files["results.csv"] = folder / "results.csv"
+        write_atomic(files["results.csv"], render_csv(results))
     write_atomic(files["table.md"], render_markdown(grid, results, meta))
     return files
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stn.compose import from_container
-from stn.config import Config, UserError, to_dict
+from stn.config import OPTIMISER_KEYS, Config, ConfigError, UserError, to_dict
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, not with the module
     import torch
@@ -54,10 +54,9 @@ RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 # - RUNTIME: where things live and how they are run and logged. Free to change; never makes a run stale.
 # - every other key (trainer.iterations, the intervals, amp, channels_last, dataset.test_limit, ...) changes
 #   the outcome but may change between invocations: resumable, but a finished run with another value is stale.
-IDENTITY = ("dataset", "model", "transformer", "seed", "trainer.batch_size", "trainer.lr", "trainer.momentum",
-            "trainer.weight_decay", "trainer.lr_step", "trainer.lr_gamma", "trainer.schedule", "trainer.nesterov",
-            "trainer.loc_lr_scale", "trainer.warmup", "trainer.label_smoothing", "trainer.grad_clip",
-            "trainer.ema_decay")
+IDENTITY = ("dataset", "model", "transformer", "seed", *(f"trainer.{key}" for key in OPTIMISER_KEYS),
+            "trainer.schedule", "trainer.nesterov", "trainer.loc_lr_scale", "trainer.warmup", "trainer.label_smoothing",
+            "trainer.grad_clip", "trainer.ema_decay")
 RUNTIME = ("data_dir", "download", "runs_dir", "run_dir", "name", "trainer.resume", "trainer.stop_after",
            "trainer.device", "trainer.eval_batch_size", "trainer.compile", "logger")
 OUTCOME_EXCEPTIONS = ("dataset.test_limit",)  # inside an IDENTITY section, but evaluation only
@@ -234,6 +233,51 @@ def load_checkpoint(path: Path, device: Any) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has format version {state['version']}, this stn reads "
                               f"{CHECKPOINT_VERSION}; delete it to start that run over")
     return state
+
+
+def load_model(path: str | os.PathLike, *, need_transformer: bool = False) -> tuple[Any, Config, dict[str, Any]]:
+    """(the model its config describes, in eval mode, on the CPU, with the checkpoint's weights; that config; the
+    checkpoint itself) from a training checkpoint: the one loader for reading a trained model back (`stn
+    visualize`, `stn recovery`). Needs only the `model` and `config` keys, so a checkpoint from another
+    version of the format still draws. need_transformer: a model without a spatial transformer is an error."""
+    import torch
+
+    from stn.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run's checkpoints/last.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        found = sorted(state.keys()) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not an stn training checkpoint: expected keys 'model' and 'config', "
+                              f"found {found}")
+    try:
+        cfg = from_container(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its saved config does not validate: {err}") from None
+    if need_transformer and not cfg.model.name.startswith("st_"):
+        raise CheckpointError(f"{path} holds model={cfg.model.name}, which has no spatial transformer: pass the "
+                              "checkpoint of an st_fcn or st_cnn run")
+    try:
+        model = build_model(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {err}") from None
+    try:  # fit saves the model's own state_dict, never torch.compile's wrapper: no "_orig_mod." keys
+        model.load_state_dict(evaluated_weights(state))  # the weight average's, for a run that kept one
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config describes ({_first_line(err)[:300]})"
+        ) from None
+    return model.eval(), cfg, state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def checkpoint_state(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -1,8 +1,8 @@
-"""Reproduce a results table of the paper: plan its runs, reuse what is done, aggregate the seeds.
+"""Reproduce a results table of the paper: plan its runs, reuse what is done, record the seeds.
 
-Owns planning and aggregation; the grid file's schema is `stn.grid`, running the jobs `stn.launch`
-(submitit), the outputs `stn.report`, the reuse rule ("is this finished cell stale?") `stn.runs.is_stale`.
-A table is a YAML file (`experiments/table1/grid.yaml`): `rows` and `columns` map the paper's labels to
+Owns planning and resuming; a cell x seed's Config and the grid file's schema are `stn.grid`, running the
+jobs `stn.launch` (submitit), the record (aggregation, results.csv, table.md, chart) `stn.report`, the
+reuse rule ("is this finished cell stale?") `stn.runs.is_stale`. A table is a YAML file (`experiments/table1/grid.yaml`): `rows` and `columns` map the paper's labels to
 config overrides, `cells` lists which (row, column) pairs exist and the paper's error for each. Every
 cell x seed becomes one `Config` (row + column overrides, `trainer=<preset>`, the user's overrides, then
 seed, run folder `<table>/cells/<cell>/seed<s>`, `trainer.resume=true` and the W&B group set here) and
@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stn.cache import cached_compose, cached_compose_many
-from stn.compose import ComposeError
-from stn.config import Config, ConfigError
-from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
+from stn.cache import cached_compose
+from stn.config import TRAINER_PRESETS, Config, ConfigError
+from stn.grid import (
+    DEFAULT_GRID,
+    Grid,
+    TableError,
+    cell_name,
+    check_overrides,
+    compose_cells,
+    load_grid,
+    select_cells,
+)
 from stn.job import Job
 from stn.launch import (
     EXECUTORS,
@@ -44,11 +51,18 @@ from stn.launch import (
     sigterm_as_interrupt,
     start_pool,
 )
-from stn.report import CellResult, log_table_to_wandb, new_run_id, paper_text, plot_bars, write_results
+from stn.report import (
+    CellResult,
+    log_table_to_wandb,
+    new_run_id,
+    paper_text,
+    plot_bars,
+    summarise,
+    write_results,
+)
 from stn.runs import CheckpointError, is_stale, read_config
 from stn.validation import folder_problems, schedule_warning
 
-PRESETS = ("smoke", "quick", "paper")
 DEFAULT_SLURM = SlurmOptions()
 
 
@@ -98,71 +112,31 @@ def plan_jobs(
     table_dir: Path,
     group: str,
 ) -> list[CellJob]:
-    """Compose one validated Config per cell x seed (all of them before anything runs)."""
-    if preset not in PRESETS:
-        raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    """Compose one validated Config per cell x seed (all of them before anything runs; `stn.grid.compose_cells`),
+    each with its run folder, name, resume and W&B cell keys."""
+    if preset not in TRAINER_PRESETS:
+        raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(TRAINER_PRESETS)}")
     if not seeds:
         raise TableError("no seeds given; pass e.g. --seeds 0 or --seeds 0,1,2")
     check_overrides(overrides, "overrides")
     table_dir = table_dir.resolve()
     jobs = []
-    word_lists = [[*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides] for row, column in cells]
-    try:
-        bases = cached_compose_many(word_lists)
-    except ComposeError as err:
-        words = list(err.overrides)
-        row, column = cells[word_lists.index(words)]
-        raise TableError(f"cell {row}/{column} ({' '.join(words)}): {err}") from None
-    for (row, column), base in zip(cells, bases, strict=True):
-        # Workers may run elsewhere (Slurm) or in another cwd: pin the data folder.
-        base = dataclasses.replace(base, data_dir=str(Path(base.data_dir).resolve()))
-        name = cell_name(row, column)
+    for item in compose_cells(grid, cells, seeds, [f"trainer={preset}", *overrides]):
+        base, name = item.config, cell_name(item.row, item.column)
         # What a group's dashboard groups the cell runs by (W&B config keys and tags, stn.tracking).
-        cell = {"table": grid.name, "row": row, "column": column, "cell": name,
-                "paper_test_error": grid.cells[(row, column)]}
-        for seed in seeds:
-            config = dataclasses.replace(
-                base,
-                seed=int(seed),
-                name=f"{base.run_name}-seed{seed}",
-                run_dir=str(table_dir / "cells" / name / f"seed{seed}"),
-                trainer=dataclasses.replace(base.trainer, resume=True),
-                logger=dataclasses.replace(base.logger, group=group, cell=cell),
-            )
-            jobs.append(CellJob(row=row, column=column, cell=name, seed=int(seed), config=config))
+        cell = {"table": grid.name, "row": item.row, "column": item.column, "cell": name,
+                "paper_test_error": item.paper}
+        config = dataclasses.replace(
+            base,
+            # Workers may run elsewhere (Slurm) or in another cwd: pin the data folder.
+            data_dir=str(Path(base.data_dir).resolve()),
+            name=f"{base.run_name}-seed{item.seed}",
+            run_dir=str(table_dir / "cells" / name / f"seed{item.seed}"),
+            trainer=dataclasses.replace(base.trainer, resume=True),
+            logger=dataclasses.replace(base.logger, group=group, cell=cell),
+        )
+        jobs.append(CellJob(row=item.row, column=item.column, cell=name, seed=item.seed, config=config))
     return jobs
-
-
-def aggregate(errors: Sequence[float]) -> tuple[float | None, float | None]:
-    """(mean, sample standard deviation with n-1) of per-seed errors; std is None below two seeds."""
-    if not errors:
-        return None, None
-    mean = statistics.fmean(errors)
-    std = statistics.stdev(errors) if len(errors) > 1 else None
-    return mean, std
-
-
-def summarise(
-    grid: Grid, cells: Sequence[tuple[str, str]], seeds: Sequence[int], runs: Sequence[dict]
-) -> list[CellResult]:
-    """Per-cell results from per-run records (`row`, `column`, `seed`, `status`, `test_error`, `error`)."""
-    results = {
-        (row, column): CellResult(row, column, cell_name(row, column), grid.cells[(row, column)], list(seeds))
-        for row, column in cells
-    }
-    for run in runs:
-        result = results.get((run["row"], run["column"]))
-        if result is None or run["seed"] not in result.seeds:
-            continue
-        if run["status"] == "done":
-            result.errors[run["seed"]] = float(run["test_error"])
-        elif run["status"] == "failed":
-            result.failed[run["seed"]] = str(run.get("error", "failed"))
-    for result in results.values():
-        result.mean, result.std = aggregate([result.errors[s] for s in sorted(result.errors)])
-        if result.mean is not None and result.paper is not None:
-            result.diff = result.mean - result.paper
-    return list(results.values())
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
@@ -285,8 +259,8 @@ def reproduce(
     check_overrides(overrides, "overrides")
     if executor not in EXECUTORS:
         raise TableError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if preset not in PRESETS:
-        raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in TRAINER_PRESETS:
+        raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(TRAINER_PRESETS)}")
     seeds = [int(s) for s in seeds]
     repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     if repeated or any(seed < 0 for seed in seeds):
@@ -330,7 +304,7 @@ def reproduce(
 
     def refresh() -> list[CellResult]:
         report.runs = list(runs.values())
-        report.cells = summarise(grid, cells, seeds, report.runs)
+        report.cells = summarise({cell: grid.cells[cell] for cell in cells}, seeds, report.runs)
         report.files.update(write_results(table_dir, grid, report.cells, report.runs, meta))
         return report.cells
 

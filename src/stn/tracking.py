@@ -15,10 +15,11 @@ conf/logger/wandb.yaml, below any logger.* override; README "Runs, checkpoints, 
 W&B run across stops and resumes (`Tracker.run_id`, kept in the checkpoint). Curves are plotted against
 images_seen (define_metric); the test error is summarised as {min, last}.
 
-At the end of a training (train.fit calls `log_images`, `log_transformations`, `log_artifacts`): sample
-images (the input with T(G) drawn over it, beside the transformer's output), the `stn visualize` figure with
-the distortion recovery in its caption, and, with logger.artifacts, the checkpoint (artifact `model-<run id>`, type "model", aliases last/best) and a dataset card
-(`card-<dataset>`, type "dataset-card", stn.cards) as artifacts. A table's cells carry their row, column,
+At the end of a training train.fit draws, and hands over to `log_pictures` and `log_artifacts` (this module
+logs what it is given and draws nothing): sample images (the input with T(G) drawn over it, beside the
+transformer's output), the `stn visualize` figure with the distortion recovery in its caption, and, with
+logger.artifacts, the checkpoint (artifact `model-<run id>`, type "model", aliases last/best) and a dataset
+card (`card-<dataset>`, type "dataset-card", stn.cards) as artifacts. A table's cells carry their row, column,
 cell, table and paper value (logger.cell, set by stn.tables) as top-level W&B config keys and as tags.
 `log_visualization` puts a `stn visualize --wandb` figure in W&B.
 """
@@ -34,8 +35,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
-
-from torch import Tensor, nn
 
 from stn.config import Config, to_dict
 
@@ -170,6 +169,7 @@ class Tracker:
 
     @property
     def enabled(self) -> bool:
+        """Whether this run logs to W&B now: the caller draws the end-of-run pictures only then."""
         return self.run is not None
 
     def start(self) -> None:
@@ -234,52 +234,33 @@ class Tracker:
         except Exception as err:
             self._give_up("log", err)
 
-    def log_images(self, model: nn.Module, images: Tensor, labels: Tensor, step: int) -> None:
-        """A few test inputs as W&B images: for ST models each with T(G) drawn over it beside the
-        transformer's output (key input_rectified), for baselines the input alone (key input)."""
-        if self.run is None or len(images) == 0:
+    def log_pictures(self, pictures: dict[str, Any], step: int) -> None:
+        """The end of a training's pictures, drawn by the caller (train.fit, `stn.panels.end_pictures`): the
+        sample panels under pictures["key"] (input_rectified for ST models, input for baselines) and, for ST
+        models, the `stn visualize` figure as `transformations`, captioned with the distortion recovery."""
+        if self.run is None or not pictures["samples"]:
             return
         try:
             import wandb
 
-            from stn.panels import sample_panels
-
-            key = "input_rectified" if len(getattr(model, "transformers", ())) else "input"
-            pictures = [wandb.Image(panel, caption=f"label {int(label)}")
-                        for panel, label in zip(sample_panels(model, images), labels.tolist(), strict=True)]
-            self.run.log({key: pictures}, step=step)
+            payload: dict[str, Any] = {pictures["key"]: [wandb.Image(panel, caption=caption)
+                                                         for panel, caption in pictures["samples"]]}
+            if pictures["transformations"] is not None:
+                payload["transformations"] = wandb.Image(pictures["transformations"], caption=pictures["caption"])
+            self.run.log(payload, step=step)
         except Exception as err:
             self._give_up("image logging", err)
 
-    def log_transformations(self, model: nn.Module, images: Tensor, labels: Tensor, step: int,
-                            recovery: dict[str, Any]) -> None:
-        """The `stn visualize` figure of these digits (ST models only), captioned with the recovery headline
-        (flat recovery/* keys, stn.recovery), as the W&B image `transformations`."""
-        if self.run is None or len(images) == 0 or len(getattr(model, "transformers", ())) == 0:
-            return
-        try:
-            import tempfile
+    def give_up(self, where: str, err: BaseException) -> None:
+        """A W&B record that could not be made (e.g. a picture the caller failed to draw): reported once, and
+        W&B is off for the rest of this run; training goes on."""
+        self._give_up(where, err)
 
-            import wandb
-            from PIL import Image
-
-            from stn.recovery import headline_line
-            from stn.visualize import draw_transformations
-
-            caption = f"{self.cfg.run_name}, step {step}; recovery: {headline_line(recovery) or 'not measured'}"
-            with tempfile.TemporaryDirectory() as tmp:
-                path = draw_transformations(model, images, labels, Path(tmp) / "transformations.png",
-                                            title=caption)
-                with Image.open(path) as picture:
-                    figure = picture.convert("RGB")  # read now: the file goes with the folder
-            self.run.log({"transformations": wandb.Image(figure, caption=caption)}, step=step)
-        except Exception as err:
-            self._give_up("figure logging", err)
-
-    def log_artifacts(self, summary: dict[str, Any]) -> None:
+    def log_artifacts(self, summary: dict[str, Any], card: tuple[dict[str, Any], str] | None = None) -> None:
         """With logger.artifacts: the run's checkpoints/last.pt (and best.pt where there is one) with its
-        config.yaml and summary as the artifact `model-<run id>` (type "model", aliases last, best), and a
-        dataset card of logger.card_draws test draws (stn.cards) as `card-<dataset>` (type "dataset-card").
+        config.yaml and summary as the artifact `model-<run id>` (type "model", aliases last, best), and the
+        dataset card the caller built (stn.cards: the card and its markdown) as `card-<dataset>` (type
+        "dataset-card").
         Whoever syncs the run can then `wandb artifact get` the model and `stn visualize` its last.pt. A
         failure here is reported once and costs neither the run nor its other W&B records."""
         if self.run is None or not self.cfg.logger.artifacts:
@@ -304,17 +285,15 @@ class Tracker:
             with model.new_file("summary.json") as handle:
                 handle.write(json.dumps(summary, indent=1, default=str) + "\n")
             self.run.log_artifact(model, aliases=aliases)
-            if cfg.logger.card_draws:
-                from stn.cards import build_card, card_markdown
-
-                card, _stats = build_card(cfg, count=cfg.logger.card_draws)
+            if card is not None:
+                card, markdown = card
                 artifact = wandb.Artifact(
                     card_artifact_name(cfg.dataset.name), type="dataset-card",
                     description=f"dataset card of {cfg.dataset.name} over {card['draws']} test draws (stn.cards)",
                     metadata={"dataset": card["dataset"], "draws": card["draws"], "test_seed": card["test_seed"]},
                 )
                 with artifact.new_file(f"{cfg.dataset.name}.md") as handle:
-                    handle.write(card_markdown(card))
+                    handle.write(markdown)
                 with artifact.new_file(f"{cfg.dataset.name}.json") as handle:
                     handle.write(json.dumps(card, indent=1) + "\n")
                 self.run.log_artifact(artifact)

@@ -51,7 +51,7 @@ from stn.device import (
 )
 from stn.lock import locked
 from stn.progress import Console, stop_on_signals
-from stn.recovery import recovery_metrics
+from stn.recovery import headline_line, recovery_metrics
 from stn.runs import (
     CHECKPOINT,
     CheckpointError,
@@ -71,7 +71,7 @@ from stn.runs import (
     write_atomic,
     write_json,
 )
-from stn.tracking import Tracker
+from stn.tracking import Tracker, say_once
 
 
 class TrainingError(RunError):
@@ -420,17 +420,45 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
             recovery = recovery_metrics(run.evaluated, run.test_set, cfg)  # stn.recovery: flat recovery/* keys
             summary.update(recovery)
             # W&B's end of a training: samples with T(G), the visualize figure, the summary, the artifacts.
-            count = cfg.logger.images
-            images, labels = run.test_set.images[:count], run.test_set.labels[:count]
-            tracker.log_images(run.evaluated, images, labels, run.step)
-            tracker.log_transformations(run.evaluated, images, labels, run.step, recovery)
+            if tracker.enabled:  # drawn here, only for W&B; tracking logs them
+                hand_pictures(tracker, run, recovery)
             # W&B's test_error {min, last} covers what this invocation logged; test_error_best every invocation.
             tracker.set_summary(summary | {"test_error_best": best_test_error(run.folder / "metrics.jsonl")})
-            tracker.log_artifacts(summary)
+            tracker.log_artifacts(summary, dataset_card(cfg) if tracker.enabled else None)
     finally:
         console.close()
     write_json(run.folder / "summary.json", summary)
     return summary
+
+
+def hand_pictures(tracker: Tracker, run: Session, recovery: dict[str, Any]) -> None:
+    """The end-of-run pictures (`stn.panels.end_pictures`) of the first logger.images test digits, to W&B. A
+    picture that cannot be drawn costs W&B for this run, never the training."""
+    from stn.panels import end_pictures
+
+    cfg, count = run.cfg, run.cfg.logger.images
+    caption = f"{cfg.run_name}, step {run.step}; recovery: {headline_line(recovery) or 'not measured'}"
+    try:
+        pictures = end_pictures(run.evaluated, run.test_set.images[:count], run.test_set.labels[:count], caption)
+    except Exception as err:  # noqa: BLE001 - W&B must never stop training
+        tracker.give_up("drawing the W&B pictures", err)
+        return
+    tracker.log_pictures(pictures, run.step)
+
+
+def dataset_card(cfg: Config) -> tuple[dict[str, Any], str] | None:
+    """The dataset card W&B keeps beside the checkpoint (logger.artifacts, logger.card_draws test draws;
+    stn.cards) with its markdown, or None (not asked for, or it failed: said once, the run goes on)."""
+    if not (cfg.logger.artifacts and cfg.logger.card_draws):
+        return None
+    try:
+        from stn.cards import build_card, card_markdown
+
+        card, _stats = build_card(cfg, count=cfg.logger.card_draws)
+        return card, card_markdown(card)
+    except Exception as err:  # noqa: BLE001 - a card must not cost the run or its other W&B records
+        say_once(f"building the dataset card failed ({type(err).__name__}: {err}); W&B gets the run without it")
+        return None
 
 
 def interrupted(run: Session, stop: dict[str, int]) -> TrainingInterrupted:

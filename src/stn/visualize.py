@@ -8,9 +8,8 @@ transformer.placement=features the "input" is the feature maps after the first c
 mean over channels.
 
 `draw_transformations(model, images, labels, out)` takes any batch; `render_checkpoint(path, out)` loads
-a training checkpoint (a dict with "model", a state_dict, and "config", from `stn.config.to_dict`), draws
-the first digits of the configured fixed test set and measures the model's distortion recovery
-(`stn.recovery`) for the title; `stn.tracking.log_visualization` puts the result in W&B. `overlay_grid` draws
+a training checkpoint once (`stn.runs.load_model`), draws the first digits of the configured fixed test set
+and measures the model's distortion recovery (`stn.recovery`) for the title (`stn visualize --wandb` logs it). `overlay_grid` draws
 the same T(G) lines into an enlarged image with PIL (the W&B sample images of `stn.panels`). `preview(cfg, out)` draws a grid of a dataset's
 samples with their labels (`stn data preview`).
 """
@@ -26,59 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.compose import from_container
-from stn.config import DATA_DIR_ENV, Config, ConfigError, UserError
-from stn.models import DigitClassifier, build_model
-from stn.runs import evaluated_weights
+from stn.config import DATA_DIR_ENV, Config
+from stn.models import DigitClassifier
+from stn.runs import load_model
 from stn.spatial import norm_to_pixel
 
 GRID_LINES = 7  # grid rows/columns drawn inside the outline
 TILE_INCHES = 1.7
-
-
-class VisualizeError(UserError):
-    """A checkpoint that cannot be drawn; the message names the file and the fix."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[DigitClassifier, Config]:
-    """(the model in eval mode, on the CPU, with the checkpoint's weights; the config it was trained with)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VisualizeError(f"checkpoint {path} does not exist: pass a run's checkpoints/last.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise VisualizeError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
-    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
-        found = sorted(state.keys()) if isinstance(state, dict) else type(state).__name__
-        raise VisualizeError(
-            f"{path} is not an stn training checkpoint: expected keys 'model' and 'config', found {found}"
-        )
-    try:
-        cfg = from_container(state["config"])
-    except ConfigError as err:
-        raise VisualizeError(f"{path}: its saved config does not validate: {err}") from None
-    if not cfg.model.name.startswith("st_"):
-        raise VisualizeError(
-            f"{path} holds model={cfg.model.name}, which has no spatial transformer to draw: "
-            "pass the checkpoint of an st_fcn or st_cnn run"
-        )
-    try:
-        model = build_model(cfg)
-    except ConfigError as err:
-        raise VisualizeError(f"{path}: cannot rebuild its model: {err}") from None
-    try:  # fit saves the model's own state_dict, never torch.compile's wrapper: no "_orig_mod." keys
-        model.load_state_dict(evaluated_weights(state))
-    except RuntimeError as err:
-        raise VisualizeError(
-            f"{path}: its weights do not fit the model its config describes ({_first_line(err)[:300]})"
-        ) from None
-    return model.eval(), cfg
 
 
 def _image(tensor: Tensor) -> Any:
@@ -247,8 +200,7 @@ def render_checkpoint(
         raise ValueError(f"count={count} must be at least 1")
     if recovery_digits < 0:
         raise ValueError(f"recovery_digits={recovery_digits} must be 0 or more")
-    model, cfg = load_checkpoint(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # readable: load_checkpoint read it
+    model, cfg, state = load_model(path, need_transformer=True)
     root = data_dir or os.environ.get(DATA_DIR_ENV) or cfg.data_dir
     digits, labels = load_mnist(root, train=False, download=cfg.download)
     # With test_limit=n the test set is the first n samples of the full one: the digits evaluation scored.
@@ -276,14 +228,6 @@ def render_checkpoint(
     drawn = draw_transformations(model, test_set.images[:count], test_set.labels[:count], out, title=title)
     return Rendered(path=drawn, title=title, config=cfg, recovery=recovery, recovery_flat=flat,
                     recovery_text=text, wandb_id=state.get("wandb_id"))
-
-
-def visualize_checkpoint(
-    path: str | os.PathLike, out: str | os.PathLike, *, count: int = 8, data_dir: str | None = None,
-    recovery_digits: int = RECOVERY_DIGITS,
-) -> Path:
-    """`render_checkpoint`, returning the picture's path."""
-    return render_checkpoint(path, out, count=count, data_dir=data_dir, recovery_digits=recovery_digits).path
 
 
 # ---------------------------------------------------------------------------------------- dataset previews

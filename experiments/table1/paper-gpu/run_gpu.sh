@@ -94,7 +94,8 @@ loan)
   # until LOAN_S seconds after the start. The state is written straight into $OUT/state, so a call stopped at its
   # limit still brings back every finished group. At most 8 files: log.txt tests.txt bench_block.json
   # state/{results.json,results.csv,progress.json} and STATE_FILES=2 partial files (partial.pt, partial-2.pt:
-  # the groups in flight are capped so their states fit; with BENCH_EXACT=1, bench.json too: STATE_FILES=1).
+  # the groups in flight are capped so their states fit; with BENCH_EXACT=1, bench.json too: STATE_FILES=1);
+  # hence --no-record (table.md and the chart: `stn engine run --budget 0` on the returned state writes them).
   LOAN_S=${LOAN_S:-540}
   say "tests"
   timeout ${T_TESTS:-120} $PY -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda.py tests/test_spatial.py} > "$OUT/tests.txt" 2>&1
@@ -121,7 +122,7 @@ loan)
     say "table ($fast) from $(ls "$STATE" | tr '\n' ' ')with ${budget} s"
     $ENGINE run --device "$DEVICE" $fast --state "$STATE" --cost "$COST" --preset "${PRESET:-paper}" \
       --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode "${MODE:-auto}" \
-      --in-flight "${IN_FLIGHT:-4}" --state-files "${STATE_FILES:-2}" ${TABLE_ARGS:-} >> "$LOG" 2>&1
+      --in-flight "${IN_FLIGHT:-4}" --state-files "${STATE_FILES:-2}" --no-record ${TABLE_ARGS:-} >> "$LOG" 2>&1
     rc=$?
     say "table rc=$rc"
     [ $rc -eq 0 ] && break
@@ -131,7 +132,8 @@ loan)
 engine)
   # Issue 28's one command. At most 8 files come back: log.txt tests.txt ab.json (A/B rows, winners, profiles,
   # the cost table) state/{results.json,results.csv,progress.json} and the groups in flight packed into at most
-  # STATE_FILES (2) partial*.pt. Second call: copy the returned
+  # STATE_FILES (2) partial*.pt; hence --no-record (a later `stn engine run --budget 0` on the returned state
+  # writes table.md and the chart). Second call: copy the returned
   # ab.json and state files into .state/; the tests and the A/B are skipped and the table continues.
   LOAN_S=${LOAN_S:-540}
   STATE="$OUT/state"
@@ -165,7 +167,7 @@ engine)
     say "table ($fast, cost $COST) from $(ls "$STATE" | tr '\n' ' ')with ${budget} s"
     $ENGINE run --device "$DEVICE" $fast --state "$STATE" --cost "$COST" --preset "${PRESET:-paper}" \
       --seeds "${SEEDS:-0,1,2}" --budget "$budget" --data block --mode auto --in-flight "${IN_FLIGHT:-4}" \
-      --state-files "${STATE_FILES:-2}" ${TABLE_ARGS:-} >> "$LOG" 2>&1
+      --state-files "${STATE_FILES:-2}" --no-record ${TABLE_ARGS:-} >> "$LOG" 2>&1
     rc=$?
     say "table rc=$rc"
     [ $rc -eq 0 ] && break
