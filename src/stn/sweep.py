@@ -170,7 +170,7 @@ def plan(overrides: Sequence[str], multirun: bool, now: dt.datetime | None = Non
             folder = resolve_dir("hydra.run.dir", dirs.run_dir, {"num": 0, "name": config.run_name,
                                                                   "override_dirname": override_dirname(plain)})
             config = validate(dataclasses.replace(config, run_dir=folder))
-        return [Member(0, tuple(batches[0]), config)], None
+        return [Member(0, tuple(batches[0]), continue_recorded(config, batches[0]))], None
     now = now or dt.datetime.now()
     members: list[Member] = []
     sweep_dir: Path | None = None
@@ -192,6 +192,70 @@ def plan(overrides: Sequence[str], multirun: bool, now: dt.datetime | None = Non
         raise SweepError(f"hydra.sweep.subdir={dirs.sweep_subdir}: several members would share {shared[0]}; "
                          f"include ${{hydra.job.num}} or ${{hydra.job.override_dirname}}")
     return members, sweep_dir
+
+
+# Keys a resume takes from this invocation, never from the run it continues: whether to resume, where, and
+# when this invocation stops (a run stopped by trainer.stop_after=N must not stop again N steps later).
+INVOCATION_KEYS = ("trainer.resume", "trainer.stop_after", "run_dir")
+# Keys that follow the environment when its variable is set now (MNIST's place on this machine); every other
+# key, logger.mode included, keeps its recorded value unless the command line names it.
+ENVIRONMENT_KEYS = {"data_dir": ("STN_DATA_DIR",)}
+
+
+def named_keys(overrides: Sequence[str]) -> list[str]:
+    """The config keys a command line sets: `trainer.lr=0.1` -> trainer.lr, a group choice `model=cnn` -> the
+    whole model section."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [override.key_or_group.replace("/", ".")
+            for override in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def continue_recorded(config: Config, overrides: Sequence[str]) -> Config:
+    """`stn train trainer.resume=true run_dir=X`: continue X with the configuration recorded in X/config.yaml,
+    so the command the stop message prints works as typed. The keys the command line names (and
+    INVOCATION_KEYS, and ENVIRONMENT_KEYS where their variable is set) come from this invocation; a named key
+    that differs from the record is then refused by the resume check as before (an identity key), or applies
+    (e.g. trainer.iterations=N to train on). Without trainer.resume, without run_dir, or with no readable
+    config.yaml there, `config` is returned as composed (the resume check words any problem)."""
+    import os
+
+    from stn.runs import CheckpointError, flatten, read_config
+
+    if not (config.trainer.resume and config.run_dir):
+        return config
+    recorded = Path(config.run_dir) / "config.yaml"
+    if not recorded.is_file():
+        return config
+    try:
+        saved = flatten(read_config(recorded))
+    except CheckpointError:  # not readable: the run's checkpoint check says what to do
+        return config
+    now = flatten(to_dict(config))
+    named = [*named_keys(overrides), *INVOCATION_KEYS,
+             *(key for key, names in ENVIRONMENT_KEYS.items() if any(os.environ.get(n) for n in names))]
+
+    def from_command_line(key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in named)
+
+    merged = {key: now[key] for key in now if from_command_line(key)}
+    # A key this stn has and the record lacks (added since) takes its schema default, as the resume check
+    # assumes (stn.runs.differences).
+    merged |= {key: value for key, value in saved.items() if not from_command_line(key)}
+    from stn.compose import from_container
+
+    return from_container(_unflatten(merged))
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return tree
 
 
 def print_configs(members: Sequence[Member], what: str, sweep_dir: Path | None, executor: str,

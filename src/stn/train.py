@@ -401,8 +401,16 @@ def interrupted(run: Session, stop: dict[str, int]) -> TrainingInterrupted:
               else f"trainer.stop_after={run.cfg.trainer.stop_after}")
     return TrainingInterrupted(
         f"{run.cfg.run_name} stopped at step {run.step}/{run.cfg.trainer.iterations} ({reason}); checkpoint "
-        f"{run.folder / CHECKPOINT}. Continue with trainer.resume=true run_dir={run.folder}",
+        f"{run.folder / CHECKPOINT}. Continue with: {resume_command(run.folder)}",
         run.step, run.folder, 128 + stop["signal"] if "signal" in stop else 0)
+
+
+def resume_command(folder: Path) -> str:
+    """The command that continues the run in `folder` as it was configured (stn.sweep.continue_recorded reads
+    its config.yaml), quoted for a POSIX shell."""
+    import shlex
+
+    return f"stn train trainer.resume=true run_dir={shlex.quote(str(folder))}"
 
 
 def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str, str] | None) -> dict[str, Any]:
