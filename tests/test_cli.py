@@ -130,7 +130,7 @@ def test_shell_completion_script_and_answers(monkeypatch) -> None:
         return done.stdout.split()
 
     assert complete("stn tr") == ["train"]
-    assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "paper"]
+    assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "demo", "paper"]
 
 
 def test_dataset_choices_are_the_config_group() -> None:

@@ -155,6 +155,33 @@ def train(
             raise typer.Exit(stopped.exit_code) from None
     key = eval_key(config)  # val_error for a run on a validation split
     typer.echo(f"{key.replace('_', ' ')} {summary[key]:.2f}% | run folder {summary['run_dir']}")
+    show_transformations(summary)
+
+
+def show_transformations(summary: dict) -> None:
+    """The end of an ST model's training: its picture of test inputs with the sampling grid T(G) and the
+    transformer's outputs, written into the run folder (path printed; W&B got the same figure, as
+    'transformations', at the end of the training), and what the recovery numbers mean. A failure to draw is
+    a note: the run itself is done."""
+    from stn.recovery import meaning_line
+
+    meaning = meaning_line(summary)
+    if not meaning:  # no transformer (or its recovery could not be measured): nothing to show
+        return
+    folder = Path(summary["run_dir"])
+    try:
+        from stn.visualize import render_checkpoint
+
+        rendered = render_checkpoint(folder / "checkpoints" / "last.pt", folder / "transformations.png",
+                                     recovery_digits=0, recovery_flat=summary)
+    except Exception as err:  # noqa: BLE001 - the run is done; the picture is extra
+        typer.secho(f"note: the picture of the transformations was not drawn ({type(err).__name__}: {err}); "
+                    f"stn visualize {folder / 'checkpoints' / 'last.pt'} draws it", fg=typer.colors.YELLOW, err=True)
+    else:
+        logged = " (and in W&B as 'transformations')" if summary.get("wandb") else ""
+        typer.echo(f"wrote {rendered.path}: test inputs with the transformer's sampling grid T(G), and its "
+                   f"outputs{logged}")
+    typer.echo(meaning)
 
 
 def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel: int | None, slurm) -> None:

@@ -179,7 +179,7 @@ CORNER_DIRECTIONS = ("per_axis", "diagonal")
 FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
 SCHEDULES = ("step", "onecycle")
-TrainerPreset = Literal["smoke", "quick", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
+TrainerPreset = Literal["smoke", "quick", "demo", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
 TRAINER_PRESETS: tuple[str, ...] = get_args(TrainerPreset)
 
 MNIST_TRAIN, MNIST_TEST = 60_000, 10_000  # digits per MNIST split: the bounds of the limits and the batch
