@@ -50,7 +50,7 @@ from stn.device import (
     runtime_flags,
 )
 from stn.lock import locked
-from stn.progress import Console, stop_on_signals
+from stn.progress import Console, long_run_note, stop_on_signals
 from stn.recovery import recovery_metrics
 from stn.runs import (
     CHECKPOINT,
@@ -72,6 +72,11 @@ from stn.runs import (
     write_json,
 )
 from stn.tracking import Tracker
+
+
+# The first log line at least this many steps into an invocation measures the rate a long CPU run's estimate
+# uses (the first steps, warming up, are slower).
+ESTIMATE_AFTER = 20
 
 
 class TrainingError(RunError):
@@ -337,6 +342,7 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
           f"{run.folder}", flush=True)
     meter, test_error = Meter(run, started), math.nan
     console = Console(trainer.iterations, run.step, cfg.run_name)
+    estimated = False
     try:
         with Tracker(cfg, run.folder, run.wandb_id) as tracker, stop_on_signals() as stop:
             run.wandb_id = tracker.run_id  # kept even while W&B is off for an invocation
@@ -355,6 +361,12 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                     append_metrics(run.folder / "metrics.jsonl", record)
                     tracker.log({k: v for k, v in record.items() if k != "step"}, step)
                     console.advance(step, meter.final_loss, meter.rate)
+                    if not estimated and step - first_step >= ESTIMATE_AFTER:  # the rate is measured: say how long
+                        estimated = True
+                        note = long_run_note(trainer.iterations - step, meter.rate, trainer.batch_size, trainer.name,
+                                             run.device.type)
+                        if note:
+                            console.line(note)
                 pause_start = time.perf_counter()
                 if step % trainer.eval_every == 0 or last:
                     meter.check_finite()
