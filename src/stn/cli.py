@@ -22,6 +22,7 @@ from typing import Annotated, get_args
 
 import typer
 
+from stn import help_format
 from stn.cli_bench import bench_app
 from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice types, re-exported)
     OVERRIDES_HELP,
@@ -47,6 +48,8 @@ from stn.cli_data import data_app
 from stn.cli_table import reproduce_table
 from stn.engine_cli import engine_app
 from stn.validation import MAX_PICTURES, folder_problems, output_problems, picture_problems, schedule_warning
+
+help_format.apply()  # --help as written: no Rich markup, value names that say what an option takes
 
 app = typer.Typer(
     name="stn",
@@ -101,7 +104,7 @@ def train(
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: one run per combination of the "
                                            "comma-separated / range() / choice() values.")] = False,
     cfg: Annotated[bool, typer.Option(
-        "--cfg", "-c", help="Print the composed config and exit without training: --cfg job (stn's config, the "
+        "--cfg", "-c", metavar="job|hydra|all", help="Print the composed config and exit without training: --cfg job (stn's config, the "
                             "default), --cfg hydra (run folders and launcher) or --cfg all (both).")] = False,
     resolve: Annotated[bool, typer.Option("--resolve", help="Accepted for Hydra's sake: --cfg always prints "
                                           "resolved values.")] = False,
