@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-
 # Without a terminal (a pipe, a log file, a batch job), a progress line at a log step at least this many seconds
 # after the last line: the paper's schedule evaluates every 10,000 steps, an hour or more apart on a CPU.
 PROGRESS_EVERY_S = 60.0

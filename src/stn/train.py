@@ -73,7 +73,6 @@ from stn.runs import (
 )
 from stn.tracking import Tracker
 
-
 # The first log line at least this many steps into an invocation measures the rate a long CPU run's estimate
 # uses (the first steps, warming up, are slower).
 ESTIMATE_AFTER = 20
