@@ -174,3 +174,23 @@ def test_sweep_in_process_reports_the_validation_error(tmp_path: Path, monkeypat
     assert f"val error {summary['val_error']:.2f}% | run folder {folder}" in result.output
     record = json.loads((folder.parent / "sweep.json").read_text())
     assert record["members"][0]["val_error"] == summary["val_error"]
+
+
+def test_a_stopped_sweep_prints_a_command_that_continues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members stopped by trainer.stop_after: the printed command, typed as printed, continues both to the end."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *FAST, "trainer.stop_after=5", "--executor", "debug"])
+    assert result.exit_code == 0 and "0 of 2 runs done, 0 failed, 2 stopped" in result.output, result.output
+    printed = {line.split("continue with: ")[1].strip() for line in result.output.splitlines() if "continue with: " in line}
+    assert len(printed) == 1
+    words = shlex.split(printed.pop())
+    assert "trainer.resume=true" in words and not any(word.startswith("trainer.stop_after=") for word in words)
+    again = runner.invoke(app, words[1:])
+    assert again.exit_code == 0 and "2 of 2 runs done" in again.output, again.output
+    folders = sorted(tmp_path.glob("runs/multirun/*/*/*-R-*"))
+    assert [folder.name for folder in folders] == ["0-R-cnn", "1-R-fcn"]
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["resumed_from"] == 5 and summary["steps"] == 20

@@ -197,8 +197,10 @@ def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel
             report = run_sweep(members, sweep_dir, command=command, executor=executor, parallel=parallel,
                                slurm=slurm, log=typer.echo)
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; rerun with trainer.resume=true "
-                    f"hydra.sweep.dir={sweep_dir} to continue", fg=typer.colors.YELLOW, err=True)
+        from stn.sweep import resume_sweep_command
+
+        typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; continue with: "
+                    f"{resume_sweep_command(command, sweep_dir)}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     done, failed = report.count("done"), report.count("failed")
     typer.echo(f"{done} of {len(members)} runs done, {failed} failed, {report.count('interrupted')} stopped; "

@@ -282,6 +282,17 @@ def print_configs(members: Sequence[Member], what: str, sweep_dir: Path | None, 
     return "---\n".join(documents)
 
 
+def resume_sweep_command(command: str, sweep_dir: Path) -> str:
+    """The sweep's own command line with trainer.resume=true and its sweep folder (replacing any given), less
+    trainer.stop_after (a continued sweep trains to the end): its members, composed as before, land in the same
+    folders and continue from their checkpoints."""
+    import shlex
+
+    words = [word for word in shlex.split(command)
+             if not word.startswith(("trainer.resume=", "hydra.sweep.dir=", "trainer.stop_after="))]
+    return shlex.join([*words, "trainer.resume=true", f"hydra.sweep.dir={sweep_dir}"])
+
+
 def _problems(members: Sequence[Member]) -> list[str]:
     problems: list[str] = []
     for member in members:
@@ -337,8 +348,8 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
                 log(f"  {member.label}: {key.replace('_', ' ')} {float(summary[key]):.2f}% | run folder "
                     f"{member.run_dir}")
             elif status == "interrupted":
-                log(f"  {member.label}: stopped at step {summary.get('step')} with a checkpoint; rerun with "
-                    f"trainer.resume=true hydra.sweep.dir={sweep_dir} to continue")
+                log(f"  {member.label}: stopped at step {summary.get('step')} with a checkpoint; continue with: "
+                    f"{resume_sweep_command(command, sweep_dir)}")
             else:
                 log(f"  {member.label} FAILED: {summary.get('error')} (run folder {member.run_dir}, job logs "
                     f"{sweep_dir / 'submitit'})")
