@@ -194,3 +194,18 @@ def test_a_stopped_sweep_prints_a_command_that_continues_it(tmp_path: Path, monk
     for folder in folders:
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["resumed_from"] == 5 and summary["steps"] == 20
+
+
+def test_sweep_members_share_a_wandb_group_named_by_the_sweep_folder(tmp_path: Path) -> None:
+    from stn.sweep import plan
+
+    now = dt.datetime(2026, 12, 7, 21, 5, 0)
+    members, sweep_dir = plan(["model=cnn,fcn", f"runs_dir={tmp_path / 'runs'}"], True, now=now)
+    assert sweep_dir == tmp_path / "runs" / "multirun" / "2026-12-07" / "210500"
+    assert [m.config.logger.group for m in members] == ["multirun-2026-12-07-210500"] * 2
+    members, _ = plan(["model=cnn,fcn", f"hydra.sweep.dir={tmp_path / 'mine'}"], True)
+    assert {m.config.logger.group for m in members} == {"mine"}
+    members, _ = plan(["model=cnn,fcn", "logger.group=chosen"], True)
+    assert {m.config.logger.group for m in members} == {"chosen"}
+    (single,), _ = plan(["model=cnn"], False)
+    assert single.config.logger.group is None  # one run: no group unless asked

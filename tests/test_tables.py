@@ -183,7 +183,9 @@ def table_runs(root: Path) -> list[dict[str, Any]]:
 
 def logged_results(run: dict[str, Any]) -> dict[str, str]:
     """cell -> status in the `results` wandb.Table of an offline table run."""
-    (path,) = run["file"].parent.glob("files/media/table/results_*.table.json")
+    # results_<step>_<hash>.table.json, one per update of the run: the last one logged
+    path = max(run["file"].parent.glob("files/media/table/results_*.table.json"),
+               key=lambda path: int(path.name.split("_")[1]))
     logged = json.loads(path.read_text())
     columns = logged["columns"]
     return {row[columns.index("cell")]: row[columns.index("status")] for row in logged["data"]}
@@ -220,15 +222,17 @@ def test_table_wandb_run_fills_cell_by_cell_and_stays_one_run(tmp_path: Path, mo
 
     reproduce(GRID, **kwargs, fit_fn=fake_fit)
     runs = table_runs(tmp_path)
-    assert {run["id"] for run in runs} == {table_id} and len(runs) == 3  # after the cell, and at the end
-    assert [run["history"][0]["_step"] for run in runs] == [1, 2, 3]  # never below the run's last step
+    # One offline folder per invocation: the second logged twice (after the cell, and at the end) into one.
+    assert {run["id"] for run in runs} == {table_id} and len(runs) == 2
+    assert [[row["_step"] for row in run["history"]] for run in runs] == [[1], [2, 3]]  # never below the last step
     assert logged_results(runs[-1]) == {"R_cnn": "done", "R_st-cnn-aff": "done"}
-    assert runs[-1]["summary"]["test_error/R_st-cnn-aff"] == 0.5 and "ours_vs_paper/_type" in runs[-1]["history"][0]
-    (shaped,) = runs[-1]["file"].parent.glob("files/media/table/ours_paper_*.table.json")
+    assert runs[-1]["summary"]["test_error/R_st-cnn-aff"] == 0.5 and "ours_vs_paper/_type" in runs[-1]["history"][-1]
+    shaped = max(runs[-1]["file"].parent.glob("files/media/table/ours_paper_*.table.json"),
+                 key=lambda path: int(path.name.split("_")[2]))  # ours_paper_<step>_<hash>: the last logged
     assert json.loads(shaped.read_text())["data"] == [["CNN", "1.00 / 1.2"], ["ST-CNN Aff", "0.50 / 0.7"]]
 
     reproduce(GRID, **kwargs, fit_fn=fake_fit)  # nothing left to run: nothing new to log
-    assert len(table_runs(tmp_path)) == 3
+    assert len(table_runs(tmp_path)) == 2
 
 
 # ------------------------------------------------------------------------------- real training, the CLI

@@ -248,10 +248,11 @@ def log_table_to_wandb(
     meta["wandb_step"] (counted up by the caller across invocations, so an online resume never logs below
     the run's last step), the results as a wandb.Table (`results`: one line per cell; `ours_paper`: the
     paper's shape, 'ours / paper'), and per cell the summary keys test_error/<cell> and
-    paper_test_error/<cell>. Offline, each call writes its own wandb/offline-run-*-<id> folder beside the
-    cells' (one `wandb sync` uploads them all into the one run). Never fails: warns and returns None;
-    returns the run's folder."""
-    from stn.tracking import effective_mode, init_run, say_once
+    paper_test_error/<cell>. The run stays open for the whole invocation (stn.tracking.kept_run; stn.tables
+    finishes it), so offline each invocation writes one wandb/offline-run-*-<id> folder beside the cells' (one
+    `wandb sync` uploads them all into the one run). Never fails: warns and returns None; returns the run's
+    folder."""
+    from stn.tracking import effective_mode, kept_run, say_once
 
     mode = template.logger.mode
     if mode == "disabled":
@@ -260,10 +261,10 @@ def log_table_to_wandb(
     try:
         import wandb
 
-        with init_run(
+        # One run per invocation, kept open across its updates (stn.tables finishes it at the end).
+        run = kept_run(
             mode,
-            id=meta["wandb_id"],
-            resume="allow",
+            meta["wandb_id"],
             project=template.logger.project,
             entity=template.logger.entity,
             group=meta["group"],
@@ -273,22 +274,21 @@ def log_table_to_wandb(
             config={
                 k: meta[k] for k in ("grid", "name", "preset", "seeds", "overrides", "executor", "table_dir")
             },
-            reinit="create_new",
-        ) as run:
-            columns, shaped = paper_shape(grid, results)
-            payload: dict[str, Any] = {
-                "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results]),
-                "ours_paper": wandb.Table(columns=columns, data=shaped),
-                "cells_done": sum(x.status == "done" for x in results),
-                "runs_done": sum(len(x.errors) for x in results),
-            }
-            if chart is not None:
-                payload["ours_vs_paper"] = wandb.Image(str(chart))
-            run.log(payload, step=int(meta["wandb_step"]))
-            run.summary.update({f"test_error/{x.cell}": x.mean for x in results if x.mean is not None})
-            run.summary.update({f"paper_test_error/{x.cell}": x.paper for x in results if x.paper is not None})
-            run.summary.update({"cells": len(results)})
-            folder = Path(run.dir).parent  # run.dir is <run folder>/files
+        )
+        columns, shaped = paper_shape(grid, results)
+        payload: dict[str, Any] = {
+            "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results]),
+            "ours_paper": wandb.Table(columns=columns, data=shaped),
+            "cells_done": sum(x.status == "done" for x in results),
+            "runs_done": sum(len(x.errors) for x in results),
+        }
+        if chart is not None:
+            payload["ours_vs_paper"] = wandb.Image(str(chart))
+        run.log(payload, step=int(meta["wandb_step"]))
+        run.summary.update({f"test_error/{x.cell}": x.mean for x in results if x.mean is not None})
+        run.summary.update({f"paper_test_error/{x.cell}": x.paper for x in results if x.paper is not None})
+        run.summary.update({"cells": len(results)})
+        folder = Path(run.dir).parent  # run.dir is <run folder>/files
         return folder
     except Exception as err:  # W&B must never cost the table: the local files are already written
         say_once(

@@ -182,9 +182,12 @@ def plan(overrides: Sequence[str], multirun: bool, now: dt.datetime | None = Non
                              else Path(config.runs_dir) / "multirun" / now.strftime("%Y-%m-%d") / now.strftime("%H%M%S"))
         subdir = (resolve_dir("hydra.sweep.subdir", dirs.sweep_subdir, job) if dirs.sweep_subdir is not None
                   else f"{num}-{config.run_name}")
-        # Workers may run elsewhere (Slurm) or in another cwd: absolute folders, as a table's cells get.
+        # Workers may run elsewhere (Slurm) or in another cwd: absolute folders, as a table's cells get. The
+        # members share a W&B group (as a table's cells do), named by the sweep folder unless logger.group is set.
+        group = config.logger.group or sweep_group(sweep_dir, Path(config.runs_dir))
         config = validate(dataclasses.replace(config, run_dir=str(sweep_dir.resolve() / subdir),
-                                              data_dir=str(Path(config.data_dir).resolve())))
+                                              data_dir=str(Path(config.data_dir).resolve()),
+                                              logger=dataclasses.replace(config.logger, group=group)))
         members.append(Member(num, tuple(batch), config))
     folders = [member.run_dir.resolve() for member in members]
     shared = sorted({str(f) for f in folders if folders.count(f) > 1})
@@ -256,6 +259,16 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(section, {})
         node[leaf] = value
     return tree
+
+
+def sweep_group(sweep_dir: Path, runs_dir: Path) -> str:
+    """A sweep's W&B group: its folder's path under runs_dir joined by '-' (the default folder
+    runs/multirun/2026-12-07/210500 -> multirun-2026-12-07-210500), else the folder's name (hydra.sweep.dir=x/y
+    -> y). The same folder gives the same group, so a continued sweep stays in it."""
+    try:
+        return "-".join(sweep_dir.resolve().relative_to(runs_dir.resolve()).parts) or sweep_dir.resolve().name
+    except ValueError:
+        return sweep_dir.resolve().name
 
 
 def print_configs(members: Sequence[Member], what: str, sweep_dir: Path | None, executor: str,

@@ -387,6 +387,9 @@ def reproduce(
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             refresh()
+            from stn.tracking import finish_kept  # (imports torch: only once a table has run)
+
+            finish_kept(meta["wandb_id"], exit_code=1)  # the table's W&B run, open for this invocation
             log("interrupted: the runs in flight stopped with a checkpoint; rerun the same command to resume")
             raise
     results = refresh()
@@ -399,4 +402,7 @@ def reproduce(
         log(f"nothing new ran; the table's W&B run is still {previous}")
     else:
         log_wandb(chart)
+    from stn.tracking import finish_kept
+
+    finish_kept(meta["wandb_id"])  # one W&B folder per invocation, finished once (stn.report)
     return report
