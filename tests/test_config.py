@@ -54,7 +54,7 @@ def test_cli_trains_end_to_end_and_writes_a_run_folder(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"test error {summary['test_error']:.2f}% | run folder {run_dir}" in result.stdout
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints",
-                                                   "command.txt"}
+                                                   "command.txt", ".hydra", "train.log", "transformations.png"}
     assert (run_dir / "command.txt").read_text() == f"stn {' '.join(args)}\n"
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     saved: Config = from_container(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))

@@ -209,3 +209,55 @@ def test_sweep_members_share_a_wandb_group_named_by_the_sweep_folder(tmp_path: P
     assert {m.config.logger.group for m in members} == {"chosen"}
     (single,), _ = plan(["model=cnn"], False)
     assert single.config.logger.group is None  # one run: no group unless asked
+
+
+def test_every_run_folder_has_hydras_record_and_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run and a sweep's members: .hydra/config.yaml (the composed config), overrides.yaml (the run's own
+    overrides), hydra.yaml, and train.log (the lines printed, with times); member folders by member number."""
+    monkeypatch.chdir(tmp_path)
+    one = ["trainer.stop_after=10", "run_dir=one", *FAST]
+    assert runner.invoke(app, ["train", *one]).exit_code == 0
+    hydra = tmp_path / "one" / ".hydra"
+    assert yaml.safe_load((hydra / "overrides.yaml").read_text()) == one
+    assert yaml.safe_load((hydra / "config.yaml").read_text()) == yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())
+    assert yaml.safe_load((hydra / "hydra.yaml").read_text())["hydra"]["job"]["name"] == "R-cnn"
+    log = (tmp_path / "one" / "train.log").read_text()
+    assert "training R-cnn on cpu" in log and "stopped at step 10/20" in log and log.startswith("[20")
+    assert runner.invoke(app, ["train", "trainer.resume=true", "run_dir=one"]).exit_code == 0
+    log = (tmp_path / "one" / "train.log").read_text()
+    assert "resuming R-cnn" in log and "finished: test error" in log  # appended by the second invocation
+    assert yaml.safe_load((hydra / "overrides.yaml").read_text()) == ["trainer.resume=true", "run_dir=one"]
+
+    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *FAST, "hydra.sweep.dir=sweep", "--executor", "debug"])
+    assert result.exit_code == 0, result.output
+    for num, model in enumerate(("cnn", "fcn")):
+        folder = tmp_path / "sweep" / f"{num}-R-{model}"
+        assert yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) == [f"model={model}", *FAST]
+        assert f"training R-{model}" in (folder / "train.log").read_text()
+
+
+def test_config_dir_config_name_and_info(tmp_path: Path) -> None:
+    """-cd adds a user's folder to the search path (its own group entries and @package _global_ experiments),
+    -cn picks a primary config there whose defaults start with stn's `config`; --info says where configs come
+    from and what each run composes, and trains nothing."""
+    user = tmp_path / "mine"
+    (user / "experiment").mkdir(parents=True)
+    (user / "model").mkdir()
+    (user / "experiment" / "rot.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: st_fcn\n"
+                                                  "  - override /transformer: affine\nseed: 5\n")
+    (user / "model" / "wide.yaml").write_text("name: fcn\nfc_units: 300\n")
+    (user / "paper_rts.yaml").write_text("defaults:\n  - config\n  - override dataset: RTS\n  - _self_\nseed: 9\n")
+    result = runner.invoke(app, ["train", "-cd", str(user), "+experiment=rot", "--cfg", "job"])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(result.stdout)
+    assert (config["model"]["name"], config["transformer"]["type"], config["seed"]) == ("st_fcn", "affine", 5)
+    result = runner.invoke(app, ["train", "--config-dir", str(user), "model=wide", "--cfg", "job"])
+    assert yaml.safe_load(result.stdout)["model"]["fc_units"] == 300
+    result = runner.invoke(app, ["train", "-cd", str(user), "-cn", "paper_rts", "--info"])
+    assert result.exit_code == 0, result.output
+    assert f"Config search path (first match wins):\n  {user.resolve()}\n" in result.stdout
+    assert "Primary config: paper_rts" in result.stdout and "choices: dataset=RTS model=cnn" in result.stdout
+    assert not (tmp_path / "runs").exists()
+    assert runner.invoke(app, ["train", "model=wide", "--info"]).exit_code == 2  # not without -cd
+    missing = runner.invoke(app, ["train", "-cd", str(tmp_path / "nowhere"), "--info"])
+    assert missing.exit_code == 2 and "no such folder" in missing.stderr

@@ -114,10 +114,31 @@ def train(
     slurm_gpus: SlurmGpus = 1,
     slurm_cpus: SlurmCpus = None,
     slurm_time: SlurmTime = 24 * 60,
+    config_dir: Annotated[Path | None, typer.Option(
+        "--config-dir", "-cd", help="A folder of your own configs, added to the search path after stn's conf/ "
+        "(as Hydra's --config-dir): DIR/model/x.yaml is model=x, DIR/experiment/x.yaml (first line `# @package _global_`) "
+        "is +experiment=x.")] = None,
+    config_name: Annotated[str | None, typer.Option(
+        "--config-name", "-cn", help="The primary config, a NAME.yaml in --config-dir (or conf/); its defaults "
+        "list may start with stn's `config`. Default: config.")] = None,
+    info: Annotated[bool, typer.Option("--info", help="Print where configs are searched, the primary config, "
+                                       "each run's choices and folder, and exit (as Hydra's --info).")] = False,
 ) -> None:
+    from stn.compose import user_config_set
+
+    refuse([f"--config-dir {config_dir}: no such folder"] * bool(config_dir and not config_dir.is_dir())
+           + [f"--config-name {config_name}: give the name without a folder or .yaml, e.g. --config-name mine"]
+           * bool(config_name and ("/" in config_name or config_name.endswith(".yaml"))))
+    with user_config_set(config_dir, config_name):
+        _train(list(overrides or []), multirun, cfg, executor, parallel, slurm_partition, slurm_gpus, slurm_cpus,
+               slurm_time, config_dir, config_name, info)
+
+
+def _train(overrides: list[str], multirun: bool, cfg: bool, executor: str, parallel: int | None,
+           slurm_partition: str | None, slurm_gpus: int, slurm_cpus: int | None, slurm_time: int,
+           config_dir: Path | None, config_name: str | None, info: bool) -> None:
     from stn.sweep import CFG_CHOICES, plan
 
-    overrides = list(overrides or [])
     # `--cfg job` as Hydra writes it: the flag's value arrives as a bare word among the overrides (an override
     # always has `=`, so job / hydra / all cannot be one).
     kinds = [word for word in overrides if word in CFG_CHOICES] if cfg else []
@@ -138,7 +159,14 @@ def train(
 
         typer.echo(print_configs(members, show, sweep_dir, executor, parallel))
         return
+    if info:
+        from stn.sweep import print_info
+
+        typer.echo(print_info(members, sweep_dir))
+        return
     command = typed_command(["stn", "train", *["-m"] * multirun, *overrides]
+                            + ["--config-dir", str(config_dir)] * bool(config_dir)
+                            + ["--config-name", str(config_name)] * bool(config_name)
                             + ["--executor", executor] * (executor != "local")
                             + ["--parallel", str(parallel)] * bool(parallel))
     from stn.runs import command_recorded
@@ -148,9 +176,10 @@ def train(
         return
     config = members[0].config
     refuse(output_problems(config))
+    from stn.sweep import overrides_recorded
     from stn.train import TrainingInterrupted, eval_key, fit
 
-    with reported(), command_recorded(command):
+    with reported(), command_recorded(command), overrides_recorded(members[0].overrides):
         try:
             summary = fit(config)
         except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue

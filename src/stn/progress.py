@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 # Without a terminal (a pipe, a log file, a batch job), a progress line at a log step at least this many seconds
@@ -48,9 +49,10 @@ class Console:
     """A rich progress bar on a terminal; on a pipe or file, the per-eval lines and a progress line at least
     every PROGRESS_EVERY_S seconds (at log steps; no bar, no escape codes)."""
 
-    def __init__(self, total: int, completed: int, title: str) -> None:
+    def __init__(self, total: int, completed: int, title: str, log_file: Path | None = None) -> None:
         self.progress = None
         self.total, self.title, self.last_line = total, title, time.monotonic()
+        self.log_file = log_file  # every line also goes here (the run folder's train.log), terminal or not
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -62,6 +64,10 @@ class Console:
             self.progress.start()
 
     def advance(self, step: int, loss: float | None = None, rate: float | None = None) -> None:
+        if self.progress is not None and loss is not None and rate and self.log_file is not None \
+                and time.monotonic() - self.last_line >= PROGRESS_EVERY_S:  # the bar is not in the log: a line is
+            self.log(f"{self.title} step {step}/{self.total} | loss {loss:.4f} | {rate:.1f} steps/s")
+            self.last_line = time.monotonic()
         if self.progress is None:
             if loss is not None and rate and time.monotonic() - self.last_line >= PROGRESS_EVERY_S:
                 left = duration((self.total - step) / rate)
@@ -71,7 +77,14 @@ class Console:
         fields = {} if loss is None else {"loss": f"{loss:.4f}", "rate": f"{rate:.1f}"}
         self.progress.update(self.task, completed=step, **fields)
 
+    def log(self, text: str) -> None:
+        """`text` into the log file only (with the time), e.g. what the caller prints itself."""
+        if self.log_file is not None:
+            with self.log_file.open("a") as handle:
+                handle.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}\n")
+
     def line(self, text: str) -> None:
+        self.log(text)
         if self.progress is not None:
             self.progress.console.print(text, highlight=False, markup=False)
         else:

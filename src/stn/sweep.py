@@ -18,10 +18,13 @@ sweep.json (command, members, their run folders and results), rewritten as membe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import json
+import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,8 +156,11 @@ def resolve_dir(key: str, value: str, job: dict[str, Any]) -> str:
 
 
 def _compose(overrides: list[str], where: str) -> Config:
+    from stn.compose import compose, user_config
+
     try:
-        return cached_compose(overrides)
+        # The disk cache knows conf/, not a user's --config-dir: compose those afresh.
+        return cached_compose(overrides) if user_config() == (None, "config") else compose(overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}" if where else str(err)) from None
 
@@ -306,6 +312,79 @@ def resume_sweep_command(command: str, sweep_dir: Path) -> str:
     return shlex.join([*words, "trainer.resume=true", f"hydra.sweep.dir={sweep_dir}"])
 
 
+OVERRIDES_ENV = "STN_OVERRIDES"  # this invocation's overrides (JSON list), set by stn train for its one run
+
+
+@contextlib.contextmanager
+def overrides_recorded(overrides: Sequence[str]) -> Iterator[None]:
+    """$STN_OVERRIDES = `overrides` while the run starts (restored after), for its .hydra/overrides.yaml."""
+    previous = os.environ.get(OVERRIDES_ENV)
+    os.environ[OVERRIDES_ENV] = json.dumps(list(overrides))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(OVERRIDES_ENV, None)
+        else:
+            os.environ[OVERRIDES_ENV] = previous
+
+
+def write_overrides(folder: Path, overrides: Sequence[str]) -> None:
+    from stn.runs import write_atomic
+
+    write_atomic(folder / ".hydra" / "overrides.yaml", "".join(f"- {json.dumps(item)}\n" for item in overrides)
+                 if overrides else "[]\n")
+
+
+def write_hydra_folder(folder: Path, config: Config) -> None:
+    """Hydra's record in a run folder, rewritten by each invocation: .hydra/config.yaml (the composed config,
+    as config.yaml), .hydra/hydra.yaml (the folder, the job's name and override_dirname, the config search
+    path, stn's version) and .hydra/overrides.yaml (the command line's overrides: $STN_OVERRIDES for one run,
+    written by run_sweep for a sweep member; left as it is when neither says)."""
+    from omegaconf import OmegaConf
+
+    from stn import __version__
+    from stn.compose import search_path, user_config
+    from stn.config import to_yaml
+    from stn.runs import write_atomic
+
+    hydra = folder / ".hydra"
+    write_atomic(hydra / "config.yaml", to_yaml(config))
+    given = os.environ.get(OVERRIDES_ENV)
+    overrides = json.loads(given) if given else None
+    if overrides is not None:
+        write_overrides(folder, overrides)
+    elif (hydra / "overrides.yaml").is_file():
+        overrides = OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml"))
+    write_atomic(hydra / "hydra.yaml", OmegaConf.to_yaml({"hydra": {
+        "run": {"dir": str(folder)},
+        "job": {"name": config.run_name, "chdir": False,
+                "override_dirname": override_dirname(overrides or [])},
+        "runtime": {"version": f"stn {__version__}", "config_name": user_config()[1],
+                    "config_sources": search_path()},
+    }}))
+
+
+def print_info(members: Sequence[Member], sweep_dir: Path | None) -> str:
+    """`stn train --info`: the config search path, the primary config, and each run's group choices, overrides
+    and folder (a new single run's folder is chosen when it starts: <runs_dir>/<date>/<time>-<run name>)."""
+    from stn import __version__
+    from stn.compose import search_path, user_config
+
+    lines = [f"stn {__version__}", "Config search path (first match wins):",
+             *[f"  {path}" for path in search_path()], f"Primary config: {user_config()[1]}"]
+    if sweep_dir is not None:
+        lines.append(f"Sweep folder: {sweep_dir}")
+    for member in members:
+        config = member.config
+        folder = config.run_dir or f"{config.runs_dir}/<date>/<time>-{config.run_name} (new)"
+        lines += [f"Run #{member.num}: {config.run_name}",
+                  f"  choices: dataset={config.dataset.name} model={config.model.name} "
+                  f"transformer={config.transformer.type} trainer={config.trainer.name}",
+                  f"  overrides: {' '.join(member.overrides) or '(none)'}", f"  folder: {folder}"]
+    return "\n".join(lines)
+
+
 def _problems(members: Sequence[Member]) -> list[str]:
     problems: list[str] = []
     for member in members:
@@ -345,6 +424,8 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
     if problems:
         raise SweepError("\n".join(problems))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    for member in members:  # each member's .hydra/overrides.yaml: its own overrides, as Hydra records a job's
+        write_overrides(member.run_dir, member.overrides)
     report = SweepReport(sweep_dir.resolve())
     record = sweep_dir / "sweep.json"
     _write_record(record, command, members, report)

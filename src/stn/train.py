@@ -73,6 +73,7 @@ from stn.runs import (
 )
 from stn.tracking import Tracker
 
+LOG_FILE = "train.log"  # the run's log, in its folder (stn.runs.RUN_FILES lists it)
 # The first log line at least this many steps into an invocation measures the rate a long CPU run's estimate
 # uses (the first steps, warming up, are slower).
 ESTIMATE_AFTER = 20
@@ -238,6 +239,9 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     cfg = dataclasses.replace(cfg, run_dir=str(folder))
     write_atomic(folder / "config.yaml", to_yaml(cfg))
     record_command(folder)
+    from stn.sweep import write_hydra_folder
+
+    write_hydra_folder(folder, cfg)
     forward = torch.compile(model) if cfg.trainer.compile else model
     session = Session(cfg, folder, device, model, forward, optimizer, scheduler, stream, test_set, parameters,
                       amp, channels_last, precisions=["bf16" if amp else "float32"])
@@ -336,11 +340,12 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
     """The paper's loop: SGD steps with the step schedule, a log line every log_every steps, an evaluation
     every eval_every, a checkpoint every checkpoint_every; then the summary."""
     trainer, cfg, first_step = run.cfg.trainer, run.cfg, run.step
-    print(f"{'resuming' if run.resumed_from is not None else 'training'} {cfg.run_name} on {run.device} "
-          f"({run.parameters:,} parameters) from step {run.step} of {trainer.iterations}; run folder "
-          f"{run.folder}", flush=True)
     meter, test_error = Meter(run, started), math.nan
-    console = Console(trainer.iterations, run.step, cfg.run_name)
+    # Every line also goes to the run folder's train.log (appended by each invocation), as Hydra logs a job.
+    console = Console(trainer.iterations, run.step, cfg.run_name, log_file=run.folder / LOG_FILE)
+    console.line(f"{'resuming' if run.resumed_from is not None else 'training'} {cfg.run_name} on {run.device} "
+                 f"({run.parameters:,} parameters) from step {run.step} of {trainer.iterations} "
+                 f"(trainer={trainer.name}); run folder {run.folder}")
     estimated = False
     try:
         with Tracker(cfg, run.folder, run.wandb_id) as tracker, stop_on_signals() as stop:
@@ -383,7 +388,9 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                 if stopping and not last:
                     console.close()
                     tracker.mark_preempting()
-                    raise interrupted(run, stop)
+                    stopped = interrupted(run, stop)
+                    console.log(str(stopped))  # the caller prints it
+                    raise stopped
             if run.step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
                 meter.check_finite()
                 test_error = run.evaluate()
@@ -404,6 +411,7 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
     finally:
         console.close()
     write_json(run.folder / "summary.json", summary)
+    console.log(f"finished: {eval_key(cfg).replace('_', ' ')} {test_error:.2f}%")
     return summary
 
 
