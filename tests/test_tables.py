@@ -156,6 +156,14 @@ def test_table_with_stand_in_fit_writes_after_each_cell_and_resumes(tmp_path: Pa
     assert by_cell["FCN"].status == "failed" and "stand-in failure" in by_cell["FCN"].failed[1]
     table = (out / "table.md").read_text()
     assert "| CNN | 1.05 ± 0.07 / 1.2 |" in table and "stand-in failure" in table
+    # What made it: the smoke budget against the paper's (20 x 32 = 640 images = 1/60000 of 150k x 256 = 38.4M)
+    # and its overrides, in the table and the chart's title.
+    assert ("Budget: 20 steps of 32 = 640 training images per run, 1/60,000 of the paper's 38,400,000 (**not the "
+            "paper's budget**). Overrides: `logger.mode=disabled`.") in table
+    from stn.report import budget_line
+
+    assert budget_line({"steps": 150_000, "batch_size": 256, "overrides": []}).endswith(
+        "1x of the paper's 38,400,000. Overrides: none.")
     rows = list(csv.DictReader((out / "results.csv").open()))
     # The grid file's row order, whatever order --rows names them in.
     assert [r["cell"] for r in rows] == [cell_name(row, "R") for row in ("FCN", "CNN", "ST-CNN Aff")]

@@ -66,6 +66,23 @@ def _diff(value: float | None) -> str:
     return "" if value is None else f"{value:+.2f}"
 
 
+PAPER_IMAGES = 150_000 * 256  # the paper's training images per model: 150k steps of 256
+
+
+def budget_line(meta: dict[str, Any]) -> str:
+    """What made a table: its training budget against the paper's, and every override its cells ran with
+    (meta["steps"], ["batch_size"], ["overrides"]), so a smoke table cannot pass for a real one."""
+    overrides = " ".join(f"`{item}`" for item in meta.get("overrides") or []) or "none"
+    if "steps" not in meta:  # a results.json written before the budget was recorded
+        return f"Overrides: {overrides}."
+    images = int(meta["steps"]) * int(meta["batch_size"])
+    ratio = PAPER_IMAGES / images
+    share = f"1/{ratio:,.0f}" if ratio >= 1.5 else f"{1 / ratio:.2g}x"
+    return (f"Budget: {meta['steps']:,} steps of {meta['batch_size']} = {images:,} training images per run, "
+            f"{share} of the paper's {PAPER_IMAGES:,}"
+            + ("" if images >= PAPER_IMAGES else " (**not the paper's budget**)") + f". Overrides: {overrides}.")
+
+
 def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, Any]) -> str:
     """The table in the paper's shape (ours / paper per cell), then one line per cell with the difference."""
     rows = [r for r in grid.rows if any(x.row == r for x in results)]
@@ -78,6 +95,8 @@ def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, A
         f"Ours vs the paper, percentage test error. Grid `{meta['grid']}`, preset `{meta['preset']}`, "
         f"seeds {', '.join(map(str, meta['seeds']))}, {done}/{len(results)} cells done "
         f"(updated {meta['updated']}). W&B group `{meta['group']}`.",
+        "",
+        budget_line(meta),
         "",
         "Each entry: ours (mean ± sample std over seeds) / the paper's.",
         "",
