@@ -239,6 +239,8 @@ def test_an_iterations_override_says_what_the_schedule_does(cwd: Path) -> None:
     assert "trainer.lr_step=400" in result.stderr and "drops" in result.stderr and "never" in result.stderr
     quiet = runner.invoke(app, ["train", "trainer=quick", "trainer.iterations=300", "trainer.lr_step=100", "--cfg"])
     assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+    onecycle = runner.invoke(app, ["train", "trainer=demo", "trainer.iterations=300", "--cfg"])  # spans the run
+    assert onecycle.exit_code == 0 and "note:" not in onecycle.stderr
 
 
 # ----------------------------------------------------------------------------------- the run folder

@@ -104,8 +104,9 @@ def train(
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: one run per combination of the "
                                            "comma-separated / range() / choice() values.")] = False,
     cfg: Annotated[bool, typer.Option(
-        "--cfg", "-c", metavar="job|hydra|all", help="Print the composed config and exit without training: --cfg job (stn's config, the "
-                            "default), --cfg hydra (run folders and launcher) or --cfg all (both).")] = False,
+        "--cfg", "-c", metavar="job|hydra|all",
+        help="Print the composed config and exit without training: --cfg job (stn's config, the default), --cfg "
+             "hydra (run folders and launcher) or --cfg all (both).")] = False,
     resolve: Annotated[bool, typer.Option("--resolve", help="Accepted for Hydra's sake: --cfg always prints "
                                           "resolved values.")] = False,
     executor: ExecutorOption = "local",
@@ -116,8 +117,8 @@ def train(
     slurm_time: SlurmTime = 24 * 60,
     config_dir: Annotated[Path | None, typer.Option(
         "--config-dir", "-cd", help="A folder of your own configs, added to the search path after stn's conf/ "
-        "(as Hydra's --config-dir): DIR/model/x.yaml is model=x, DIR/experiment/x.yaml (first line `# @package _global_`) "
-        "is +experiment=x.")] = None,
+        "(as Hydra's --config-dir): DIR/model/x.yaml is model=x, DIR/experiment/x.yaml (first line "
+        "`# @package _global_`) is +experiment=x.")] = None,
     config_name: Annotated[str | None, typer.Option(
         "--config-name", "-cn", help="The primary config, a NAME.yaml in --config-dir (or conf/); its defaults "
         "list may start with stn's `config`. Default: config.")] = None,

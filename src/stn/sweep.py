@@ -445,8 +445,8 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
                 log(f"  {member.label}: stopped at step {summary.get('step')} with a checkpoint; continue with: "
                     f"{resume_sweep_command(command, sweep_dir)}")
             else:
-                log(f"  {member.label} FAILED: {summary.get('error')} (run folder {member.run_dir}, job logs "
-                    f"{sweep_dir / 'submitit'})")
+                log(f"  {member.label} FAILED: {summary.get('error')} (run folder {member.run_dir}, its log "
+                    f"{member.run_dir / 'train.log'}; submitit's job logs {sweep_dir / 'submitit'})")
             _write_record(record, command, members, report)
             if status == "interrupted" and summary.get("signal") and executor == "debug":
                 raise KeyboardInterrupt  # in-process, fit's handler caught the Ctrl-C meant for the sweep
