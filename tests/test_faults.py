@@ -176,10 +176,10 @@ def test_bad_grid_files_are_refused(cwd: Path, fields: dict[str, str], named: st
 @pytest.mark.parametrize(
     ("args", "choices"),
     [
-        (["reproduce-table", "--preset", "fast"], "'smoke', 'quick', 'paper'"),
+        (["reproduce-table", "--preset", "fast"], "'smoke', 'quick', 'demo', 'paper'"),
         (["reproduce-table", "--executor", "cloud"], "'local', 'slurm', 'debug'"),
         (["data", "preview", "--split", "val"], "'test', 'train'"),
-        (["engine", "plan", "--preset", "fast"], "'smoke', 'quick', 'paper'"),
+        (["engine", "plan", "--preset", "fast"], "'smoke', 'quick', 'demo', 'paper'"),
         (["engine", "run", "--mode", "fast"], "'vmap', 'loop'"),
         (["engine", "run", "--data", "some"], "'exact', 'block'"),
         (["bench", "engine", "--data", "some"], "'exact', 'block'"),
