@@ -11,7 +11,14 @@ Owns what Hydra's own command line would do for `stn train`, on top of stn.confi
   `<num>-<run name>`); `${now:...}`, `${hydra.job.num}`, `${hydra.job.name}` and
   `${hydra.job.override_dirname}` resolve as in Hydra. `hydra.job.chdir=false` is what stn always does;
   every other `hydra.*` key is refused with one line naming what to use instead.
-- `--cfg job|hydra|all` prints the composed config (a sweep: one YAML document per member) and exits.
+- `--cfg job|hydra|all` prints the composed config (a sweep: one YAML document per member) and exits;
+  `--info` prints the config search path (with `--config-dir`, stn.compose), the primary config and each run's
+  choices, overrides and folder.
+- Run records: each run folder gets Hydra's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml:
+  `write_hydra_folder`, called by stn.train when a run starts); a sweep's members share a W&B group named by the
+  sweep folder (`sweep_group`).
+- Resume as printed: `trainer.resume=true run_dir=X` alone continues X with the config recorded in X
+  (`continue_recorded`); a stopped sweep's command is `resume_sweep_command`.
 The typed command line is recorded in each run folder by stn.runs (command.txt); the sweep folder gets
 sweep.json (command, members, their run folders and results), rewritten as members finish.
 """
