@@ -45,6 +45,11 @@ def apply() -> None:
     if _APPLIED:
         return
     _APPLIED = True
+    needed = [(typer.rich_utils, "_make_rich_text"), (typer.rich_utils, "_get_parameter_help"),
+              (typer.rich_utils, "MARKUP_MODE_RICH"), (typer.core.TyperOption, "display_type"),
+              (typer.core.TyperArgument, "_usage_display_name")]
+    if not all(hasattr(owner, name) for owner, name in needed):
+        return  # another Typer than the one this was written for: its own help, rather than a broken CLI
     from rich.markup import escape
 
     make_text = typer.rich_utils._make_rich_text
