@@ -117,6 +117,9 @@ def test_cli_writes_markdown_json_and_png(tmp_path, data_dir):
     assert {"size", "off_canvas", "ink_displacement_px", "corner_displacement_px"} <= card["stats"].keys()
     assert "| digit size" in (tmp_path / "P.md").read_text()
     assert (tmp_path / "P.png").stat().st_size > 1000
+    # Its progress on stderr, stage by stage (a default card measures 5000 draws for many seconds).
+    assert [line.split(": ", 1)[1].split(" of ")[0].split(" from ")[0] for line in result.stderr.splitlines()] == [
+        "reading MNIST's test digits", "distorting 60 test draws", "measured 60/60 draws", "drawing the histograms"]
     bad = runner.invoke(app, ["data", "card", "dataset=P", f"data_dir={data_dir}", "--count", "0"])
     assert bad.exit_code == 2 and "--count 0 must be positive" in bad.output
     wrong = runner.invoke(app, ["data", "card", "dataset=Q"])

@@ -134,7 +134,7 @@ def test_shell_completion_script_and_answers(monkeypatch) -> None:
         return done.stdout.split()
 
     assert complete("stn tr") == ["train"]
-    assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "paper"]
+    assert complete("stn reproduce-table --preset ") == ["smoke", "quick", "demo", "paper"]
 
 
 def test_dataset_choices_are_every_dataset_and_refuse_the_rest() -> None:
@@ -187,3 +187,25 @@ def test_reproduce_table_dry_run_lists_each_run_and_writes_nothing(tmp_path) -> 
     (finished.run_dir / "config.yaml").write_text(to_yaml(other))
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 2 and "was trained with a different config" in result.output
+
+
+def test_help_is_rendered_as_written() -> None:
+    """--help prints help texts literally (no Rich markup eaten), gives flags no value type, names what --cfg
+    takes, writes arguments on the usage line as Click does, and never folds a choice list mid-name."""
+    import re
+
+    def help_of(*path: str, width: int = 100) -> str:
+        result = runner.invoke(app, [*path, "--help"], terminal_width=width)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "pip install 'stn[report]'" in " ".join(help_of("wandb-report").split())
+    train = help_of("train")
+    assert "<bool>" not in train and re.search(r"--cfg\s+-c\s+<job\|hydra\|all>", train)
+    assert "Usage: stn visualize [OPTIONS] CHECKPOINT" in help_of("visualize")
+    assert "Usage: stn train [OPTIONS] [OVERRIDES]..." in train
+    for width in (80, 100, 120):  # (CliRunner may hold the width at 80)
+        bench = help_of("bench", width=width)
+        assert "<dataset>" in bench and "<bool>" not in bench
+        words = set(re.findall(r"[\w]+", bench))
+        assert {"RTS", "P_box20", "P_redraw", "plain"} <= words  # each choice whole, never split across lines

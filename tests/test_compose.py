@@ -62,8 +62,9 @@ def test_every_trainer_preset_composes_with_two_lr_drops() -> None:
     for preset in group_choices("trainer"):
         cfg = compose([f"trainer={preset}"])
         assert cfg.trainer.name == preset
-        # Two lr drops within the run, like the paper's 150k iterations with drops at 50k and 100k.
-        assert cfg.trainer.iterations // cfg.trainer.lr_step >= 2
+        # Two lr drops within the run, like the paper's 150k iterations with drops at 50k and 100k (the demo's
+        # one-cycle schedule has none: it anneals over the whole run).
+        assert cfg.trainer.iterations // cfg.trainer.lr_step >= 2 or cfg.trainer.schedule == "onecycle"
 
 
 def test_presets_have_the_papers_schedule() -> None:

@@ -54,7 +54,7 @@ def test_cli_trains_end_to_end_and_writes_a_run_folder(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"test error {summary['test_error']:.2f}% | run folder {run_dir}" in result.stdout
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints",
-                                                   "command.txt"}
+                                                   "command.txt", ".hydra", "train.log", "transformations.png"}
     assert (run_dir / "command.txt").read_text() == f"stn {' '.join(args)}\n"
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     saved: Config = from_container(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
@@ -74,12 +74,25 @@ def test_cli_training_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "already holds a run" in lines[0] and "trainer.resume=true" in lines[0]
 
 
-def test_cli_stop_after_says_how_to_continue(tmp_path: Path) -> None:
-    args = ["train", "trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", f"run_dir={tmp_path / 'run'}",
-            "model=fcn", "dataset.train_limit=256", "dataset.test_limit=100"]
+def test_cli_stop_after_prints_a_command_that_continues_the_run_as_typed(tmp_path: Path) -> None:
+    """The stop message's command, typed exactly as printed (no overrides of the original), continues the run
+    with the configuration recorded in its folder; an explicit override that contradicts it is still refused."""
+    import shlex
+
+    folder = tmp_path / "my run"  # a space: the printed command quotes it
+    args = ["train", "trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", f"run_dir={folder}",
+            "model=fcn", "dataset.train_limit=256", "dataset.test_limit=100", "trainer.batch_size=16", "seed=3"]
     result = runner.invoke(app, [*args, "trainer.stop_after=5"])
-    assert result.exit_code == 0
-    assert f"Continue with trainer.resume=true run_dir={tmp_path / 'run'}" in result.stderr
-    resumed = runner.invoke(app, [*args, "trainer.resume=true"])
-    assert resumed.exit_code == 0 and "resuming" in resumed.stdout
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from"] == 5
+    assert result.exit_code == 0, result.output
+    printed = result.stderr.split("Continue with: ")[1].strip()
+    assert printed == f"stn train trainer.resume=true run_dir={shlex.quote(str(folder))}"
+    words = shlex.split(printed)
+    clash = runner.invoke(app, [*words[1:], "trainer.batch_size=32"])
+    assert clash.exit_code == 2 and "trainer.batch_size: 16 -> 32" in clash.stderr
+    resumed = runner.invoke(app, words[1:])
+    assert resumed.exit_code == 0 and "from step 5 of 20" in resumed.stdout, resumed.output
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["resumed_from"] == 5 and summary["steps"] == 20 and summary["seed"] == 3
+    saved = OmegaConf.load(folder / "config.yaml")
+    assert saved.trainer.batch_size == 16 and saved.dataset.train_limit == 256 and saved.trainer.stop_after is None
+    assert saved.logger.mode == "disabled"  # recorded, not WANDB_MODE's

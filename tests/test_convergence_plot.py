@@ -163,3 +163,32 @@ def test_paper_schedule_cells_are_read_plotted_and_listed(tmp_path: Path, monkey
     study.write_text(text + "paper_schedule: [missing.csv]\n")
     result = CliRunner().invoke(app, ["convergence", "plot", "--study", str(study), "--no-wandb"])
     assert result.exit_code == 2 and "paper_schedule: missing.csv not found" in result.output
+
+
+def test_plot_takes_out_and_says_when_it_rewrites_tracked_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --out the plots and summary go beside the record: in a git checkout where they are tracked, a
+    note says so (and how to undo it); --out DIR writes there and leaves the record's folder alone. The
+    summary names the study's overrides and batch."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    write_record(tmp_path / "results.csv")
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: demo\nrecipe: paper-sgd\ngrid: {GRID}\nbatch_size: 128\nresults: results.csv\n"
+                     "overrides: [trainer=quick, dataset.train_limit=512]\nseeds: [0, 1]\n"
+                     "parts:\n  - {rows: [CNN, FCN], columns: [R], budgets: ['1/250', '1/50']}\n")
+    args = ["convergence", "plot", "--study", str(study), "--no-wandb"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "git tracks" not in result.stderr  # not a checkout: nothing to say
+    summary = (tmp_path / "demo.md").read_text()
+    assert "overrides `trainer=quick` `dataset.train_limit=512` (batch 128)" in summary
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "demo.md", "plots"], check=True)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "note: rewrote 2 file(s) git tracks" in result.stderr, result.output
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and ".git" not in p.parts}
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0 and "git tracks" not in result.stderr
+    assert (tmp_path / "elsewhere" / "demo.md").is_file() and list((tmp_path / "elsewhere" / "plots" / "demo").glob("*.png"))
+    assert before == {p: p.stat().st_mtime_ns for p in before}  # the record's folder is untouched

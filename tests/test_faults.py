@@ -176,10 +176,10 @@ def test_bad_grid_files_are_refused(cwd: Path, fields: dict[str, str], named: st
 @pytest.mark.parametrize(
     ("args", "choices"),
     [
-        (["reproduce-table", "--preset", "fast"], "'smoke', 'quick', 'paper'"),
+        (["reproduce-table", "--preset", "fast"], "'smoke', 'quick', 'demo', 'paper'"),
         (["reproduce-table", "--executor", "cloud"], "'local', 'slurm', 'debug'"),
         (["data", "preview", "--split", "val"], "'test', 'train'"),
-        (["engine", "plan", "--preset", "fast"], "'smoke', 'quick', 'paper'"),
+        (["engine", "plan", "--preset", "fast"], "'smoke', 'quick', 'demo', 'paper'"),
         (["engine", "run", "--mode", "fast"], "'vmap', 'loop'"),
         (["engine", "run", "--data", "some"], "'exact', 'block'"),
         (["bench", "engine", "--data", "some"], "'exact', 'block'"),
@@ -239,6 +239,8 @@ def test_an_iterations_override_says_what_the_schedule_does(cwd: Path) -> None:
     assert "trainer.lr_step=400" in result.stderr and "drops" in result.stderr and "never" in result.stderr
     quiet = runner.invoke(app, ["train", "trainer=quick", "trainer.iterations=300", "trainer.lr_step=100", "--cfg"])
     assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+    onecycle = runner.invoke(app, ["train", "trainer=demo", "trainer.iterations=300", "--cfg"])  # spans the run
+    assert onecycle.exit_code == 0 and "note:" not in onecycle.stderr
 
 
 # ----------------------------------------------------------------------------------- the run folder

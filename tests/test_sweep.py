@@ -173,3 +173,90 @@ def test_sweep_in_process_reports_the_validation_error(tmp_path: Path, monkeypat
     assert f"val error {summary['val_error']:.2f}% | run folder {folder}" in result.output
     record = json.loads((folder.parent / "sweep.json").read_text())
     assert record["members"][0]["val_error"] == summary["val_error"]
+
+
+def test_a_stopped_sweep_prints_a_command_that_continues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members stopped by trainer.stop_after: the printed command, typed as printed, continues both to the end."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *FAST, "trainer.stop_after=5", "--executor", "debug"])
+    assert result.exit_code == 0 and "0 of 2 runs done, 0 failed, 2 stopped" in result.output, result.output
+    printed = {line.split("continue with: ")[1].strip() for line in result.output.splitlines() if "continue with: " in line}
+    assert len(printed) == 1
+    words = shlex.split(printed.pop())
+    assert "trainer.resume=true" in words and not any(word.startswith("trainer.stop_after=") for word in words)
+    again = runner.invoke(app, words[1:])
+    assert again.exit_code == 0 and "2 of 2 runs done" in again.output, again.output
+    folders = sorted(tmp_path.glob("runs/multirun/*/*/*-R-*"))
+    assert [folder.name for folder in folders] == ["0-R-cnn", "1-R-fcn"]
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["resumed_from"] == 5 and summary["steps"] == 20
+
+
+def test_sweep_members_share_a_wandb_group_named_by_the_sweep_folder(tmp_path: Path) -> None:
+    from stn.sweep import plan
+
+    now = dt.datetime(2026, 12, 7, 21, 5, 0)
+    members, sweep_dir = plan(["model=cnn,fcn", f"runs_dir={tmp_path / 'runs'}"], True, now=now)
+    assert sweep_dir == tmp_path / "runs" / "multirun" / "2026-12-07" / "210500"
+    assert [m.config.logger.group for m in members] == ["multirun-2026-12-07-210500"] * 2
+    members, _ = plan(["model=cnn,fcn", f"hydra.sweep.dir={tmp_path / 'mine'}"], True)
+    assert {m.config.logger.group for m in members} == {"mine"}
+    members, _ = plan(["model=cnn,fcn", "logger.group=chosen"], True)
+    assert {m.config.logger.group for m in members} == {"chosen"}
+    (single,), _ = plan(["model=cnn"], False)
+    assert single.config.logger.group is None  # one run: no group unless asked
+
+
+def test_every_run_folder_has_hydras_record_and_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run and a sweep's members: .hydra/config.yaml (the composed config), overrides.yaml (the run's own
+    overrides), hydra.yaml, and train.log (the lines printed, with times); member folders by member number."""
+    monkeypatch.chdir(tmp_path)
+    one = ["trainer.stop_after=10", "run_dir=one", *FAST]
+    assert runner.invoke(app, ["train", *one]).exit_code == 0
+    hydra = tmp_path / "one" / ".hydra"
+    assert yaml.safe_load((hydra / "overrides.yaml").read_text()) == one
+    assert yaml.safe_load((hydra / "config.yaml").read_text()) == yaml.safe_load((tmp_path / "one" / "config.yaml").read_text())
+    assert yaml.safe_load((hydra / "hydra.yaml").read_text())["hydra"]["job"]["name"] == "R-cnn"
+    log = (tmp_path / "one" / "train.log").read_text()
+    assert "training R-cnn on cpu" in log and "stopped at step 10/20" in log and log.startswith("[20")
+    assert runner.invoke(app, ["train", "trainer.resume=true", "run_dir=one"]).exit_code == 0
+    log = (tmp_path / "one" / "train.log").read_text()
+    assert "resuming R-cnn" in log and "finished: test error" in log  # appended by the second invocation
+    assert yaml.safe_load((hydra / "overrides.yaml").read_text()) == ["trainer.resume=true", "run_dir=one"]
+
+    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *FAST, "hydra.sweep.dir=sweep", "--executor", "debug"])
+    assert result.exit_code == 0, result.output
+    for num, model in enumerate(("cnn", "fcn")):
+        folder = tmp_path / "sweep" / f"{num}-R-{model}"
+        assert yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) == [f"model={model}", *FAST]
+        assert f"training R-{model}" in (folder / "train.log").read_text()
+
+
+def test_config_dir_config_name_and_info(tmp_path: Path) -> None:
+    """-cd adds a user's folder to the search path (its own group entries and @package _global_ experiments),
+    -cn picks a primary config there whose defaults start with stn's `config`; --info says where configs come
+    from and what each run composes, and trains nothing."""
+    user = tmp_path / "mine"
+    (user / "experiment").mkdir(parents=True)
+    (user / "model").mkdir()
+    (user / "experiment" / "rot.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: st_fcn\n"
+                                                  "  - override /transformer: affine\nseed: 5\n")
+    (user / "model" / "wide.yaml").write_text("name: fcn\nfc_units: 300\n")
+    (user / "paper_rts.yaml").write_text("defaults:\n  - config\n  - override dataset: RTS\n  - _self_\nseed: 9\n")
+    result = runner.invoke(app, ["train", "-cd", str(user), "+experiment=rot", "--cfg", "job"])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(result.stdout)
+    assert (config["model"]["name"], config["transformer"]["type"], config["seed"]) == ("st_fcn", "affine", 5)
+    result = runner.invoke(app, ["train", "--config-dir", str(user), "model=wide", "--cfg", "job"])
+    assert yaml.safe_load(result.stdout)["model"]["fc_units"] == 300
+    result = runner.invoke(app, ["train", "-cd", str(user), "-cn", "paper_rts", "--info"])
+    assert result.exit_code == 0, result.output
+    assert f"Config search path (first match wins):\n  {user.resolve()}\n" in result.stdout
+    assert "Primary config: paper_rts" in result.stdout and "choices: dataset=RTS model=cnn" in result.stdout
+    assert not (tmp_path / "runs").exists()
+    assert runner.invoke(app, ["train", "model=wide", "--info"]).exit_code == 2  # not without -cd
+    missing = runner.invoke(app, ["train", "-cd", str(tmp_path / "nowhere"), "--info"])
+    assert missing.exit_code == 2 and "no such folder" in missing.stderr

@@ -155,6 +155,14 @@ def test_table_with_stand_in_fit_writes_after_each_cell_and_resumes(tmp_path: Pa
     assert by_cell["FCN"].status == "failed" and "stand-in failure" in by_cell["FCN"].failed[1]
     table = (out / "table.md").read_text()
     assert "| CNN | 1.05 ± 0.07 / 1.2 |" in table and "stand-in failure" in table
+    # What made it: the smoke budget against the paper's (20 x 32 = 640 images = 1/60000 of 150k x 256 = 38.4M)
+    # and its overrides, in the table and the chart's title.
+    assert ("Budget: 20 steps of 32 = 640 training images per run, 1/60,000 of the paper's 38,400,000 (**not the "
+            "paper's budget**). Overrides: `logger.mode=disabled`.") in table
+    from stn.report import budget_line
+
+    assert budget_line({"steps": 150_000, "batch_size": 256, "overrides": []}).endswith(
+        "1x of the paper's 38,400,000. Overrides: none.")
     rows = list(csv.DictReader((out / "results.csv").open()))
     # The grid file's row order, whatever order --rows names them in.
     assert [r["cell"] for r in rows] == [cell_name(row, "R") for row in ("FCN", "CNN", "ST-CNN Aff")]
@@ -182,7 +190,9 @@ def table_runs(root: Path) -> list[dict[str, Any]]:
 
 def logged_results(run: dict[str, Any]) -> dict[str, str]:
     """cell -> status in the `results` wandb.Table of an offline table run."""
-    (path,) = run["file"].parent.glob("files/media/table/results_*.table.json")
+    # results_<step>_<hash>.table.json, one per update of the run: the last one logged
+    path = max(run["file"].parent.glob("files/media/table/results_*.table.json"),
+               key=lambda path: int(path.name.split("_")[1]))
     logged = json.loads(path.read_text())
     columns = logged["columns"]
     return {row[columns.index("cell")]: row[columns.index("status")] for row in logged["data"]}
@@ -219,15 +229,17 @@ def test_table_wandb_run_fills_cell_by_cell_and_stays_one_run(tmp_path: Path, mo
 
     reproduce(GRID, **kwargs, fit_fn=fake_fit)
     runs = table_runs(tmp_path)
-    assert {run["id"] for run in runs} == {table_id} and len(runs) == 3  # after the cell, and at the end
-    assert [run["history"][0]["_step"] for run in runs] == [1, 2, 3]  # never below the run's last step
+    # One offline folder per invocation: the second logged twice (after the cell, and at the end) into one.
+    assert {run["id"] for run in runs} == {table_id} and len(runs) == 2
+    assert [[row["_step"] for row in run["history"]] for run in runs] == [[1], [2, 3]]  # never below the last step
     assert logged_results(runs[-1]) == {"R_cnn": "done", "R_st-cnn-aff": "done"}
-    assert runs[-1]["summary"]["test_error/R_st-cnn-aff"] == 0.5 and "ours_vs_paper/_type" in runs[-1]["history"][0]
-    (shaped,) = runs[-1]["file"].parent.glob("files/media/table/ours_paper_*.table.json")
+    assert runs[-1]["summary"]["test_error/R_st-cnn-aff"] == 0.5 and "ours_vs_paper/_type" in runs[-1]["history"][-1]
+    shaped = max(runs[-1]["file"].parent.glob("files/media/table/ours_paper_*.table.json"),
+                 key=lambda path: int(path.name.split("_")[2]))  # ours_paper_<step>_<hash>: the last logged
     assert json.loads(shaped.read_text())["data"] == [["CNN", "1.00 / 1.2"], ["ST-CNN Aff", "0.50 / 0.7"]]
 
     reproduce(GRID, **kwargs, fit_fn=fake_fit)  # nothing left to run: nothing new to log
-    assert len(table_runs(tmp_path)) == 3
+    assert len(table_runs(tmp_path)) == 2
 
 
 # ------------------------------------------------------------------------------- real training, the CLI
@@ -269,20 +281,20 @@ def test_cli_smoke_table_end_to_end_then_nothing_to_rerun(data_env: Path, small_
         assert image.format == "PNG" and image.width > 300
 
     # W&B (offline): the table run and both cells' runs share the group. The table run is one W&B run (its
-    # id in results.json), logged after each cell and at the end: three offline folders of that one id.
+    # id in results.json), logged after each cell and at the end, all in one offline folder: one invocation.
     runs = [read_run(folder, lambda run: run["finished"]) for folder in (data_env / "wandb").glob("offline-run-*")]
     in_group = [run for run in runs if run["group"] == "table"]
-    assert sorted(run["job_type"] for run in in_group) == ["table", "table", "table", "train", "train"]
-    table_runs = sorted((run for run in in_group if run["job_type"] == "table"),
-                        key=lambda run: run["history"][0]["_step"])
-    assert {run["id"] for run in table_runs} == {json.loads((out / "results.json").read_text())["wandb_id"]}
-    assert [run["history"][0]["_step"] for run in table_runs] == [1, 2, 3]
-    assert [run["history"][0]["cells_done"] for run in table_runs] == [1, 2, 2]
+    assert sorted(run["job_type"] for run in in_group) == ["table", "train", "train"]
+    (table_run,) = (run for run in in_group if run["job_type"] == "table")
+    assert table_run["id"] == json.loads((out / "results.json").read_text())["wandb_id"]
+    assert [row["_step"] for row in table_run["history"]] == [1, 2, 3]
+    assert [row["cells_done"] for row in table_run["history"]] == [1, 2, 2]
     for cell, summary in summaries.items():
-        assert table_runs[-1]["summary"][f"test_error/{cell}"] == pytest.approx(summary["test_error"])
-    last = table_runs[-1]["file"].parent
-    assert "ours_vs_paper/_type" in table_runs[-1]["history"][0]
-    (table_file,) = last.glob("files/media/table/results_*.table.json")
+        assert table_run["summary"][f"test_error/{cell}"] == pytest.approx(summary["test_error"])
+    last = table_run["file"].parent
+    assert "ours_vs_paper/_type" in table_run["history"][-1]
+    table_file = max(last.glob("files/media/table/results_*.table.json"),
+                     key=lambda path: int(path.name.split("_")[1]))  # results_<step>_<hash>: the last logged
     logged = json.loads(table_file.read_text())
     column = logged["columns"].index("ours_mean")
     cells = {row[logged["columns"].index("cell")]: row[column] for row in logged["data"]}

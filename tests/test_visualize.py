@@ -197,3 +197,29 @@ def test_visualize_logs_the_figure_and_recovery_to_wandb(data_dir, tmp_path, mon
     mine = read_run(own, lambda run: run["finished"])
     assert any("transformations/_type" in row for row in mine["history"])
     assert mine["summary"]["recovery/rotation_std_deg"] == rendered.recovery_flat["recovery/rotation_std_deg"]
+
+
+def test_recovery_meaning_line_says_lower_is_better_against_the_untouched_spread() -> None:
+    from stn.recovery import meaning_line
+
+    line = meaning_line({"recovery/rotation_std_deg": 36.7, "recovery/before/rotation_std_deg": 51.7,
+                         "recovery/rotation_mean_deg": -6.8, "recovery/lost_fraction": 0.0})
+    assert "lower is better" in line and "rotation spread 36.7° against 51.7° untouched" in line
+    assert "(29% removed)" in line  # 1 - 36.7 / 51.7 = 0.290
+    assert meaning_line({"test_error": 1.0}) == ""  # a model without a transformer: nothing to say
+
+
+def test_stn_train_of_an_st_model_ends_with_the_picture_and_the_recovery_line(data_dir, tmp_path):
+    """An ST model's `stn train` writes the inputs / T(G) / outputs picture into its run folder, prints its path
+    and a recovery line that says what the number means; a model without a transformer prints neither."""
+    small = ["trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", "dataset.train_limit=256",
+             "dataset.test_limit=100", f"data_dir={data_dir}"]
+    result = runner.invoke(app, ["train", *small, "model=st_fcn", "transformer=affine", f"run_dir={tmp_path / 'st'}"])
+    assert result.exit_code == 0, result.output
+    picture = tmp_path / "st" / "transformations.png"
+    assert f"wrote {picture}: test inputs with the transformer's sampling grid T(G)" in result.stdout
+    assert picture.read_bytes()[:8] == PNG_MAGIC
+    assert "distortion recovery (lower is better" in result.stdout and "untouched" in result.stdout
+    plain = runner.invoke(app, ["train", *small, "model=fcn", f"run_dir={tmp_path / 'plain'}"])
+    assert plain.exit_code == 0 and "T(G)" not in plain.stdout and "recovery" not in plain.stdout
+    assert not (tmp_path / "plain" / "transformations.png").exists()

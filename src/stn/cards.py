@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ def _render_big(digits: Tensor, params: dict[str, Tensor], size: int) -> tuple[T
     return images, displacement.reshape(-1, side, side)
 
 
-def card_stats(digits: Tensor, params: dict[str, Tensor], size: int) -> dict[str, Tensor]:
+def card_stats(digits: Tensor, params: dict[str, Tensor], size: int,
+               progress: Callable[[str], None] | None = None) -> dict[str, Tensor]:
     """Per-draw statistics (each (B,) float64) of digits (B, 28, 28) (uint8 or float in [0, 1]) warped by params.
 
     Keys: size, off_canvas, ink_displacement_px, and with P's params folded (0/1) and corner_displacement_px,
@@ -82,6 +84,9 @@ def card_stats(digits: Tensor, params: dict[str, Tensor], size: int) -> dict[str
         off = torch.where(gone, 1.0, (ink - inside).clamp_min(0) / ink)  # clamp: float rounding when nothing is cut
         rows["off_canvas"].append(off)
         rows["ink_displacement_px"].append(torch.where(gone, math.nan, (images * displacement).sum((1, 2)) / ink))
+        done = min(start + CHUNK, len(digits))
+        if progress is not None and (done % (5 * CHUNK) == 0 or done == len(digits)):  # every 1000 draws
+            progress(f"measured {done}/{len(digits)} draws")
     stats = {key: torch.cat(value) for key, value in rows.items()}
     if "corner_offsets" in params:
         offsets = params["corner_offsets"].double()
@@ -106,15 +111,20 @@ def machine() -> str:
     return f"{cpu_model()}, torch {torch.__version__}"
 
 
-def build_card(cfg: Config, count: int = DEFAULT_COUNT) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(the card as a JSON-able dict, the per-draw statistics) for cfg.dataset over its first `count` test draws."""
+def build_card(cfg: Config, count: int = DEFAULT_COUNT,
+               progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(the card as a JSON-able dict, the per-draw statistics) for cfg.dataset over its first `count` test draws;
+    `progress` (if given) hears each stage and each measured chunk."""
     if count <= 0:
         raise ValueError(f"--count {count} must be positive")
+    say = progress or (lambda _text: None)
     dataset = dataclasses.replace(cfg.dataset, test_limit=count)
+    say(f"reading MNIST's test digits from {cfg.data_dir}")
     digits, labels = load_mnist(cfg.data_dir, train=False, download=cfg.download)
+    say(f"distorting {min(count, len(labels))} test draws of {dataset.name}")
     test_set = make_test_set(digits, labels, dataset)
     count = len(test_set)
-    stats = card_stats(digits[:count], test_set.params, dataset.size)
+    stats = card_stats(digits[:count], test_set.params, dataset.size, progress)
     card: dict[str, Any] = {
         "dataset": dataset.name,
         "draws": count,
@@ -194,16 +204,20 @@ def card_png(card: dict[str, Any], stats: dict[str, Tensor], out: Path) -> None:
     plt.close(fig)
 
 
-def write_card(cfg: Config, out: str | Path, count: int = DEFAULT_COUNT, png: bool = True) -> list[Path]:
-    """Write <name>.md, <name>.json (and <name>.png) into the folder `out`, or beside the file `out` (x.md)."""
+def write_card(cfg: Config, out: str | Path, count: int = DEFAULT_COUNT, png: bool = True,
+               progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Write <name>.md, <name>.json (and <name>.png) into the folder `out`, or beside the file `out` (x.md);
+    `progress` hears each stage (the measurement takes seconds to minutes)."""
     out = Path(out)
-    card, stats = build_card(cfg, count)
+    card, stats = build_card(cfg, count, progress)
     stem = out.with_suffix("") if out.suffix else out / card["dataset"]
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".md"), stem.with_suffix(".json")]
     paths[0].write_text(card_markdown(card))
     paths[1].write_text(json.dumps(card, indent=1) + "\n")
     if png:
+        if progress is not None:
+            progress("drawing the histograms")
         paths.append(stem.with_suffix(".png"))
         card_png(card, stats, paths[2])
     return paths

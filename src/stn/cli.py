@@ -22,6 +22,7 @@ from typing import Annotated, get_args
 
 import typer
 
+from stn import help_format
 from stn.cli_bench import bench_app
 from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice types, re-exported)
     OVERRIDES_HELP,
@@ -47,6 +48,8 @@ from stn.cli_data import data_app
 from stn.cli_table import reproduce_table
 from stn.engine_cli import engine_app
 from stn.validation import MAX_PICTURES, folder_problems, output_problems, picture_problems, schedule_warning
+
+help_format.apply()  # --help as written: no Rich markup, value names that say what an option takes
 
 app = typer.Typer(
     name="stn",
@@ -101,8 +104,9 @@ def train(
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: one run per combination of the "
                                            "comma-separated / range() / choice() values.")] = False,
     cfg: Annotated[bool, typer.Option(
-        "--cfg", "-c", help="Print the composed config and exit without training: --cfg job (stn's config, the "
-                            "default), --cfg hydra (run folders and launcher) or --cfg all (both).")] = False,
+        "--cfg", "-c", metavar="job|hydra|all",
+        help="Print the composed config and exit without training: --cfg job (stn's config, the default), --cfg "
+             "hydra (run folders and launcher) or --cfg all (both).")] = False,
     resolve: Annotated[bool, typer.Option("--resolve", help="Accepted for Hydra's sake: --cfg always prints "
                                           "resolved values.")] = False,
     executor: ExecutorOption = "local",
@@ -111,10 +115,31 @@ def train(
     slurm_gpus: SlurmGpus = 1,
     slurm_cpus: SlurmCpus = None,
     slurm_time: SlurmTime = 24 * 60,
+    config_dir: Annotated[Path | None, typer.Option(
+        "--config-dir", "-cd", help="A folder of your own configs, added to the search path after stn's conf/ "
+        "(as Hydra's --config-dir): DIR/model/x.yaml is model=x, DIR/experiment/x.yaml (first line "
+        "`# @package _global_`) is +experiment=x.")] = None,
+    config_name: Annotated[str | None, typer.Option(
+        "--config-name", "-cn", help="The primary config, a NAME.yaml in --config-dir (or conf/); its defaults "
+        "list may start with stn's `config`. Default: config.")] = None,
+    info: Annotated[bool, typer.Option("--info", help="Print where configs are searched, the primary config, "
+                                       "each run's choices and folder, and exit (as Hydra's --info).")] = False,
 ) -> None:
+    from stn.compose import user_config_set
+
+    refuse([f"--config-dir {config_dir}: no such folder"] * bool(config_dir and not config_dir.is_dir())
+           + [f"--config-name {config_name}: give the name without a folder or .yaml, e.g. --config-name mine"]
+           * bool(config_name and ("/" in config_name or config_name.endswith(".yaml"))))
+    with user_config_set(config_dir, config_name):
+        _train(list(overrides or []), multirun, cfg, executor, parallel, slurm_partition, slurm_gpus, slurm_cpus,
+               slurm_time, config_dir, config_name, info)
+
+
+def _train(overrides: list[str], multirun: bool, cfg: bool, executor: str, parallel: int | None,
+           slurm_partition: str | None, slurm_gpus: int, slurm_cpus: int | None, slurm_time: int,
+           config_dir: Path | None, config_name: str | None, info: bool) -> None:
     from stn.sweep import CFG_CHOICES, plan
 
-    overrides = list(overrides or [])
     # `--cfg job` as Hydra writes it: the flag's value arrives as a bare word among the overrides (an override
     # always has `=`, so job / hydra / all cannot be one).
     kinds = [word for word in overrides if word in CFG_CHOICES] if cfg else []
@@ -135,7 +160,14 @@ def train(
 
         typer.echo(print_configs(members, show, sweep_dir, executor, parallel))
         return
+    if info:
+        from stn.sweep import print_info
+
+        typer.echo(print_info(members, sweep_dir))
+        return
     command = typed_command(["stn", "train", *["-m"] * multirun, *overrides]
+                            + ["--config-dir", str(config_dir)] * bool(config_dir)
+                            + ["--config-name", str(config_name)] * bool(config_name)
                             + ["--executor", executor] * (executor != "local")
                             + ["--parallel", str(parallel)] * bool(parallel))
     from stn.runs import command_recorded
@@ -145,9 +177,10 @@ def train(
         return
     config = members[0].config
     refuse(output_problems(config))
+    from stn.sweep import overrides_recorded
     from stn.train import TrainingInterrupted, eval_key, fit
 
-    with reported(), command_recorded(command):
+    with reported(), command_recorded(command), overrides_recorded(members[0].overrides):
         try:
             summary = fit(config)
         except TrainingInterrupted as stopped:  # a requested stop, not a failure: say how to continue
@@ -155,6 +188,33 @@ def train(
             raise typer.Exit(stopped.exit_code) from None
     key = eval_key(config)  # val_error for a run on a validation split
     typer.echo(f"{key.replace('_', ' ')} {summary[key]:.2f}% | run folder {summary['run_dir']}")
+    show_transformations(summary)
+
+
+def show_transformations(summary: dict) -> None:
+    """The end of an ST model's training: its picture of test inputs with the sampling grid T(G) and the
+    transformer's outputs, written into the run folder (path printed; W&B got the same figure, as
+    'transformations', at the end of the training), and what the recovery numbers mean. A failure to draw is
+    a note: the run itself is done."""
+    from stn.recovery import meaning_line
+
+    meaning = meaning_line(summary)
+    if not meaning:  # no transformer (or its recovery could not be measured): nothing to show
+        return
+    folder = Path(summary["run_dir"])
+    try:
+        from stn.visualize import render_checkpoint
+
+        rendered = render_checkpoint(folder / "checkpoints" / "last.pt", folder / "transformations.png",
+                                     recovery_digits=0, recovery_flat=summary)
+    except Exception as err:  # noqa: BLE001 - the run is done; the picture is extra
+        typer.secho(f"note: the picture of the transformations was not drawn ({type(err).__name__}: {err}); "
+                    f"stn visualize {folder / 'checkpoints' / 'last.pt'} draws it", fg=typer.colors.YELLOW, err=True)
+    else:
+        logged = " (and in W&B as 'transformations')" if summary.get("wandb") else ""
+        typer.echo(f"wrote {rendered.path}: test inputs with the transformer's sampling grid T(G), and its "
+                   f"outputs{logged}")
+    typer.echo(meaning)
 
 
 def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel: int | None, slurm) -> None:
@@ -167,8 +227,10 @@ def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel
             report = run_sweep(members, sweep_dir, command=command, executor=executor, parallel=parallel,
                                slurm=slurm, log=typer.echo)
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; rerun with trainer.resume=true "
-                    f"hydra.sweep.dir={sweep_dir} to continue", fg=typer.colors.YELLOW, err=True)
+        from stn.sweep import resume_sweep_command
+
+        typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; continue with: "
+                    f"{resume_sweep_command(command, sweep_dir)}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     done, failed = report.count("done"), report.count("failed")
     typer.echo(f"{done} of {len(members)} runs done, {failed} failed, {report.count('interrupted')} stopped; "

@@ -50,7 +50,8 @@ def data_card(
 
     try:
         with reported():
-            paths = write_card(config, out, count=count, png=png)
+            paths = write_card(config, out, count=count, png=png,
+                               progress=lambda text: typer.echo(f"data card: {text}", err=True))
     except ValueError as err:  # a bad --count (UserErrors are reported above)
         fail(str(err), 2)
     typer.echo(f"wrote {', '.join(map(str, paths))}")

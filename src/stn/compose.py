@@ -40,6 +40,44 @@ def conf_dir() -> Path:
     raise ConfigError(f"cannot find the config folder (looked in {', '.join(map(str, candidates))})")
 
 
+# Hydra's --config-dir / --config-name (`stn train -cd DIR -cn NAME`), set by stn.cli for one command (and
+# inherited by its workers): DIR joins the search path after conf/ (as in Hydra), so a user's own group entries
+# (DIR/model/x.yaml, DIR/experiment/x.yaml with `# @package _global_`) and primary configs (DIR/NAME.yaml, whose
+# defaults may start with stn's `config`) compose without editing conf/. They always go through Hydra whole.
+USER_DIR_ENV, USER_NAME_ENV = "STN_CONFIG_DIR", "STN_CONFIG_NAME"
+
+
+def user_config() -> tuple[str | None, str]:
+    """(the --config-dir in force or None, the primary config's name: --config-name, else 'config')."""
+    return os.environ.get(USER_DIR_ENV) or None, os.environ.get(USER_NAME_ENV) or "config"
+
+
+@contextlib.contextmanager
+def user_config_set(config_dir: Path | None, config_name: str | None) -> typing.Iterator[None]:
+    """--config-dir / --config-name in force for the commands composed inside (restored after: tests run many
+    commands in one process)."""
+    previous = {name: os.environ.get(name) for name in (USER_DIR_ENV, USER_NAME_ENV)}
+    for name, value in ((USER_DIR_ENV, config_dir and str(Path(config_dir).resolve())), (USER_NAME_ENV, config_name)):
+        if value:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def search_path() -> list[str]:
+    """Where configs are looked for, in order (`stn train --info`)."""
+    user_dir, name = user_config()
+    if user_dir and (Path(user_dir) / f"{name}.yaml").is_file():
+        return [user_dir, str(conf_dir())]
+    return [str(conf_dir()), *([user_dir] if user_dir else [])]
+
+
 def group_choices(group: str) -> list[str]:
     """The entries of one config group, e.g. group_choices('dataset') -> ['E', 'P', 'R', 'RTS', 'TC', 'plain']."""
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
@@ -87,6 +125,8 @@ def compose_many(override_lists: Sequence[Sequence[str]]) -> list[Config]:
     plans: list[_Plan | None] = []
     for overrides in override_lists:
         try:
+            if user_config() != (None, "config"):  # a user's folder or primary config: Hydra reads it whole
+                raise _NotPlain(USER_DIR_ENV)
             plans.append(_plan(tuple(overrides), environment))
         except Exception:  # not a plain case: Hydra composes it whole, below
             plans.append(None)
@@ -126,9 +166,15 @@ def _hydra_config(overrides: Sequence[str], check: bool = True) -> Config:
     ConfigStore.instance().store(name="stn_schema", node=_writable_schema())
     register_resolvers()
     GlobalHydra.instance().clear()
+    user_dir, name = user_config()
+    # As Hydra's --config-dir: the user's folder joins the search path after conf/; Hydra reads the primary
+    # config from the first source only, so a --config-name found in the user's folder makes that one first.
+    primary, extra = str(conf_dir()), ([f"hydra.searchpath=[file://{user_dir}]"] if user_dir else [])
+    if user_dir and (Path(user_dir) / f"{name}.yaml").is_file():
+        primary, extra = user_dir, [f"hydra.searchpath=[file://{conf_dir()}]"]
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            raw = hydra_compose(config_name="config", overrides=list(overrides))
+        with initialize_config_dir(config_dir=primary, version_base=None):
+            raw = hydra_compose(config_name=name, overrides=[*overrides, *extra])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err)) from None
     finally:

@@ -187,7 +187,7 @@ CORNER_DIRECTIONS = ("per_axis", "diagonal")
 FOLDED_CHOICES = ("keep", "redraw")
 CPU_PRECISIONS = ("float32", "bf16", "auto")
 SCHEDULES = ("step", "onecycle")
-TrainerPreset = Literal["smoke", "quick", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
+TrainerPreset = Literal["smoke", "quick", "demo", "paper"]  # conf/trainer/*.yaml (tests/test_cli.py checks): --preset
 TRAINER_PRESETS: tuple[str, ...] = get_args(TrainerPreset)
 # The trainer keys of one SGD update: runs that agree on them can share an optimiser (the batched engine's
 # groups), and a resumed run must keep them (stn.runs.IDENTITY).

@@ -108,6 +108,23 @@ def _diff(value: float | None) -> str:
     return "" if value is None else f"{value:+.2f}"
 
 
+PAPER_IMAGES = 150_000 * 256  # the paper's training images per model: 150k steps of 256
+
+
+def budget_line(meta: dict[str, Any]) -> str:
+    """What made a table: its training budget against the paper's, and every override its cells ran with
+    (meta["steps"], ["batch_size"], ["overrides"]), so a smoke table cannot pass for a real one."""
+    overrides = " ".join(f"`{item}`" for item in meta.get("overrides") or []) or "none"
+    if "steps" not in meta:  # a results.json written before the budget was recorded
+        return f"Overrides: {overrides}."
+    images = int(meta["steps"]) * int(meta["batch_size"])
+    ratio = PAPER_IMAGES / images
+    share = f"1/{ratio:,.0f}" if ratio >= 1.5 else f"{1 / ratio:.2g}x"
+    return (f"Budget: {meta['steps']:,} steps of {meta['batch_size']} = {images:,} training images per run, "
+            f"{share} of the paper's {PAPER_IMAGES:,}"
+            + ("" if images >= PAPER_IMAGES else " (**not the paper's budget**)") + f". Overrides: {overrides}.")
+
+
 def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, Any]) -> str:
     """The table in the paper's shape (ours / paper per cell), then one line per cell with the difference."""
     rows = [r for r in grid.rows if any(x.row == r for x in results)]
@@ -120,6 +137,8 @@ def render_markdown(grid: Grid, results: Sequence[CellResult], meta: dict[str, A
         f"Ours vs the paper, percentage test error. Grid `{meta['grid']}`, preset `{meta['preset']}`, "
         f"seeds {', '.join(map(str, meta['seeds']))}, {done}/{len(results)} cells done "
         f"(updated {meta['updated']}). W&B group `{meta['group']}`.",
+        "",
+        budget_line(meta),
         "",
         "Each entry: ours (mean ± sample std over seeds) / the paper's.",
         "",
@@ -307,10 +326,11 @@ def log_table_to_wandb(
     meta["wandb_step"] (counted up by the caller across invocations, so an online resume never logs below
     the run's last step), the results as a wandb.Table (`results`: one line per cell; `ours_paper`: the
     paper's shape, 'ours / paper'), and per cell the summary keys test_error/<cell> and
-    paper_test_error/<cell>. Offline, each call writes its own wandb/offline-run-*-<id> folder beside the
-    cells' (one `wandb sync` uploads them all into the one run). Never fails: warns and returns None;
-    returns the run's folder."""
-    from stn.tracking import effective_mode, init_run, say_once
+    paper_test_error/<cell>. The run stays open for the whole invocation (stn.tracking.kept_run; stn.tables
+    finishes it), so offline each invocation writes one wandb/offline-run-*-<id> folder beside the cells' (one
+    `wandb sync` uploads them all into the one run). Never fails: warns and returns None; returns the run's
+    folder."""
+    from stn.tracking import effective_mode, kept_run, say_once
 
     mode = template.logger.mode
     if mode == "disabled":
@@ -319,10 +339,10 @@ def log_table_to_wandb(
     try:
         import wandb
 
-        with init_run(
+        # One run per invocation, kept open across its updates (stn.tables finishes it at the end).
+        run = kept_run(
             mode,
-            id=meta["wandb_id"],
-            resume="allow",
+            meta["wandb_id"],
             project=template.logger.project,
             entity=template.logger.entity,
             group=meta["group"],
@@ -332,22 +352,21 @@ def log_table_to_wandb(
             config={
                 k: meta[k] for k in ("grid", "name", "preset", "seeds", "overrides", "executor", "table_dir")
             },
-            reinit="create_new",
-        ) as run:
-            columns, shaped = paper_shape(grid, results)
-            payload: dict[str, Any] = {
-                "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results]),
-                "ours_paper": wandb.Table(columns=columns, data=shaped),
-                "cells_done": sum(x.status == "done" for x in results),
-                "runs_done": sum(len(x.errors) for x in results),
-            }
-            if chart is not None:
-                payload["ours_vs_paper"] = wandb.Image(str(chart))
-            run.log(payload, step=int(meta["wandb_step"]))
-            run.summary.update({f"test_error/{x.cell}": x.mean for x in results if x.mean is not None})
-            run.summary.update({f"paper_test_error/{x.cell}": x.paper for x in results if x.paper is not None})
-            run.summary.update({"cells": len(results)})
-            folder = Path(run.dir).parent  # run.dir is <run folder>/files
+        )
+        columns, shaped = paper_shape(grid, results)
+        payload: dict[str, Any] = {
+            "results": wandb.Table(columns=list(RESULT_COLUMNS), data=[result_row(x) for x in results]),
+            "ours_paper": wandb.Table(columns=columns, data=shaped),
+            "cells_done": sum(x.status == "done" for x in results),
+            "runs_done": sum(len(x.errors) for x in results),
+        }
+        if chart is not None:
+            payload["ours_vs_paper"] = wandb.Image(str(chart))
+        run.log(payload, step=int(meta["wandb_step"]))
+        run.summary.update({f"test_error/{x.cell}": x.mean for x in results if x.mean is not None})
+        run.summary.update({f"paper_test_error/{x.cell}": x.paper for x in results if x.paper is not None})
+        run.summary.update({"cells": len(results)})
+        folder = Path(run.dir).parent  # run.dir is <run folder>/files
         return folder
     except Exception as err:  # W&B must never cost the table: the local files are already written
         say_once(

@@ -11,17 +11,27 @@ Owns what Hydra's own command line would do for `stn train`, on top of stn.confi
   `<num>-<run name>`); `${now:...}`, `${hydra.job.num}`, `${hydra.job.name}` and
   `${hydra.job.override_dirname}` resolve as in Hydra. `hydra.job.chdir=false` is what stn always does;
   every other `hydra.*` key is refused with one line naming what to use instead.
-- `--cfg job|hydra|all` prints the composed config (a sweep: one YAML document per member) and exits.
+- `--cfg job|hydra|all` prints the composed config (a sweep: one YAML document per member) and exits;
+  `--info` prints the config search path (with `--config-dir`, stn.compose), the primary config and each run's
+  choices, overrides and folder.
+- Run records: each run folder gets Hydra's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml:
+  `write_hydra_folder`, called by stn.train when a run starts); a sweep's members share a W&B group named by the
+  sweep folder (`sweep_group`).
+- Resume as printed: `trainer.resume=true run_dir=X` alone continues X with the config recorded in X
+  (`continue_recorded`); a stopped sweep's command is `resume_sweep_command`.
 The typed command line is recorded in each run folder by stn.runs (command.txt); the sweep folder gets
 sweep.json (command, members, their run folders and results), rewritten as members finish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import json
+import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,8 +163,11 @@ def resolve_dir(key: str, value: str, job: dict[str, Any]) -> str:
 
 
 def _compose(overrides: list[str], where: str) -> Config:
+    from stn.compose import compose, user_config
+
     try:
-        return cached_compose(overrides)
+        # The disk cache knows conf/, not a user's --config-dir: compose those afresh.
+        return cached_compose(overrides) if user_config() == (None, "config") else compose(overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}" if where else str(err)) from None
 
@@ -170,7 +183,7 @@ def plan(overrides: Sequence[str], multirun: bool, now: dt.datetime | None = Non
             folder = resolve_dir("hydra.run.dir", dirs.run_dir, {"num": 0, "name": config.run_name,
                                                                   "override_dirname": override_dirname(plain)})
             config = validate(dataclasses.replace(config, run_dir=folder))
-        return [Member(0, tuple(batches[0]), config)], None
+        return [Member(0, tuple(batches[0]), continue_recorded(config, batches[0]))], None
     now = now or dt.datetime.now()
     members: list[Member] = []
     sweep_dir: Path | None = None
@@ -182,9 +195,12 @@ def plan(overrides: Sequence[str], multirun: bool, now: dt.datetime | None = Non
                              else Path(config.runs_dir) / "multirun" / now.strftime("%Y-%m-%d") / now.strftime("%H%M%S"))
         subdir = (resolve_dir("hydra.sweep.subdir", dirs.sweep_subdir, job) if dirs.sweep_subdir is not None
                   else f"{num}-{config.run_name}")
-        # Workers may run elsewhere (Slurm) or in another cwd: absolute folders, as a table's cells get.
+        # Workers may run elsewhere (Slurm) or in another cwd: absolute folders, as a table's cells get. The
+        # members share a W&B group (as a table's cells do), named by the sweep folder unless logger.group is set.
+        group = config.logger.group or sweep_group(sweep_dir, Path(config.runs_dir))
         config = validate(dataclasses.replace(config, run_dir=str(sweep_dir.resolve() / subdir),
-                                              data_dir=str(Path(config.data_dir).resolve())))
+                                              data_dir=str(Path(config.data_dir).resolve()),
+                                              logger=dataclasses.replace(config.logger, group=group)))
         members.append(Member(num, tuple(batch), config))
     folders = [member.run_dir.resolve() for member in members]
     shared = sorted({str(f) for f in folders if folders.count(f) > 1})
@@ -192,6 +208,80 @@ def plan(overrides: Sequence[str], multirun: bool, now: dt.datetime | None = Non
         raise SweepError(f"hydra.sweep.subdir={dirs.sweep_subdir}: several members would share {shared[0]}; "
                          f"include ${{hydra.job.num}} or ${{hydra.job.override_dirname}}")
     return members, sweep_dir
+
+
+# Keys a resume takes from this invocation, never from the run it continues: whether to resume, where, and
+# when this invocation stops (a run stopped by trainer.stop_after=N must not stop again N steps later).
+INVOCATION_KEYS = ("trainer.resume", "trainer.stop_after", "run_dir")
+# Keys that follow the environment when its variable is set now (MNIST's place on this machine); every other
+# key, logger.mode included, keeps its recorded value unless the command line names it.
+ENVIRONMENT_KEYS = {"data_dir": ("STN_DATA_DIR",)}
+
+
+def named_keys(overrides: Sequence[str]) -> list[str]:
+    """The config keys a command line sets: `trainer.lr=0.1` -> trainer.lr, a group choice `model=cnn` -> the
+    whole model section."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [override.key_or_group.replace("/", ".")
+            for override in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def continue_recorded(config: Config, overrides: Sequence[str]) -> Config:
+    """`stn train trainer.resume=true run_dir=X`: continue X with the configuration recorded in X/config.yaml,
+    so the command the stop message prints works as typed. The keys the command line names (and
+    INVOCATION_KEYS, and ENVIRONMENT_KEYS where their variable is set) come from this invocation; a named key
+    that differs from the record is then refused by the resume check as before (an identity key), or applies
+    (e.g. trainer.iterations=N to train on). Without trainer.resume, without run_dir, or with no readable
+    config.yaml there, `config` is returned as composed (the resume check words any problem)."""
+    import os
+
+    from stn.runs import CheckpointError, flatten, read_config
+
+    if not (config.trainer.resume and config.run_dir):
+        return config
+    recorded = Path(config.run_dir) / "config.yaml"
+    if not recorded.is_file():
+        return config
+    try:
+        saved = flatten(read_config(recorded))
+    except CheckpointError:  # not readable: the run's checkpoint check says what to do
+        return config
+    now = flatten(to_dict(config))
+    named = [*named_keys(overrides), *INVOCATION_KEYS,
+             *(key for key, names in ENVIRONMENT_KEYS.items() if any(os.environ.get(n) for n in names))]
+
+    def from_command_line(key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in named)
+
+    merged = {key: now[key] for key in now if from_command_line(key)}
+    # A key this stn has and the record lacks (added since) takes its schema default, as the resume check
+    # assumes (stn.runs.differences).
+    merged |= {key: value for key, value in saved.items() if not from_command_line(key)}
+    from stn.compose import from_container
+
+    return from_container(_unflatten(merged))
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return tree
+
+
+def sweep_group(sweep_dir: Path, runs_dir: Path) -> str:
+    """A sweep's W&B group: its folder's path under runs_dir joined by '-' (the default folder
+    runs/multirun/2026-12-07/210500 -> multirun-2026-12-07-210500), else the folder's name (hydra.sweep.dir=x/y
+    -> y). The same folder gives the same group, so a continued sweep stays in it."""
+    try:
+        return "-".join(sweep_dir.resolve().relative_to(runs_dir.resolve()).parts) or sweep_dir.resolve().name
+    except ValueError:
+        return sweep_dir.resolve().name
 
 
 def print_configs(members: Sequence[Member], what: str, sweep_dir: Path | None, executor: str,
@@ -216,6 +306,90 @@ def print_configs(members: Sequence[Member], what: str, sweep_dir: Path | None, 
         header = f"# job #{member.num}: {' '.join(member.overrides)}\n" if sweep_dir is not None else ""
         documents.append(header + OmegaConf.to_yaml(tree))
     return "---\n".join(documents)
+
+
+def resume_sweep_command(command: str, sweep_dir: Path) -> str:
+    """The sweep's own command line with trainer.resume=true and its sweep folder (replacing any given), less
+    trainer.stop_after (a continued sweep trains to the end): its members, composed as before, land in the same
+    folders and continue from their checkpoints."""
+    import shlex
+
+    words = [word for word in shlex.split(command)
+             if not word.startswith(("trainer.resume=", "hydra.sweep.dir=", "trainer.stop_after="))]
+    return shlex.join([*words, "trainer.resume=true", f"hydra.sweep.dir={sweep_dir}"])
+
+
+OVERRIDES_ENV = "STN_OVERRIDES"  # this invocation's overrides (JSON list), set by stn train for its one run
+
+
+@contextlib.contextmanager
+def overrides_recorded(overrides: Sequence[str]) -> Iterator[None]:
+    """$STN_OVERRIDES = `overrides` while the run starts (restored after), for its .hydra/overrides.yaml."""
+    previous = os.environ.get(OVERRIDES_ENV)
+    os.environ[OVERRIDES_ENV] = json.dumps(list(overrides))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(OVERRIDES_ENV, None)
+        else:
+            os.environ[OVERRIDES_ENV] = previous
+
+
+def write_overrides(folder: Path, overrides: Sequence[str]) -> None:
+    from stn.runs import write_atomic
+
+    write_atomic(folder / ".hydra" / "overrides.yaml", "".join(f"- {json.dumps(item)}\n" for item in overrides)
+                 if overrides else "[]\n")
+
+
+def write_hydra_folder(folder: Path, config: Config) -> None:
+    """Hydra's record in a run folder, rewritten by each invocation: .hydra/config.yaml (the composed config,
+    as config.yaml), .hydra/hydra.yaml (the folder, the job's name and override_dirname, the config search
+    path, stn's version) and .hydra/overrides.yaml (the command line's overrides: $STN_OVERRIDES for one run,
+    written by run_sweep for a sweep member; left as it is when neither says)."""
+    from omegaconf import OmegaConf
+
+    from stn import __version__
+    from stn.compose import search_path, user_config
+    from stn.config import to_yaml
+    from stn.runs import write_atomic
+
+    hydra = folder / ".hydra"
+    write_atomic(hydra / "config.yaml", to_yaml(config))
+    given = os.environ.get(OVERRIDES_ENV)
+    overrides = json.loads(given) if given else None
+    if overrides is not None:
+        write_overrides(folder, overrides)
+    elif (hydra / "overrides.yaml").is_file():
+        overrides = OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml"))
+    write_atomic(hydra / "hydra.yaml", OmegaConf.to_yaml({"hydra": {
+        "run": {"dir": str(folder)},
+        "job": {"name": config.run_name, "chdir": False,
+                "override_dirname": override_dirname(overrides or [])},
+        "runtime": {"version": f"stn {__version__}", "config_name": user_config()[1],
+                    "config_sources": search_path()},
+    }}))
+
+
+def print_info(members: Sequence[Member], sweep_dir: Path | None) -> str:
+    """`stn train --info`: the config search path, the primary config, and each run's group choices, overrides
+    and folder (a new single run's folder is chosen when it starts: <runs_dir>/<date>/<time>-<run name>)."""
+    from stn import __version__
+    from stn.compose import search_path, user_config
+
+    lines = [f"stn {__version__}", "Config search path (first match wins):",
+             *[f"  {path}" for path in search_path()], f"Primary config: {user_config()[1]}"]
+    if sweep_dir is not None:
+        lines.append(f"Sweep folder: {sweep_dir}")
+    for member in members:
+        config = member.config
+        folder = config.run_dir or f"{config.runs_dir}/<date>/<time>-{config.run_name} (new)"
+        lines += [f"Run #{member.num}: {config.run_name}",
+                  f"  choices: dataset={config.dataset.name} model={config.model.name} "
+                  f"transformer={config.transformer.type} trainer={config.trainer.name}",
+                  f"  overrides: {' '.join(member.overrides) or '(none)'}", f"  folder: {folder}"]
+    return "\n".join(lines)
 
 
 def _problems(members: Sequence[Member]) -> list[str]:
@@ -257,6 +431,8 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
     if problems:
         raise SweepError("\n".join(problems))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    for member in members:  # each member's .hydra/overrides.yaml: its own overrides, as Hydra records a job's
+        write_overrides(member.run_dir, member.overrides)
     report = SweepReport(sweep_dir.resolve())
     record = sweep_dir / "sweep.json"
     _write_record(record, command, members, report)
@@ -273,11 +449,11 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
                 log(f"  {member.label}: {key.replace('_', ' ')} {float(summary[key]):.2f}% | run folder "
                     f"{member.run_dir}")
             elif status == "interrupted":
-                log(f"  {member.label}: stopped at step {summary.get('step')} with a checkpoint; rerun with "
-                    f"trainer.resume=true hydra.sweep.dir={sweep_dir} to continue")
+                log(f"  {member.label}: stopped at step {summary.get('step')} with a checkpoint; continue with: "
+                    f"{resume_sweep_command(command, sweep_dir)}")
             else:
-                log(f"  {member.label} FAILED: {summary.get('error')} (run folder {member.run_dir}, job logs "
-                    f"{sweep_dir / 'submitit'})")
+                log(f"  {member.label} FAILED: {summary.get('error')} (run folder {member.run_dir}, its log "
+                    f"{member.run_dir / 'train.log'}; submitit's job logs {sweep_dir / 'submitit'})")
             _write_record(record, command, members, report)
             if status == "interrupted" and summary.get("signal") and executor == "debug":
                 raise KeyboardInterrupt  # in-process, fit's handler caught the Ctrl-C meant for the sweep

@@ -284,6 +284,8 @@ def reproduce(
     meta: dict[str, Any] = {
         "grid": str(grid.path), "name": grid.name, "preset": preset, "seeds": seeds,
         "overrides": list(overrides), "executor": executor, "group": group, "table_dir": str(table_dir),
+        # the budget every cell trains (table.md and the chart say it beside the overrides)
+        "steps": template.trainer.iterations, "batch_size": template.trainer.batch_size,
         # The table's one W&B run: its id from the first invocation on, the last step it was logged at.
         "wandb_id": previous_meta.get("wandb_id") or new_run_id(),
         "wandb_step": int(previous_meta.get("wandb_step") or 0),
@@ -361,10 +363,15 @@ def reproduce(
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             refresh()
+            from stn.tracking import finish_kept  # (imports torch: only once a table has run)
+
+            finish_kept(meta["wandb_id"], exit_code=1)  # the table's W&B run, open for this invocation
             log("interrupted: the runs in flight stopped with a checkpoint; rerun the same command to resume")
             raise
     results = refresh()
-    chart = plot_bars(results, table_dir / "ours_vs_paper.png", f"{grid.title} [{preset}]")
+    chart = plot_bars(results, table_dir / "ours_vs_paper.png",
+                      f"{grid.title} [{preset}: {meta['steps']} steps of {meta['batch_size']}"
+                      + "".join(f", {item}" for item in overrides) + "]")
     report.files["ours_vs_paper.png"] = chart
     previous = meta.get("wandb_dir")
     if report.ran == 0 and previous and Path(previous).is_dir():
@@ -373,4 +380,7 @@ def reproduce(
         log(f"nothing new ran; the table's W&B run is still {previous}")
     else:
         log_wandb(chart)
+    from stn.tracking import finish_kept
+
+    finish_kept(meta["wandb_id"])  # one W&B folder per invocation, finished once (stn.report)
     return report

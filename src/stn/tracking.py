@@ -113,6 +113,41 @@ def init_run(mode: str, **kwargs: Any) -> Any:
             os.environ.pop(SERVICE_ENV, None)
 
 
+_KEPT: dict[str, Any] = {}  # W&B run id -> the run kept open by this process (`kept_run`)
+
+
+def kept_run(mode: str, run_id: str, **kwargs: Any) -> Any:
+    """The W&B run `run_id`, started (continued: resume="allow") at the first call of this process and kept
+    open until `finish_kept`, so a run updated several times by one invocation (the table's, after every
+    cell) is one offline folder per invocation instead of one per update. A failure to start raises (the
+    caller handles it: W&B must never stop stn) and is not kept."""
+    run = _KEPT.get(run_id)
+    if run is None:
+        if not _KEPT:  # a caller that fails before its finish_kept: the run still ends with the process
+            import atexit
+
+            atexit.unregister(_finish_all)
+            atexit.register(_finish_all)
+        run = _KEPT[run_id] = init_run(mode, id=run_id, resume="allow", reinit="create_new", **kwargs)
+    return run
+
+
+def finish_kept(run_id: str, exit_code: int = 0) -> None:
+    """Finish the run `kept_run` holds open for `run_id` (nothing if none); never raises."""
+    run = _KEPT.pop(run_id, None)
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as err:
+        say_once(f"finish failed ({type(err).__name__}: {err})")
+
+
+def _finish_all() -> None:
+    for run_id in list(_KEPT):
+        finish_kept(run_id)
+
+
 def model_artifact_name(run_id: str) -> str:
     """The W&B artifact of a training's checkpoint(s): one per W&B run, versioned if it is logged again."""
     return f"model-{run_id}"
@@ -187,6 +222,9 @@ class Tracker:
                 group=cfg.logger.group,
                 name=cfg.logger.name or cfg.run_name,
                 job_type="train",
+                # Its own run even while another is open in this process (a table's, kept by `kept_run`):
+                # wandb's default would hand that one back.
+                reinit="create_new",
                 notes=f"run folder: {self.run_dir}",
                 tags=[cfg.dataset.name, cfg.model.name, cfg.transformer.type, *cell_tags(cfg), *cfg.logger.tags],
                 # A table cell's row, column, ... at the top level, where W&B's panels group by them.

@@ -50,7 +50,7 @@ from stn.device import (
     runtime_flags,
 )
 from stn.lock import locked
-from stn.progress import Console, stop_on_signals
+from stn.progress import Console, long_run_note, stop_on_signals
 from stn.recovery import headline_line, recovery_metrics
 from stn.runs import (
     CHECKPOINT,
@@ -72,6 +72,11 @@ from stn.runs import (
     write_json,
 )
 from stn.tracking import Tracker, say_once
+
+LOG_FILE = "train.log"  # the run's log, in its folder (stn.runs.RUN_FILES lists it)
+# The first log line at least this many steps into an invocation measures the rate a long CPU run's estimate
+# uses (the first steps, warming up, are slower).
+ESTIMATE_AFTER = 20
 
 
 class TrainingError(RunError):
@@ -264,6 +269,9 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     cfg = dataclasses.replace(cfg, run_dir=str(folder))
     write_atomic(folder / "config.yaml", to_yaml(cfg))
     record_command(folder)
+    from stn.sweep import write_hydra_folder
+
+    write_hydra_folder(folder, cfg)
     forward = torch.compile(model) if cfg.trainer.compile else model
     session = Session(cfg, folder, device, model, forward, optimizer, scheduler, stream, test_set, parameters,
                       amp, channels_last, precisions=["bf16" if amp else "float32"],
@@ -368,11 +376,13 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
     """The paper's loop: SGD steps with the step schedule, a log line every log_every steps, an evaluation
     every eval_every, a checkpoint every checkpoint_every; then the summary."""
     trainer, cfg, first_step = run.cfg.trainer, run.cfg, run.step
-    print(f"{'resuming' if run.resumed_from is not None else 'training'} {cfg.run_name} on {run.device} "
-          f"({run.parameters:,} parameters) from step {run.step} of {trainer.iterations}; run folder "
-          f"{run.folder}", flush=True)
     meter, test_error = Meter(run, started), math.nan
-    console = Console(trainer.iterations, run.step, cfg.run_name)
+    # Every line also goes to the run folder's train.log (appended by each invocation), as Hydra logs a job.
+    console = Console(trainer.iterations, run.step, cfg.run_name, log_file=run.folder / LOG_FILE)
+    console.line(f"{'resuming' if run.resumed_from is not None else 'training'} {cfg.run_name} on {run.device} "
+                 f"({run.parameters:,} parameters) from step {run.step} of {trainer.iterations} "
+                 f"(trainer={trainer.name}); run folder {run.folder}")
+    estimated = False
     try:
         with Tracker(cfg, run.folder, run.wandb_id) as tracker, stop_on_signals() as stop:
             run.wandb_id = tracker.run_id  # kept even while W&B is off for an invocation
@@ -392,6 +402,12 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                     append_metrics(run.folder / "metrics.jsonl", record)
                     tracker.log({k: v for k, v in record.items() if k != "step"}, step)
                     console.advance(step, meter.final_loss, meter.rate)
+                    if not estimated and step - first_step >= ESTIMATE_AFTER:  # the rate is measured: say how long
+                        estimated = True
+                        note = long_run_note(trainer.iterations - step, meter.rate, trainer.batch_size, trainer.name,
+                                             run.device.type)
+                        if note:
+                            console.line(note)
                 pause_start = time.perf_counter()
                 if step % trainer.eval_every == 0 or last:
                     meter.check_finite()
@@ -409,7 +425,9 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
                 if stopping and not last:
                     console.close()
                     tracker.mark_preempting()
-                    raise interrupted(run, stop)
+                    stopped = interrupted(run, stop)
+                    console.log(str(stopped))  # the caller prints it
+                    raise stopped
             if run.step == first_step:  # resumed from a checkpoint taken at the very end: evaluate it
                 meter.check_finite()
                 test_error = run.evaluate()
@@ -428,6 +446,7 @@ def train_loop(run: Session, started: float) -> dict[str, Any]:
     finally:
         console.close()
     write_json(run.folder / "summary.json", summary)
+    console.log(f"finished: {eval_key(cfg).replace('_', ' ')} {test_error:.2f}%")
     return summary
 
 
@@ -466,8 +485,16 @@ def interrupted(run: Session, stop: dict[str, int]) -> TrainingInterrupted:
               else f"trainer.stop_after={run.cfg.trainer.stop_after}")
     return TrainingInterrupted(
         f"{run.cfg.run_name} stopped at step {run.step}/{run.cfg.trainer.iterations} ({reason}); checkpoint "
-        f"{run.folder / CHECKPOINT}. Continue with trainer.resume=true run_dir={run.folder}",
+        f"{run.folder / CHECKPOINT}. Continue with: {resume_command(run.folder)}",
         run.step, run.folder, 128 + stop["signal"] if "signal" in stop else 0)
+
+
+def resume_command(folder: Path) -> str:
+    """The command that continues the run in `folder` as it was configured (stn.sweep.continue_recorded reads
+    its config.yaml), quoted for a POSIX shell."""
+    import shlex
+
+    return f"stn train trainer.resume=true run_dir={shlex.quote(str(folder))}"
 
 
 def make_summary(run: Session, meter: Meter, test_error: float, wandb: dict[str, str] | None) -> dict[str, Any]:

@@ -245,8 +245,8 @@ def schedule_warning(overrides: list[str] | tuple[str, ...], cfg: Config) -> str
     """A loud note when trainer.iterations is overridden without trainer.lr_step: the lr then still drops
     every lr_step steps (absolute, as recorded configs mean it), so the schedule's shape changes."""
     keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
-    if "trainer.iterations" not in keys or "trainer.lr_step" in keys:
-        return None
+    if "trainer.iterations" not in keys or "trainer.lr_step" in keys or cfg.trainer.schedule == "onecycle":
+        return None  # (the one-cycle schedule spans trainer.iterations, whatever it is: nothing to warn about)
     trainer = cfg.trainer
     drops = list(range(trainer.lr_step, trainer.iterations, trainer.lr_step))
     where = (f"at step{'s' if len(drops) > 1 else ''} {', '.join(map(str, drops[:6]))}"

@@ -186,12 +186,13 @@ class Rendered:
 
 def render_checkpoint(
     path: str | os.PathLike, out: str | os.PathLike, *, count: int = 8, data_dir: str | None = None,
-    recovery_digits: int = RECOVERY_DIGITS,
+    recovery_digits: int = RECOVERY_DIGITS, recovery_flat: dict[str, Any] | None = None,
 ) -> Rendered:
     """Draw the first `count` digits of the checkpoint's fixed test set, with the distortion recovery
     (stn.recovery: the spread of the composition of the transformer's map with each digit's true distortion)
     measured on its first `recovery_digits` (0: not measured) and shown in the figure's title. MNIST is read
-    from `data_dir`, else $STN_DATA_DIR, else the data_dir saved in the checkpoint's config."""
+    from `data_dir`, else $STN_DATA_DIR, else the data_dir saved in the checkpoint's config. `recovery_flat`
+    (a run summary's recovery/* keys, measured on its whole test set) is shown instead of measuring again."""
     from stn.data import make_test_set
     from stn.mnist import load_mnist
     from stn.recovery import flat_summary, headline_line, recovery_summary
@@ -213,7 +214,11 @@ def render_checkpoint(
     recovery: dict[str, Any] = {}
     flat: dict[str, Any] = {}
     text = ""
-    if recovery_digits:
+    if recovery_flat:
+        flat = {key: value for key, value in recovery_flat.items() if key.startswith("recovery/")}
+        text = f"recovery on the run's test set: {headline_line(flat)}"
+        title += "\n" + text
+    elif recovery_digits:
         measured = test_set if recovery_digits >= count else make_test_set(
             digits, labels, dataclasses.replace(cfg.dataset, test_limit=recovery_digits))
         try:
