@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from stn.compose import compose
 from stn.engine_cli import LOAN_BENCH, LOAN_TABLE_RUN, engine_app
+from stn.grid import TABLE1_MODELS
 from stn.measure import model_flops_per_image
-from stn.models import TABLE1_MODELS
 from stn.plan import CostModel, Group, Member, table_run_seconds
 from stn.step_cost import (
     DeviceSpec,

@@ -175,12 +175,12 @@ def test_sweep_in_process_reports_the_validation_error(tmp_path: Path, monkeypat
     assert record["members"][0]["val_error"] == summary["val_error"]
 
 
-def test_a_stopped_sweep_prints_a_command_that_continues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stopped_sweep_prints_a_command_that_continues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides: list[str]) -> None:
     """Members stopped by trainer.stop_after: the printed command, typed as printed, continues both to the end."""
     import shlex
 
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *FAST, "trainer.stop_after=5", "--executor", "debug"])
+    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *small_overrides, "trainer.stop_after=5", "--executor", "debug"])
     assert result.exit_code == 0 and "0 of 2 runs done, 0 failed, 2 stopped" in result.output, result.output
     printed = {line.split("continue with: ")[1].strip() for line in result.output.splitlines() if "continue with: " in line}
     assert len(printed) == 1
@@ -210,11 +210,11 @@ def test_sweep_members_share_a_wandb_group_named_by_the_sweep_folder(tmp_path: P
     assert single.config.logger.group is None  # one run: no group unless asked
 
 
-def test_every_run_folder_has_hydras_record_and_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_run_folder_has_hydras_record_and_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides: list[str]) -> None:
     """One run and a sweep's members: .hydra/config.yaml (the composed config), overrides.yaml (the run's own
     overrides), hydra.yaml, and train.log (the lines printed, with times); member folders by member number."""
     monkeypatch.chdir(tmp_path)
-    one = ["trainer.stop_after=10", "run_dir=one", *FAST]
+    one = ["trainer.stop_after=10", "run_dir=one", *small_overrides]
     assert runner.invoke(app, ["train", *one]).exit_code == 0
     hydra = tmp_path / "one" / ".hydra"
     assert yaml.safe_load((hydra / "overrides.yaml").read_text()) == one
@@ -227,11 +227,11 @@ def test_every_run_folder_has_hydras_record_and_a_log(tmp_path: Path, monkeypatc
     assert "resuming R-cnn" in log and "finished: test error" in log  # appended by the second invocation
     assert yaml.safe_load((hydra / "overrides.yaml").read_text()) == ["trainer.resume=true", "run_dir=one"]
 
-    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *FAST, "hydra.sweep.dir=sweep", "--executor", "debug"])
+    result = runner.invoke(app, ["train", "-m", "model=cnn,fcn", *small_overrides, "hydra.sweep.dir=sweep", "--executor", "debug"])
     assert result.exit_code == 0, result.output
     for num, model in enumerate(("cnn", "fcn")):
         folder = tmp_path / "sweep" / f"{num}-R-{model}"
-        assert yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) == [f"model={model}", *FAST]
+        assert yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) == [f"model={model}", *small_overrides]
         assert f"training R-{model}" in (folder / "train.log").read_text()
 
 

@@ -350,18 +350,18 @@ def test_quiet_output_when_not_a_terminal(tmp_path: Path, capsys: pytest.Capture
     assert out.count("test error") == 2  # one line per evaluation
 
 
-def test_progress_lines_without_a_terminal_come_by_time(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_progress_lines_without_a_terminal_come_by_time(small, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """On a pipe, a progress line comes at the first log step PROGRESS_EVERY_S after the last line, between the
     evaluations (the paper's schedule evaluates every 10,000 steps); 0 s here: one at every log step."""
     monkeypatch.setattr(progress_module, "PROGRESS_EVERY_S", 0.0)
-    fit(small(tmp_path))  # smoke: 20 steps, a log every 5, an evaluation every 10
+    fit(small())  # smoke: 20 steps, a log every 5, an evaluation every 10
     lines = [line for line in capsys.readouterr().out.splitlines() if "steps/s |" in line]
     assert [line.split(" step ")[1].split()[0] for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
     assert all(line.endswith(" left") and " | loss " in line for line in lines)
 
 
-def test_a_long_cpu_run_says_how_long_and_how_to_ask_for_less(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_a_long_cpu_run_says_how_long_and_how_to_ask_for_less(small, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The paper's 150,000 steps on a CPU: once the rate is measured (ESTIMATE_AFTER steps), a note with the
     time the rest takes at that rate and trainer=quick's; a short run says nothing."""
@@ -373,12 +373,12 @@ def test_a_long_cpu_run_says_how_long_and_how_to_ask_for_less(tmp_path: Path, ca
     assert long_run_note(149_900, 10.0, 256, "paper", "cuda") is None
     assert long_run_note(1000, 10.0, 256, "quick", "cpu") is None  # 100 s
     assert duration(40) == "40 s" and duration(14 * 60) == "14 min" and duration(7500) == "2 h 05 min"
-    cfg = small(tmp_path, "trainer.iterations=100000000", "trainer.stop_after=25", "trainer.lr_step=100000000")
+    cfg = small("trainer.iterations=100000000", "trainer.stop_after=25", "trainer.lr_step=100000000")
     with pytest.raises(TrainingInterrupted):
         fit(cfg)
     out = capsys.readouterr().out
     assert "steps left at the measured" in out and "add trainer=quick" in out
-    fit(small(tmp_path))
+    fit(small())
     assert "steps left" not in capsys.readouterr().out
 
 

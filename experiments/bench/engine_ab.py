@@ -43,8 +43,8 @@ def profile(kind: str, dataset: str, k: int, mode: str, options: Any, device: st
     from stn.batched_data import make_stream
     from stn.compose import compose
     from stn.device import sync
+    from stn.grid import TABLE1_MODELS
     from stn.mnist import load_mnist
-    from stn.models import TABLE1_MODELS
 
     base = compose([f"dataset={dataset}", *dict(TABLE1_MODELS)[kind], f"trainer.batch_size={batch}",
                     f"trainer.device={device}"])
@@ -70,8 +70,8 @@ def profile(kind: str, dataset: str, k: int, mode: str, options: Any, device: st
 @functools.cache
 def _flops_per_image(kind: str, dataset: str) -> float:
     from stn.compose import compose
+    from stn.grid import TABLE1_MODELS
     from stn.measure import model_flops_per_image
-    from stn.models import TABLE1_MODELS
 
     return model_flops_per_image(compose([f"dataset={dataset}", *dict(TABLE1_MODELS)[kind]]))
 

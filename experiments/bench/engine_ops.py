@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from stn.batched import ENGINE_MODES, BatchedModels, EngineOptions
 from stn.batched_data import BatchedStream, BlockStream
 from stn.compose import compose
+from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
-from stn.models import TABLE1_MODELS
 
 
 class Count(TorchDispatchMode):

@@ -30,8 +30,9 @@ import torch
 from stn.compose import compose
 from stn.data import TrainStream
 from stn.device import keep_freed_memory
+from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
-from stn.models import TABLE1_MODELS, build_model
+from stn.models import build_model
 from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model
 
 SLUGS = {label.lower().replace("-", "_").replace(" ", "_"): choice for label, choice in TABLE1_MODELS}

@@ -384,7 +384,7 @@ def fit_device(bench_path: str | Path, table_run: dict[str, float], groups: Sequ
     overhead fitted (`fit_latency`) on its launch-bound rows: the bench's graphed steps of the FCN and ST-FCNs,
     and the table run's seconds per step of the groups of those kinds among `groups` (gid -> s/step)."""
     from stn.compose import compose
-    from stn.models import TABLE1_MODELS
+    from stn.grid import TABLE1_MODELS
 
     bench = json.loads(Path(bench_path).read_text())
     peak = peak_flops or float(bench["peak_flops"].get("bfloat16") or bench["peak_flops"]["float32"])
