@@ -172,7 +172,8 @@ def _read_summary(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise TableError(
             f"{path} is unreadable or has no test_error ({type(err).__name__}: {err}); "
-            f"delete its run folder {path.parent} to re-run that cell"
+            f"delete {path} alone (not the run folder: its checkpoint is kept) and rerun the same command: the "
+            f"cell is evaluated again from its last checkpoint"
         ) from None
     return summary
 

@@ -239,7 +239,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
                       amp, channels_last, precisions=["bf16" if amp else "float32"])
     metrics = folder / "metrics.jsonl"
     if state is None:
-        metrics.write_text("")
+        write_atomic(metrics, "")  # replaces, never writes through a link
         return session
     restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
     if cfg.trainer.schedule == "onecycle" and scheduler.total_steps != cfg.trainer.iterations:
