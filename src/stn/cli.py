@@ -199,6 +199,10 @@ def models(
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
     choices = ", ".join(map(repr, get_args(DatasetName)))
     refuse([f"--dataset {name!r}: not one of {choices}" for name in datasets if name not in get_args(DatasetName)])
+    from stn.grid import label_problems
+
+    refuse(label_problems(overrides or [], [(f"row {label}", choice) for label, choice in TABLE1_MODELS]
+                          + [(f"column {name}", [f"dataset={name}"]) for name in datasets]))
     with reported():
         rows = cached_parameter_table(datasets, overrides or [])
     table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "

@@ -99,11 +99,16 @@ def slug(text: str) -> str:
 def table_members(grid_path: str | Path, seeds: Sequence[int], preset: str, overrides: Sequence[str] = (),
                   rows: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> list[Member]:
     """One Member per selected cell x seed of the grid file, composed like `stn reproduce-table` does."""
-    from stn.grid import load_grid, select_cells
+    from stn.grid import TableError, check_overrides, label_problems, load_grid, select_cells
 
     grid = load_grid(grid_path)
     members = []
     cells = select_cells(grid, rows, columns)
+    check_overrides(overrides, "--override")  # seed, run_dir, the preset: the engine's options set them
+    problems = label_problems(overrides, [source for row, column in cells for source in
+                                          ((f"row {row}", grid.rows[row]), (f"column {column}", grid.columns[column]))])
+    if problems:
+        raise TableError("\n".join(dict.fromkeys(problems)))
     bases = compose_many([[*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides]
                           for row, column in cells])
     for (row, column), base in zip(cells, bases, strict=True):

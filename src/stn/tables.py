@@ -34,7 +34,16 @@ from typing import Any
 from stn.cache import cached_compose, cached_compose_many
 from stn.compose import ComposeError
 from stn.config import Config, ConfigError
-from stn.grid import DEFAULT_GRID, Grid, TableError, cell_name, check_overrides, load_grid, select_cells
+from stn.grid import (
+    DEFAULT_GRID,
+    Grid,
+    TableError,
+    cell_name,
+    check_overrides,
+    label_problems,
+    load_grid,
+    select_cells,
+)
 from stn.job import Job
 from stn.launch import (
     EXECUTORS,
@@ -104,6 +113,10 @@ def plan_jobs(
     if not seeds:
         raise TableError("no seeds given; pass e.g. --seeds 0 or --seeds 0,1,2")
     check_overrides(overrides, "overrides")
+    problems = label_problems(overrides, [source for row, column in cells for source in
+                                          ((f"row {row}", grid.rows[row]), (f"column {column}", grid.columns[column]))])
+    if problems:
+        raise TableError("\n".join(dict.fromkeys(problems)))
     table_dir = table_dir.resolve()
     jobs = []
     word_lists = [[*grid.rows[row], *grid.columns[column], f"trainer={preset}", *overrides] for row, column in cells]
