@@ -166,10 +166,12 @@ def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel
         with reported(), command_recorded(command):
             report = run_sweep(members, sweep_dir, command=command, executor=executor, parallel=parallel,
                                slurm=slurm, log=typer.echo)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.Stopped)
+        from stn.launch import stop_code
+
         typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; rerun with trainer.resume=true "
                     f"hydra.sweep.dir={sweep_dir} to continue", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_code(stopped)) from None
     done, failed = report.count("done"), report.count("failed")
     typer.echo(f"{done} of {len(members)} runs done, {failed} failed, {report.count('interrupted')} stopped; "
                f"sweep folder {report.sweep_dir} (sweep.json)")

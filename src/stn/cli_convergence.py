@@ -66,7 +66,7 @@ def convergence_run(
                + (", one stopped with a checkpoint (rerun to continue)" if report.stopped else "")
                + f"; record: {loaded.results}")
     if report.stopped:
-        raise typer.Exit(130)
+        raise typer.Exit(report.stop_code)  # 128 + the signal: Ctrl-C 130, SIGTERM 143
     if report.failed:
         raise typer.Exit(1)
 

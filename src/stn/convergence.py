@@ -113,6 +113,7 @@ class StudyReport:
     skipped: int = 0  # already in the CSV
     busy: list[Cell] = field(default_factory=list)  # being trained by another process (its folder is locked)
     stopped: Cell | None = None  # interrupted (checkpointed) cell, if any
+    stop_code: int = 130  # the exit code of the stop: 128 + the signal's number (Ctrl-C 130, SIGTERM 143)
     failed: list[tuple[Cell, str]] = field(default_factory=list)
 
 

@@ -49,6 +49,7 @@ from stn.launch import (
     EXECUTORS,
     FitFn,
     SlurmOptions,
+    Stopped,
     run_jobs,
     sigterm_as_interrupt,
     start_pool,
@@ -397,8 +398,8 @@ def reproduce(
                     refresh()  # an interrupted table loses at most the runs in flight
                     log_wandb()  # and its W&B run shows every finished cell
                     if status == "interrupted" and summary.get("signal") and executor == "debug":
-                        # In-process, fit's own handler caught the Ctrl-C meant for the whole table.
-                        raise KeyboardInterrupt
+                        # In-process, fit's own handler caught the Ctrl-C (or SIGTERM) meant for the whole table.
+                        raise Stopped(summary.get("exit_code") or 130)
         except KeyboardInterrupt:
             refresh()
             log("interrupted: the runs in flight stopped with a checkpoint; rerun the same command to resume")
