@@ -46,7 +46,7 @@ from stn.cli_convergence import convergence_app
 from stn.cli_data import data_app
 from stn.cli_table import reproduce_table
 from stn.engine_cli import engine_app
-from stn.validation import MAX_PICTURES, folder_problems, output_problems, picture_problems, schedule_warning
+from stn.validation import MAX_PICTURES, file_problems, output_problems, picture_problems, schedule_warning
 
 app = typer.Typer(
     name="stn",
@@ -317,7 +317,7 @@ def recovery(
     from stn.recovery import format_summary, recovery_checkpoint
 
     refuse([f"--limit {limit}: must be at least 1"] * (limit is not None and limit < 1)
-           + (folder_problems("--json", json_out.parent, label=f"--json {json_out}") if json_out else []))
+           + (file_problems("--json", json_out) if json_out else []))
     with reported():
         summary = recovery_checkpoint(checkpoint, data_dir=data_dir, limit=limit)
     typer.echo(format_summary(summary))

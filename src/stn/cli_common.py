@@ -103,6 +103,9 @@ def csv_list(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
 
 
+MAX_SEED = 2**63 - 1  # = the config's bound on seed (stn.validation)
+
+
 def parse_seeds(value: str) -> list[int]:
     """--seeds '0,1,2' -> [0, 1, 2]; exit 2 on non-integers, negatives or repeats (two runs in one folder)."""
     try:
@@ -113,7 +116,9 @@ def parse_seeds(value: str) -> list[int]:
     refuse([f"--seeds {value!r}: no seeds given; e.g. --seeds 0 or --seeds 0,1,2"] * (not seeds)
            + [f"--seeds {value!r}: seed {seed} is repeated; each seed is one run folder, give it once"
               for seed in repeated]
-           + [f"--seeds {value!r}: seed {seed} is negative; seeds are 0 or more" for seed in seeds if seed < 0])
+           + [f"--seeds {value!r}: seed {seed} is negative; seeds are 0 or more" for seed in seeds if seed < 0]
+           + [f"--seeds {value!r}: seed {seed} is too large; seeds are at most 2**63-1 (torch's seed range)"
+              for seed in seeds if seed > MAX_SEED])
     return seeds
 
 

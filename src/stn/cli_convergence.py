@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import csv_list
+from stn.cli_common import csv_list, fail, reported
+from stn.validation import file_problems, folder_problems
 
 convergence_app = typer.Typer(
     help="The convergence study: Table 1 cells at growing fractions of the paper's training images "
@@ -44,10 +45,14 @@ def convergence_run(
         seed_list = None if seeds is None else [int(s) for s in csv_list(seeds) or []]
         cells = plan(loaded, rows=csv_list(rows), columns=csv_list(columns), budgets=csv_list(budgets), seeds=seed_list)
         done = recorded_keys(loaded)  # a broken record stops here, before anything trains
+        where = f"study file {study}"
+        outputs = [] if dry_run else (  # where the record and the run folders go: checked before a cell trains
+            file_problems("results", loaded.results, label=f"{where}: results={loaded.results}")
+            + folder_problems("runs_dir", loaded.runs_dir, label=f"{where}: runs_dir={loaded.runs_dir}"))
+        if outputs:
+            raise StudyError("\n".join(outputs))
     except ValueError as err:  # StudyError, or a seed that is not an integer
-        message = str(err) if isinstance(err, StudyError) else f"--seeds {seeds!r} must be integers, e.g. 0,1,2"
-        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(str(err) if isinstance(err, StudyError) else f"--seeds {seeds!r} must be integers, e.g. 0,1,2", 2)
     if parallel < 1:
         typer.secho(f"error: --parallel {parallel} must be at least 1", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -60,7 +65,11 @@ def convergence_run(
             typer.echo(f"{cell.budget:>6} seed {cell.seed} {cell.column:>4} {cell.row:<12} "
                        f"{cell.config.trainer.iterations:>6} steps  {state}")
         return
-    report = run_study(loaded, cells, max_cells=max_cells, parallel=parallel, log=lambda line: typer.echo(line))
+    try:
+        with reported():  # a full disk, a folder removed meanwhile: one line, exit 1
+            report = run_study(loaded, cells, max_cells=max_cells, parallel=parallel, log=lambda line: typer.echo(line))
+    except StudyError as err:  # found while running: a record another process made of the other kind
+        fail(str(err), 2)
     typer.echo(f"{len(report.done)} cells trained, {report.skipped} already recorded, {len(report.failed)} failed"
                + (f", {len(report.busy)} left to the other process training them" if report.busy else "")
                + (", one stopped with a checkpoint (rerun to continue)" if report.stopped else "")

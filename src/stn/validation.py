@@ -222,6 +222,18 @@ def folder_problems(key: str, path: str | os.PathLike, label: str | None = None)
     return []
 
 
+def file_problems(key: str, path: str | os.PathLike, label: str | None = None) -> list[str]:
+    """[] if `path` names a file stn may write (or replace): not a folder, not read-only, in a folder it can write
+    or create; else one line saying why not. Checked before a command's work, not after it."""
+    label = label or f"{key} {path}"
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return [f"{label}: {target} is a folder; give a file name, e.g. {target / 'result.json'}"]
+    if target.exists() and not os.access(target, os.W_OK):
+        return [f"{label}: {target} is not writable by this user; choose another file"]
+    return folder_problems(key, target.parent, label=label)
+
+
 def picture_problems(key: str, path: str | os.PathLike, command: str) -> list[str]:
     """[] if `path` names a picture file `command` can write (a supported suffix, in a writable folder)."""
     formats = PICTURE_FORMATS[command]
