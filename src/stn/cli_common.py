@@ -10,6 +10,7 @@ Importing it is cheap (no torch): each command imports its work module lazily.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,11 @@ def reported() -> Iterator[None]:
     except RunError as err:  # TrainingError: the run itself failed
         fail(str(err), 1)
     except OSError as err:  # a disk that filled up, a folder removed under a running command
+        if err.errno == errno.ENOSPC:
+            where = f" writing {err.filename}" if err.filename else ""
+            fail(f"the disk is full{where} (no space left on device): what was finished before is kept (run "
+                 f"folders, checkpoints and records are replaced whole, never cut short); free some space, then "
+                 f"rerun the same command to continue", 1)
         fail(f"{type(err).__name__}: {err}", 1)
 
 

@@ -147,7 +147,9 @@ def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
-        raise SweepError(str(err).strip().splitlines()[0]) from None
+        from stn.compose import non_ascii_problems
+
+        raise SweepError("\n".join(non_ascii_problems(overrides)) or str(err).strip().splitlines()[0]) from None
     if not multirun:
         sweeps = [override.input_line for override in parsed if override.is_sweep_override()]
         if sweeps:

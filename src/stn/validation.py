@@ -100,7 +100,11 @@ def _name_errors(cfg: Config) -> list[str]:
     for key in ("data_dir", "runs_dir", "run_dir"):
         value = getattr(cfg, key)
         if value is not None and not str(value).strip():
-            errors.append(f"{key}={value!r}: empty; give a folder path")
+            variable = os.environ.get("STN_DATA_DIR")
+            from_env = key == "data_dir" and variable is not None and not variable.strip()
+            errors.append(f"{key}={value!r}: empty; give a folder path" if not from_env else
+                          f"data_dir={value!r} comes from the environment variable STN_DATA_DIR, which is set but "
+                          f"empty: set STN_DATA_DIR to the MNIST folder, or unset it (the default is data/)")
     return errors
 
 
