@@ -70,6 +70,12 @@ def convergence_run(
             report = run_study(loaded, cells, max_cells=max_cells, parallel=parallel, log=lambda line: typer.echo(line))
     except StudyError as err:  # found while running: a record another process made of the other kind
         fail(str(err), 2)
+    except KeyboardInterrupt as stopped:  # between two cells (a cell in training stops itself, checkpointed)
+        from stn.launch import stop_code
+
+        typer.secho("interrupted between cells; rerun the same command to continue", fg=typer.colors.YELLOW,
+                    err=True)
+        raise typer.Exit(stop_code(stopped)) from None
     typer.echo(f"{len(report.done)} cells trained, {report.skipped} already recorded, {len(report.failed)} failed"
                + (f", {len(report.busy)} left to the other process training them" if report.busy else "")
                + (", one stopped with a checkpoint (rerun to continue)" if report.stopped else "")
