@@ -89,9 +89,10 @@ def _check_table(grid: Path, seeds: str, cost: Path | None, flops: float, max_k:
 
 
 @contextlib.contextmanager
-def _engine_errors(state: Path | None = None) -> Iterator[None]:
+def _engine_errors(state: Path | None = None, plan_code: int = 1) -> Iterator[None]:
     """The commands' errors as every stn command reports them (stn.cli_common.reported): exit 2 for input, 1 for
-    a failed run (the engine's and the plan's errors), 128+N for a signal (SIGTERM 143, Ctrl-C 130)."""
+    a failed run (the engine's and the plan's errors; `plan_code` 2 where nothing runs, e.g. a --budget too short
+    for one chunk), 128+N for a signal (SIGTERM 143, Ctrl-C 130)."""
     from stn.batched import EngineError
     from stn.launch import sigterm_as_interrupt, stop_code
     from stn.plan import PlanError
@@ -99,7 +100,9 @@ def _engine_errors(state: Path | None = None) -> Iterator[None]:
     try:
         with reported(), sigterm_as_interrupt():
             yield
-    except (EngineError, PlanError) as err:
+    except PlanError as err:
+        fail(str(err), plan_code)
+    except EngineError as err:
         fail(str(err), 1)
     except KeyboardInterrupt as stopped:
         kept = f"; the groups finished so far are kept in {state} (rerun the same command to continue)" if state else ""
@@ -218,7 +221,7 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
 
     key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
            override or []]
-    with _engine_errors():
+    with _engine_errors(plan_code=2):  # planning only: whatever it refuses, the arguments fix
         lines = memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops, max_k,
                                                              budget, override))
     for line in lines:
