@@ -459,6 +459,8 @@ def test_bad_study_files_are_refused_before_a_cell_trains(cwd: Path, fields: dic
         (["engine", "plan", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "RTS", "--override", "dataset=R"],
          "override 'dataset=R': column RTS sets dataset=RTS"),
         (["models", "transformer=tps"], "override 'transformer=tps': row FCN sets transformer=none"),
+        (["engine", "bench", "--override", "dataset=RTS"], "override 'dataset=RTS': --dataset R sets dataset=R"),
+        (["bench", "--models", "cnn", "--override", "model=fcn"], "override 'model=fcn': model CNN sets model=cnn"),
     ],
 )
 def test_an_override_of_what_a_label_sets_is_refused(cwd: Path, args: list[str], named: str) -> None:

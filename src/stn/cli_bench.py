@@ -120,6 +120,11 @@ def bench_train_command(
     import time
 
     chosen = _bench_models(models)
+    from stn.grid import label_problems
+
+    # each row is labelled by its model and --dataset: an override of what they set would mislabel it
+    refuse(label_problems(override or [], [(f"model {label}", list(choice)) for label, choice in chosen]
+                          + [(f"--dataset {dataset}", [f"dataset={dataset}"])]))
     overrides = [f"dataset={dataset}", f"trainer.device={device}", *(override or [])]
     config = load_config(overrides)
     from stn.bench import QUICK, TrainBenchSettings, bench_train, format_train_table, ratio_lines

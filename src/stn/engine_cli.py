@@ -143,7 +143,7 @@ def bench(
     override: Override = None,
 ) -> None:
     """Images/s per model kind, 1 model vs K batched, loop vs vmap; FLOP/s, % of peak, peak memory."""
-    from stn.grid import TABLE1_MODELS
+    from stn.grid import TABLE1_MODELS, label_problems
 
     try:
         k_list = [int(k) for k in _list(ks) or []]
@@ -157,7 +157,10 @@ def bench(
            + [f"--modes {modes!r}: choose from loop, vmap" for mode in _list(modes) or [""] if mode not in ("loop", "vmap")]
            + _count_problems("--batch-size", batch_size, 1, MNIST_TRAIN) + _count_problems("--steps", steps, 1, MAX_STEPS)
            + _count_problems("--warmup", warmup, 0, MAX_STEPS) + _count_problems("--block-steps", block_steps, 1, MAX_STEPS)
-           + (file_problems("--out", out) if out else []) + (file_problems("--markdown", markdown) if markdown else []))
+           + (file_problems("--out", out) if out else []) + (file_problems("--markdown", markdown) if markdown else [])
+           # a row is labelled by its kind and --dataset: an override of what they set would mislabel it
+           + label_problems(override or [], [(f"kind {label}", list(choice)) for label, choice in TABLE1_MODELS]
+                            + [(f"--dataset {dataset}", [f"dataset={dataset}"])]))
     from stn.cli_common import load_config
 
     load_config([f"dataset={dataset}", *(override or [])])  # a bad override: exit 2 before the measurement
