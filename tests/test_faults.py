@@ -494,6 +494,9 @@ def test_an_override_of_what_a_label_sets_is_refused(cwd: Path, args: list[str],
         (["bench", "--models", "cnn", "--min-turn", "inf"], "--min-turn inf"),
         (["bench", "--models", "cnn", "--rounds", "1000000000"], "--rounds 1000000000"),
         (["recovery", "keep.txt", "--json", "."], "--json .: . is a folder"),
+        (["recovery", "keep.txt", "--limit", "20000"], "--limit 20000"),
+        (["reproduce-table", "--parallel", "100000"], "--parallel 100000"),
+        (["reproduce-table", "--slurm-time", "100000000"], "--slurm-time 100000000"),
     ],
 )
 def test_every_command_refuses_bad_input_before_any_work(cwd: Path, args: list[str], named: str) -> None:

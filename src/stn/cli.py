@@ -45,6 +45,7 @@ from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice t
 from stn.cli_convergence import convergence_app
 from stn.cli_data import data_app
 from stn.cli_table import reproduce_table
+from stn.config import MNIST_TEST
 from stn.engine_cli import engine_app
 from stn.validation import MAX_PICTURES, file_problems, output_problems, picture_problems, schedule_warning
 
@@ -316,7 +317,7 @@ def recovery(
 
     from stn.recovery import format_summary, recovery_checkpoint
 
-    refuse([f"--limit {limit}: must be at least 1"] * (limit is not None and limit < 1)
+    refuse([f"--limit {limit}: choose 1 to {MNIST_TEST} (test digits)"] * (limit is not None and not 1 <= limit <= MNIST_TEST)
            + (file_problems("--json", json_out) if json_out else []))
     with reported():
         summary = recovery_checkpoint(checkpoint, data_dir=data_dir, limit=limit)

@@ -137,13 +137,17 @@ SlurmCpus = Annotated[int | None, typer.Option(help="CPUs per Slurm job.")]
 SlurmTime = Annotated[int, typer.Option(help="Minutes per job (Slurm limit; local timeout).")]
 
 
+MAX_PARALLEL, MAX_MINUTES = 1024, 30 * 24 * 60  # runs or CPUs at once; a job's minutes (30 days)
+
+
 def launch_options(parallel: int | None, partition: str | None, gpus: int, cpus: int | None,
                    time_min: int) -> SlurmOptions:
     """The Slurm/local job settings, or exit 2 naming each bad value."""
-    refuse([f"--parallel {parallel}: must be at least 1"] * (parallel is not None and parallel < 1)
-           + [f"--slurm-gpus {gpus}: must be 0 or more"] * (gpus < 0)
-           + [f"--slurm-cpus {cpus}: must be at least 1"] * (cpus is not None and cpus < 1)
-           + [f"--slurm-time {time_min}: must be at least 1 (minutes)"] * (time_min < 1))
+    refuse([f"--parallel {parallel}: choose 1 to {MAX_PARALLEL}"]
+           * (parallel is not None and not 1 <= parallel <= MAX_PARALLEL)
+           + [f"--slurm-gpus {gpus}: choose 0 to 64"] * (not 0 <= gpus <= 64)
+           + [f"--slurm-cpus {cpus}: choose 1 to {MAX_PARALLEL}"] * (cpus is not None and not 1 <= cpus <= MAX_PARALLEL)
+           + [f"--slurm-time {time_min}: choose 1 to {MAX_MINUTES} (minutes)"] * (not 1 <= time_min <= MAX_MINUTES))
     from stn.launch import SlurmOptions
 
     return SlurmOptions(partition=partition, gpus=gpus, cpus=cpus, time_min=time_min)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import csv_list, fail, reported
+from stn.cli_common import MAX_PARALLEL, csv_list, fail, reported
 from stn.validation import file_problems, folder_problems
 
 convergence_app = typer.Typer(
@@ -53,9 +53,8 @@ def convergence_run(
             raise StudyError("\n".join(outputs))
     except ValueError as err:  # StudyError, or a seed that is not an integer
         fail(str(err) if isinstance(err, StudyError) else f"--seeds {seeds!r} must be integers, e.g. 0,1,2", 2)
-    if parallel < 1:
-        typer.secho(f"error: --parallel {parallel} must be at least 1", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+    if not 1 <= parallel <= MAX_PARALLEL:
+        fail(f"--parallel {parallel} must be at least 1 and at most {MAX_PARALLEL}", 2)
     if max_cells is not None and max_cells < 1:
         typer.secho(f"error: --max-cells {max_cells} must be at least 1", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
