@@ -25,7 +25,7 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def entries(folder: Path, kind: str = "compose") -> list[Path]:
-    return sorted((folder / kind).glob("*.pkl"))
+    return sorted((folder / kind).glob("*.json"))
 
 
 def test_a_hit_is_the_composed_config_without_composing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

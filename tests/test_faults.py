@@ -316,3 +316,332 @@ def test_two_processes_never_share_a_run_folder_and_sigterm_checkpoints(cwd: Pat
             first.kill()
     assert first.returncode == 128 + signal.SIGTERM and "SIGTERM" in err and "Traceback" not in err
     assert (cwd / "run" / "checkpoints" / "last.pt").is_file() and not (cwd / "run" / ".lock").exists()
+
+
+# ------------------------------------------------------------------- untrusted files (issue 32, security)
+
+
+def test_a_link_planted_in_a_run_folder_is_never_written_through(cwd: Path) -> None:
+    """metrics.jsonl or command.txt a symbolic link to another file: refused, the target untouched (stn used to
+    truncate it and write its metrics there)."""
+    victim = cwd / "victim.txt"
+    victim.write_text("precious\n")
+    for name in ("metrics.jsonl", "command.txt"):
+        folder = cwd / f"run-{name}"
+        folder.mkdir()
+        (folder / name).symlink_to(victim)
+        refused(cwd, ["train", *SMALL, f"run_dir={folder.name}"], "symbolic link")
+    assert victim.read_text() == "precious\n"
+
+
+def test_run_folder_writes_never_follow_a_link(tmp_path: Path) -> None:
+    """Below the folder check: an append refuses a link (O_NOFOLLOW), an atomic write replaces the link itself."""
+    from stn.runs import RunFolderError, append_metrics, record_command, write_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(RunFolderError, match="symbolic link"):
+        append_metrics(tmp_path / "metrics.jsonl", {"step": 1})
+    (tmp_path / "command.txt").symlink_to(victim)
+    os.environ["STN_COMMAND"] = "stn train"
+    try:
+        with pytest.raises(RunFolderError, match="symbolic link"):
+            record_command(tmp_path)
+    finally:
+        del os.environ["STN_COMMAND"]
+    (tmp_path / "config.yaml").symlink_to(victim)
+    write_atomic(tmp_path / "config.yaml", "seed: 0\n")
+    assert victim.read_text() == "precious\n" and not (tmp_path / "config.yaml").is_symlink()
+
+
+def test_a_users_own_config_and_metrics_are_not_taken_for_a_run(cwd: Path) -> None:
+    """A folder is stn's only if its files parse as stn's: a user's config.yaml and metrics.jsonl are not."""
+    folder = cwd / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("lr: 0.1\nnotes: my own experiment\n")
+    (folder / "metrics.jsonl").write_text("my notes, not JSON\n")
+    refused(cwd, ["train", *SMALL, "run_dir=mine"], "config.yaml (not a config stn saved)")
+    (folder / "config.yaml").unlink()  # metrics.jsonl alone is no stn run either
+    refused(cwd, ["train", *SMALL, "run_dir=mine", "trainer.resume=true"], "metrics.jsonl")
+
+
+def test_every_file_a_run_folder_may_hold_is_on_the_list(tmp_path: Path) -> None:
+    from stn.config import Config, to_yaml
+    from stn.runs import RUN_FILES, check_usable
+
+    assert {".hydra", "train.log"} <= RUN_FILES
+    folder = tmp_path / "run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (folder / "train.log").write_text("training R-fcn\n")
+    check_usable(folder)  # what the command writes before config.yaml: an stn run that died while starting
+    (folder / "config.yaml").write_text(to_yaml(Config()))
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n{"step": 2, "lo')  # a crash cut the last line
+    check_usable(folder)
+    (folder / ".git").mkdir()  # anything else, hidden or not, is not stn's
+    with pytest.raises(Exception, match=r"\.git"):
+        check_usable(folder)
+
+
+def test_the_disk_cache_never_runs_code_and_recomputes_a_bad_entry(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone who can write the cache folder must not run code in stn (a pickle's __reduce__), nor choose a
+    config: a foreign or malformed entry is computed again."""
+    import dataclasses
+    import pickle
+
+    from stn import cache
+    from stn.compose import compose
+
+    monkeypatch.setenv("STN_CACHE_DIR", str(tmp_path / "cache"))
+    overrides = ["model=fcn", "seed=5"]
+    expected = compose(overrides)
+    assert cache.cached_compose(overrides) == expected
+    (entry,) = (tmp_path / "cache" / "compose").iterdir()
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    entry.write_bytes(pickle.dumps(Payload()))
+    assert cache.cached_compose(overrides) == expected and not marker.exists()
+    entry.write_text('{"stn_cache": 1, "value": {"dataclass": "Nope", "fields": {}}}')  # malformed: recomputed
+    assert cache.cached_compose(overrides) == expected
+    # a well-formed entry that others may write (group/world-writable) is not trusted
+    forged = json.dumps({"stn_cache": cache.FORMAT, "value": cache.encode(dataclasses.replace(expected, seed=99))})
+    entry.write_text(forged)
+    entry.chmod(0o666)
+    assert cache.cached_compose(overrides).seed == 5
+
+
+STUDY = """name: {name}
+grid: {grid}
+batch_size: 128
+overrides: [{overrides}]
+seeds: [0]
+results: {results}
+runs_dir: {runs_dir}
+parts:
+  - {{rows: [CNN], columns: [RTS], budgets: ['1/250']}}
+"""
+TABLE1 = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+
+
+@pytest.mark.parametrize(
+    ("fields", "args", "named"),
+    [
+        ({"name": "../../escape"}, ["--dry-run"], "name='../../escape'"),
+        ({"overrides": "trainer=smoke, dataset=R"}, ["--dry-run"], "override 'dataset=R': parts[0] column RTS sets"),
+        ({"overrides": "trainer=smoke, trainer.iterations=5"}, ["--dry-run"], "the study sets trainer.iterations"),
+        ({"results": "keep.txt/results.csv"}, [], "results=keep.txt/results.csv"),
+        ({"runs_dir": "keep.txt"}, [], "runs_dir=keep.txt"),
+    ],
+)
+def test_bad_study_files_are_refused_before_a_cell_trains(cwd: Path, fields: dict[str, str], args: list[str],
+                                                         named: str) -> None:
+    values = {"name": "s", "grid": str(TABLE1), "overrides": "trainer=smoke, trainer.device=cpu",
+              "results": "record/results.csv", "runs_dir": "runs/s", **fields}
+    (cwd / "study.yaml").write_text(STUDY.format(**values))
+    before = tree(cwd)
+    result = runner.invoke(app, ["convergence", "run", "--study", "study.yaml", *args])
+    assert result.exit_code == 2 and named in result.stderr and "Traceback" not in result.output, result.output
+    assert tree(cwd) == before
+
+
+# ------------------------------------------------------------------------------ labels that cannot lie
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["reproduce-table", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "RTS", "dataset=R"],
+         "override 'dataset=R': column RTS sets dataset=RTS"),
+        (["reproduce-table", "--grid", str(TABLE1), "--rows", "CNN,FCN", "--columns", "R", "model=cnn"],
+         "override 'model=cnn': row FCN sets model=fcn"),
+        (["engine", "plan", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "RTS", "--override", "dataset=R"],
+         "override 'dataset=R': column RTS sets dataset=RTS"),
+        (["models", "transformer=tps"], "override 'transformer=tps': row FCN sets transformer=none"),
+        (["engine", "bench", "--override", "dataset=RTS"], "override 'dataset=RTS': --dataset R sets dataset=R"),
+        (["bench", "--models", "cnn", "--override", "model=fcn"], "override 'model=fcn': model CNN sets model=cnn"),
+    ],
+)
+def test_an_override_of_what_a_label_sets_is_refused(cwd: Path, args: list[str], named: str) -> None:
+    refused(cwd, args, named)
+
+
+# -------------------------------------------------------------- every command's errors: stn engine, bounds
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["engine", "plan", "--grid", "missing.yaml"], "--grid missing.yaml"),
+        (["engine", "run", "--grid", "missing.yaml"], "--grid missing.yaml"),
+        (["engine", "plan", "--seeds", "-1"], "seed -1 is negative"),
+        (["engine", "run", "--seeds", "0,0"], "seed 0 is repeated"),
+        (["engine", "plan", "--cost", "bench.jsn"], "--cost bench.jsn: no such file"),
+        (["engine", "plan", "--cost", "keep.txt"], "--cost keep.txt: not a cost table"),
+        (["engine", "plan", "--budget", "inf"], "--budget inf"),
+        (["engine", "run", "--budget", "nan"], "--budget nan"),
+        (["engine", "plan", "--flops", "-1"], "--flops -1.0"),
+        (["engine", "plan", "--max-k", "0"], "--max-k 0"),
+        (["engine", "run", "--state", "keep.txt"], "--state keep.txt"),
+        (["engine", "run", "--device", "gpu"], "--device 'gpu'"),
+        (["engine", "bench", "--ks", "0"], "--ks '0'"),
+        (["engine", "bench", "--ks", "a"], "--ks 'a'"),
+        (["engine", "bench", "--kinds", "ResNet"], "--kinds 'ResNet'"),
+        (["engine", "bench", "--steps", "0"], "--steps 0"),
+        (["engine", "bench", "--out", "."], "--out .: . is a folder"),
+        (["engine", "bench", "--override", "trainer.lr=-1"], "trainer.lr=-1.0"),
+        (["bench", "--models", "cnn", "--min-turn", "inf"], "--min-turn inf"),
+        (["bench", "--models", "cnn", "--rounds", "1000000000"], "--rounds 1000000000"),
+        (["recovery", "keep.txt", "--json", "."], "--json .: . is a folder"),
+        (["recovery", "keep.txt", "--limit", "20000"], "--limit 20000"),
+        (["reproduce-table", "--parallel", "100000"], "--parallel 100000"),
+        (["reproduce-table", "--slurm-time", "100000000"], "--slurm-time 100000000"),
+    ],
+)
+def test_every_command_refuses_bad_input_before_any_work(cwd: Path, args: list[str], named: str) -> None:
+    refused(cwd, args, named)
+
+
+def test_an_engine_failure_during_the_run_exits_1_with_one_line(cwd: Path) -> None:
+    (cwd / "state").mkdir()
+    (cwd / "state" / "results.json").write_text("{not json")
+    result = runner.invoke(app, ["engine", "run", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
+                                 "--seeds", "0", "--preset", "smoke", "--device", "cpu", "--state", "state"])
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 1 and "results.json is not JSON" in result.stderr, result.output
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def sigterm_self(*args: object, **kwargs: object) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises here
+    raise AssertionError("SIGTERM did not stop the command")
+
+
+def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's table: 128+N for a signal, SIGTERM 143 (reproduce-table and convergence run said 130)."""
+    import stn.plan
+    import stn.tables
+    import stn.train
+    from stn.train import TrainingInterrupted
+
+    monkeypatch.setattr(stn.plan, "run_table", sigterm_self)
+    result = runner.invoke(app, ["engine", "run", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
+                                 "--seeds", "0", "--preset", "smoke", "--device", "cpu", "--state", "state"])
+    assert result.exit_code == 143, result.output
+
+    def terminated_pool(*args: object, **kwargs: object):
+        sigterm_self()
+        yield  # a generator, as run_jobs is
+
+    monkeypatch.setattr(stn.tables, "run_jobs", terminated_pool)
+    result = runner.invoke(app, ["reproduce-table", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
+                                 "--preset", "smoke", "--executor", "debug", "--out", "table", "logger.mode=disabled"])
+    assert result.exit_code == 143, result.output
+
+    def stopped_by_sigterm(cfg):
+        raise TrainingInterrupted("stopped (SIGTERM)", 3, Path(cfg.run_dir), 128 + signal.SIGTERM)
+
+    monkeypatch.setattr(stn.train, "fit", stopped_by_sigterm)
+    values = {"name": "s", "grid": str(TABLE1), "overrides": "trainer=smoke, trainer.device=cpu",
+              "results": "record/results.csv", "runs_dir": "runs/s"}
+    (cwd / "study.yaml").write_text(STUDY.format(**values))
+    result = runner.invoke(app, ["convergence", "run", "--study", "study.yaml"])
+    assert result.exit_code == 143, result.output
+
+
+def test_a_sweep_cannot_expand_without_limit(cwd: Path) -> None:
+    """range() with 10^12 values used to be listed in memory by Hydra's sweeper: refused at once."""
+    process = stn("train", "-m", "seed=range(0,1000000000000)", "--cfg", cwd=cwd)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2 and "at most 10,000" in err and "Traceback" not in err
+    refused(cwd, ["train", "-m", "trainer.lr=range(0.1,1,0)"], "non-zero step")
+
+
+# ----------------------------------------------------------------------------------------- CPU precision
+
+
+@pytest.mark.parametrize(
+    ("flags", "cnn", "st_cnn"),
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512vl avx512_vnni", "float32", "float32"),  # AVX-512, bf16 emulated
+        ("fpu sse2 avx2 avx512f avx512bw avx512_bf16", "bf16", "float32"),  # AMD Zen 4
+        ("fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8", "bf16", "bf16"),  # Sapphire Rapids
+    ],
+)
+def test_auto_precision_reads_the_cpus_bf16_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str,
+                                                 cnn: str, st_cnn: str) -> None:
+    """oneDNN calls bf16 'supported' on any AVX-512 CPU (emulated: 0.39-0.64x of float32 training on such a
+    Xeon); auto must follow the hardware flags instead."""
+    import torch
+
+    from stn import device as device_module
+    from stn.compose import compose
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a fake CPU\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(device_module, "CPUINFO", cpuinfo, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    cpu = torch.device("cpu")
+    for overrides, expected in ((["model=cnn"], cnn), (["model=st_cnn", "transformer=affine"], st_cnn)):
+        cfg = compose(["trainer.cpu_precision=auto", *overrides])
+        assert device_module.resolve_precision(cfg.trainer, cpu, cfg.model) == expected
+
+
+# ------------------------------------------------------------------------------ disk full, advice
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names the file being synced through /proc")
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cwd: Path, data_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import stn.runs
+    from stn.runs import load_checkpoint
+
+    real_fsync, checkpoints = os.fsync, []
+
+    def fsync(fd: int) -> None:  # the second checkpoint finds the disk full
+        if "last.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            checkpoints.append(fd)
+            if len(checkpoints) == 2:
+                raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(stn.runs.os, "fsync", fsync)
+    run = ["train", *SMALL, f"data_dir={data_dir}", "run_dir=run", "trainer.checkpoint_every=4",
+           "trainer.iterations=12", "trainer.lr_step=12"]
+    result = runner.invoke(app, run)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert [line[:6] for line in result.stderr.strip().splitlines()] == ["error:"], result.stderr
+    assert "the disk is full" in result.stderr and "last.pt" in result.stderr and "kept" in result.stderr
+    assert load_checkpoint(cwd / "run" / "checkpoints" / "last.pt", "cpu")["step"] == 4
+    assert not list((cwd / "run" / "checkpoints").glob(".*tmp*"))  # no half-written file left behind
+    monkeypatch.setattr(stn.runs.os, "fsync", real_fsync)
+    assert runner.invoke(app, [*run, "trainer.resume=true"]).exit_code == 0  # space freed: it continues
+    assert json.loads((cwd / "run" / "summary.json").read_text())["resumed_from"] == 4
+
+
+def test_advice_never_loses_data(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stn.grid import TableError
+    from stn.runs import RunFolderError, read_json
+    from stn.tables import _read_summary
+
+    (cwd / "cell").mkdir()
+    summary = cwd / "cell" / "summary.json"
+    summary.write_text('{"test_error": 1.')  # cut short
+    for read, error in ((_read_summary, TableError), (read_json, RunFolderError)):
+        with pytest.raises(error) as raised:
+            read(summary)
+        assert f"delete {summary}" in str(raised.value) and f"delete {summary.parent} " not in str(raised.value)
+        assert "delete its run folder" not in str(raised.value)
+    refused(cwd, ["train", "run_dir=d\u00e9j\u00e0"], "run_dir='d\u00e9j\u00e0'")  # not LexerNoViableAltException
+    monkeypatch.setenv("STN_DATA_DIR", "")
+    refused(cwd, ["train", *SMALL], "STN_DATA_DIR")

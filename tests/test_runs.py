@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stn.compose import compose
-from stn.config import schema_keys, to_dict
+from stn.config import Config, schema_keys, to_dict, to_yaml
 from stn.runs import (
     RunFolderError,
     check_usable,
@@ -89,7 +89,7 @@ def test_which_folders_a_run_may_use(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     check_usable(tmp_path / "empty")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "run" / "config.yaml").write_text(to_yaml(Config()))
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     check_usable(tmp_path / "run")  # an stn run (that never reached its first checkpoint)
     (tmp_path / "thesis").mkdir()

@@ -9,28 +9,33 @@ OmegaConf / torch and the STN_* / WANDB_* variables (conf/ reads STN_DATA_DIR an
 are kept under `$STN_CACHE_DIR` (default `$XDG_CACHE_HOME/stn`, else `~/.cache/stn`; `STN_CACHE_DIR=off`
 turns it off), keyed by a digest of all of that: editing a config file, or a source file the result depends
 on (for composed configs only stn.compose and the modules it imports), starts afresh. Errors are never
-cached (they are computed again, and raised, every time). Entries are pickles of stn's own frozen
-dataclasses or plain data, written atomically; an unreadable entry is recomputed. At most MAX_ENTRIES
-files per kind are kept (the oldest go first).
+cached (they are computed again, and raised, every time). Entries are JSON (stn.config's dataclasses and
+tuples tagged by name), written atomically: never a pickle, which would run the code of whoever can write the
+cache folder. An entry is read only if this user owns it and no one else may write it; an unreadable, foreign
+or malformed entry is computed again. At most MAX_ENTRIES files per kind are kept (the oldest go first).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
-import pickle
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stn import config as config_module
 from stn.compose import compose_many
 from stn.config import Config
 
 CACHE_ENV = "STN_CACHE_DIR"
 MAX_ENTRIES = 4096
+ENTRY_SUFFIX = ".json"
+FORMAT = 1  # of an entry: {"stn_cache": FORMAT, "value": ...}
 _NOT_INPUTS = {CACHE_ENV, "STN_COMMAND"}  # variables that change no cached result
 T = TypeVar("T")
 
@@ -95,13 +100,13 @@ def memo_many(kind: str, keys: Sequence[Any], compute: Callable[[list[Any]], lis
         return compute(list(keys))
     digest, environment = code_digest(kind), _environment()
     paths = [root / kind / (hashlib.sha256(json.dumps([kind, key, digest, environment], sort_keys=True,
-                                                      default=str).encode()).hexdigest()[:40] + ".pkl")
+                                                      default=str).encode()).hexdigest()[:40] + ENTRY_SUFFIX)
              for key in keys]
     values: dict[int, Any] = {}
     for index, path in enumerate(paths):
         try:
-            values[index] = pickle.loads(path.read_bytes())
-        except Exception:  # missing, cut short, or written by another stn: compute it again
+            values[index] = _load(path)
+        except Exception:  # missing, cut short, foreign, or written by another stn: compute it again
             pass
     todo = [index for index in range(len(keys)) if index not in values]
     if todo:
@@ -111,11 +116,75 @@ def memo_many(kind: str, keys: Sequence[Any], compute: Callable[[list[Any]], lis
     return [values[index] for index in range(len(keys))]
 
 
+# The dataclasses an entry may hold, by name: stn.config's (a composed Config and its sections), nothing else.
+CACHEABLE = {name: value for name, value in vars(config_module).items()
+             if isinstance(value, type) and dataclasses.is_dataclass(value)}
+
+
+def encode(value: Any) -> Any:
+    """`value` as JSON-able data that `decode` turns back into an equal value; TypeError for what it cannot hold."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if CACHEABLE.get(type(value).__name__) is not type(value):
+            raise TypeError(f"{type(value).__name__} is not one of the cacheable dataclasses")
+        return {"dataclass": type(value).__name__,
+                "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, tuple):
+        return {"tuple": [encode(item) for item in value]}
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("only dicts with string keys are cacheable")
+        return {"dict": {key: encode(item) for key, item in value.items()}}
+    if isinstance(value, list):
+        return [encode(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{type(value).__name__} is not cacheable")
+
+
+def decode(data: Any) -> Any:
+    """The inverse of `encode`: builds only CACHEABLE dataclasses, tuples, dicts, lists and scalars (no code runs
+    but those dataclasses' constructors); ValueError for anything else."""
+    if isinstance(data, list):
+        return [decode(item) for item in data]
+    if isinstance(data, dict):
+        if set(data) == {"dataclass", "fields"} and isinstance(data["fields"], dict):
+            cls = CACHEABLE[data["dataclass"]]
+            return cls(**{name: decode(item) for name, item in data["fields"].items()})
+        if set(data) == {"tuple"} and isinstance(data["tuple"], list):
+            return tuple(decode(item) for item in data["tuple"])
+        if set(data) == {"dict"} and isinstance(data["dict"], dict):
+            return {key: decode(item) for key, item in data["dict"].items()}
+        raise ValueError("not a cache entry")
+    if data is None or isinstance(data, (bool, int, float, str)):
+        return data
+    raise ValueError("not a cache entry")
+
+
+def _load(path: Path) -> Any:
+    """An entry's value, if this user wrote it: a file owned by someone else, or writable by others, is ignored
+    (a shared cache folder must not let another user choose what stn computes)."""
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ValueError(f"{path} is not this user's own entry")
+        entry = json.loads(handle.read())
+    if not isinstance(entry, dict) or entry.get("stn_cache") != FORMAT or "value" not in entry:
+        raise ValueError(f"{path} is not a cache entry of this stn")
+    return decode(entry["value"])
+
+
 def _store(path: Path, value: Any) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"stn_cache": FORMAT, "value": encode(value)})
+    except (TypeError, ValueError):  # a value JSON cannot hold: not cached
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
         os.replace(tmp, path)
         _prune(path.parent)
     except OSError:  # a read-only home, a full disk: the cache is only a speed-up
@@ -123,7 +192,7 @@ def _store(path: Path, value: Any) -> None:
 
 
 def _prune(folder: Path) -> None:
-    entries = list(folder.glob("*.pkl"))
+    entries = list(folder.glob(f"*{ENTRY_SUFFIX}"))
     if len(entries) <= MAX_ENTRIES:
         return
     entries.sort(key=lambda p: p.stat().st_mtime)

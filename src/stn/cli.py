@@ -46,8 +46,9 @@ from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice t
 from stn.cli_convergence import convergence_app
 from stn.cli_data import data_app
 from stn.cli_table import reproduce_table
+from stn.config import MNIST_TEST
 from stn.engine_cli import engine_app
-from stn.validation import MAX_PICTURES, folder_problems, output_problems, picture_problems, schedule_warning
+from stn.validation import MAX_PICTURES, file_problems, output_problems, picture_problems, schedule_warning
 
 help_format.apply()  # --help as written: no Rich markup, value names that say what an option takes
 
@@ -226,12 +227,13 @@ def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel
         with reported(), command_recorded(command):
             report = run_sweep(members, sweep_dir, command=command, executor=executor, parallel=parallel,
                                slurm=slurm, log=typer.echo)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.Stopped)
+        from stn.launch import stop_code
         from stn.sweep import resume_sweep_command
 
         typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; continue with: "
                     f"{resume_sweep_command(command, sweep_dir)}", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_code(stopped)) from None
     done, failed = report.count("done"), report.count("failed")
     typer.echo(f"{done} of {len(members)} runs done, {failed} failed, {report.count('interrupted')} stopped; "
                f"sweep folder {report.sweep_dir} (sweep.json)")
@@ -261,6 +263,10 @@ def models(
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
     choices = ", ".join(map(repr, get_args(DatasetName)))
     refuse([f"--dataset {name!r}: not one of {choices}" for name in datasets if name not in get_args(DatasetName)])
+    from stn.grid import label_problems
+
+    refuse(label_problems(overrides or [], [(f"row {label}", choice) for label, choice in TABLE1_MODELS]
+                          + [(f"column {name}", [f"dataset={name}"]) for name in datasets]))
     with reported():
         rows = cached_parameter_table(datasets, overrides or [])
     table = Table(title="Parameters per model and dataset (width: f = conv filters, u = FC units; "
@@ -372,8 +378,8 @@ def recovery(
 
     from stn.recovery import format_summary, recovery_checkpoint
 
-    refuse([f"--limit {limit}: must be at least 1"] * (limit is not None and limit < 1)
-           + (folder_problems("--json", json_out.parent, label=f"--json {json_out}") if json_out else []))
+    refuse([f"--limit {limit}: choose 1 to {MNIST_TEST} (test digits)"] * (limit is not None and not 1 <= limit <= MNIST_TEST)
+           + (file_problems("--json", json_out) if json_out else []))
     with reported():
         summary = recovery_checkpoint(checkpoint, data_dir=data_dir, limit=limit)
     typer.echo(format_summary(summary))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Annotated
 
@@ -9,7 +10,11 @@ import typer
 
 from stn.cli_common import DatasetName, csv_list, fail, load_config, refuse, reported
 from stn.compose import group_choices
+from stn.config import MNIST_TRAIN
 from stn.engine_cli import bench as _engine_bench
+
+# Bounds of the timing options (a measurement must end): rounds and steps per turn, a turn's seconds, threads.
+MAX_ROUNDS, MAX_STEPS, MAX_TURN_S, MAX_THREADS = 1000, 100_000, 600.0, 1024
 
 bench_app = typer.Typer(
     help="Throughput benchmarks. `stn bench [--quick]`: training images/s per model, our pipeline vs a "
@@ -49,7 +54,7 @@ def bench_data_command(
            + [f"--images {images}: choose 1 to 60000"] * (not 1 <= images <= 60_000)
            + [f"--batch-size {batch_size}: choose 1 to --images ({images})"] * (not 1 <= batch_size <= max(images, 1))
            + [f"--workers {workers!r}: counts must be 0 to 64"] * any(not 0 <= c <= 64 for c in counts)
-           + [f"--threads {threads}: must be 0 (torch's default) or more"] * (threads < 0))
+           + [f"--threads {threads}: choose 0 (torch's default) to {MAX_THREADS}"] * (not 0 <= threads <= MAX_THREADS))
     start = time.perf_counter()
     with reported():
         rows = bench_data(config.data_dir, images=images, batch_size=batch_size, workers=counts, datasets=names,
@@ -112,6 +117,11 @@ def bench_train_command(
     import time
 
     chosen = _bench_models(models)
+    from stn.grid import label_problems
+
+    # each row is labelled by its model and --dataset: an override of what they set would mislabel it
+    refuse(label_problems(override or [], [(f"model {label}", list(choice)) for label, choice in chosen]
+                          + [(f"--dataset {dataset}", [f"dataset={dataset}"])]))
     overrides = [f"dataset={dataset}", f"trainer.device={device}", *(override or [])]
     config = load_config(overrides)
     from stn.bench import QUICK, TrainBenchSettings, bench_train, format_train_table, ratio_lines
@@ -120,10 +130,17 @@ def bench_train_command(
     given = {"rounds": rounds, "steps": steps, "warmup": warmup, "workers": workers, "batch_size": batch_size,
              "min_turn_s": min_turn}
     settings = dataclasses.replace(base, **{key: value for key, value in given.items() if value is not None})
-    if min(settings.rounds, settings.steps, settings.batch_size) < 1 or min(settings.warmup, threads) < 0 \
-            or settings.min_turn_s < 0 or (settings.workers is not None and settings.workers < 0):
-        fail("--rounds, --steps and --batch-size must be at least 1; --warmup, --workers, --threads and "
-             "--min-turn at least 0", 2)
+    # Every option bounded: a measurement that never ends (--min-turn inf, --rounds 10**9) is refused.
+    refuse([f"--rounds {settings.rounds}: choose 1 to {MAX_ROUNDS}"] * (not 1 <= settings.rounds <= MAX_ROUNDS)
+           + [f"--steps {settings.steps}: choose 1 to {MAX_STEPS}"] * (not 1 <= settings.steps <= MAX_STEPS)
+           + [f"--warmup {settings.warmup}: choose 0 to {MAX_STEPS}"] * (not 0 <= settings.warmup <= MAX_STEPS)
+           + [f"--batch-size {settings.batch_size}: choose 1 to {MNIST_TRAIN}"]
+           * (not 1 <= settings.batch_size <= MNIST_TRAIN)
+           + [f"--min-turn {settings.min_turn_s}: choose 0 to {MAX_TURN_S} seconds"]
+           * (not (math.isfinite(settings.min_turn_s) and 0 <= settings.min_turn_s <= MAX_TURN_S))
+           + [f"--workers {settings.workers}: choose 0 to 64"]
+           * (settings.workers is not None and not 0 <= settings.workers <= 64)
+           + [f"--threads {threads}: choose 0 (torch's default) to {MAX_THREADS}"] * (not 0 <= threads <= MAX_THREADS))
     import torch
 
     previous_threads = torch.get_num_threads()

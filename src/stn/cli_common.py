@@ -10,6 +10,7 @@ Importing it is cheap (no torch): each command imports its work module lazily.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,11 +97,19 @@ def reported() -> Iterator[None]:
     except RunError as err:  # TrainingError: the run itself failed
         fail(str(err), 1)
     except OSError as err:  # a disk that filled up, a folder removed under a running command
+        if err.errno == errno.ENOSPC:
+            where = f" writing {err.filename}" if err.filename else ""
+            fail(f"the disk is full{where} (no space left on device): what was finished before is kept (run "
+                 f"folders, checkpoints and records are replaced whole, never cut short); free some space, then "
+                 f"rerun the same command to continue", 1)
         fail(f"{type(err).__name__}: {err}", 1)
 
 
 def csv_list(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+MAX_SEED = 2**63 - 1  # = the config's bound on seed (stn.validation)
 
 
 def parse_seeds(value: str) -> list[int]:
@@ -113,7 +122,9 @@ def parse_seeds(value: str) -> list[int]:
     refuse([f"--seeds {value!r}: no seeds given; e.g. --seeds 0 or --seeds 0,1,2"] * (not seeds)
            + [f"--seeds {value!r}: seed {seed} is repeated; each seed is one run folder, give it once"
               for seed in repeated]
-           + [f"--seeds {value!r}: seed {seed} is negative; seeds are 0 or more" for seed in seeds if seed < 0])
+           + [f"--seeds {value!r}: seed {seed} is negative; seeds are 0 or more" for seed in seeds if seed < 0]
+           + [f"--seeds {value!r}: seed {seed} is too large; seeds are at most 2**63-1 (torch's seed range)"
+              for seed in seeds if seed > MAX_SEED])
     return seeds
 
 
@@ -126,13 +137,17 @@ SlurmCpus = Annotated[int | None, typer.Option(help="CPUs per Slurm job.")]
 SlurmTime = Annotated[int, typer.Option(help="Minutes per job (Slurm limit; local timeout).")]
 
 
+MAX_PARALLEL, MAX_MINUTES = 1024, 30 * 24 * 60  # runs or CPUs at once; a job's minutes (30 days)
+
+
 def launch_options(parallel: int | None, partition: str | None, gpus: int, cpus: int | None,
                    time_min: int) -> SlurmOptions:
     """The Slurm/local job settings, or exit 2 naming each bad value."""
-    refuse([f"--parallel {parallel}: must be at least 1"] * (parallel is not None and parallel < 1)
-           + [f"--slurm-gpus {gpus}: must be 0 or more"] * (gpus < 0)
-           + [f"--slurm-cpus {cpus}: must be at least 1"] * (cpus is not None and cpus < 1)
-           + [f"--slurm-time {time_min}: must be at least 1 (minutes)"] * (time_min < 1))
+    refuse([f"--parallel {parallel}: choose 1 to {MAX_PARALLEL}"]
+           * (parallel is not None and not 1 <= parallel <= MAX_PARALLEL)
+           + [f"--slurm-gpus {gpus}: choose 0 to 64"] * (not 0 <= gpus <= 64)
+           + [f"--slurm-cpus {cpus}: choose 1 to {MAX_PARALLEL}"] * (cpus is not None and not 1 <= cpus <= MAX_PARALLEL)
+           + [f"--slurm-time {time_min}: choose 1 to {MAX_MINUTES} (minutes)"] * (not 1 <= time_min <= MAX_MINUTES))
     from stn.launch import SlurmOptions
 
     return SlurmOptions(partition=partition, gpus=gpus, cpus=cpus, time_min=time_min)

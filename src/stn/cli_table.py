@@ -80,9 +80,11 @@ def reproduce_table(
                 slurm=slurm,
                 log=lambda line: console.print(line, markup=False, highlight=False),
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.Stopped)
+        from stn.launch import stop_code
+
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_code(stopped)) from None
     console.print(rich_table(load_grid(grid), report.cells))
     stopped = f", {report.stopped} stopped early (rerun to continue)" if report.stopped else ""
     console.print(

@@ -176,7 +176,7 @@ def _hydra_config(overrides: Sequence[str], check: bool = True) -> Config:
         with initialize_config_dir(config_dir=primary, version_base=None):
             raw = hydra_compose(config_name=name, overrides=[*overrides, *extra])
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_explain(err)) from None
+        raise ConfigError("\n".join(non_ascii_problems(overrides)) or _explain(err)) from None
     finally:
         GlobalHydra.instance().clear()
     return from_container(OmegaConf.to_container(raw, resolve=False), check=check)
@@ -377,6 +377,20 @@ def _explain_key(key: str) -> str:
     where = f" in {section}" if section else ""
     hint = f"did you mean {' or '.join(f'{section}.{c}' if section else c for c in close)}? " if close else ""
     return f"unknown key {key!r}: {hint}valid keys{where}: {', '.join(names)}"
+
+
+def non_ascii_problems(overrides: Sequence[str]) -> list[str]:
+    """Hydra's override grammar takes only ASCII outside quotes (its lexer's LexerNoViableAltException): one line
+    per such override, with the quoted form that works."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and not value.isascii() and not (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1):
+            problems.append(f"{item}: a value with non-ASCII characters must be quoted in Hydra's override "
+                            f"syntax: {key}='{value}' (quote it for the shell too: \"{key}='{value}'\")")
+        elif not key.isascii():
+            problems.append(f"{item}: keys are ASCII names such as trainer.lr")
+    return problems
 
 
 def _explain(err: Exception) -> str:

@@ -113,6 +113,7 @@ class StudyReport:
     skipped: int = 0  # already in the CSV
     busy: list[Cell] = field(default_factory=list)  # being trained by another process (its folder is locked)
     stopped: Cell | None = None  # interrupted (checkpointed) cell, if any
+    stop_code: int = 130  # the exit code of the stop: 128 + the signal's number (Ctrl-C 130, SIGTERM 143)
     failed: list[tuple[Cell, str]] = field(default_factory=list)
 
 
@@ -153,7 +154,8 @@ def budget_overrides(budget: str, batch_size: int) -> list[str]:
 
 def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
     """Read and check a study file; every problem names the file and the key."""
-    from stn.grid import load_grid
+    from stn.grid import label_problems, load_grid, override_key
+    from stn.validation import SAFE_NAME
 
     path = Path(path)
     if not path.is_file():
@@ -198,6 +200,22 @@ def load_study(path: Path | str = DEFAULT_STUDY) -> Study:
         parts.append(part)
     overrides = [str(o) for o in raw.get("overrides", [])]
     name = str(raw["name"])
+    if not SAFE_NAME.fullmatch(name) or name in (".", ".."):  # it names the run folders, plots and markdown
+        raise StudyError(f"study file {path}: name={name!r} is not a safe folder name (it names the study's run "
+                         f"folders, plots and summary); use letters, digits and . _ + = -")
+    # Each cell is recorded under its row, column, budget and seed: overrides of what those set would train
+    # something else than the record says (dataset=R on an RTS cell), or be silently outvoted (the budget's steps).
+    per_cell = [*budget_overrides("1", batch), "seed=", "run_dir=", "trainer.resume=", "logger.group=",
+                "dataset.validation="]
+    problems = label_problems(overrides, [(f"parts[{index}] row {row}", grid.rows[row])
+                                          for index, part in enumerate(parts) for row in part.rows]
+                              + [(f"parts[{index}] column {column}", grid.columns[column])
+                                 for index, part in enumerate(parts) for column in part.columns])
+    problems += [f"override {item!r}: the study sets {override_key(item)} per cell (budget, seed, run folder); "
+                 f"remove it from overrides" for item in overrides
+                 if override_key(item) in {override_key(word) for word in per_cell}]
+    if problems:
+        raise StudyError("\n".join(f"study file {path}: {problem}" for problem in dict.fromkeys(problems)))
     given = raw.get("paper_schedule") or []
     if not isinstance(given, list):
         raise StudyError(f"study file {path}: paper_schedule must be a list of `stn engine run` results.csv files")

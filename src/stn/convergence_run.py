@@ -55,6 +55,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             summary = fit_fn(cell.config)
         except TrainingInterrupted as err:
             report.stopped = cell
+            report.stop_code = err.exit_code or report.stop_code
             log(f"{what}: stopped with a checkpoint ({err}); rerun to continue")
             break
         except RunFolderBusy as err:  # another process is training this very cell: leave it to that one
@@ -85,7 +86,7 @@ def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, comm
     SIGTERM stops the cells in flight with their checkpoints."""
     from collections import deque
 
-    from stn.launch import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
+    from stn.launch import SlurmOptions, Stopped, run_jobs, sigterm_as_interrupt, start_pool, stop_code
 
     if executor not in ("local", "debug"):
         raise StudyError(f"executor {executor!r}: a study runs its cells on this machine (local or debug)")
@@ -105,16 +106,18 @@ def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, comm
                     _record(study, cell, summary, commit, report, what, log)
                 elif status == "interrupted":
                     report.stopped = cell
+                    report.stop_code = summary.get("exit_code") or report.stop_code
                     log(f"{what}: stopped with a checkpoint ({error}); rerun to continue")
                     if summary.get("signal") and executor == "debug":
-                        raise KeyboardInterrupt  # in-process, fit's handler caught the signal meant for the study
+                        raise Stopped(report.stop_code)  # in-process, fit's handler caught the study's signal
                 elif error.startswith(f"{RunFolderBusy.__name__}:"):
                     report.busy.append(cell)
                     log(f"{what}: skipped, {error}")
                 else:
                     report.failed.append((cell, error))
                     log(f"{what}: FAILED: {error} (job logs under {study.runs_dir / 'submitit'})")
-    except KeyboardInterrupt:  # the cells in flight were stopped with checkpoints by run_jobs
+    except KeyboardInterrupt as err:  # the cells in flight were stopped with checkpoints by run_jobs
+        report.stop_code = stop_code(err)
         log("stopped: the cells in flight keep their checkpoints; rerun to continue")
         if report.stopped is None:  # the first cell this call left unfinished
             ended = {row_key(r) for r in report.done} | {c.key for c in report.busy} | {c.key for c, _ in report.failed}

@@ -82,25 +82,57 @@ def code_commit() -> str:
         return ""
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX), as oneDNN sees it.
+CPUINFO = Path("/proc/cpuinfo")  # where Linux lists the CPU's feature flags (a test points it at a fake CPU)
 
-    Without it bf16 is emulated: on a 2-core AMD EPYC exposing AVX2 only, a 1024^2 bf16 matmul ran at
-    0.9 GFLOP/s against 133 in float32 (experiments/bench/precision.md).
-    """
+
+@functools.cache
+def _flags(path: str) -> frozenset[str] | None:
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith("flags"):  # x86: "flags : fpu ... avx512f avx512_bf16 amx_bf16 amx_tile ..."
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The x86 CPU's feature flags as the kernel reports them (/proc/cpuinfo), read once; None where there is no
+    such list (another OS or architecture)."""
+    return _flags(str(CPUINFO))
+
+
+def _torch_cpuinfo(query: str) -> bool:
+    """torch's own reading of the CPUID bits (cpuinfo), where /proc/cpuinfo is not there."""
+    try:
+        return bool(getattr(torch.cpu, query)())
+    except (AttributeError, RuntimeError):  # an older torch without the query
         return False
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware: the AVX512-BF16 or AMX-BF16 flag, read from
+    /proc/cpuinfo (else torch's CPUID reading), never measured.
+
+    Not oneDNN's "bf16 supported", which it says of any AVX-512 CPU, emulating bf16 where the hardware lacks it:
+    on an Intel Xeon with AVX-512 but neither flag a bf16 matmul ran at 61 GFLOP/s against 326 in float32, and
+    bf16 training at 0.39-0.64x of float32; on a 2-core AMD EPYC exposing AVX2 only, 0.9 GFLOP/s against 133
+    (experiments/bench/precision.md).
+    """
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return _torch_cpuinfo("_is_avx512_bf16_supported") or _torch_cpuinfo("_is_amx_tile_supported")
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), the matrix unit oneDNN's bf16
-    convolutions are fastest on; AMD Zen 4 has AVX512-BF16 but no AMX."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a torch without the query
-        return False
+    """Whether this CPU has AMX tiles with bf16 (Intel Sapphire Rapids and later), the matrix unit oneDNN's bf16
+    convolutions are fastest on; AMD Zen 4 has AVX512-BF16 but no AMX. Read as `cpu_has_bf16` reads its flags."""
+    flags = cpu_flags()
+    if flags is not None:
+        return {"amx_bf16", "amx_tile"} <= flags
+    return _torch_cpuinfo("_is_amx_tile_supported")
 
 
 # Models whose training step bf16 autocast speeds up, by the CPU's bf16 hardware; measured side by side with

@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,9 +24,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch 
 
 import typer  # noqa: E402
 
-from stn.cli_common import DatasetName, csv_list, fail, parse_seeds  # noqa: E402
-from stn.config import TrainerPreset  # noqa: E402
+from stn.cli_common import DatasetName, csv_list, fail, parse_seeds, refuse, reported  # noqa: E402
+from stn.config import MNIST_TRAIN, TrainerPreset  # noqa: E402
 from stn.grid import DEFAULT_GRID as GRID  # noqa: E402
+from stn.validation import file_problems, folder_problems  # noqa: E402
 
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -41,15 +46,66 @@ def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_gr
 
 
 def _device(name: str) -> str:
-    """--device as `stn train` reads trainer.device (stn.device.resolve_device): auto is CUDA where there is one;
-    a CUDA device that is not there exits 2."""
-    from stn.config import ConfigError
+    """--device as a torch device name; exit 2 for a name that is none, or a CUDA device this machine lacks."""
+    refuse([f"--device {name!r}: choose auto, cpu, cuda or cuda:N"] * (not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name)))
     from stn.device import resolve_device
 
-    try:
+    with reported():
         return str(resolve_device(name))
-    except (ConfigError, RuntimeError) as err:  # RuntimeError: torch.device() of a name it does not know
-        fail(f"--device {name!r}: {str(err).splitlines()[0]}", 2)
+
+
+# Bounds of every numeric option: models per batch, steps, seconds (a chunk of at most 30 days), FLOP/s.
+MAX_K, MAX_STEPS, MAX_BUDGET_S = 256, 100_000, 30 * 24 * 3600.0
+
+
+def _count_problems(option: str, value: int | None, low: int, high: int) -> list[str]:
+    return [f"{option} {value}: choose {low} to {high}"] * (value is not None and not low <= value <= high)
+
+
+def _seconds_problems(option: str, value: float, high: float) -> list[str]:
+    return [f"{option} {value}: choose a number of seconds above 0, at most {high:.0f}"] \
+        * (not (math.isfinite(value) and 0 < value <= high))
+
+
+def _check_table(grid: Path, seeds: str, cost: Path | None, flops: float, max_k: int | None) -> list[int]:
+    """The table arguments of plan and run, checked before anything is composed or trained (exit 2)."""
+    seed_list = parse_seeds(seeds)
+    refuse([f"--grid {grid}: grid file not found (the paper's Table 1 is {GRID})"] * (grid != GRID and not grid.is_file())
+           + [f"--cost {cost}: no such file; pass the JSON `stn engine bench --out` wrote"]
+           * (cost is not None and not cost.is_file())
+           + [f"--flops {flops}: choose a finite number of FLOP/s above 0"] * (not (math.isfinite(flops) and flops > 0))
+           + _count_problems("--max-k", max_k, 1, MAX_K))
+    if cost is not None:
+        from stn.plan import CostModel
+
+        try:
+            CostModel.load(cost, flops)
+        except Exception as err:  # not JSON, or JSON of another shape: a file the user named by mistake
+            fail(f"--cost {cost}: not a cost table ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                 f"pass the JSON `stn engine bench --out` wrote", 2)
+    return seed_list
+
+
+@contextlib.contextmanager
+def _engine_errors(state: Path | None = None, plan_code: int = 1) -> Iterator[None]:
+    """The commands' errors as every stn command reports them (stn.cli_common.reported): exit 2 for input, 1 for
+    a failed run (the engine's and the plan's errors; `plan_code` 2 where nothing runs, e.g. a --budget too short
+    for one chunk), 128+N for a signal (SIGTERM 143, Ctrl-C 130)."""
+    from stn.batched import EngineError
+    from stn.launch import sigterm_as_interrupt, stop_code
+    from stn.plan import PlanError
+
+    try:
+        with reported(), sigterm_as_interrupt():
+            yield
+    except PlanError as err:
+        fail(str(err), plan_code)
+    except EngineError as err:
+        fail(str(err), 1)
+    except KeyboardInterrupt as stopped:
+        kept = f"; the groups finished so far are kept in {state} (rerun the same command to continue)" if state else ""
+        typer.secho(f"interrupted{kept}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(stop_code(stopped)) from None
 
 
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast (theta, grids, sampling stay fp32).")]
@@ -85,25 +141,49 @@ def bench(
     override: Override = None,
 ) -> None:
     """Images/s per model kind, 1 model vs K batched, loop vs vmap; FLOP/s, % of peak, peak memory."""
+    from stn.grid import TABLE1_MODELS, label_problems
+
+    try:
+        k_list = [int(k) for k in csv_list(ks) or []]
+    except ValueError:
+        fail(f"--ks {ks!r}: expected comma-separated integers such as 1,3,9", 2)
+    known = [label for label, _ in TABLE1_MODELS]
+    refuse([f"--kinds {kinds!r}: unknown {name!r}; choose from {', '.join(known)}" for name in csv_list(kinds) or []
+            if name not in known]
+           + [f"--ks {ks!r}: give at least one K"] * (not k_list)
+           + [f"--ks {ks!r}: each K must be 1 to {MAX_K}"] * (not all(1 <= k <= MAX_K for k in k_list))
+           + [f"--modes {modes!r}: choose from loop, vmap" for mode in csv_list(modes) or [""] if mode not in ("loop", "vmap")]
+           + _count_problems("--batch-size", batch_size, 1, MNIST_TRAIN) + _count_problems("--steps", steps, 1, MAX_STEPS)
+           + _count_problems("--warmup", warmup, 0, MAX_STEPS) + _count_problems("--block-steps", block_steps, 1, MAX_STEPS)
+           + (file_problems("--out", out) if out else []) + (file_problems("--markdown", markdown) if markdown else [])
+           # a row is labelled by its kind and --dataset: an override of what they set would mislabel it
+           + label_problems(override or [], [(f"kind {label}", list(choice)) for label, choice in TABLE1_MODELS]
+                            + [(f"--dataset {dataset}", [f"dataset={dataset}"])]))
+    from stn.cli_common import load_config
+
+    load_config([f"dataset={dataset}", *(override or [])])  # a bad override: exit 2 before the measurement
     from stn.engine_bench import bench_engine, format_engine_table
 
     device = _device(device)
     start = time.perf_counter()
-    result = bench_engine(csv_list(kinds), dataset=dataset, ks=[int(k) for k in csv_list(ks) or [1]],
-                          modes=csv_list(modes) or ["vmap"], batch_size=batch_size, steps=steps, warmup=warmup,
-                          device=device, options=_options(device, amp, channels_last, compile, cuda_graph, "vmap", data, block_steps),
-                          overrides=override or [], log=lambda line: typer.echo(line, err=True))
+    with _engine_errors():
+        result = bench_engine(csv_list(kinds), dataset=dataset, ks=k_list, modes=csv_list(modes) or ["vmap"],
+                              batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+                              options=_options(device, amp, channels_last, compile, cuda_graph, "vmap", data,
+                                               block_steps),
+                              overrides=override or [], log=lambda line: typer.echo(line, err=True))
     result["wall_s"] = time.perf_counter() - start
     result["load_average"] = os.getloadavg()
     table = format_engine_table(result)
     typer.echo(table)
     typer.echo(f"\nwall time {result['wall_s']:.1f} s; load average {result['load_average'][0]:.2f}")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-    if markdown:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(table + "\n")
+    with reported():  # checked before the measurement; a disk that filled up meanwhile: one line, exit 1
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+        if markdown:
+            markdown.parent.mkdir(parents=True, exist_ok=True)
+            markdown.write_text(table + "\n")
 
 
 def _tables(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
@@ -166,24 +246,28 @@ def plan(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", ro
     """The groups, their estimated time, and the chunks of at most --budget seconds they pack into."""
     import hashlib
 
+    # the default cost table and table run are the repo's (the first loan's): absent outside a checkout
+    _check_table(grid, seeds, None if cost == LOAN_BENCH and not cost.is_file() else cost, flops, max_k)
+    refuse(_seconds_problems("--budget", budget, MAX_BUDGET_S)
+           + [f"{name} {path}: no such file" for name, path in (("--table-run", table_run), ("--done", done))
+              if path is not None and not path.is_file() and path != LOAN_TABLE_RUN]
+           + _count_problems("--in-flight", in_flight, 1, MAX_K)
+           + [f"--peak-tflops {peak_tflops}: choose a finite number of TFLOP/s above 0"]
+           * (peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0)))
+
     from stn.cache import memo
 
     def content(path: Path | None) -> str | None:  # the files the plan reads are part of the cache key
         return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
-    for name, path in (("--cost", cost), ("--table-run", table_run), ("--done", done)):
-        if path is not None and not path.is_file() and path not in (LOAN_BENCH, LOAN_TABLE_RUN):
-            typer.echo(f"{name} {path}: no such file", err=True)
-            raise typer.Exit(2)
-    if in_flight < 1 or (peak_tflops is not None and peak_tflops <= 0):
-        typer.echo(f"--in-flight {in_flight} (at least 1), --peak-tflops {peak_tflops} (positive)", err=True)
-        raise typer.Exit(2)
     key = [str(grid), content(grid), preset, seeds, rows, columns, str(cost), content(cost), flops, max_k, budget,
            override or [], str(table_run), content(table_run), paths, in_flight, str(done), content(done), predict,
            peak_tflops, [(str(path), content(path)) for path in extra or []]]
-    for line in memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
-                                                            max_k, budget, override, table_run, paths, in_flight,
-                                                            done, predict, peak_tflops, extra)):
+    with _engine_errors(plan_code=2):  # planning only: whatever it refuses, the arguments fix
+        lines = memo("engine-plan", key, lambda: _plan_lines(grid, preset, seeds, rows, columns, cost, flops,
+                                                             max_k, budget, override, table_run, paths, in_flight,
+                                                             done, predict, peak_tflops, extra))
+    for line in lines:
         typer.echo(line)
 
 
@@ -280,38 +364,32 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
                                          "them from the state).")] = True) -> None:
     """Train the table's groups from the saved progress until done or --budget seconds; resumable. Then writes
     what `stn reproduce-table` writes: results.csv, table.md, ours_vs_paper.png and the W&B table run."""
-    from stn.batched import EngineError
-    from stn.cli_common import fail
-    from stn.plan import (
-        CostModel,
-        PlanError,
-        StateLimits,
-        make_groups,
-        run_table,
-        unique_members,
-        write_tables,
-    )
-
-    if in_flight < 1 or state_files < 1:
-        fail(f"--in-flight {in_flight} and --state-files {state_files} must be at least 1", 2)
     start = time.perf_counter()
+    _check_table(grid, seeds, cost, flops, max_k)
+    refuse(_seconds_problems("--budget", budget, MAX_BUDGET_S) + _count_problems("--block-steps", block_steps, 1,
+                                                                                 MAX_STEPS)
+           + _count_problems("--in-flight", in_flight, 1, MAX_K) + _count_problems("--state-files", state_files, 1, 8)
+           + folder_problems("--state", state, label=f"--state {state}"))
+    from stn.plan import CostModel, StateLimits, make_groups, run_table, unique_members, write_tables
+
     device = _device(device)
-    tables = _tables(grid, preset, seeds, rows, columns, override, extra)
-    groups = make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
+    with reported():
+        tables = _tables(grid, preset, seeds, rows, columns, override, extra)
+        groups = make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
     typer.echo(f"{len(groups)} groups, {sum(g.k for g in groups)} models on {device}; planning took "
                f"{time.perf_counter() - start:.1f} s", err=True)
     options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
                        block_steps)
-    try:
+    # a state that does not fit this plan (another grouping, another table) is refused before training: exit 2
+    with _engine_errors(state, plan_code=2):
         record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                            options=options, costs=CostModel.load(cost, flops),
                            log=lambda line: typer.echo(line, err=True), in_flight=in_flight,
                            group_streams=group_streams, limits=StateLimits(files=state_files))
-    except (PlanError, EngineError) as err:  # a state folder or plan that does not fit: the message says how
-        fail(str(err), 2)
     if write_record:
-        write_tables(state, tables, preset=preset, overrides=override or [],
-                     log=lambda line: typer.echo(line, err=True))
+        with reported():
+            write_tables(state, tables, preset=preset, overrides=override or [],
+                         log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
 

@@ -233,3 +233,28 @@ def check_overrides(overrides: Any, where: str) -> None:
         key = item.split("=", 1)[0].lstrip("+~")
         if key in RESERVED:
             raise TableError(f"{where}: override {item!r}: the table sets {key} per cell; use {RESERVED[key]} instead")
+
+
+def override_key(word: str) -> str:
+    """The dotted key of a Hydra override word: '++dataset.rotation=0' -> 'dataset.rotation'."""
+    return word.split("=", 1)[0].strip().lstrip("+~")
+
+
+def label_problems(overrides: Sequence[str], sources: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """One line per user override that would change a key a label sets: `sources` are (label, its overrides),
+    e.g. ("column RTS", ["dataset=RTS"]). A cell is recorded under its row and column (a study's also under its
+    budget), so `dataset=R` on an RTS cell would train R and record it as RTS beside the paper's RTS number."""
+    set_by: dict[str, list[tuple[str, str]]] = {}
+    for label, words in sources:
+        for word in words:
+            set_by.setdefault(override_key(word), []).append((label, word))
+    problems = []
+    for item in overrides:
+        value = item.split("=", 1)[1].strip() if "=" in item else None
+        clashes = [(label, word) for label, word in set_by.get(override_key(item), [])
+                   if value is None or word.split("=", 1)[1].strip() != value]
+        if clashes:
+            label, word = clashes[0]
+            problems.append(f"override {item!r}: {label} sets {word}, and a cell's label must say what it trained; "
+                            f"choose the rows and columns (or the study's parts) that set it instead")
+    return problems

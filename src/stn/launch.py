@@ -61,6 +61,7 @@ def run_cell(config: Config, threads: int | None = None, fit_fn: FitFn | None = 
                 "status": "interrupted",
                 "error": str(err),
                 "signal": err.exit_code != 0,
+                "exit_code": err.exit_code,  # 128 + the signal's number (0: trainer.stop_after)
                 "step": err.step,
             }
         return {
@@ -208,16 +209,30 @@ def _finished(handle: Any) -> bool:
         return True
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop by a signal other than Ctrl-C; `exit_code` is 128 + its number (SIGTERM: 143), the code the command
+    exits with (a plain KeyboardInterrupt, Ctrl-C, exits 130)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+def stop_code(err: BaseException) -> int:
+    """The exit code of a stopped command: 128 + the signal's number; 130 (SIGINT) for a plain Ctrl-C."""
+    return getattr(err, "exit_code", 130)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """`kill <pid>` of the table process stops it like Ctrl-C: the runs in flight are stopped too, instead
-    of training on as orphans that a rerun would start a second time."""
+    """`kill <pid>` of the table process stops it like Ctrl-C (as `Stopped`, exit code 143): the runs in
+    flight are stopped too, instead of training on as orphans that a rerun would start a second time."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Stopped(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

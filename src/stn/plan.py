@@ -104,12 +104,17 @@ class Group:
 def table_members(grid_path: str | Path, seeds: Sequence[int], preset: str, overrides: Sequence[str] = (),
                   rows: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> list[Member]:
     """One Member per selected cell x seed of the grid file, composed as `stn reproduce-table` composes its cells
-    (`stn.grid.compose_cells`)."""
-    from stn.grid import compose_cells, load_grid, select_cells
+    (`stn.grid.compose_cells`); an override of a key a row or column sets is refused (its label would lie)."""
+    from stn.grid import TableError, check_overrides, compose_cells, label_problems, load_grid, select_cells
 
     grid = load_grid(grid_path)
-    cells = compose_cells(grid, select_cells(grid, rows, columns), [int(s) for s in seeds],
-                          [f"trainer={preset}", *overrides])
+    selected = select_cells(grid, rows, columns)
+    check_overrides(overrides, "--override")  # seed, run_dir, the preset: the engine's options set them
+    problems = label_problems(overrides, [source for row, column in selected for source in
+                                          ((f"row {row}", grid.rows[row]), (f"column {column}", grid.columns[column]))])
+    if problems:
+        raise TableError("\n".join(dict.fromkeys(problems)))
+    cells = compose_cells(grid, selected, [int(s) for s in seeds], [f"trainer={preset}", *overrides])
     return [Member(c.row, c.column, c.seed, c.config, c.paper, table=grid.name) for c in cells]
 
 

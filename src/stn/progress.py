@@ -80,8 +80,9 @@ class Console:
     def log(self, text: str) -> None:
         """`text` into the log file only (with the time), e.g. what the caller prints itself."""
         if self.log_file is not None:
-            with self.log_file.open("a") as handle:
-                handle.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}\n")
+            from stn.runs import append_line  # never through a symbolic link (a run folder trusts nothing)
+
+            append_line(self.log_file, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}")
 
     def line(self, text: str) -> None:
         self.log(text)

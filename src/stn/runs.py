@@ -16,6 +16,11 @@ Run folder (cfg.run_dir, else <runs_dir>/<YYYY-MM-DD>/<HHMMSS>-<run_name>/):
     checkpoints/last.pt  every trainer.checkpoint_every steps and at the end, atomically (tmp + os.replace)
     .lock                while a process writes the folder: {"pid", "host", "job"}; a dead pid's lock (same
                          host), or the lock of the same Slurm job before its requeue, is taken over
+    .hydra/, train.log   Hydra's record of the invocation and the run's log, where the command writes them
+
+A folder counts as stn's only if it holds nothing but these (no symbolic link among them) and they parse as
+what stn writes (`foreign_entries`); stn never writes through a link (files are replaced atomically or opened
+with O_NOFOLLOW), so a link planted in a run folder cannot make it write elsewhere.
 
 Checkpoint: {"version", "step", "model", "optimizer", "scheduler", "rng": {"cpu", "cuda"}, "stream",
 "config", "clock", "precisions", "wandb_id" (the W&B run a resume continues, when W&B was on)}, tensors
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import io
 import json
 import os
 import re
@@ -34,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stn.compose import from_container
-from stn.config import OPTIMISER_KEYS, Config, ConfigError, UserError, to_dict
+from stn.config import OPTIMISER_KEYS, Config, ConfigError, RunError, UserError, to_dict
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, not with the module
     import torch
@@ -42,10 +49,16 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is built or loaded, no
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT_FILES = {"last.pt", "best.pt"}
 LOCK = ".lock"
 COMMAND_FILE = "command.txt"
 COMMAND_ENV = "STN_COMMAND"  # the typed command line, set by stn.cli while it runs (inherited by its workers)
-RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", COMMAND_FILE, LOCK}
+HYDRA_FOLDER, LOG_FILE = ".hydra", "train.log"  # written by the command around a run (Hydra's record, its log)
+RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", COMMAND_FILE, LOCK, HYDRA_FOLDER,
+             LOG_FILE, "transformations.png"}  # the last: an ST run's end picture (stn.train)
+# What stn writes before config.yaml: a run folder holding only these (a run that died while starting) is stn's.
+BEFORE_CONFIG = {LOCK, HYDRA_FOLDER, LOG_FILE}
+TEMPORARY = re.compile(r"^\.(.+)\.tmp\d+$")  # write_atomic's file beside its target, left by a killed process
 RUN_FOLDER = re.compile(r"^(\d{6})(?:\.(\d+))?-(.+)$")  # HHMMSS[.k]-<run_name>
 
 # One classification of config keys (a key names itself or a section, e.g. "dataset" = every dataset.* key):
@@ -72,6 +85,18 @@ class RunFolderBusy(RunFolderError):
 
 class CheckpointError(RunFolderError):
     """An unreadable, foreign or mismatched checkpoint; the message names the file and the fix."""
+
+
+class DiskFullError(RunError):
+    """A write failed for lack of space (exit 1): the message says what was kept and how to continue."""
+
+
+def disk_full(path: Path) -> DiskFullError:
+    return DiskFullError(
+        f"the disk is full: writing {path} failed (no space left on device). Nothing written before is lost: "
+        f"every record and checkpoint is replaced whole, so the previous {path.name} (if any) is kept; free "
+        f"some space, then rerun the same command to continue from the last checkpoint"
+    )
 
 
 # ------------------------------------------------------------------------------------------ key classes
@@ -136,26 +161,48 @@ def read_config(path: Path) -> dict[str, Any]:
         return to_dict(from_container(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
     except Exception as err:  # yaml's, OmegaConf's and ConfigError: all mean "not a usable config"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable stn config ({first}); delete {path.parent} to run "
-                              f"again") from None
+        raise CheckpointError(f"{path} is not a readable stn config ({first}); restore it, or move "
+                              f"{path.parent} aside (it keeps its checkpoint) to start that run over") from None
 
 
 # ------------------------------------------------------------------------------------------------ files
 
 
+def _create(path: Path, flags: int) -> int:
+    """os.open(path) for writing, never through a symbolic link (O_NOFOLLOW): a link planted in a run folder
+    is refused, its target untouched."""
+    try:
+        return os.open(path, flags | os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RunFolderError(f"{path} is a symbolic link: stn writes only files it made; remove the link "
+                                 f"(its target is left as it is) or choose another run folder") from None
+        if err.errno == errno.ENOSPC:
+            raise disk_full(path) from None
+        raise
+
+
 def write_atomic(path: Path, data: str | bytes | Callable[[Path], Any]) -> None:
     """Write `data` (text, bytes, or a function that writes a given path) next to `path`, flush it to disk,
-    then rename it over `path`: readers never see half a file."""
+    then rename it over `path`: readers never see half a file, and a symbolic link at `path` is replaced,
+    never written through. A full disk raises DiskFullError and leaves the old `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover of a killed process with this pid (or a link): start clean
+        handle = os.fdopen(_create(tmp, os.O_EXCL), "wb")
+        with handle:
+            if not callable(data):
+                handle.write(data.encode() if isinstance(data, str) else data)
         if callable(data):
             data(tmp)
-        else:
-            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise disk_full(path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -164,13 +211,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a run folder's file (created if missing), never through a symbolic link."""
+    try:
+        with os.fdopen(_create(path, os.O_APPEND), "a") as handle:
+            handle.write(line + "\n")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise disk_full(path) from None
+        raise
+
+
 def record_command(folder: Path) -> None:
     """Append this invocation's command line ($STN_COMMAND) to <folder>/command.txt, one line per invocation
     (a resume adds one); nothing when fit is called from Python without it."""
     line = os.environ.get(COMMAND_ENV, "").strip()
     if line:
-        with (folder / COMMAND_FILE).open("a") as handle:
-            handle.write(" ".join(line.splitlines()) + "\n")
+        append_line(folder / COMMAND_FILE, " ".join(line.splitlines()))
 
 
 @contextlib.contextmanager
@@ -192,16 +249,20 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise RunFolderError(f"cannot read {path} ({err}); delete it to run again") from None
+        raise RunFolderError(f"cannot read {path} ({err}); delete {path} (that file alone) to run again") from None
     if not isinstance(data, dict):
-        raise RunFolderError(f"{path} does not hold a JSON object; delete it to run again")
+        raise RunFolderError(f"{path} does not hold a JSON object; delete {path} (that file alone) to run again")
     return data
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    # Serialised in memory first, then written by write_atomic: a full disk is then one OSError there (torch's
+    # zip writer reports it as "unexpected pos ..."), and the previous checkpoint is kept.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def evaluated_weights(state: dict[str, Any]) -> dict[str, Any]:
@@ -329,8 +390,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_line(path, json.dumps(record))
 
 
 def best_test_error(path: Path) -> float | None:
@@ -373,12 +433,77 @@ def has_run(folder: Path) -> bool:
     return (folder / "summary.json").is_file() or (folder / CHECKPOINT).is_file()
 
 
+def _metrics_lines(path: Path) -> bool:
+    """Whether metrics.jsonl reads as stn's: JSON objects with an integer step, one a line (the last may be cut
+    short by a crash: `truncate_metrics` drops it on resume)."""
+    lines = path.read_text(errors="replace").splitlines()
+    for index, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                return False
+        except ValueError:
+            if index < len(lines) - 1:
+                return False
+    return True
+
+
+def _is_stn_config(path: Path) -> bool:
+    """Whether config.yaml is a config stn saved: a mapping with stn's sections that reads as a Config."""
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if not isinstance(raw, dict) or not {"dataset", "model", "trainer", "seed"} <= set(raw):
+            return False
+        from_container(raw)
+    except Exception:  # yaml's, OmegaConf's and ConfigError: not a config stn wrote
+        return False
+    return True
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` stn did not write, each with why ([] = an stn run folder, or an empty one): a name off
+    RUN_FILES, a symbolic link, a file that does not parse as what stn writes under that name, or any file
+    but those stn writes first (BEFORE_CONFIG) without a config.yaml of stn's."""
+    entries = {p.name: p for p in folder.iterdir()}
+    foreign = []
+    for name, path in sorted(entries.items()):
+        if path.is_symlink():
+            foreign.append(f"{name} (a symbolic link)")
+        elif TEMPORARY.match(name) and TEMPORARY.match(name).group(1) in RUN_FILES:
+            continue  # a half-written file of a killed process: replaced on the next write
+        elif name not in RUN_FILES:
+            foreign.append(name)
+        elif name in ("checkpoints", HYDRA_FOLDER) and not path.is_dir():
+            foreign.append(f"{name} (not a folder)")
+        elif name not in ("checkpoints", HYDRA_FOLDER) and not path.is_file():
+            foreign.append(f"{name} (not a file)")
+        elif name == "checkpoints":  # last.pt (best.pt where a run keeps one) and their temporary files
+            foreign += [f"checkpoints/{p.name}" for p in path.iterdir() if p.is_symlink() or not p.is_file()
+                        or not (p.name in CHECKPOINT_FILES or TEMPORARY.match(p.name))]
+        elif name == HYDRA_FOLDER:  # Hydra's config.yaml, hydra.yaml, overrides.yaml
+            foreign += [f"{name}/{p.name}" for p in path.iterdir()
+                        if p.is_symlink() or not p.is_file() or p.suffix != ".yaml"]
+    if foreign:
+        return foreign
+    if "config.yaml" in entries:
+        if not _is_stn_config(entries["config.yaml"]):
+            return ["config.yaml (not a config stn saved)"]
+        if "metrics.jsonl" in entries and not _metrics_lines(entries["metrics.jsonl"]):
+            return ["metrics.jsonl (not stn's metrics: one JSON object with a step per line)"]
+        return []
+    return [f"{name} (without an stn config.yaml)" for name in sorted(set(entries) - BEFORE_CONFIG)
+            if not TEMPORARY.match(name)]
+
+
 def check_usable(folder: Path) -> None:
-    """Refuse a run_dir that is a file, or a non-empty folder that is not an stn run (its files are not ours)."""
+    """Refuse a run_dir that is a file, or a non-empty folder that is not an stn run (`foreign_entries`):
+    stn never writes into someone else's folder, nor through a link planted in one."""
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run_dir={folder} is a file, not a folder: choose another run_dir")
-    if folder.is_dir() and not (folder / "config.yaml").is_file() and not has_run(folder):
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    if folder.is_dir():
+        foreign = foreign_entries(folder)
         if foreign:
             raise RunFolderError(
                 f"run_dir={folder} is not empty and holds no stn run ({', '.join(foreign[:5])}"

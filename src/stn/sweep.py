@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -120,6 +121,32 @@ def split_hydra(overrides: Sequence[str], multirun: bool) -> tuple[list[str], Hy
     return kept, HydraDirs(dirs.get("hydra.run.dir"), dirs.get("hydra.sweep.dir"), dirs.get("hydra.sweep.subdir"))
 
 
+MAX_MEMBERS = 10_000  # runs in one sweep: range() must not expand until memory runs out
+
+
+def _check_sweep_size(parsed: Sequence[Any]) -> None:
+    """Refuse a sweep of more than MAX_MEMBERS runs, or a range() that never ends (step 0), before Hydra lists
+    its values (it would build every one of them in memory)."""
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    total, sizes = 1, []
+    for override in parsed:
+        value = override.value() if override.is_sweep_override() else None
+        if isinstance(value, RangeSweep):
+            if not value.step or not all(map(math.isfinite, (value.start, value.stop, value.step))):
+                raise SweepError(f"{override.input_line}: range() needs a finite start, stop and a non-zero step")
+            size = max(0, math.ceil((value.stop - value.start) / value.step))
+        elif isinstance(value, ChoiceSweep):
+            size = len(value.list)
+        else:  # one value, or glob() over a config group's few choices
+            continue
+        sizes.append(f"{override.input_line}: {size:,}")
+        total *= max(size, 1)
+    if total > MAX_MEMBERS:
+        raise SweepError(f"this sweep would train {total:,} runs ({'; '.join(sizes)}); at most {MAX_MEMBERS:,} in one "
+                         f"sweep: narrow the ranges, or split it into several sweeps")
+
+
 def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     """The override lists of each job: Hydra's basic sweeper's expansion with -m; the overrides as given
     without it (a sweep value then is an error naming -m, where Hydra says "Ambiguous value")."""
@@ -130,13 +157,16 @@ def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
-        raise SweepError(str(err).strip().splitlines()[0]) from None
+        from stn.compose import non_ascii_problems
+
+        raise SweepError("\n".join(non_ascii_problems(overrides)) or str(err).strip().splitlines()[0]) from None
     if not multirun:
         sweeps = [override.input_line for override in parsed if override.is_sweep_override()]
         if sweeps:
             raise SweepError("\n".join(f"{line}: several values (a sweep); add -m (--multirun) to train one run per "
                                        f"value, or give one value" for line in sweeps))
         return [list(overrides)]
+    _check_sweep_size(parsed)
     try:
         return [list(batch) for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]]
     except HydraException as err:

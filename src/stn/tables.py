@@ -39,6 +39,7 @@ from stn.grid import (
     cell_name,
     check_overrides,
     compose_cells,
+    label_problems,
     load_grid,
     select_cells,
 )
@@ -47,6 +48,7 @@ from stn.launch import (
     EXECUTORS,
     FitFn,
     SlurmOptions,
+    Stopped,
     run_jobs,
     sigterm_as_interrupt,
     start_pool,
@@ -119,6 +121,10 @@ def plan_jobs(
     if not seeds:
         raise TableError("no seeds given; pass e.g. --seeds 0 or --seeds 0,1,2")
     check_overrides(overrides, "overrides")
+    problems = label_problems(overrides, [source for row, column in cells for source in
+                                          ((f"row {row}", grid.rows[row]), (f"column {column}", grid.columns[column]))])
+    if problems:
+        raise TableError("\n".join(dict.fromkeys(problems)))
     table_dir = table_dir.resolve()
     jobs = []
     for item in compose_cells(grid, cells, seeds, [f"trainer={preset}", *overrides]):
@@ -146,7 +152,8 @@ def _read_summary(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise TableError(
             f"{path} is unreadable or has no test_error ({type(err).__name__}: {err}); "
-            f"delete its run folder {path.parent} to re-run that cell"
+            f"delete {path} alone (not the run folder: its checkpoint is kept) and rerun the same command: the "
+            f"cell is evaluated again from its last checkpoint"
         ) from None
     return summary
 
@@ -359,8 +366,8 @@ def reproduce(
                     refresh()  # an interrupted table loses at most the runs in flight
                     log_wandb()  # and its W&B run shows every finished cell
                     if status == "interrupted" and summary.get("signal") and executor == "debug":
-                        # In-process, fit's own handler caught the Ctrl-C meant for the whole table.
-                        raise KeyboardInterrupt
+                        # In-process, fit's own handler caught the Ctrl-C (or SIGTERM) meant for the whole table.
+                        raise Stopped(summary.get("exit_code") or 130)
         except KeyboardInterrupt:
             refresh()
             from stn.tracking import finish_kept  # (imports torch: only once a table has run)

@@ -278,7 +278,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
                       average=build_average(model, cfg.trainer))
     metrics = folder / "metrics.jsonl"
     if state is None:
-        metrics.write_text("")
+        write_atomic(metrics, "")  # replaces, never writes through a link
         return session
     restore(state, folder / CHECKPOINT, model, optimizer, scheduler, stream)
     if session.average is not None:

@@ -102,7 +102,11 @@ def _name_errors(cfg: Config) -> list[str]:
     for key in ("data_dir", "runs_dir", "run_dir"):
         value = getattr(cfg, key)
         if value is not None and not str(value).strip():
-            errors.append(f"{key}={value!r}: empty; give a folder path")
+            variable = os.environ.get("STN_DATA_DIR")
+            from_env = key == "data_dir" and variable is not None and not variable.strip()
+            errors.append(f"{key}={value!r}: empty; give a folder path" if not from_env else
+                          f"data_dir={value!r} comes from the environment variable STN_DATA_DIR, which is set but "
+                          f"empty: set STN_DATA_DIR to the MNIST folder, or unset it (the default is data/)")
     return errors
 
 
@@ -222,6 +226,18 @@ def folder_problems(key: str, path: str | os.PathLike, label: str | None = None)
     if not os.access(probe, os.W_OK | os.X_OK):
         return [f"{label}: {probe} is not writable by this user; choose a folder you can write to"]
     return []
+
+
+def file_problems(key: str, path: str | os.PathLike, label: str | None = None) -> list[str]:
+    """[] if `path` names a file stn may write (or replace): not a folder, not read-only, in a folder it can write
+    or create; else one line saying why not. Checked before a command's work, not after it."""
+    label = label or f"{key} {path}"
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return [f"{label}: {target} is a folder; give a file name, e.g. {target / 'result.json'}"]
+    if target.exists() and not os.access(target, os.W_OK):
+        return [f"{label}: {target} is not writable by this user; choose another file"]
+    return folder_problems(key, target.parent, label=label)
 
 
 def picture_problems(key: str, path: str | os.PathLike, command: str) -> list[str]:
