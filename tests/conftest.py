@@ -82,3 +82,15 @@ def small(tmp_path: Path):
 def small_data() -> list[str]:
     """SMALL_DATA alone: for tables, which set the trainer preset themselves."""
     return list(SMALL_DATA)
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_wandb_run():
+    """A W&B run a command keeps open for its invocation (stn.tracking.kept_run) ends with the test: in a CLI
+    process the exit finishes it, in this one it would otherwise leak into the next test's runs."""
+    yield
+    import sys
+
+    tracking = sys.modules.get("stn.tracking")
+    if tracking is not None:
+        tracking.finish_all_kept()

@@ -178,7 +178,7 @@ def _train(overrides: list[str], multirun: bool, cfg: bool, executor: str, paral
         return
     config = members[0].config
     refuse(output_problems(config))
-    from stn.sweep import overrides_recorded
+    from stn.hydra_record import overrides_recorded
     from stn.train import TrainingInterrupted, eval_key, fit
 
     with reported(), command_recorded(command), overrides_recorded(members[0].overrides):

@@ -366,8 +366,9 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
     what `stn reproduce-table` writes: results.csv, table.md, ours_vs_paper.png and the W&B table run."""
     start = time.perf_counter()
     _check_table(grid, seeds, cost, flops, max_k)
-    refuse(_seconds_problems("--budget", budget, MAX_BUDGET_S) + _count_problems("--block-steps", block_steps, 1,
-                                                                                 MAX_STEPS)
+    refuse([f"--budget {budget}: choose 0 (train nothing, write the record from the state) to {MAX_BUDGET_S:.0f} "
+            "seconds"] * (not (math.isfinite(budget) and 0 <= budget <= MAX_BUDGET_S))
+           + _count_problems("--block-steps", block_steps, 1, MAX_STEPS)
            + _count_problems("--in-flight", in_flight, 1, MAX_K) + _count_problems("--state-files", state_files, 1, 8)
            + folder_problems("--state", state, label=f"--state {state}"))
     from stn.plan import CostModel, StateLimits, make_groups, run_table, unique_members, write_tables
@@ -380,16 +381,20 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
                f"{time.perf_counter() - start:.1f} s", err=True)
     options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
                        block_steps)
-    # a state that does not fit this plan (another grouping, another table) is refused before training: exit 2
-    with _engine_errors(state, plan_code=2):
+    with _engine_errors(state):
         record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                            options=options, costs=CostModel.load(cost, flops),
                            log=lambda line: typer.echo(line, err=True), in_flight=in_flight,
                            group_streams=group_streams, limits=StateLimits(files=state_files))
     if write_record:
-        with reported():
-            write_tables(state, tables, preset=preset, overrides=override or [],
-                         log=lambda line: typer.echo(line, err=True))
+        from stn.tracking import finish_all_kept
+
+        try:
+            with reported():
+                write_tables(state, tables, preset=preset, overrides=override or [],
+                             log=lambda line: typer.echo(line, err=True))
+        finally:
+            finish_all_kept()  # the tables' W&B runs: one folder each per invocation (stn.report)
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
 

@@ -15,7 +15,7 @@ Owns what Hydra's own command line would do for `stn train`, on top of stn.confi
   `--info` prints the config search path (with `--config-dir`, stn.compose), the primary config and each run's
   choices, overrides and folder.
 - Run records: each run folder gets Hydra's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml:
-  `write_hydra_folder`, called by stn.train when a run starts); a sweep's members share a W&B group named by the
+  `stn.hydra_record.write_hydra_folder`, called by stn.train when a run starts); a sweep's members share a W&B group named by the
   sweep folder (`sweep_group`).
 - Resume as printed: `trainer.resume=true run_dir=X` alone continues X with the config recorded in X
   (`continue_recorded`); a stopped sweep's command is `resume_sweep_command`.
@@ -25,20 +25,19 @@ sweep.json (command, members, their run folders and results), rewritten as membe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import json
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stn.cache import cached_compose
 from stn.config import Config, ConfigError, UserError, to_dict
+from stn.hydra_record import override_dirname, write_overrides
 from stn.job import Job
 from stn.validation import output_problems, validate
 
@@ -173,9 +172,7 @@ def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
         raise SweepError(str(err).strip().splitlines()[0]) from None
 
 
-def override_dirname(overrides: Sequence[str]) -> str:
-    """Hydra's hydra.job.override_dirname: the job's overrides, sorted, joined with commas."""
-    return ",".join(sorted(overrides))
+
 
 
 def resolve_dir(key: str, value: str, job: dict[str, Any]) -> str:
@@ -264,7 +261,6 @@ def continue_recorded(config: Config, overrides: Sequence[str]) -> Config:
     that differs from the record is then refused by the resume check as before (an identity key), or applies
     (e.g. trainer.iterations=N to train on). Without trainer.resume, without run_dir, or with no readable
     config.yaml there, `config` is returned as composed (the resume check words any problem)."""
-    import os
 
     from stn.runs import CheckpointError, flatten, read_config
 
@@ -347,59 +343,6 @@ def resume_sweep_command(command: str, sweep_dir: Path) -> str:
     words = [word for word in shlex.split(command)
              if not word.startswith(("trainer.resume=", "hydra.sweep.dir=", "trainer.stop_after="))]
     return shlex.join([*words, "trainer.resume=true", f"hydra.sweep.dir={sweep_dir}"])
-
-
-OVERRIDES_ENV = "STN_OVERRIDES"  # this invocation's overrides (JSON list), set by stn train for its one run
-
-
-@contextlib.contextmanager
-def overrides_recorded(overrides: Sequence[str]) -> Iterator[None]:
-    """$STN_OVERRIDES = `overrides` while the run starts (restored after), for its .hydra/overrides.yaml."""
-    previous = os.environ.get(OVERRIDES_ENV)
-    os.environ[OVERRIDES_ENV] = json.dumps(list(overrides))
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(OVERRIDES_ENV, None)
-        else:
-            os.environ[OVERRIDES_ENV] = previous
-
-
-def write_overrides(folder: Path, overrides: Sequence[str]) -> None:
-    from stn.runs import write_atomic
-
-    write_atomic(folder / ".hydra" / "overrides.yaml", "".join(f"- {json.dumps(item)}\n" for item in overrides)
-                 if overrides else "[]\n")
-
-
-def write_hydra_folder(folder: Path, config: Config) -> None:
-    """Hydra's record in a run folder, rewritten by each invocation: .hydra/config.yaml (the composed config,
-    as config.yaml), .hydra/hydra.yaml (the folder, the job's name and override_dirname, the config search
-    path, stn's version) and .hydra/overrides.yaml (the command line's overrides: $STN_OVERRIDES for one run,
-    written by run_sweep for a sweep member; left as it is when neither says)."""
-    from omegaconf import OmegaConf
-
-    from stn import __version__
-    from stn.compose import search_path, user_config
-    from stn.config import to_yaml
-    from stn.runs import write_atomic
-
-    hydra = folder / ".hydra"
-    write_atomic(hydra / "config.yaml", to_yaml(config))
-    given = os.environ.get(OVERRIDES_ENV)
-    overrides = json.loads(given) if given else None
-    if overrides is not None:
-        write_overrides(folder, overrides)
-    elif (hydra / "overrides.yaml").is_file():
-        overrides = OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml"))
-    write_atomic(hydra / "hydra.yaml", OmegaConf.to_yaml({"hydra": {
-        "run": {"dir": str(folder)},
-        "job": {"name": config.run_name, "chdir": False,
-                "override_dirname": override_dirname(overrides or [])},
-        "runtime": {"version": f"stn {__version__}", "config_name": user_config()[1],
-                    "config_sources": search_path()},
-    }}))
 
 
 def print_info(members: Sequence[Member], sweep_dir: Path | None) -> str:

@@ -126,8 +126,8 @@ def kept_run(mode: str, run_id: str, **kwargs: Any) -> Any:
         if not _KEPT:  # a caller that fails before its finish_kept: the run still ends with the process
             import atexit
 
-            atexit.unregister(_finish_all)
-            atexit.register(_finish_all)
+            atexit.unregister(finish_all_kept)
+            atexit.register(finish_all_kept)
         run = _KEPT[run_id] = init_run(mode, id=run_id, resume="allow", reinit="create_new", **kwargs)
     return run
 
@@ -143,7 +143,8 @@ def finish_kept(run_id: str, exit_code: int = 0) -> None:
         say_once(f"finish failed ({type(err).__name__}: {err})")
 
 
-def _finish_all() -> None:
+def finish_all_kept() -> None:
+    """Finish every run `kept_run` holds open (an invocation's end, e.g. `stn engine run` after its tables)."""
     for run_id in list(_KEPT):
         finish_kept(run_id)
 

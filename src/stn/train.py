@@ -269,7 +269,7 @@ def start(cfg: Config, found: Path | None, state: dict[str, Any] | None, stack: 
     cfg = dataclasses.replace(cfg, run_dir=str(folder))
     write_atomic(folder / "config.yaml", to_yaml(cfg))
     record_command(folder)
-    from stn.sweep import write_hydra_folder
+    from stn.hydra_record import write_hydra_folder
 
     write_hydra_folder(folder, cfg)
     forward = torch.compile(model) if cfg.trainer.compile else model
