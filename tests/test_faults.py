@@ -465,6 +465,11 @@ def test_bad_study_files_are_refused_before_a_cell_trains(cwd: Path, fields: dic
         (["models", "transformer=tps"], "override 'transformer=tps': row FCN sets transformer=none"),
         (["engine", "bench", "--override", "dataset=RTS"], "override 'dataset=RTS': --dataset R sets dataset=R"),
         (["bench", "--models", "cnn", "--override", "model=fcn"], "override 'model=fcn': model CNN sets model=cnn"),
+        # a key under the group a label chooses: another RTS (no rotation), another CNN (other widths)
+        (["reproduce-table", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "RTS", "dataset.rotation=0"],
+         "override 'dataset.rotation=0': column RTS sets dataset=RTS, which fixes dataset.rotation"),
+        (["engine", "plan", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R", "--override",
+          "model.conv_filters=8"], "override 'model.conv_filters=8': row CNN sets model=cnn"),
     ],
 )
 def test_an_override_of_what_a_label_sets_is_refused(cwd: Path, args: list[str], named: str) -> None:

@@ -240,18 +240,32 @@ def override_key(word: str) -> str:
     return word.split("=", 1)[0].strip().lstrip("+~")
 
 
+# Keys under a config group that say how much of the data a run uses or is scored on, not what the data, model
+# or transformer is: a label that chooses the group (dataset=RTS) still says what trained when these change.
+LABEL_NEUTRAL = ("dataset.train_limit", "dataset.test_limit", "dataset.validation")
+
+
 def label_problems(overrides: Sequence[str], sources: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     """One line per user override that would change a key a label sets: `sources` are (label, its overrides),
     e.g. ("column RTS", ["dataset=RTS"]). A cell is recorded under its row and column (a study's also under its
-    budget), so `dataset=R` on an RTS cell would train R and record it as RTS beside the paper's RTS number."""
+    budget), so `dataset=R` on an RTS cell would train R and record it as RTS beside the paper's RTS number. A
+    label that chooses a group (dataset=RTS) also sets every key under it (dataset.rotation=0 would train
+    another RTS), except the LABEL_NEUTRAL ones."""
     set_by: dict[str, list[tuple[str, str]]] = {}
     for label, words in sources:
         for word in words:
             set_by.setdefault(override_key(word), []).append((label, word))
     problems = []
     for item in overrides:
+        key = override_key(item)
         value = item.split("=", 1)[1].strip() if "=" in item else None
-        clashes = [(label, word) for label, word in set_by.get(override_key(item), [])
+        group = key.split(".", 1)[0]
+        if "." in key and key not in LABEL_NEUTRAL and group in set_by:  # a key under a group a label chooses
+            label, word = set_by[group][0]
+            problems.append(f"override {item!r}: {label} sets {word}, which fixes {key}, and a cell's label must say "
+                            f"what it trained; choose the rows and columns (or the study's parts) that set it instead")
+            continue
+        clashes = [(label, word) for label, word in set_by.get(key, [])
                    if value is None or word.split("=", 1)[1].strip() != value]
         if clashes:
             label, word = clashes[0]
