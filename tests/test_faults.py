@@ -535,10 +535,21 @@ def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytes
     import stn.train
     from stn.train import TrainingInterrupted
 
-    monkeypatch.setattr(stn.plan, "run_table", sigterm_self)
+    def run_table_until_stopped(*args: object, stop, **kwargs: object) -> dict:
+        """The engine's SIGTERM asks run_table to stop (it then checkpoints its groups in flight and returns)."""
+        os.kill(os.getpid(), signal.SIGTERM)
+        waited = time.monotonic() + 5
+        while not stop() and time.monotonic() < waited:
+            time.sleep(0.01)
+        assert stop(), "SIGTERM did not reach run_table's stop"
+        return {"done": 0, "partial": []}
+
+    monkeypatch.setattr(stn.plan, "run_table", run_table_until_stopped)
     result = runner.invoke(app, ["engine", "run", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
-                                 "--seeds", "0", "--preset", "smoke", "--device", "cpu", "--state", "state"])
+                                 "--seeds", "0", "--preset", "smoke", "--device", "cpu", "--state", "state",
+                                 "--no-record"])
     assert result.exit_code == 143, result.output
+    assert "stopped by SIGTERM: the groups in flight are checkpointed in state" in result.stderr
 
     def terminated_pool(*args: object, **kwargs: object):
         sigterm_self()

@@ -281,6 +281,33 @@ def test_run_table_stops_at_the_deadline_and_resumes_to_the_same_results(tmp_pat
         assert "recovery/error" not in record
 
 
+def test_a_stop_checkpoints_the_groups_in_flight_and_the_table_resumes_exactly(tmp_path: Path,
+                                                                              data_dir: Path) -> None:
+    """run_table's stop (what `stn engine run` sets on SIGTERM or Ctrl-C): nothing new starts, the groups in
+    flight are checkpointed at a step boundary, and the resumed table equals one never stopped."""
+    groups = make_groups(tiny_members(data_dir))
+    costs = tiny_costs(groups)
+    run_table(groups, tmp_path / "straight", budget_s=1e6, device="cpu", costs=costs, log=lambda _: None)
+    asked = [0]
+
+    def stop() -> bool:  # a signal arrives after a few units
+        asked[0] += 1
+        return asked[0] > 6
+
+    state = tmp_path / "stopped"
+    record = run_table(groups, state, budget_s=1e6, device="cpu", costs=costs, log=lambda _: None, stop=stop,
+                       in_flight=2)
+    assert record["done"] < 2 and record["partial"], record  # stopped with groups in flight, checkpointed
+    assert 0 < min(p["step"] for p in record["partial"]) and max(p["step"] for p in record["partial"]) < 6
+    resumed = run_table(groups, state, budget_s=1e6, device="cpu", costs=costs, log=lambda _: None, in_flight=2)
+    assert resumed["done"] == 2 and resumed["partial"] == []
+    a = json.loads((tmp_path / "straight" / RESULTS).read_text())["members"]
+    b = json.loads((state / RESULTS).read_text())["members"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key]["test_error"], a[key]["final_loss"]) == (b[key]["test_error"], b[key]["final_loss"]), key
+
+
 def test_a_resumed_group_keeps_the_block_length_it_was_drawn_with(tmp_path: Path, data_dir: Path) -> None:
     """Block draws depend on block_steps: a chunk resumed with another --block-steps continues each partly
     trained group with the length its state records (and says so), so the result equals an uninterrupted run."""

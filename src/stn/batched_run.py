@@ -183,6 +183,9 @@ class InFlight:
         self.clock, self.unit_steps, self.unit_s = clock, unit_steps, unit_s
         self.depth, self.max_unit = max(1, depth), max_unit
         self.lanes: list[_Lane] = []
+        # asked before every unit: True (a signal) issues no more units, as if the deadline had come, so the
+        # caller checkpoints every lane at a step boundary
+        self.stopping: Callable[[], bool] = lambda: False
 
     @property
     def runs(self) -> list[GroupRun]:
@@ -259,7 +262,7 @@ class InFlight:
                     if lane.run.done:
                         if not lane.pending:
                             finished.append(lane.run)
-                    elif len(lane.pending) < self.depth and self._fits(lane, deadline):
+                    elif len(lane.pending) < self.depth and not self.stopping() and self._fits(lane, deadline):
                         self._issue(lane)
                         issued = True
                 if finished:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -381,11 +382,16 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
                f"{time.perf_counter() - start:.1f} s", err=True)
     options = _options(device, amp and device.startswith("cuda"), channels_last, compile, cuda_graph, mode, data,
                        block_steps)
-    with _engine_errors(state):
+    from stn.progress import stop_on_signals
+
+    # SIGTERM or Ctrl-C: no new unit starts and the groups in flight are checkpointed at a step boundary, as at
+    # the deadline (a second Ctrl-C aborts without that: _engine_errors' 130)
+    with _engine_errors(state), stop_on_signals() as signalled:
         record = run_table(groups, state, budget_s=budget - (time.perf_counter() - start), device=device,
                            options=options, costs=CostModel.load(cost, flops),
                            log=lambda line: typer.echo(line, err=True), in_flight=in_flight,
-                           group_streams=group_streams, limits=StateLimits(files=state_files))
+                           group_streams=group_streams, limits=StateLimits(files=state_files),
+                           stop=lambda: bool(signalled))
     if write_record:
         from stn.tracking import finish_all_kept
 
@@ -397,6 +403,11 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
             finish_all_kept()  # the tables' W&B runs: one folder each per invocation (stn.report)
     typer.echo(json.dumps(record, indent=1))
     sys.stdout.flush()
+    if signalled:
+        name = signal.Signals(signalled["signal"]).name
+        typer.secho(f"stopped by {name}: the groups in flight are checkpointed in {state}; rerun the same command "
+                    "to continue", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(128 + signalled["signal"])
 
 
 if __name__ == "__main__":

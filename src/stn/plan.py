@@ -518,7 +518,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
               options: EngineOptions | None = None, costs: CostModel | None = None,
               log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter,
               max_groups: int | None = None, in_flight: int = 1, limits: StateLimits = StateLimits(),
-              group_streams: bool = True, mode_for: Callable[[Group], str] | None = None,
+              group_streams: bool = True, stop: Callable[[], bool] = lambda: False, mode_for: Callable[[Group], str] | None = None,
               unit_s: float | None = None) -> dict[str, Any]:
     """Train from the saved progress in `state_dir` until every group is done or `budget_s` is spent.
 
@@ -527,7 +527,9 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     evaluated and the next in run order that fits is started; at the deadline every group in flight is
     checkpointed into the partial files. mode_for: the engine mode of each group (default: options.mode, or
     with "auto" the mode its cost-table row measured). unit_s: seconds per unit of steps in a lane (default
-    0.05 on CUDA: short queues, few launches per unit; fixed units of log_every on the CPU).
+    0.05 on CUDA: short queues, few launches per unit; fixed units of log_every on the CPU). stop: asked before
+    every unit and every start; once True (a signal), nothing new starts and the groups in flight are checkpointed
+    as at the deadline, at a step boundary, so a SIGTERM loses no finished step.
 
     Returns the progress record also written to <state_dir>/progress.json: groups done / partial / left,
     seconds used, and the estimate of what is left (`pack_chunks`).
@@ -557,6 +559,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     pending = [g for g in run_order(groups, costs, first=list(partials)) if not group_done(g, results)]
     flight = InFlight(device, streams=group_streams and in_flight > 1, clock=clock,
                       unit_s=unit_s if unit_s is not None else (0.05 if device.type == "cuda" else None))
+    flight.stopping = stop
     flying: dict[str, _Flying] = {}
     cache: dict = {}
     admitted = 0
@@ -566,7 +569,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
 
     def admit() -> None:
         nonlocal admitted
-        while max_groups is None or admitted < max_groups:
+        while (max_groups is None or admitted < max_groups) and not stop():
             group = next_to_start(pending, list(flying), sizes, limits, in_flight)
             if group is None:
                 return
