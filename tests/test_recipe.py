@@ -33,15 +33,21 @@ def one_cycle_lr(step: int, total: int, peak: float) -> float:
     return high + (low - high) / 2 * (math.cos(math.pi * t) + 1)
 
 
-def test_onecycle_follows_the_one_cycle_formula():
-    cfg = compose(["trainer=quick", "trainer.schedule=onecycle", "trainer.lr=0.05", "trainer.iterations=200"])
+def rates(*overrides: str) -> list[float]:
+    """The lr each step of a composed trainer trains with (optimizer and scheduler stepped as fit steps them)."""
+    cfg = compose(["trainer=quick", *overrides])
     optimizer = build_optimizer(nn.Linear(2, 2), cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer)
     seen = []
-    for _ in range(200):
+    for _ in range(cfg.trainer.iterations):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return seen
+
+
+def test_onecycle_follows_the_one_cycle_formula():
+    seen = rates("trainer.schedule=onecycle", "trainer.lr=0.05", "trainer.iterations=200")
     expected = [one_cycle_lr(s, 200, 0.05) for s in range(200)]
     assert seen == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert max(seen) == pytest.approx(0.05) and seen.index(max(seen)) == 59  # 0.3 * 200 - 1
@@ -116,15 +122,7 @@ def test_stn_train_reports_the_validation_error(tmp_path, data_dir):
 
 
 def test_warmup_moves_the_one_cycle_peak():
-    cfg = compose(["trainer=quick", "trainer.schedule=onecycle", "trainer.lr=0.05", "trainer.iterations=200",
-                   "trainer.warmup=0.1"])
-    optimizer = build_optimizer(nn.Linear(2, 2), cfg.trainer)
-    scheduler = build_scheduler(optimizer, cfg.trainer)
-    seen = []
-    for _ in range(200):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    seen = rates("trainer.schedule=onecycle", "trainer.lr=0.05", "trainer.iterations=200", "trainer.warmup=0.1")
     assert max(seen) == pytest.approx(0.05) and seen.index(max(seen)) == 19  # 0.1 * 200 - 1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from stn.config import Config
@@ -22,18 +22,11 @@ def override_dirname(overrides: Sequence[str]) -> str:
 OVERRIDES_ENV = "STN_OVERRIDES"  # this invocation's overrides (JSON list), set by stn train for its one run
 
 
-@contextlib.contextmanager
-def overrides_recorded(overrides: Sequence[str]) -> Iterator[None]:
+def overrides_recorded(overrides: Sequence[str]) -> contextlib.AbstractContextManager[None]:
     """$STN_OVERRIDES = `overrides` while the run starts (restored after), for its .hydra/overrides.yaml."""
-    previous = os.environ.get(OVERRIDES_ENV)
-    os.environ[OVERRIDES_ENV] = json.dumps(list(overrides))
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(OVERRIDES_ENV, None)
-        else:
-            os.environ[OVERRIDES_ENV] = previous
+    from stn.runs import environ_set
+
+    return environ_set(OVERRIDES_ENV, json.dumps(list(overrides)))
 
 
 def write_overrides(folder: Path, overrides: Sequence[str]) -> None:

@@ -231,18 +231,22 @@ def record_command(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def command_recorded(line: str) -> Iterator[None]:
-    """Set $STN_COMMAND to `line` while the runs it starts are set up (restored after: tests run many
-    commands in one process)."""
-    previous = os.environ.get(COMMAND_ENV)
-    os.environ[COMMAND_ENV] = line
+def environ_set(name: str, value: str) -> Iterator[None]:
+    """$name = value inside the block, restored (or removed) after: tests run many commands in one process."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(COMMAND_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[COMMAND_ENV] = previous
+            os.environ[name] = previous
+
+
+def command_recorded(line: str) -> contextlib.AbstractContextManager[None]:
+    """$STN_COMMAND = `line` while the runs it starts are set up."""
+    return environ_set(COMMAND_ENV, line)
 
 
 def read_json(path: Path) -> dict[str, Any]:
