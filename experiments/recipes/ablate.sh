@@ -14,8 +14,9 @@ stn=${STN:-.venv/bin/stn}
 export OMP_NUM_THREADS=1
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 143' TERM INT
-for study in "$@"; do
-  for columns in R,P RTS; do
+# Every study's R and P cells before any RTS cell: the cheap datasets give each piece a first verdict early.
+for columns in R,P RTS; do
+  for study in "$@"; do
     pids=()
     for queue in 1 2; do
       $stn convergence run --study "$study" --columns "$columns" --parallel 1 &
