@@ -1,4 +1,4 @@
-"""stn.batched: K models in one process equal K runs of the `stn train` path (float64, CPU).
+"""stn.engine.batched: K models in one process equal K runs of the `stn train` path (float64, CPU).
 
 Tolerances. The equality tests build both sides in float64, where a dot product of n terms is exact to about
 n * 2.2e-16 of its terms' magnitude; the largest reductions here (a conv input gradient, a 784-wide linear
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from engine_setup import CPU, KINDS, configs
-from stn.batched import BatchedModels, EngineError, EngineOptions, StackedSGD, shape_signature
-from stn.batched_data import BatchedStream
 from stn.compose import compose
 from stn.data import TrainStream, make_test_set
+from stn.engine.batched import BatchedModels, EngineError, EngineOptions, StackedSGD, shape_signature
+from stn.engine.streams import BatchedStream
 from stn.mnist import load_mnist
 from stn.models import build_model
 from stn.train import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model

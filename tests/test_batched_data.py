@@ -1,4 +1,4 @@
-"""stn.batched_data: the fused streams are each model's own TrainStream; block streams keep each model's
+"""stn.engine.streams: the fused streams are each model's own TrainStream; block streams keep each model's
 epoch order and resume mid-block."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from engine_setup import CPU, KINDS, configs
-from stn.batched import EngineError
-from stn.batched_data import BatchedStream, BlockStream
 from stn.data import TrainStream
+from stn.engine.batched import EngineError
+from stn.engine.streams import BatchedStream, BlockStream
 
 
 @pytest.mark.parametrize("dataset", ["R", "RTS", "P", "E", "TC"])

@@ -1,4 +1,4 @@
-"""stn.batched_run: a group resumes exactly from its state; groups in flight train as each alone, take turns,
+"""stn.engine.group_run: a group resumes exactly from its state; groups in flight train as each alone, take turns,
 and stop before their deadline."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from engine_setup import CPU, KINDS, configs
-from stn.batched import BatchedModels, EngineOptions
-from stn.batched_data import BatchedStream, make_stream
-from stn.batched_run import GroupRun, InFlight, train_for
+from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.group_run import GroupRun, InFlight, train_for
+from stn.engine.streams import BatchedStream, make_stream
 
 
 @pytest.mark.parametrize("data", ["exact", "block"])
@@ -138,7 +138,7 @@ def test_train_for_stops_before_the_deadline(mnist) -> None:
 def test_the_warm_up_unit_does_not_set_the_deadline_estimate(mnist) -> None:
     """A lane's first unit (graph capture, first kernel calls) counts only until a second one is measured;
     from then on the estimate is the slowest unit after it."""
-    from stn.batched_run import _Lane, _Unit
+    from stn.engine.group_run import _Lane, _Unit
 
     cfgs = configs(KINDS["FCN"], seeds=(0,))
     flight = InFlight(CPU)

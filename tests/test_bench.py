@@ -1,4 +1,4 @@
-"""stn.bench: `stn bench` runs and ends with a ratio line per model, in the documented format; bad model names
+"""stn.bench.train: `stn bench` runs and ends with a ratio line per model, in the documented format; bad model names
 and the help screen. Timings are not asserted (they belong in experiments/bench/train.md)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import re
 
 from typer.testing import CliRunner
 
-from stn.bench import RATIO_FORMAT, TRAIN_MODELS
-from stn.cli import app
+from stn.bench.train import RATIO_FORMAT, TRAIN_MODELS
+from stn.cli.main import app
 from stn.device import cpu_has_bf16
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""stn.bench_data: the torchvision reference draws what our datasets draw (shapes, ranges, plain = the digit
+"""stn.bench.data: the torchvision reference draws what our datasets draw (shapes, ranges, plain = the digit
 itself, TC's clutter never darkens the digit), and a tiny `bench_data` run returns a well-formed row. Timings
 are not asserted (experiments/bench/data.md)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stn.bench_data import ReferenceDistortion, bench_data, format_data_table
+from stn.bench.data import ReferenceDistortion, bench_data, format_data_table
 
 
 def pil_digit(seed: int = 0) -> tuple[Image.Image, torch.Tensor]:

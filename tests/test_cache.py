@@ -13,7 +13,7 @@ from stn import cache
 from stn.cache import cached_compose
 from stn.compose import compose
 from stn.config import ConfigError
-from stn.parameters import cached_parameter_table
+from stn.tables.parameters import cached_parameter_table
 
 OVERRIDES = ["dataset=RTS", "model=st_cnn", "transformer=tps", "trainer.iterations=77", "seed=3"]
 
@@ -87,14 +87,14 @@ def test_prune_keeps_the_newest(folder: Path, monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.subprocess
 def test_parameter_table_hit_imports_neither_torch_nor_models(folder: Path) -> None:
-    """The rows are stn.parameters.parameter_table's; a second process reads them back without torch."""
+    """The rows are stn.tables.parameters.parameter_table's; a second process reads them back without torch."""
     from dataclasses import asdict
 
-    from stn.parameters import parameter_table
+    from stn.tables.parameters import parameter_table
 
     rows = cached_parameter_table(["R"], ["model.param_budget=150000"])
     assert rows == [asdict(row) for row in parameter_table(("R",), ["model.param_budget=150000"])]
-    code = ("import sys; from stn.parameters import cached_parameter_table as t; "
+    code = ("import sys; from stn.tables.parameters import cached_parameter_table as t; "
             "rows = t(['R'], ['model.param_budget=150000']); print(len(rows), 'torch' in sys.modules, "
             "'stn.models' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -108,8 +108,8 @@ def test_engine_plan_is_printed_again_from_the_cache(folder: Path, tmp_path: Pat
     """`stn engine plan` prints the same lines from the cache; an edited grid file is planned afresh."""
     from typer.testing import CliRunner
 
-    from stn import engine_cli
-    from stn.cli import app
+    from stn.cli import engine as engine_cli
+    from stn.cli.main import app
 
     grid = tmp_path / "grid.yaml"
     grid.write_text((Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml").read_text())

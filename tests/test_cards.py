@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from stn.cards import card_stats, summarise
-from stn.cli import app
+from stn.cli.main import app
 from stn.warp import distortion_params
 
 

@@ -1,4 +1,4 @@
-"""stn.cli: the help screens list exactly the commands click has registered (bad input: test_faults.py)."""
+"""stn.cli.main: the help screens list exactly the commands click has registered (bad input: test_faults.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 
 runner = CliRunner()
 
@@ -66,22 +66,23 @@ def test_a_stn_folder_in_the_working_directory_cannot_join_the_package(tmp_path)
     (stranger / "__main__.py").write_text("print('not stn')\nraise SystemExit(7)\n")
     src = str(Path(stn.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": src}
-    done = subprocess.run([sys.executable, "-c", "import stn, stn.cli; print(stn.__version__, stn.cli.__file__)"],
+    done = subprocess.run([sys.executable, "-c", "import stn, stn.cli.main; print(stn.__version__, stn.cli.main.__file__)"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     version, cli_file = done.stdout.split()
-    assert version == stn.__version__ and Path(cli_file).resolve().parent == Path(stn.__file__).resolve().parent
+    assert version == stn.__version__ and Path(cli_file).resolve().parents[1] == Path(stn.__file__).resolve().parent
 
 
 def test_choice_types_match_what_they_choose_from() -> None:
     """The CLI's Literal choices are the config groups and module constants they stand for."""
     from typing import get_args
 
-    from stn import cli, engine_cli
-    from stn.batched import EngineOptions
+    from stn.cli import engine as engine_cli
+    from stn.cli import main as cli
     from stn.compose import group_choices
     from stn.config import TRAINER_PRESETS
-    from stn.launch import EXECUTORS
+    from stn.engine.batched import EngineOptions
+    from stn.launch.executors import EXECUTORS
 
     assert sorted(TRAINER_PRESETS) == sorted(group_choices("trainer"))
     assert get_args(cli.Executor) == EXECUTORS
@@ -142,7 +143,7 @@ def test_dataset_choices_are_every_dataset_and_refuse_the_rest() -> None:
     (a file whose `name` disagrees would fail here), and a name outside them exits 2 listing them."""
     from typing import get_args
 
-    from stn.cli_common import DatasetName
+    from stn.cli.common import DatasetName
     from stn.compose import compose
 
     choices = get_args(DatasetName)
@@ -159,7 +160,7 @@ def test_reproduce_table_dry_run_lists_each_run_and_writes_nothing(tmp_path) -> 
     from pathlib import Path
 
     from stn.config import to_yaml
-    from stn.tables import dry_run
+    from stn.tables.reproduce import dry_run
 
     grid = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
     out = tmp_path / "table"

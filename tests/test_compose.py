@@ -154,7 +154,7 @@ def hydra_whole(overrides: list[str]) -> Config:
 def planned_lists() -> list[list[str]]:
     """The override lists the table and the studies plan: every Table 1 cell at every preset (seed 2, a run
     folder, resume), and every cell of every study file at one seed."""
-    from stn.convergence import budget_overrides, cell_dir, load_study
+    from stn.convergence.study import budget_overrides, cell_dir, load_study
     from stn.grid import load_grid
 
     grid = load_grid(ROOT / "experiments" / "table1" / "grid.yaml")

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 from stn.compose import compose, from_container, group_choices
 from stn.config import GROUPS, Config, to_dict, to_yaml
 

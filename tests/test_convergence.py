@@ -1,4 +1,4 @@
-"""stn.convergence: budgets, planning order, the CSV record and its resume, bad inputs (plots: test_convergence_plot)."""
+"""stn.convergence.study: budgets, planning order, the CSV record and its resume, bad inputs (plots: test_convergence_plot)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
-from stn.convergence import (
+from stn.cli.main import app
+from stn.convergence.run import run_study
+from stn.convergence.study import (
     PAPER_IMAGES,
     StudyError,
     append_result,
@@ -23,7 +24,6 @@ from stn.convergence import (
     read_results,
     row_key,
 )
-from stn.convergence_run import run_study
 from stn.runs import RunFolderBusy
 from stn.train import TrainingInterrupted
 

@@ -1,4 +1,4 @@
-"""stn.convergence_plot: the Markdown summary (mean ± std (n) per budget beside the paper) and the per-dataset
+"""stn.convergence.plot: the Markdown summary (mean ± std (n) per budget beside the paper) and the per-dataset
 plots, from a hand-written record."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
-from stn.convergence import PAPER_IMAGES, parse_budget
-from stn.convergence_plot import compare, orderings_table, plot_study, read_paper_schedule, summary_table
+from stn.cli.main import app
+from stn.convergence.plot import compare, orderings_table, plot_study, read_paper_schedule, summary_table
+from stn.convergence.study import PAPER_IMAGES, parse_budget
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"

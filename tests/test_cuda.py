@@ -23,10 +23,10 @@ import os
 import pytest
 import torch
 
-from stn.batched import BatchedModels, EngineOptions
-from stn.batched_data import BatchedStream
-from stn.batched_run import GroupRun, train_for
 from stn.compose import compose
+from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.group_run import GroupRun, train_for
+from stn.engine.streams import BatchedStream
 from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
 from stn.spatial import identity_params, make_grid, sample
@@ -178,7 +178,7 @@ def test_bf16_smoke_training_learns_on_cuda(data_dir) -> None:
 @pytest.mark.parametrize("dataset", ["R", "TC"])
 def test_no_host_sync_in_data_and_step(dataset: str, data: str, data_dir) -> None:
     """Drawing the K batches and the (graphed) step never wait for the GPU (torch's sync debug mode)."""
-    from stn.batched_data import make_stream
+    from stn.engine.streams import make_stream
     from stn.measure import count_syncs
 
     digits, labels = load_mnist(data_dir, train=True)
@@ -225,11 +225,11 @@ def _overlap_us(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> f
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_kernels_of_two_groups_in_flight_overlap(cuda_graph: bool, data_dir, tmp_path) -> None:
-    """Two groups in flight on their own streams (stn.batched_run.InFlight): a profiler trace shows kernels of
+    """Two groups in flight on their own streams (stn.engine.group_run.InFlight): a profiler trace shows kernels of
     the two streams running at the same time (each group's work, data included, is on its own stream)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from stn.batched_run import InFlight
+    from stn.engine.group_run import InFlight
 
     digits, labels = load_mnist(data_dir, train=True)
     flight = InFlight(CUDA, streams=True, unit_steps=4)
@@ -258,11 +258,11 @@ def test_kernels_of_two_groups_in_flight_overlap(cuda_graph: bool, data_dir, tmp
 
 
 def test_groups_in_flight_train_as_one_after_another_on_cuda(data_dir, tmp_path) -> None:
-    """stn.plan.run_table with two groups in flight (streams, CUDA graphs, block data drawn ahead on side
+    """stn.engine.plan.run_table with two groups in flight (streams, CUDA graphs, block data drawn ahead on side
     streams) gives the results of the same table run one group after another, float64."""
     import json
 
-    from stn.plan import RESULTS, CostModel, Member, make_groups, run_table
+    from stn.engine.plan import RESULTS, CostModel, Member, make_groups, run_table
 
     members = []
     for label, seeds in (("FCN", (0, 1)), ("ST-CNN Aff", (0,))):
@@ -290,7 +290,7 @@ def test_groups_in_flight_train_as_one_after_another_on_cuda(data_dir, tmp_path)
 @pytest.mark.parametrize("dataset", ["R", "TC"])
 def test_block_data_drawn_ahead_on_a_side_stream_equals_drawn_inline(dataset: str, data_dir) -> None:
     """The side stream changes where the warps run, not what they draw: the same blocks, bit for bit."""
-    from stn.batched_data import BlockStream
+    from stn.engine.streams import BlockStream
 
     digits, labels = load_mnist(data_dir, train=True)
     cfgs = configs("CNN", (0, 1, 2), dataset)
@@ -307,7 +307,7 @@ def test_block_data_drawn_ahead_on_a_side_stream_equals_drawn_inline(dataset: st
 def test_gpu_paths_equal_the_cpu_vmap_engine(label: str, dataset: str, mode: str) -> None:
     """The paths `conv_path_for` picks on CUDA (im2col; loop with channels_last and cudnn.benchmark for the TC CNN)
     equal the CPU's vmap engine in float64 (noise images: no max-pool ties), eager and CUDA-graphed."""
-    from stn.batched import conv_path_for, engine_options_for
+    from stn.engine.batched import conv_path_for, engine_options_for
 
     cfgs = configs(label, (0, 1), dataset)
     paper = compose([f"dataset={dataset}", *KINDS[label]])  # the rule reads the paper's batch of 256

@@ -1,8 +1,8 @@
-"""stn.dashboard: every key the Table 1 report's panels read is logged by an offline table cell and table run.
+"""stn.tables.dashboard: every key the Table 1 report's panels read is logged by an offline table cell and table run.
 
-One smoke cell (ST-CNN Aff on R, real training, W&B offline) runs through `stn.tables.reproduce`; its
+One smoke cell (ST-CNN Aff on R, real training, W&B offline) runs through `stn.tables.reproduce.reproduce`; its
 training run and the table's own run are read back from their transaction logs (tests/wandb_log.py) and
-checked against `stn.dashboard.KEYS`, the one list the panels are built from. Building the report objects
+checked against `stn.tables.dashboard.KEYS`, the one list the panels are built from. Building the report objects
 (wandb_workspaces) needs no network; saving it does, and is not tested here.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
-from stn.dashboard import KEYS, PANELS, RUN_COLUMNS, Key, Template, key
-from stn.tables import reproduce
+from stn.cli.main import app
+from stn.tables.dashboard import KEYS, PANELS, RUN_COLUMNS, Key, Template, key
+from stn.tables.reproduce import reproduce
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -77,7 +77,7 @@ def test_the_report_objects_use_exactly_those_keys(logged) -> None:
     pytest.importorskip("wandb_workspaces", reason="the report extra: pip install 'stn[report]'")
     import wandb_workspaces.expr as expr
 
-    from stn.dashboard import build_report
+    from stn.tables.dashboard import build_report
 
     group = logged["cell"]["group"]
     assert logged["table"]["group"] == group
@@ -124,7 +124,7 @@ def test_cli_dry_run_builds_the_report_and_saving_needs_a_key(tmp_path: Path, mo
 def test_a_missing_wandb_workspaces_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from stn.dashboard import DashboardError, build_report
+    from stn.tables.dashboard import DashboardError, build_report
 
     monkeypatch.setitem(sys.modules, "wandb_workspaces", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "wandb_workspaces.reports.v2", None)

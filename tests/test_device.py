@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import stn.device as device_module
-from stn.cli import app
+from stn.cli.main import app
 from stn.compose import compose
 from stn.config import ConfigError
 from stn.device import resolve_device, resolve_precision

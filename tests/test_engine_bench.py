@@ -1,4 +1,4 @@
-"""stn.engine_bench: the cost table the planner reads, and a failing configuration that costs only its own row."""
+"""stn.engine.bench: the cost table the planner reads, and a failing configuration that costs only its own row."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stn import engine_bench
-from stn.batched import BatchedModels, EngineOptions
+from stn.engine import bench as engine_bench
+from stn.engine.batched import BatchedModels, EngineOptions
 
 
 def tiny_bench(data_dir: Path, **kwargs):

@@ -1,5 +1,5 @@
 """The batched engine's three paths (vmap, loop, im2col) against `stn train`'s single-model step, and the rule
-that picks one per group (`stn.batched.conv_path_for`).
+that picks one per group (`stn.engine.batched.conv_path_for`).
 
 Every path, every Table 1 kind, every canvas (R 28 px, RTS 42 px, TC 60 px): K = 2 models trained a few SGD
 steps in float64 must hold the weights `stn train`'s own pieces give each model alone (vmap and loop on R are
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine_setup import CPU, KINDS, configs
-from stn.batched import (
+from stn.compose import compose
+from stn.engine.batched import (
     IM2COL_PATCH_LIMIT,
     BatchedModels,
     EngineOptions,
@@ -29,9 +30,8 @@ from stn.batched import (
     engine_options_for,
     im2col_patch_bytes,
 )
-from stn.batched_data import BatchedStream
-from stn.compose import compose
-from stn.im2col import PoolRelu
+from stn.engine.im2col import PoolRelu
+from stn.engine.streams import BatchedStream
 from stn.train import build_optimizer, build_scheduler, prepare_model
 from test_batched import assert_same_weights, batched_losses, reference_runs
 
@@ -236,7 +236,7 @@ def test_engine_options_for_adds_channels_last_to_cuda_loop_only() -> None:
 
 
 def test_unknown_mode_is_refused_with_the_known_ones() -> None:
-    from stn.batched import EngineError
+    from stn.engine.batched import EngineError
 
     with pytest.raises(EngineError, match="vmap, loop, im2col"):
         BatchedModels(configs(KINDS["CNN"], seeds=(0,)), CPU, EngineOptions(mode="grouped"))

@@ -1,4 +1,4 @@
-"""stn.extrapolate: the floor + power law through three budgets, checked on laws written down by hand, and its
+"""stn.convergence.extrapolate: the floor + power law through three budgets, checked on laws written down by hand, and its
 table (prediction at the paper's budget, per-seed fits, checks against larger budgets) from a hand-made record."""
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
-from stn.convergence import PAPER_IMAGES, parse_budget
-from stn.extrapolate import NoFit, SaturatingPowerLaw, extrapolation_rows, fit_error_curve, fit_three
+from stn.cli.main import app
+from stn.convergence.extrapolate import (
+    NoFit,
+    SaturatingPowerLaw,
+    extrapolation_rows,
+    fit_error_curve,
+    fit_three,
+)
+from stn.convergence.study import PAPER_IMAGES, parse_budget
 from wandb_log import read_run
 
 BUDGETS = ("1/250", "1/50", "1/20")

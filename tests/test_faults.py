@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 
 runner = CliRunner()
 SMALL = ["trainer=smoke", "trainer.device=cpu", "logger.mode=disabled", "model=fcn", "dataset.train_limit=256",
@@ -285,7 +285,7 @@ def test_a_failure_during_the_run_exits_1_and_touches_only_its_folder(cwd: Path,
 
 
 def stn(*args: str, cwd: Path, **kwargs: object) -> subprocess.Popen:
-    code = "import sys; from stn.cli import app; sys.argv[0] = 'stn'; app()"
+    code = "import sys; from stn.cli.main import app; sys.argv[0] = 'stn'; app()"
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -530,8 +530,8 @@ def sigterm_self(*args: object, **kwargs: object) -> None:
 
 def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's table: 128+N for a signal, SIGTERM 143 (reproduce-table and convergence run said 130)."""
-    import stn.plan
-    import stn.tables
+    import stn.engine.plan
+    import stn.tables.reproduce
     import stn.train
     from stn.train import TrainingInterrupted
 
@@ -544,7 +544,7 @@ def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytes
         assert stop(), "SIGTERM did not reach run_table's stop"
         return {"done": 0, "partial": []}
 
-    monkeypatch.setattr(stn.plan, "run_table", run_table_until_stopped)
+    monkeypatch.setattr(stn.engine.plan, "run_table", run_table_until_stopped)
     result = runner.invoke(app, ["engine", "run", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
                                  "--seeds", "0", "--preset", "smoke", "--device", "cpu", "--state", "state",
                                  "--no-record"])
@@ -555,7 +555,7 @@ def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytes
         sigterm_self()
         yield  # a generator, as run_jobs is
 
-    monkeypatch.setattr(stn.tables, "run_jobs", terminated_pool)
+    monkeypatch.setattr(stn.tables.reproduce, "run_jobs", terminated_pool)
     result = runner.invoke(app, ["reproduce-table", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
                                  "--preset", "smoke", "--executor", "debug", "--out", "table", "logger.mode=disabled"])
     assert result.exit_code == 143, result.output
@@ -648,7 +648,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cwd: Path, data_d
 def test_advice_never_loses_data(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stn.grid import TableError
     from stn.runs import RunFolderError, read_json
-    from stn.tables import _read_summary
+    from stn.tables.reproduce import _read_summary
 
     (cwd / "cell").mkdir()
     summary = cwd / "cell" / "summary.json"

@@ -1,4 +1,4 @@
-"""stn.launch: submitit executors (Slurm parameters, the checkpointable cell task, no cluster = a clear error)."""
+"""stn.launch.executors: submitit executors (Slurm parameters, the checkpointable cell task, no cluster = a clear error)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from stn.config import Config
 from stn.grid import load_grid
-from stn.launch import LaunchError, SlurmOptions, slurm_parameters
-from stn.tables import plan_jobs, reproduce
+from stn.launch.executors import LaunchError, SlurmOptions, slurm_parameters
+from stn.tables.reproduce import plan_jobs, reproduce
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
 runner = CliRunner()
@@ -41,7 +41,7 @@ def test_slurm_parameters_reach_the_sbatch_file(monkeypatch: pytest.MonkeyPatch,
 
 def test_cell_task_requeues_itself_with_the_same_arguments(tmp_path: Path) -> None:
     """submitit calls `checkpoint` on a time limit/preemption and resubmits what it returns: the same cell."""
-    from stn.launch import CellTask
+    from stn.launch.executors import CellTask
 
     [job] = plan_jobs(load_grid(GRID), [("CNN", "R")], [0], "smoke", [], tmp_path, "g")
     task = CellTask()
@@ -58,9 +58,9 @@ def test_slurm_without_a_cluster_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_table_cells_and_sweep_members_share_the_job_shape(tmp_path: Path) -> None:
-    """run_jobs reads run_dir and label; both job kinds get run_dir from one place (stn.job.Job)."""
-    from stn.job import Job
-    from stn.sweep import plan
+    """run_jobs reads run_dir and label; both job kinds get run_dir from one place (stn.launch.job.Job)."""
+    from stn.launch.job import Job
+    from stn.launch.sweep import plan
 
     [cell] = plan_jobs(load_grid(GRID), [("CNN", "R")], [1], "smoke", [], tmp_path, "g")
     [member], _ = plan([f"hydra.run.dir={tmp_path / 'single'}", "dataset=R"], multirun=False)
@@ -74,10 +74,10 @@ def test_table_cells_and_sweep_members_share_the_job_shape(tmp_path: Path) -> No
 
 @pytest.mark.subprocess
 def test_planning_a_sweep_does_not_import_submitit() -> None:
-    """`stn train --cfg job` plans without launching: stn.sweep must not pull in submitit (about 0.2 s)."""
+    """`stn train --cfg job` plans without launching: stn.launch.sweep must not pull in submitit (about 0.2 s)."""
     import subprocess
     import sys
 
-    code = "import sys, stn.sweep; print('submitit' in sys.modules)"
+    code = "import sys, stn.launch.sweep; print('submitit' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -13,26 +13,36 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "stn"
 
 
+def module_name(path: Path, package: Path) -> str:
+    """src/stn/engine/plan.py -> "engine.plan"; a package's __init__.py is the package ("engine")."""
+    parts = path.relative_to(package).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """stn module -> the stn modules it imports anywhere in its source (`from stn.x import`, `import stn.x`,
-    `from stn import x`)."""
-    modules = {path.stem for path in package.glob("*.py")}
+    """stn module -> the stn modules it imports anywhere in its source (`from stn.x.y import`, `import stn.x`,
+    `from stn.x import y` where y is a module), dotted below stn ("engine.plan"; flat modules are one word)."""
+    paths = [path for path in package.rglob("*.py") if path.name != "__main__.py"]
+    modules = {module_name(path, package) for path in paths}
     graph: dict[str, set[str]] = {}
-    for path in package.glob("*.py"):
+    for path in paths:
         found = set()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 parts = node.module.split(".")
-                if parts[0] == "stn" and len(parts) > 1:
-                    found.add(parts[1])
-                elif node.module == "stn":
-                    found.update(alias.name for alias in node.names if alias.name in modules)
+                if parts[0] != "stn":
+                    continue
+                below = ".".join(parts[1:])
+                if below:
+                    found.add(below)
+                found.update(f"{below}.{alias.name}".lstrip(".") for alias in node.names)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     parts = alias.name.split(".")
                     if parts[0] == "stn" and len(parts) > 1:
-                        found.add(parts[1])
-        graph[path.stem] = {name for name in found if name in modules and name != path.stem}
+                        found.add(".".join(parts[1:]))
+        name = module_name(path, package)
+        graph[name] = {other for other in found if other in modules and other != name}
     return graph
 
 
@@ -63,6 +73,28 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# Which parts of stn a part may import: the flat core (the paper's models, data, training, records) only
+# itself; the launchers the core; each wing the core, the launchers and itself, never another wing; the CLI all.
+MAY_IMPORT = {
+    "core": {"core"},
+    "launch": {"core", "launch"},
+    **{wing: {"core", "launch", wing} for wing in ("engine", "bench", "convergence", "tables")},
+    "cli": {"core", "launch", "engine", "bench", "convergence", "tables", "cli"},
+}
+
+
+def part_of(module: str) -> str:
+    """"engine.plan" and the package "engine" -> "engine"; a flat module ("train") -> "core"."""
+    first = module.split(".")[0]
+    return first if first in MAY_IMPORT else "core"
+
+
+def layer_breaches(graph: dict[str, set[str]]) -> list[str]:
+    """Every import a part may not make, as "importer -> imported"."""
+    return sorted(f"{module} -> {other}" for module, others in graph.items() for other in others
+                  if part_of(other) not in MAY_IMPORT[part_of(module)])
+
+
 def test_the_cycle_finder_finds_a_circle_and_accepts_a_ladder(tmp_path: Path) -> None:
     (tmp_path / "a.py").write_text("def f():\n    from stn.b import g\n")  # lazy: still an edge
     (tmp_path / "b.py").write_text("import stn.c\n")
@@ -74,8 +106,31 @@ def test_the_cycle_finder_finds_a_circle_and_accepts_a_ladder(tmp_path: Path) ->
     assert find_cycle(import_graph(tmp_path)) is None
 
 
+def test_the_layer_check_finds_an_upward_and_a_sideways_import(tmp_path: Path) -> None:
+    for part in ("engine", "tables"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "__init__.py").write_text("")
+    (tmp_path / "train.py").write_text("def f():\n    from stn.engine.plan import run\n")  # core -> wing
+    (tmp_path / "engine" / "plan.py").write_text("from stn import train\nfrom stn.tables import reproduce\n")
+    (tmp_path / "tables" / "reproduce.py").write_text("import stn.train\n")
+    graph = import_graph(tmp_path)
+    assert graph["engine.plan"] == {"train", "tables", "tables.reproduce"}
+    assert layer_breaches(graph) == ["engine.plan -> tables", "engine.plan -> tables.reproduce",
+                                     "train -> engine.plan"]
+    (tmp_path / "train.py").write_text("import torch\n")
+    (tmp_path / "engine" / "plan.py").write_text("from stn import train\n")
+    assert layer_breaches(import_graph(tmp_path)) == []
+
+
+def test_stn_imports_only_downward() -> None:
+    graph = import_graph()
+    assert set(map(part_of, graph)) == set(MAY_IMPORT), "a part of stn the layer rule does not know"
+    assert layer_breaches(graph) == []
+
+
 def test_stn_has_no_import_circle() -> None:
     graph = import_graph()
     assert len(graph) > 40 and graph["train"] >= {"runs", "tracking", "recovery"}
+    assert graph["cli.main"] >= {"cli.common", "tables.dashboard", "launch.sweep"}
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])

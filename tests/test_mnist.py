@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 from stn.compose import compose
 from stn.data import build_data, distort
 from stn.mnist import MNIST_FILES, MNISTDataError, load_mnist

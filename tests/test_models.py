@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 from stn.compose import compose
 from stn.config import ConfigError
 from stn.grid import TABLE1_MODELS
@@ -20,8 +20,8 @@ from stn.models import (
     count_parameters,
     count_parameters_of,
 )
-from stn.parameters import parameter_table
 from stn.spatial import SpatialTransformer
+from stn.tables.parameters import parameter_table
 
 DATASETS = ("R", "RTS", "P", "E", "TC", "plain")
 MODELS = [choice for _, choice in TABLE1_MODELS]

@@ -1,4 +1,4 @@
-"""stn.plan: grouping the table's cells by shape, packing chunks, and resuming a table across chunks."""
+"""stn.engine.plan: grouping the table's cells by shape, packing chunks, and resuming a table across chunks."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stn.batched import EngineOptions
 from stn.compose import compose
-from stn.plan import (
+from stn.engine.batched import EngineOptions
+from stn.engine.plan import (
     PARTIAL,
     PROGRESS,
     RESULTS,
@@ -88,9 +88,9 @@ def test_state_bytes_bounds_the_partial_files_of_real_paper_groups(tmp_path: Pat
     """The estimate packing relies on is an upper bound of the files written (and close to them): the 28x28
     CNN group (9 models, ~14.3 MiB) alone in one file, and the two largest 60 px groups (FCN TC, ST-FCN Aff TC,
     3 models, ~11 MiB each) that cannot share one."""
-    from stn.batched import BatchedModels
-    from stn.batched_data import make_stream
-    from stn.batched_run import GroupRun
+    from stn.engine.batched import BatchedModels
+    from stn.engine.group_run import GroupRun
+    from stn.engine.streams import make_stream
 
     groups = {g.gid: g for g in make_groups(table_members(GRID, seeds=(0, 1, 2), preset="paper"))}
     options = EngineOptions(data="block")
@@ -359,9 +359,9 @@ def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_d
 
 def test_auto_mode_takes_the_measured_path_at_this_size_else_the_rule() -> None:
     """`--mode auto` on the paper table: a kind measured at its own canvas takes the measured mode; one measured
-    only at another size (a row that scales a rate) takes stn.batched.conv_path_for's; a measured im2col never
+    only at another size (a row that scales a rate) takes stn.engine.batched.conv_path_for's; a measured im2col never
     overrides the rule's loop (the TC CNN's patch matrix, the memory the rule guards)."""
-    from stn.batched import conv_path_for
+    from stn.engine.batched import conv_path_for
 
     groups = {(g.kind, g.size): g for g in make_groups(table_members(GRID, seeds=(0, 1, 2), preset="paper"))}
     cnn_r, cnn_rts, cnn_tc = groups[("CNN", 28)], groups[("CNN", 42)], groups[("CNN", 60)]
@@ -413,7 +413,7 @@ def test_a_one_group_partial_file_of_the_first_loan_resumes(tmp_path: Path, data
 def test_engine_run_needs_a_group_in_flight(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from stn.cli import app
+    from stn.cli.main import app
 
     result = CliRunner().invoke(app, ["engine", "run", "--in-flight", "0", "--state", str(tmp_path / "state")])
     assert result.exit_code == 2 and "error: --in-flight 0" in result.stderr, result.output
@@ -427,7 +427,7 @@ def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Pat
     run continued across calls; an --extra grid's cells are queued and get their own table."""
     from typer.testing import CliRunner
 
-    from stn.engine_cli import engine_app
+    from stn.cli.engine import engine_app
     from stn.report import RESULT_COLUMNS
     from wandb_log import read_run
 
@@ -479,7 +479,7 @@ def test_engine_run_writes_the_table_record_reproduce_table_writes(tmp_path: Pat
 def test_a_queued_table_keeps_the_first_tables_groups() -> None:
     """--extra: the P readings' cells train in groups of their own, so Table 1's group names (and a partial.pt of
     one) are what they are without them; a cell both tables have is trained once."""
-    from stn.plan import unique_members
+    from stn.engine.plan import unique_members
 
     extra = GRID.parent / "paper-gpu" / "p_readings.yaml"
     table1 = table_members(GRID, seeds=(0, 1, 2), preset="paper")
@@ -499,7 +499,7 @@ def test_engine_commands_read_seeds_and_devices_as_the_other_commands_do(tmp_pat
     import torch
     from typer.testing import CliRunner
 
-    from stn.engine_cli import engine_app
+    from stn.cli.engine import engine_app
 
     for seeds, said in (("0,a", "must be comma-separated integers"), ("0,0", "seed 0 is repeated")):
         result = CliRunner().invoke(engine_app, ["plan", "--grid", str(GRID), "--seeds", seeds, "--preset", "smoke"])

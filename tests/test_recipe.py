@@ -109,7 +109,7 @@ def test_bad_recipe_settings_name_the_key(overrides, named):
 def test_stn_train_reports_the_validation_error(tmp_path, data_dir):
     from typer.testing import CliRunner
 
-    from stn.cli import app
+    from stn.cli.main import app
 
     result = CliRunner().invoke(app, ["train", "trainer=smoke", "trainer.device=cpu", "logger.mode=disabled",
                                       f"runs_dir={tmp_path}", f"data_dir={data_dir}", "dataset.train_limit=512",
@@ -228,7 +228,7 @@ def test_the_ablation_table_keeps_only_a_piece_that_helps_beyond_the_spread(tmp_
     missing is undecided."""
     import importlib.util
 
-    from stn.convergence import COLUMNS
+    from stn.convergence.study import COLUMNS
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "ablation_table.py"
     spec = importlib.util.spec_from_file_location("ablation_table", script)

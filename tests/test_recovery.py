@@ -246,7 +246,7 @@ def test_an_untrained_transformer_recovers_nothing_more_than_the_identity():
 def test_fit_summary_and_the_cli_report_recovery(tmp_path, data_dir):
     from typer.testing import CliRunner
 
-    from stn.cli import app
+    from stn.cli.main import app
     from stn.train import fit
 
     cfg = compose(["dataset=R", "model=st_cnn", "transformer=affine", "trainer=smoke", "logger.mode=disabled",

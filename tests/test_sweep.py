@@ -1,4 +1,4 @@
-"""stn.sweep: `stn train` as a Hydra app (-m sweeps through stn.launch, --cfg, hydra.* folder keys, command.txt)."""
+"""stn.launch.sweep: `stn train` as a Hydra app (-m sweeps through stn.launch.executors, --cfg, hydra.* folder keys, command.txt)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 from stn.compose import compose
 from stn.config import to_dict
-from stn.sweep import SweepError, expand, split_hydra
+from stn.launch.sweep import SweepError, expand, split_hydra
 
 runner = CliRunner()
 
@@ -118,7 +118,7 @@ def test_split_hydra_keeps_stn_overrides_in_order() -> None:
 
 
 def test_typed_command_is_argv_when_run_as_stn(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stn.cli_common import typed_command
+    from stn.cli.common import typed_command
 
     monkeypatch.setattr("sys.argv", ["/usr/local/bin/stn", "train", "-m", "name=a b"])
     assert typed_command(["ignored"]) == "stn train -m 'name=a b'"
@@ -141,7 +141,7 @@ def test_single_run_records_its_command_line(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.slow
 @pytest.mark.executor
 def test_sweep_trains_two_members_through_the_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_overrides) -> None:
-    """`stn train -m model=cnn,fcn`: two runs in submitit's local processes (stn.launch, as a table's cells),
+    """`stn train -m model=cnn,fcn`: two runs in submitit's local processes (stn.launch.executors, as a table's cells),
     each in <hydra.sweep.dir>/<num>-<run name> with the sweep's command line; sweep.json says how each ended."""
     monkeypatch.chdir(tmp_path)
     args = ["train", "-m", "model=cnn,fcn", *small_overrides, "hydra.sweep.dir=sweep", "--parallel", "2"]
@@ -196,7 +196,7 @@ def test_a_stopped_sweep_prints_a_command_that_continues_it(tmp_path: Path, monk
 
 
 def test_sweep_members_share_a_wandb_group_named_by_the_sweep_folder(tmp_path: Path) -> None:
-    from stn.sweep import plan
+    from stn.launch.sweep import plan
 
     now = dt.datetime(2026, 12, 7, 21, 5, 0)
     members, sweep_dir = plan(["model=cnn,fcn", f"runs_dir={tmp_path / 'runs'}"], True, now=now)

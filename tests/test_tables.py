@@ -1,4 +1,4 @@
-"""stn.tables and `stn reproduce-table`: cell expansion, aggregation, resumable fan-out, outputs, W&B.
+"""stn.tables.reproduce and `stn reproduce-table`: cell expansion, aggregation, resumable fan-out, outputs, W&B.
 
 Fast tests use a stand-in `fit` on submitit's in-process debug executor; the slow ones run the real
 `stn.train.fit` through the CLI (local executor = subprocesses, and debug for the resume case).
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from stn.cli import app
+from stn.cli.main import app
 from stn.compose import compose
 from stn.config import TRAINER_PRESETS, Config, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
 from stn.report import mean_std, summarise
-from stn.tables import plan_jobs, reproduce
+from stn.tables.reproduce import plan_jobs, reproduce
 from wandb_log import read_run
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"

@@ -23,7 +23,7 @@ import stn.train as train_module
 from stn.compose import ComposeError, compose, from_container
 from stn.config import Config, to_dict
 from stn.data import TestSet, make_test_set
-from stn.launch import run_cell
+from stn.launch.executors import run_cell
 from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters
 from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
@@ -89,7 +89,7 @@ def test_fit_writes_the_run_folder(tmp_path: Path, small) -> None:
 
 
 def test_a_cell_records_the_threads_and_machine_it_trained_with(tmp_path: Path, small) -> None:
-    """Parallel cells get a share of the cores (stn.launch.run_cell); the summary says how many threads a run had,
+    """Parallel cells get a share of the cores (stn.launch.executors.run_cell); the summary says how many threads a run had,
     since results, not only speed, can depend on it."""
     previous = torch.get_num_threads()
     threads = 2 if previous == 1 else 1
@@ -180,7 +180,7 @@ def test_evaluate_counts_misclassified_percent() -> None:
 def test_a_missing_cuda_device_fails_before_a_run_folder_exists(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from stn.cli import app
+    from stn.cli.main import app
 
     result = CliRunner().invoke(app, ["train", "trainer=smoke", "trainer.device=cuda:99", "logger.mode=disabled",
                                       f"runs_dir={tmp_path / 'runs'}", "model=fcn"])

@@ -7,7 +7,7 @@ measurement (step alone, data + step, block data) in each engine mode of --modes
 baseline) re-measured on the same card; a mode the engine does not have is logged as failed and skipped. Then
 torch.profiler's top kernels of a few eager steps of CNN R in vmap and in the winning mode. Writes one JSON: the
 bench rows, the winner per configuration, the profiles (text), and "cost": the planner's cost table
-(`stn.plan.CostModel.load`) with a row for every convolutional kind at 28, 42 and 60 px in the winning mode of
+(`stn.engine.plan.CostModel.load`) with a row for every convolutional kind at 28, 42 and 60 px in the winning mode of
 its nearest measured analogue (same kind at the nearest size, else ST-CNN Aff), its rate scaled by FLOPs per
 image and marked "inferred_from", plus the first loan's rows for the kinds without convolutions. So
 `stn engine run --mode auto --cost ab.json` trains each group in its winning path.
@@ -39,10 +39,10 @@ def profile(kind: str, dataset: str, k: int, mode: str, options: Any, device: st
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from stn.batched import BatchedModels
-    from stn.batched_data import make_stream
     from stn.compose import compose
     from stn.device import sync
+    from stn.engine.batched import BatchedModels
+    from stn.engine.streams import make_stream
     from stn.grid import TABLE1_MODELS
     from stn.mnist import load_mnist
 
@@ -120,8 +120,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from stn.batched import EngineOptions
-    from stn.engine_bench import bench_engine, format_engine_table
+    from stn.engine.batched import EngineOptions
+    from stn.engine.bench import bench_engine, format_engine_table
 
     configs = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2])) for c in args.configs.split(",") if c] \
         or list(CONFIGS)

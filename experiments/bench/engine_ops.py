@@ -15,11 +15,11 @@ stored elements once, an overlapping window view, as im2col's patch copy reads, 
 largest ops by bytes. Counted at batches 16 and 32 per model and extrapolated to 256: every tensor of a step
 is either batch-independent or proportional to the batch, so bytes are affine in it (checked at batch 48:
 the script stops if the prediction misses by a byte) and kernel counts do not depend on it. --amp counts under
-CPU bf16 autocast (vmap then stays float32 on the CPU: see stn.batched.EngineOptions).
+CPU bf16 autocast (vmap then stays float32 on the CPU: see stn.engine.batched.EngineOptions).
 
---model-paths: the cost model's view (`stn.step_cost`, which `stn engine plan --predict` turns into times): per
+--model-paths: the cost model's view (`stn.engine.step_cost`, which `stn engine plan --predict` turns into times): per
 path the kernels, GFLOP and GB of one step at batch 256 (floats at 2 bytes, as bf16), vmap and loop counted,
-im2col written out kernel by kernel (a bound for that kernel list, not a count of stn.im2col's code).
+im2col written out kernel by kernel (a bound for that kernel list, not a count of stn.engine.im2col's code).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stn.batched import ENGINE_MODES, BatchedModels, EngineOptions
-from stn.batched_data import BatchedStream, BlockStream
 from stn.compose import compose
+from stn.engine.batched import ENGINE_MODES, BatchedModels, EngineOptions
+from stn.engine.streams import BatchedStream, BlockStream
 from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
 
@@ -51,7 +51,7 @@ class Count(TorchDispatchMode):
 
 
 def model_paths(labels: list[str]) -> None:
-    from stn.step_cost import PATHS, count_step
+    from stn.engine.step_cost import PATHS, count_step
 
     kinds = dict(TABLE1_MODELS)
     print("| model | dataset | K | path | kernels | GFLOP | GB | largest kernels (MB) |")

@@ -3,7 +3,7 @@
     python experiments/bench/parity.py runs/tables/parity-float32/results.csv runs/tables/parity-bf16/results.csv
 
 Each argument is a `stn reproduce-table` results.csv (per-seed errors in its `errors` column). A cell is "equal
-within seed noise" when `stn.convergence_plot.compare` finds the difference within the seed spread: |difference of
+within seed noise" when `stn.convergence.plot.compare` finds the difference within the seed spread: |difference of
 means| <= 2 s / sqrt(n), s the larger of the two sample stds, n the seeds both sides share (the criterion the
 convergence study uses for orderings). Prints a markdown table.
 """
@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from stn.convergence_plot import compare
+from stn.convergence.plot import compare
 
 
 def seed_errors(path: Path) -> dict[tuple[str, str], dict[int, float]]:

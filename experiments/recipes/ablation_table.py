@@ -4,7 +4,7 @@ and all. Prints Markdown; `experiments/recipes/README.md` quotes it.
 
     python experiments/recipes/ablation_table.py [--record PATH] [--base onecycle] > experiments/recipes/ablation.md
 
-A difference counts only beyond the seed spread (`stn.convergence_plot.compare`: |difference of means| >
+A difference counts only beyond the seed spread (`stn.convergence.plot.compare`: |difference of means| >
 2·s/√n, s the larger std, n the smaller seed count). A seed whose validation error is above COLLAPSED has
 collapsed (a constant prediction is 88.65-90.2% on MNIST's classes). The rule a piece is kept by, fixed before
 any piece was scored: it is kept when it is lower beyond the spread in at least one cell, higher beyond the
@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from stn.convergence import read_results
-from stn.convergence_plot import aggregate, compare, mean_std_text
+from stn.convergence.plot import aggregate, compare, mean_std_text
+from stn.convergence.study import read_results
 
 COLLAPSED = 50.0  # % validation error: far above any trained cell, far below a constant prediction's ~89%
 

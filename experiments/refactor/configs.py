@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 from stn.config import to_yaml
-from stn.convergence import load_study, plan
+from stn.convergence.study import load_study, plan
+from stn.engine.plan import table_members
 from stn.grid import load_grid, select_cells
-from stn.plan import table_members
-from stn.tables import plan_jobs
+from stn.tables.reproduce import plan_jobs
 
 GRID = "experiments/table1/grid.yaml"
 

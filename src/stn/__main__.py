@@ -1,6 +1,6 @@
 """`python -m stn ...` = `stn ...`."""
 
-from stn.cli import app
+from stn.cli.main import app
 
 if __name__ == "__main__":
     app(prog_name="stn")

@@ -40,7 +40,7 @@ def conf_dir() -> Path:
     raise ConfigError(f"cannot find the config folder (looked in {', '.join(map(str, candidates))})")
 
 
-# Hydra's --config-dir / --config-name (`stn train -cd DIR -cn NAME`), set by stn.cli for one command (and
+# Hydra's --config-dir / --config-name (`stn train -cd DIR -cn NAME`), set by stn.cli.main for one command (and
 # inherited by its workers): DIR joins the search path after conf/ (as in Hydra), so a user's own group entries
 # (DIR/model/x.yaml, DIR/experiment/x.yaml with `# @package _global_`) and primary configs (DIR/NAME.yaml, whose
 # defaults may start with stn's `config`) compose without editing conf/. They always go through Hydra whole.

@@ -150,7 +150,7 @@ class LoggerConfig:
     artifacts: bool = True
     card_draws: int = 200  # test draws the card artifact measures (stn.cards; a cheap card: ~1 s); 0 = no card
     # Set by `stn reproduce-table` on its cells: table, row, column, cell, paper value. Tracker puts them in
-    # the W&B config (top level) and tags, so a group's dashboard can group by row and column (stn.dashboard).
+    # the W&B config (top level) and tags, so a group's dashboard can group by row and column (stn.tables.dashboard).
     cell: dict[str, Any] = field(default_factory=dict)
 
 

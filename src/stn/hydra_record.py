@@ -1,7 +1,7 @@
 """Hydra's record of a run, in its folder: `.hydra/config.yaml` (the composed config), `.hydra/hydra.yaml` (the
 folder, the job's name and override_dirname, the config search path, stn's version) and `.hydra/overrides.yaml`
 (the command line's overrides), as a Hydra user expects to find them. Written by stn.train when a run starts and
-by stn.sweep for each member; below both, so that neither imports the other's side of the launch."""
+by stn.launch.sweep for each member; below both, so that neither imports the other's side of the launch."""
 
 from __future__ import annotations
 

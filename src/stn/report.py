@@ -1,7 +1,7 @@
 """A table's record: per-run records aggregated into per-cell results, and everything rendered from them.
 
-One record for every way a table is trained: `stn reproduce-table` (stn.tables, one process per cell) and
-`stn engine run` (stn.plan, many models per process) both hand `summarise` their per-run records and get
+One record for every way a table is trained: `stn reproduce-table` (stn.tables.reproduce, one process per cell) and
+`stn engine run` (stn.engine.plan, many models per process) both hand `summarise` their per-run records and get
 `CellResult`s back, from which come the one results.csv schema (`RESULT_COLUMNS`), table.md, the bar chart,
 the terminal table and the W&B table run. `mean_std` is the one mean ± sample std over seeds (the convergence
 study's record uses it too); a missing value is None, never NaN. Every file is written atomically
@@ -298,7 +298,7 @@ def rich_table(grid: Grid, results: Sequence[CellResult]) -> Any:
 
 def new_run_id() -> str:
     """A W&B run id (8 characters of [a-z0-9], as wandb makes them), chosen before the run exists, so the
-    table's folder can name its one W&B run from the start (stn.tables)."""
+    table's folder can name its one W&B run from the start (stn.tables.reproduce)."""
     import secrets
     import string
 
@@ -326,7 +326,7 @@ def log_table_to_wandb(
     meta["wandb_step"] (counted up by the caller across invocations, so an online resume never logs below
     the run's last step), the results as a wandb.Table (`results`: one line per cell; `ours_paper`: the
     paper's shape, 'ours / paper'), and per cell the summary keys test_error/<cell> and
-    paper_test_error/<cell>. The run stays open for the whole invocation (stn.tracking.kept_run; stn.tables
+    paper_test_error/<cell>. The run stays open for the whole invocation (stn.tracking.kept_run; stn.tables.reproduce
     finishes it), so offline each invocation writes one wandb/offline-run-*-<id> folder beside the cells' (one
     `wandb sync` uploads them all into the one run). Never fails: warns and returns None; returns the run's
     folder."""
@@ -339,7 +339,7 @@ def log_table_to_wandb(
     try:
         import wandb
 
-        # One run per invocation, kept open across its updates (stn.tables finishes it at the end).
+        # One run per invocation, kept open across its updates (stn.tables.reproduce finishes it at the end).
         run = kept_run(
             mode,
             meta["wandb_id"],

@@ -1,6 +1,6 @@
 """The run record: one run's folder, what it holds, and the rules for continuing it.
 
-Owns everything on disk about a run, so `stn.train` reads as the training loop and `stn.tables` as the
+Owns everything on disk about a run, so `stn.train` reads as the training loop and `stn.tables.reproduce` as the
 table: atomic writes, the checkpoint (what it holds, `checkpoint_state`; saved, loaded, and put back into a
 model, optimizer, scheduler and stream, `restore`), metrics JSONL, where a run lives and how it starts (fresh,
 resume, finished), and the one classification of config keys behind both "may this run be resumed with this
@@ -52,7 +52,7 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FILES = {"last.pt", "best.pt"}
 LOCK = ".lock"
 COMMAND_FILE = "command.txt"
-COMMAND_ENV = "STN_COMMAND"  # the typed command line, set by stn.cli while it runs (inherited by its workers)
+COMMAND_ENV = "STN_COMMAND"  # the typed command line, set by stn.cli.main while it runs (inherited by its workers)
 HYDRA_FOLDER, LOG_FILE = ".hydra", "train.log"  # written by the command around a run (Hydra's record, its log)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", COMMAND_FILE, LOCK, HYDRA_FOLDER,
              LOG_FILE, "transformations.png"}  # the last: an ST run's end picture (stn.train)

@@ -20,7 +20,7 @@ logs what it is given and draws nothing): sample images (the input with T(G) dra
 transformer's output), the `stn visualize` figure with the distortion recovery in its caption, and, with
 logger.artifacts, the checkpoint (artifact `model-<run id>`, type "model", aliases last/best) and a dataset
 card (`card-<dataset>`, type "dataset-card", stn.cards) as artifacts. A table's cells carry their row, column,
-cell, table and paper value (logger.cell, set by stn.tables) as top-level W&B config keys and as tags.
+cell, table and paper value (logger.cell, set by stn.tables.reproduce) as top-level W&B config keys and as tags.
 `log_visualization` puts a `stn visualize --wandb` figure in W&B.
 """
 

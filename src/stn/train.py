@@ -490,7 +490,7 @@ def interrupted(run: Session, stop: dict[str, int]) -> TrainingInterrupted:
 
 
 def resume_command(folder: Path) -> str:
-    """The command that continues the run in `folder` as it was configured (stn.sweep.continue_recorded reads
+    """The command that continues the run in `folder` as it was configured (stn.launch.sweep.continue_recorded reads
     its config.yaml), quoted for a POSIX shell."""
     import shlex
 

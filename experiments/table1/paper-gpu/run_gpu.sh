@@ -13,7 +13,7 @@
 #   the previous call's returned files there) until BUDGET seconds; writes the new state to $OUT.
 # Everything it needs beyond the GPU image's Python comes along: .whl/ (bundle.sh), .data/ (MNIST, gzipped).
 # Environment overrides (the CPU dry run uses them): OUT DEVICE BUDGET PRESET SEEDS DATA (exact | block: the
-# data streams of the table step, see src/stn/batched_data.py) IN_FLIGHT (groups trained at once, default 4;
+# data streams of the table step, see src/stn/engine/streams.py) IN_FLIGHT (groups trained at once, default 4;
 # 1: one after another) STATE_FILES (partial-state files the groups in flight may leave, default 2: what the
 # device tool's 8 returned files leave after the loan's other 6) BENCH_ARGS BENCH_BLOCK_ARGS SUBSET_ARGS TABLE_ARGS
 # TESTS PYTHON, and the time limits T_TESTS T_BENCH T_SUBSET (seconds); for engine also LOAN_S TESTS_K (pytest -k)
@@ -46,7 +46,7 @@ if [ -z "${STN_DATA_DIR:-}" ]; then
   done
 fi
 DEVICE=${DEVICE:-cuda}
-ENGINE="$PY -m stn.engine_cli"
+ENGINE="$PY -m stn.cli.engine"
 FAST="--amp --cuda-graph"
 [ "$DEVICE" = cpu ] && FAST="--no-amp --no-cuda-graph"
 say "step $step on $DEVICE; setup $(( $(date +%s) - t0 )) s"

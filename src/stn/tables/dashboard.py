@@ -3,14 +3,14 @@
 Owns the report template (`stn wandb-report`): which panels it has and which logged keys each reads. The
 panels are plain data first (`PANELS`, `RUN_COLUMNS`: no wandb import, no network), and every key they read
 is declared once in `KEYS` with where it is logged (history, summary or config) and by which run (a table
-cell's training run, or the table's own run, stn.tables). tests/test_dashboard.py trains a smoke cell
+cell's training run, or the table's own run, stn.tables.reproduce). tests/test_dashboard.py trains a smoke cell
 offline and checks each declared key is in the offline records, and each panel reads declared keys only:
 a renamed metric breaks that test, not the dashboard. `build_report` turns the specs into
 `wandb_workspaces.reports.v2` objects (the optional extra `stn[report]`; a clear error without it), and
 `save_report` saves them to the W&B server (online only).
 
 The cell runs carry their table, row, column, cell and paper value as top-level config keys
-(stn.tracking, from logger.cell set by stn.tables), so the panels group a table's runs per cell and the
+(stn.tracking, from logger.cell set by stn.tables.reproduce), so the panels group a table's runs per cell and the
 line and bar plots show the mean and spread over seeds.
 """
 
@@ -45,7 +45,7 @@ KEYS: tuple[Key, ...] = (
     Key("test_error_best", "summary", "cell"),
     Key("input_rectified", "history", "cell"),  # samples with T(G) over the input, beside the output
     Key("transformations", "history", "cell"),  # the `stn visualize` figure
-    Key("table", "config", "cell"),  # logger.cell (stn.tables): which table, row, column, cell, paper value
+    Key("table", "config", "cell"),  # logger.cell (stn.tables.reproduce): which table, row, column, cell, paper value
     Key("row", "config", "cell"),
     Key("column", "config", "cell"),
     Key("cell", "config", "cell"),
@@ -117,7 +117,7 @@ def key(name: str, source: str) -> Key:
     for entry in KEYS:
         if entry.name == name and entry.source == source:
             return entry
-    raise KeyError(f"{source} key {name!r} is not declared in stn.dashboard.KEYS")
+    raise KeyError(f"{source} key {name!r} is not declared in stn.tables.dashboard.KEYS")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import OVERRIDES_HELP, Split, fail, load_config, refuse, reported
+from stn.cli.common import OVERRIDES_HELP, Split, fail, load_config, refuse, reported
 from stn.validation import MAX_PICTURES, folder_problems, picture_problems
 
 data_app = typer.Typer(help="Build and inspect the distorted MNIST datasets.", no_args_is_help=True)

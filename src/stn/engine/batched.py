@@ -11,7 +11,7 @@ all K models instead of K. Each model keeps everything that makes it itself:
   the fast layout's `autograd.Function` does not run under torch.func; same state dict either way);
 - its data stream: batch b of epoch e of model k is `TrainStream(seed=cfg_k.seed)`'s batch, drawn from the
   same per-(seed, epoch, batch) generators; the draws are per model (small), the warps of every model that
-  shares a dataset are one `grid_sample` over all their images (`stn.batched_data.BatchedStream`);
+  shares a dataset are one `grid_sample` over all their images (`stn.engine.streams.BatchedStream`);
 - its loss (cross-entropy in float32 as `stn.train.train_step` computes it), its momentum buffer and its
   learning-rate schedule (`StackedSGD`: torch.optim.SGD's arithmetic, momentum, weight decay, StepLR).
 
@@ -21,7 +21,7 @@ summation order inside the batched kernels (tests/test_batched.py checks this in
 
 Three ways to run the K models' layers (`EngineOptions.mode`; `conv_path_for` says which a group takes):
 "vmap" (the reference above), "loop" (a Python loop over the K models through `stn train`'s kernels; on CUDA
-with cudnn.benchmark on) and "im2col" (`stn.im2col`: every convolution as explicit patches times weights in
+with cudnn.benchmark on) and "im2col" (`stn.engine.im2col`: every convolution as explicit patches times weights in
 one `baddbmm` with the K models as the batch dimension, for the GPU, where vmap's grouped convolutions are
 slow). All three equal `stn train`'s step in float64 (tests/test_engine_paths.py).
 
@@ -32,8 +32,8 @@ The step never reads anything back to the host: the per-model losses accumulate 
 every `log_every` steps; a non-finite loss is pinned to its step per model on the device.
 
 This module owns the model stack: which configs can be batched, the stacked SGD, the options and
-`BatchedModels` (forward, step, CUDA graph, evaluation, state). The data streams are `stn.batched_data`'s, and
-a group being trained to a deadline is `stn.batched_run`'s.
+`BatchedModels` (forward, step, CUDA graph, evaluation, state). The data streams are `stn.engine.streams`'s, and
+a group being trained to a deadline is `stn.engine.group_run`'s.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ class EngineOptions:
     # "vmap": one batched call per layer (grouped convs, batched matmuls); "loop": a Python loop over the
     # K models, each through the same kernels as `stn train` (the exactness reference and the K-runs baseline;
     # on CUDA it turns cudnn.benchmark on); "im2col": explicit patches @ weights per conv, one baddbmm for the
-    # K models (stn.im2col). `conv_path_for` is the rule that picks one per group.
+    # K models (stn.engine.im2col). `conv_path_for` is the rule that picks one per group.
     mode: str = "vmap"
     # "exact": each model's batches are its `stn train` stream's (BatchedStream); "block": drawn block_steps
     # steps at a time per dataset (BlockStream: same epoch order, other distortion samples, ~K*T fewer launches)
@@ -346,7 +346,7 @@ class BatchedModels:
                 # these shapes once (a process-wide switch; the shapes never change during training)
                 torch.backends.cudnn.benchmark = True
         elif options.mode == "im2col":
-            from stn.im2col import stacked_forward
+            from stn.engine.im2col import stacked_forward
 
             def stacked(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
                 return stacked_forward(self.base, params, x)  # these models hold no buffers

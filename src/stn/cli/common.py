@@ -1,6 +1,6 @@
 """Shared pieces of the `stn` command line: error reporting and exit codes, config loading, fixed-choice types.
 
-Every sub-app module (stn.cli_data, cli_table, cli_bench, cli_convergence, the root stn.cli) uses these, so
+Every command module of stn.cli (data, table, bench, convergence, engine, the root main) uses these, so
 one command fails the way every other does: `error:` lines on stderr, exit 2 for what the user fixes
 (config, arguments, the files it names, a missing or corrupt MNIST, an unusable run folder), 1 for a run
 that failed (a non-finite loss, a failed table cell, an I/O error), 128+N for a run stopped by signal N.
@@ -31,11 +31,11 @@ from stn.config import GROUPS, Config, ConfigError, RunError, UserError  # noqa:
 from stn.validation import schedule_warning  # noqa: E402
 
 if TYPE_CHECKING:
-    from stn.launch import SlurmOptions
+    from stn.launch.executors import SlurmOptions
 
 # Options with a fixed set of values are Literal types: Typer shows the choices in --help, and a value outside
-# them exits 2 listing them. (stn.launch is not imported for its EXECUTORS: commands import lazily.)
-Executor = Literal["local", "slurm", "debug"]  # = stn.launch.EXECUTORS (tests/test_cli.py checks)
+# them exits 2 listing them. (stn.launch.executors is not imported for its EXECUTORS: commands import lazily.)
+Executor = Literal["local", "slurm", "debug"]  # = stn.launch.executors.EXECUTORS (tests/test_cli.py checks)
 Split = Literal["test", "train"]
 
 
@@ -128,7 +128,7 @@ def parse_seeds(value: str) -> list[int]:
     return seeds
 
 
-# How runs fan out (stn.launch): the same options for a table's cells and a `stn train -m` sweep's members.
+# How runs fan out (stn.launch.executors): the same options for a table's cells and a `stn train -m` sweep's members.
 ExecutorOption = Annotated[Executor, typer.Option(help="local (processes here), slurm, debug (in-process).")]
 ParallelOption = Annotated[int | None, typer.Option(help="Runs at once (local: 1; slurm: all).")]
 SlurmPartition = Annotated[str | None, typer.Option(help="Slurm partition.")]
@@ -148,7 +148,7 @@ def launch_options(parallel: int | None, partition: str | None, gpus: int, cpus:
            + [f"--slurm-gpus {gpus}: choose 0 to 64"] * (not 0 <= gpus <= 64)
            + [f"--slurm-cpus {cpus}: choose 1 to {MAX_PARALLEL}"] * (cpus is not None and not 1 <= cpus <= MAX_PARALLEL)
            + [f"--slurm-time {time_min}: choose 1 to {MAX_MINUTES} (minutes)"] * (not 1 <= time_min <= MAX_MINUTES))
-    from stn.launch import SlurmOptions
+    from stn.launch.executors import SlurmOptions
 
     return SlurmOptions(partition=partition, gpus=gpus, cpus=cpus, time_min=time_min)
 

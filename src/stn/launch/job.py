@@ -1,6 +1,6 @@
-"""The shape of a job that stn.launch runs: a config with its run folder, and a label for the log lines.
+"""The shape of a job that stn.launch.executors runs: a config with its run folder, and a label for the log lines.
 
-Its own module, without submitit, so that stn.sweep can build jobs without paying for stn.launch's imports on
+Its own module, without submitit, so that stn.launch.sweep can build jobs without paying for stn.launch.executors's imports on
 commands that only plan (`stn train --cfg job`).
 """
 
@@ -13,7 +13,7 @@ from stn.config import Config
 
 
 class Job(ABC):
-    """What `run_jobs` runs: a table cell x seed (stn.tables.CellJob) or a sweep member (stn.sweep.Member).
+    """What `run_jobs` runs: a table cell x seed (stn.tables.reproduce.CellJob) or a sweep member (stn.launch.sweep.Member).
     Subclasses are frozen dataclasses with a `config` field and a `label` for the log lines."""
 
     config: Config  # a field of the subclass; the annotation here is for type checkers only

@@ -104,9 +104,9 @@ def extrapolate_record(rows: Sequence[dict[str, str]],
     """For each (recipe, dataset, model) of a study record with at least three budgets: the form fitted through
     its three smallest budgets' mean errors over the seeds trained at all three, and through each such seed's
     own three errors, set beside every larger
-    budget of the record and the paper-schedule cell of another study (`stn.convergence_plot.
+    budget of the record and the paper-schedule cell of another study (`stn.convergence.plot.
     read_paper_schedule`; budget "1/1 (another study)")."""
-    from stn.convergence import parse_budget
+    from stn.convergence.study import parse_budget
 
     by_cell: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
     papers: dict[tuple[str, str, str], str] = {}

@@ -6,7 +6,7 @@ loss accumulation. The reference trains the same network (same widths, same init
 paper's layer order, `build_model(cfg, fast=False)`) in eager float32 with a plain SGD loop that adds
 `loss.item()` to a running loss every step (PyTorch's "Training a classifier" tutorial; the STN tutorial's loop
 is the same but reads the loss every 500 batches), fed by torchvision's MNIST + per-image transforms in a
-DataLoader (`stn.bench_data.ReferenceDistortion`). The two alternate in rounds in one process, so machine load
+DataLoader (`stn.bench.data.ReferenceDistortion`). The two alternate in rounds in one process, so machine load
 hits both; the ratio is the median over rounds of ours / reference. Process-wide settings (threads, OpenMP
 wait policy, the allocator setting `fit` uses on the CPU) apply to both sides. Each model's FLOPs per image
 (`stn.measure`) turn images/s into FLOP/s, shown against the device's peak: a float32 matmul measured in the
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stn.bench_data import ReferenceDistortion
+from stn.bench.data import ReferenceDistortion
 from stn.compose import compose
 from stn.config import Config
 from stn.data import TrainStream

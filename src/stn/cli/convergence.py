@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import MAX_PARALLEL, csv_list, fail, reported
+from stn.cli.common import MAX_PARALLEL, csv_list, fail, reported
 from stn.validation import file_problems, folder_problems
 
 convergence_app = typer.Typer(
@@ -36,8 +36,8 @@ def convergence_run(
 
     SIGTERM or Ctrl-C stops the running cell with a checkpoint; the same command continues it.
     """
-    from stn.convergence import StudyError, check_record_kind, load_study, plan, recorded_keys
-    from stn.convergence_run import run_study
+    from stn.convergence.run import run_study
+    from stn.convergence.study import StudyError, check_record_kind, load_study, plan, recorded_keys
 
     try:
         loaded = load_study(study)
@@ -70,7 +70,7 @@ def convergence_run(
     except StudyError as err:  # found while running: a record another process made of the other kind
         fail(str(err), 2)
     except KeyboardInterrupt as stopped:  # between two cells (a cell in training stops itself, checkpointed)
-        from stn.launch import stop_code
+        from stn.launch.executors import stop_code
 
         typer.secho("interrupted between cells; rerun the same command to continue", fg=typer.colors.YELLOW,
                     err=True)
@@ -114,8 +114,8 @@ def convergence_plot(
     """Per-dataset PNGs (plots/<study>/, test error vs training images, log-log, the paper dashed) and <study>.md
     beside the record (mean ± std per budget, and the orderings the paper claims); and the same to W&B."""
     from stn.compose import ConfigError, compose
-    from stn.convergence import StudyError, load_study, read_results
-    from stn.convergence_plot import (
+    from stn.convergence.extrapolate import extrapolation_table
+    from stn.convergence.plot import (
         log_study_to_wandb,
         orderings_table,
         paper_schedule_table,
@@ -123,7 +123,7 @@ def convergence_plot(
         read_paper_schedule,
         summary_table,
     )
-    from stn.extrapolate import extrapolation_table
+    from stn.convergence.study import StudyError, load_study, read_results
 
     try:
         loaded = load_study(study)
@@ -163,7 +163,7 @@ def convergence_plot(
                               "\n## Extrapolated to the paper's budget\n\nFor every model with three budgets or more: "
                               "error(n) = floor + scale · n^-exponent (n the fraction of the paper's images) through "
                               "the mean errors of its three smallest budgets over the seeds trained at all three, exactly (three points, three parameters; "
-                              "`stn.extrapolate`), and its value at n = 1; 'per seed' fits each seed's own three "
+                              "`stn.convergence.extrapolate`), and its value at n = 1; 'per seed' fits each seed's own three "
                               "errors. Checks set the same fit beside what was measured at larger budgets: this "
                               "record's own, and the paper-schedule cells of another study (their own batch size, "
                               "precision and device). No prediction where the errors do not fall at every budget or "

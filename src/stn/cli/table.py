@@ -1,4 +1,4 @@
-"""`stn reproduce-table`: the paper's Table 1 grid (or another grid file) through stn.tables and stn.launch."""
+"""`stn reproduce-table`: the paper's Table 1 grid (or another grid file) through stn.tables.reproduce and stn.launch.executors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import (
+from stn.cli.common import (
     OVERRIDES_HELP,
     ExecutorOption,
     ParallelOption,
@@ -53,7 +53,7 @@ def reproduce_table(
     from stn.grid import load_grid
     from stn.report import rich_table
     from stn.runs import command_recorded
-    from stn.tables import reproduce
+    from stn.tables.reproduce import reproduce
 
     seed_list = parse_seeds(seeds)
     slurm = launch_options(parallel, slurm_partition, slurm_gpus, slurm_cpus, slurm_time)
@@ -80,8 +80,8 @@ def reproduce_table(
                 slurm=slurm,
                 log=lambda line: console.print(line, markup=False, highlight=False),
             )
-    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.Stopped)
-        from stn.launch import stop_code
+    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.executors.Stopped)
+        from stn.launch.executors import stop_code
 
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(stop_code(stopped)) from None
@@ -100,7 +100,7 @@ def reproduce_table(
 
 def _dry_run(grid: Path, rows: str | None, columns: str | None, seeds: list[int], preset: str,
              overrides: list[str], out: Path | None) -> None:
-    from stn.tables import dry_run
+    from stn.tables.reproduce import dry_run
 
     with reported():
         table_dir, jobs = dry_run(grid, rows=csv_list(rows), columns=csv_list(columns), seeds=seeds, preset=preset,

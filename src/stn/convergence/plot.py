@@ -1,6 +1,6 @@
 """The convergence study's record read back: test error against training images, per dataset, and a table.
 
-`plot_study` draws one picture per dataset from a study's results.csv (`stn.convergence`): test error
+`plot_study` draws one picture per dataset from a study's results.csv (`stn.convergence.study`): test error
 against training images, both on log axes, a line per model and recipe (mean over seeds, the band from the
 lowest to the highest seed), the paper's value dashed at the paper's image count. `summary_table` is the same
 record as Markdown: mean ± std (n) per budget beside the paper; `orderings_table` compares the pairs of
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stn.convergence import PAPER_IMAGES, PAPER_STEPS, StudyError, parse_budget, read_results
+from stn.convergence.study import PAPER_IMAGES, PAPER_STEPS, StudyError, parse_budget, read_results
 from stn.report import mean_std, parse_errors
 
 
@@ -225,11 +225,11 @@ def log_study_to_wandb(study: Any, plots: Sequence[Path], logger: Any) -> Path |
     dataset, model and budget, beside the paper), `orderings` (`ordering_rows`), the per-dataset plots
     (`plot/<dataset>`), summary keys test_error/<recipe>/<dataset>/<model>/<budget, 1_50 for 1/50> (the mean)
     and paper_test_error/<dataset>/<model>, and for models with three budgets `extrapolation`
-    (stn.extrapolate) with summary keys extrapolated_test_error/<recipe>/<dataset>/<model>. Each call is a new
+    (stn.convergence.extrapolate) with summary keys extrapolated_test_error/<recipe>/<dataset>/<model>. Each call is a new
     run, a snapshot of the record (its size in the config): a dashboard takes the newest. `logger` is the
     study's composed logger section (mode, project, entity, tags). Never fails: warns and returns None;
     returns the run's folder."""
-    from stn.extrapolate import EXTRAPOLATION_COLUMNS, extrapolate_record, extrapolation_rows
+    from stn.convergence.extrapolate import EXTRAPOLATION_COLUMNS, extrapolate_record, extrapolation_rows
     from stn.tracking import effective_mode, init_run, say_once
 
     if logger.mode == "disabled":

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from stn.cli_common import DatasetName, csv_list, fail, load_config, refuse, reported
+from stn.cli.common import DatasetName, csv_list, fail, load_config, refuse, reported
+from stn.cli.engine import bench as _engine_bench
 from stn.compose import group_choices
 from stn.config import MNIST_TRAIN
-from stn.engine_cli import bench as _engine_bench
 
 # Bounds of the timing options (a measurement must end): rounds and steps per turn, a turn's seconds, threads.
 MAX_ROUNDS, MAX_STEPS, MAX_TURN_S, MAX_THREADS = 1000, 100_000, 600.0, 1024
@@ -41,7 +41,7 @@ def bench_data_command(
     import time
 
     config = load_config(overrides)
-    from stn.bench_data import bench_data, format_data_table
+    from stn.bench.data import bench_data, format_data_table
 
     names = tuple(name.strip() for name in datasets.split(",") if name.strip())
     unknown = [name for name in names if name not in group_choices("dataset")]
@@ -66,7 +66,7 @@ def bench_data_command(
 
 def _bench_models(names: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """--models 'cnn,st_cnn_aff' (or Table 1 labels) -> (label, config choices) pairs; None = the default five."""
-    from stn.bench import TRAIN_MODELS
+    from stn.bench.train import TRAIN_MODELS
     from stn.grid import TABLE1_MODELS, slug
 
     if not names:
@@ -124,7 +124,7 @@ def bench_train_command(
                           + [(f"--dataset {dataset}", [f"dataset={dataset}"])]))
     overrides = [f"dataset={dataset}", f"trainer.device={device}", *(override or [])]
     config = load_config(overrides)
-    from stn.bench import QUICK, TrainBenchSettings, bench_train, format_train_table, ratio_lines
+    from stn.bench.train import QUICK, TrainBenchSettings, bench_train, format_train_table, ratio_lines
 
     base = QUICK if quick else TrainBenchSettings()
     given = {"rounds": rounds, "steps": steps, "warmup": warmup, "workers": workers, "batch_size": batch_size,

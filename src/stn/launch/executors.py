@@ -1,7 +1,7 @@
 """Running trainings through submitit (public API only): executors, the job body, the in-flight window.
 
-The one fan-out mechanism of the package: a table's cells (stn.tables) and a `stn train -m` sweep's members
-(stn.sweep) both run here. `local` runs them as processes on this machine, `slurm` as Slurm jobs, `debug` in
+The one fan-out mechanism of the package: a table's cells (stn.tables.reproduce) and a `stn train -m` sweep's members
+(stn.launch.sweep) both run here. `local` runs them as processes on this machine, `slurm` as Slurm jobs, `debug` in
 this process one after another. Each job calls `run_cell`, which never raises (a failed cell is a result,
 not a crash of the table); `CellTask` is submitit's Checkpointable, so a Slurm preemption requeues the cell,
 which resumes from its checkpoint.
@@ -26,7 +26,7 @@ import submitit.helpers
 import submitit.local.local
 
 from stn.config import Config, UserError
-from stn.job import Job
+from stn.launch.job import Job
 
 EXECUTORS = ("local", "slurm", "debug")
 

@@ -1,4 +1,4 @@
-"""`--help` rendered as written: four corrections to Typer's rich help screens, applied once when stn.cli loads.
+"""`--help` rendered as written: four corrections to Typer's rich help screens, applied once when stn.cli.main loads.
 
 Typer (0.29) draws help with Rich and by default reads every help text as Rich markup, so `pip install
 'stn[report]'` printed as `pip install 'stn'` (`[report]` is a markup tag). It also shows a value type beside
@@ -7,7 +7,7 @@ line; and folds a long choice list at the column's edge, mid-name (`RT` / `S`). 
 help, so here:
 - help texts are escaped, so they print exactly as written;
 - a flag shows no value; an option with a `metavar` shows it (`--cfg <job|hydra|all>`, whose value Typer
-  cannot know: stn.cli reads it from the overrides);
+  cannot know: stn.cli.main reads it from the overrides);
 - the usage line names arguments as Click does: `CHECKPOINT`, `[OVERRIDES]...`;
 - a choice list longer than CHOICES_WIDTH shows the option's name (`<dataset>`), and its help ends with the
   choices, wrapped between words.

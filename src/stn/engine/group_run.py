@@ -1,10 +1,10 @@
 """Batched groups being trained: K models' steps, their on-device losses, and several groups in flight at once.
 
-`GroupRun` ties a `stn.batched.BatchedModels` to its streams (`stn.batched_data`) and keeps what a table run
+`GroupRun` ties a `stn.engine.batched.BatchedModels` to its streams (`stn.engine.streams`) and keeps what a table run
 reports and resumes from (each model's mean loss per `log_every` window and first non-finite step, both on the
 device; wall time, images). `InFlight` trains several GroupRuns at once on one device, issuing their steps in
 turn (round-robin) until one finishes or none can do another unit of steps before a deadline; `train_for` is
-that with one group (`stn.plan`'s chunks, the bench, the tests).
+that with one group (`stn.engine.plan`'s chunks, the bench, the tests).
 
 How groups run concurrently (`stn engine run --in-flight N`, N = 1: one group after another):
 - chosen: one CUDA stream per group (its "lane"), each group's step one CUDA graph (`EngineOptions.cuda_graph`),
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.batched import BatchedModels
+from stn.engine.batched import BatchedModels
 
 
 @dataclass
@@ -246,7 +246,7 @@ class InFlight:
 
     def _fits(self, lane: _Lane, deadline: float) -> bool:
         """Another unit fits if the lane's queued units plus one more, at its slowest unit so far, end before
-        the deadline (the first unit of a lane is always taken: `stn.plan` checks a group's cost before adding it)."""
+        the deadline (the first unit of a lane is always taken: `stn.engine.plan` checks a group's cost before adding it)."""
         queued = sum(unit.steps for unit in lane.pending) + lane.unit
         return not lane.worst_per_step or self.clock() + lane.worst_per_step * queued <= deadline
 

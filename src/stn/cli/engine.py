@@ -1,4 +1,4 @@
-"""`stn engine ...`: the batched engine's commands (bench, plan, run). Also runnable as `python -m stn.engine_cli`.
+"""`stn engine ...`: the batched engine's commands (bench, plan, run). Also runnable as `python -m stn.cli.engine`.
 
     stn engine bench --kinds CNN,"ST-CNN Aff" --ks 1,3,9 --device cuda --out bench.json
     stn engine plan --preset paper --seeds 0,1,2 --cost bench.json --budget 540
@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli: before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stn.cli.main: before torch loads
 
 import typer  # noqa: E402
 
-from stn.cli_common import DatasetName, csv_list, fail, parse_seeds, refuse, reported  # noqa: E402
+from stn.cli.common import DatasetName, csv_list, fail, parse_seeds, refuse, reported  # noqa: E402
 from stn.config import MNIST_TRAIN, TrainerPreset  # noqa: E402
 from stn.grid import DEFAULT_GRID as GRID  # noqa: E402
 from stn.validation import file_problems, folder_problems  # noqa: E402
@@ -33,14 +33,14 @@ from stn.validation import file_problems, folder_problems  # noqa: E402
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-Mode = Literal["vmap", "loop", "im2col"]  # stn.batched.EngineOptions.mode (ENGINE_MODES)
-RunMode = Literal["vmap", "loop", "im2col", "auto"]  # auto: stn.plan.run_table picks per group from the cost table
-DataChoice = Literal["exact", "block"]  # stn.batched.EngineOptions.data
+Mode = Literal["vmap", "loop", "im2col"]  # stn.engine.batched.EngineOptions.mode (ENGINE_MODES)
+RunMode = Literal["vmap", "loop", "im2col", "auto"]  # auto: stn.engine.plan.run_table picks per group from the cost table
+DataChoice = Literal["exact", "block"]  # stn.engine.batched.EngineOptions.data
 
 
 def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
              data: str = "exact", block_steps: int = 128):
-    from stn.batched import EngineOptions
+    from stn.engine.batched import EngineOptions
 
     return EngineOptions(amp=amp, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, mode=mode,
                          data=data, block_steps=block_steps)
@@ -77,7 +77,7 @@ def _check_table(grid: Path, seeds: str, cost: Path | None, flops: float, max_k:
            + [f"--flops {flops}: choose a finite number of FLOP/s above 0"] * (not (math.isfinite(flops) and flops > 0))
            + _count_problems("--max-k", max_k, 1, MAX_K))
     if cost is not None:
-        from stn.plan import CostModel
+        from stn.engine.plan import CostModel
 
         try:
             CostModel.load(cost, flops)
@@ -89,12 +89,12 @@ def _check_table(grid: Path, seeds: str, cost: Path | None, flops: float, max_k:
 
 @contextlib.contextmanager
 def _engine_errors(state: Path | None = None, plan_code: int = 1) -> Iterator[None]:
-    """The commands' errors as every stn command reports them (stn.cli_common.reported): exit 2 for input, 1 for
+    """The commands' errors as every stn command reports them (stn.cli.common.reported): exit 2 for input, 1 for
     a failed run (the engine's and the plan's errors; `plan_code` 2 where nothing runs, e.g. a --budget too short
     for one chunk), 128+N for a signal (SIGTERM 143, Ctrl-C 130)."""
-    from stn.batched import EngineError
-    from stn.launch import sigterm_as_interrupt, stop_code
-    from stn.plan import PlanError
+    from stn.engine.batched import EngineError
+    from stn.engine.plan import PlanError
+    from stn.launch.executors import sigterm_as_interrupt, stop_code
 
     try:
         with reported(), sigterm_as_interrupt():
@@ -160,10 +160,10 @@ def bench(
            # a row is labelled by its kind and --dataset: an override of what they set would mislabel it
            + label_problems(override or [], [(f"kind {label}", list(choice)) for label, choice in TABLE1_MODELS]
                             + [(f"--dataset {dataset}", [f"dataset={dataset}"])]))
-    from stn.cli_common import load_config
+    from stn.cli.common import load_config
 
     load_config([f"dataset={dataset}", *(override or [])])  # a bad override: exit 2 before the measurement
-    from stn.engine_bench import bench_engine, format_engine_table
+    from stn.engine.bench import bench_engine, format_engine_table
 
     device = _device(device)
     start = time.perf_counter()
@@ -190,8 +190,8 @@ def bench(
 def _tables(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
             extra: list[Path] | None = None):
     """[(grid, its members)]: the table (--rows/--columns of --grid), then each --extra grid file whole."""
+    from stn.engine.plan import table_members
     from stn.grid import load_grid
-    from stn.plan import table_members
 
     seed_list = parse_seeds(seeds)
     tables = [(load_grid(grid), table_members(grid, seed_list, preset, override or [], csv_list(rows), csv_list(columns)))]
@@ -201,7 +201,7 @@ def _tables(grid: Path, preset: str, seeds: str, rows: str | None, columns: str 
 
 def _groups(grid: Path, preset: str, seeds: str, rows: str | None, columns: str | None, override: list[str] | None,
             max_k: int | None, extra: list[Path] | None = None):
-    from stn.plan import make_groups, unique_members
+    from stn.engine.plan import make_groups, unique_members
 
     tables = _tables(grid, preset, seeds, rows, columns, override, extra)
     return make_groups(unique_members([m for _, members in tables for m in members]), max_k=max_k)
@@ -220,7 +220,7 @@ Extra = Annotated[list[Path] | None, typer.Option(
                     "table.md and chart go to <state>/<its name>/.")]
 
 
-LOAN_BENCH = Path("experiments/table1/paper-gpu/loan-2026-11-30/bench_block.json")  # stn.step_cost.LOAN_BENCH
+LOAN_BENCH = Path("experiments/table1/paper-gpu/loan-2026-11-30/bench_block.json")  # stn.engine.step_cost.LOAN_BENCH
 LOAN_TABLE_RUN = Path("experiments/table1/paper-gpu/loan-2026-11-30/results.json")
 
 
@@ -277,7 +277,7 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
                 table_run: Path | None = None, paths: bool = False, in_flight: int = 4, done: Path | None = None,
                 predict: bool = False, peak_tflops: float | None = None,
                 extra: list[Path] | None = None) -> list[str]:
-    from stn.plan import CostModel, pack_chunks, run_order, table_run_seconds
+    from stn.engine.plan import CostModel, pack_chunks, run_order, table_run_seconds
 
     groups = _groups(grid, preset, seeds, rows, columns, override, max_k, extra)
     costs = CostModel.load(cost, flops, table_run)
@@ -291,14 +291,14 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
         paths = False
         lines.append(f"(no cost table at {cost}: FLOP estimates only, no path predictions)")
     if paths or predict:
-        from stn.step_cost import fit_device
+        from stn.engine.step_cost import fit_device
 
         # fitted on the table run's groups of the paper table, whatever this plan selects
         paper = _groups(grid, "paper", "0,1,2", None, None, None, None) if table_run else []
         device = fit_device(cost, table_run_seconds(table_run) if table_run else {}, paper,
                             peak_flops=peak_tflops * 1e12 if peak_tflops else None)
     if predict:
-        from stn.step_cost import prediction_report
+        from stn.engine.step_cost import prediction_report
 
         return prediction_report(run_order(groups, costs), costs, device, finished, in_flight)
     total = 0.0
@@ -310,7 +310,7 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
         lines.append(f"{group.gid:28s} K={group.k:<2d} {group.size}px {group.iterations} steps  "
                      f"{rate:>12,.0f} images/s ({how})  {seconds:8.1f} s")
         if device is not None:
-            from stn.step_cost import path_estimates
+            from stn.engine.step_cost import path_estimates
 
             est = path_estimates(group, costs, device)
             estimates.append((group, est))
@@ -328,7 +328,7 @@ def _plan_lines(grid: Path, preset: str, seeds: str, rows: str | None, columns: 
         lines.append(f"  chunk {i + 1}: " + ", ".join(f"{s.gid} {s.start}-{s.end}" for s in chunk)
                      + f"  ({sum(s.seconds for s in chunk):.0f} s)")
     if device is not None:
-        from stn.step_cost import best_path, table_seconds
+        from stn.engine.step_cost import best_path, table_seconds
 
         left = [(g, e) for g, e in estimates if g.gid not in finished]
         bound = any(not best_path(e).measured for _, e in left)
@@ -372,7 +372,7 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
            + _count_problems("--block-steps", block_steps, 1, MAX_STEPS)
            + _count_problems("--in-flight", in_flight, 1, MAX_K) + _count_problems("--state-files", state_files, 1, 8)
            + folder_problems("--state", state, label=f"--state {state}"))
-    from stn.plan import CostModel, StateLimits, make_groups, run_table, unique_members, write_tables
+    from stn.engine.plan import CostModel, StateLimits, make_groups, run_table, unique_members, write_tables
 
     device = _device(device)
     with reported():

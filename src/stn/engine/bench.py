@@ -12,7 +12,7 @@ kernels `stn train` uses; "vmap": one batched call per layer), on one dataset:
   process-wide, so it only grows from row to row);
 - host-device syncs per step (data + step) that torch's sync debug mode reports (CUDA only).
 Timing syncs the device before reading the clock. The result's "cost" rows (kind, size, K, the best
-pipeline images/s over modes) are the planner's cost table (`stn.plan.CostModel.load`).
+pipeline images/s over modes) are the planner's cost table (`stn.engine.plan.CostModel.load`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, EngineOptions
-from stn.batched_data import BlockStream, make_stream
 from stn.compose import compose
 from stn.device import cpu_model, sync
+from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.streams import BlockStream, make_stream
 from stn.grid import TABLE1_MODELS
 
 

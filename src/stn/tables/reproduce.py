@@ -1,7 +1,7 @@
 """Reproduce a results table of the paper: plan its runs, reuse what is done, record the seeds.
 
 Owns planning and resuming; a cell x seed's Config and the grid file's schema are `stn.grid`, running the
-jobs `stn.launch` (submitit), the record (aggregation, results.csv, table.md, chart) `stn.report`, the
+jobs `stn.launch.executors` (submitit), the record (aggregation, results.csv, table.md, chart) `stn.report`, the
 reuse rule ("is this finished cell stale?") `stn.runs.is_stale`. A table is a YAML file (`experiments/table1/grid.yaml`): `rows` and `columns` map the paper's labels to
 config overrides, `cells` lists which (row, column) pairs exist and the paper's error for each. Every
 cell x seed becomes one `Config` (row + column overrides, `trainer=<preset>`, the user's overrides, then
@@ -43,8 +43,7 @@ from stn.grid import (
     load_grid,
     select_cells,
 )
-from stn.job import Job
-from stn.launch import (
+from stn.launch.executors import (
     EXECUTORS,
     FitFn,
     SlurmOptions,
@@ -53,6 +52,7 @@ from stn.launch import (
     sigterm_as_interrupt,
     start_pool,
 )
+from stn.launch.job import Job
 from stn.report import (
     CellResult,
     log_table_to_wandb,

@@ -4,9 +4,9 @@ Typer parses, Hydra's compose API builds the config, plain functions do the work
 positional `key=value` words, exactly as Hydra takes them:
     stn train dataset=RTS model=st_cnn transformer=tps trainer=quick
 This module owns the root app (`--version`, shell completion), `stn train` (Hydra's `-m`, `--cfg` and `hydra.*`
-keys: stn.sweep), `stn models`, `stn visualize`, `stn recovery` and `stn wandb-report`; the sub-apps live in
-stn.cli_data, cli_table (reproduce-table), cli_bench, cli_convergence and engine_cli, the shared error
-handling and exit codes in stn.cli_common. Each command imports its work module lazily so `stn --help` stays
+keys: stn.launch.sweep), `stn models`, `stn visualize`, `stn recovery` and `stn wandb-report`; the sub-apps live in
+stn.cli.data, .table (reproduce-table), .bench, .convergence and .engine, the shared error handling and exit
+codes in stn.cli.common. Each command imports its work module lazily so `stn --help` stays
 fast, and checks its config, arguments and outputs (stn.validation) before torch or MNIST load.
 
 Exit codes: 0 done; 2 something the user fixes by changing the command or its inputs (config, arguments,
@@ -22,9 +22,9 @@ from typing import Annotated, get_args
 
 import typer
 
-from stn import help_format
-from stn.cli_bench import bench_app
-from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice types, re-exported)
+from stn.cli import help_format
+from stn.cli.bench import bench_app
+from stn.cli.common import (  # noqa: F401  (Executor, Split: the CLI's choice types, re-exported)
     OVERRIDES_HELP,
     DatasetName,
     Executor,
@@ -43,11 +43,11 @@ from stn.cli_common import (  # noqa: F401  (Executor, Split: the CLI's choice t
     reported,
     typed_command,
 )
-from stn.cli_convergence import convergence_app
-from stn.cli_data import data_app
-from stn.cli_table import reproduce_table
+from stn.cli.convergence import convergence_app
+from stn.cli.data import data_app
+from stn.cli.engine import engine_app
+from stn.cli.table import reproduce_table
 from stn.config import MNIST_TEST
-from stn.engine_cli import engine_app
 from stn.validation import MAX_PICTURES, file_problems, output_problems, picture_problems, schedule_warning
 
 help_format.apply()  # --help as written: no Rich markup, value names that say what an option takes
@@ -139,7 +139,7 @@ def train(
 def _train(overrides: list[str], multirun: bool, cfg: bool, executor: str, parallel: int | None,
            slurm_partition: str | None, slurm_gpus: int, slurm_cpus: int | None, slurm_time: int,
            config_dir: Path | None, config_name: str | None, info: bool) -> None:
-    from stn.sweep import CFG_CHOICES, plan
+    from stn.launch.sweep import CFG_CHOICES, plan
 
     # `--cfg job` as Hydra writes it: the flag's value arrives as a bare word among the overrides (an override
     # always has `=`, so job / hydra / all cannot be one).
@@ -157,12 +157,12 @@ def _train(overrides: list[str], multirun: bool, cfg: bool, executor: str, paral
     if note:
         typer.secho(note, fg=typer.colors.YELLOW, err=True)
     if show is not None:
-        from stn.sweep import print_configs
+        from stn.launch.sweep import print_configs
 
         typer.echo(print_configs(members, show, sweep_dir, executor, parallel))
         return
     if info:
-        from stn.sweep import print_info
+        from stn.launch.sweep import print_info
 
         typer.echo(print_info(members, sweep_dir))
         return
@@ -219,17 +219,17 @@ def show_transformations(summary: dict) -> None:
 
 
 def _sweep(members: list, sweep_dir: Path, command: str, executor: str, parallel: int | None, slurm) -> None:
-    """`stn train -m`: the members through stn.launch; exit 1 if one failed, 130 if stopped."""
+    """`stn train -m`: the members through stn.launch.executors; exit 1 if one failed, 130 if stopped."""
+    from stn.launch.sweep import run_sweep
     from stn.runs import command_recorded
-    from stn.sweep import run_sweep
 
     try:
         with reported(), command_recorded(command):
             report = run_sweep(members, sweep_dir, command=command, executor=executor, parallel=parallel,
                                slurm=slurm, log=typer.echo)
-    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.Stopped)
-        from stn.launch import stop_code
-        from stn.sweep import resume_sweep_command
+    except KeyboardInterrupt as stopped:  # Ctrl-C: 130; SIGTERM: 143 (stn.launch.executors.Stopped)
+        from stn.launch.executors import stop_code
+        from stn.launch.sweep import resume_sweep_command
 
         typer.secho(f"interrupted: the runs in flight stopped with a checkpoint; continue with: "
                     f"{resume_sweep_command(command, sweep_dir)}", fg=typer.colors.YELLOW, err=True)
@@ -258,7 +258,7 @@ def models(
     from rich.table import Table
 
     from stn.grid import TABLE1_MODELS
-    from stn.parameters import cached_parameter_table
+    from stn.tables.parameters import cached_parameter_table
 
     datasets = tuple(dataset) if dataset else ("R", "RTS", "P", "E", "TC")
     choices = ", ".join(map(repr, get_args(DatasetName)))
@@ -334,9 +334,9 @@ def wandb_report(
 ) -> None:
     """Create the Table 1 dashboard as a W&B report (needs wandb-workspaces: pip install 'stn[report]').
 
-    Panels (stn.dashboard): test error and loss against training images per cell (mean, std over seeds), best
+    Panels (stn.tables.dashboard): test error and loss against training images per cell (mean, std over seeds), best
     test error per cell, ours against the paper, the transformers' images, and the table run's tables."""
-    from stn.dashboard import PANELS, DashboardError, Template, build_report, save_report
+    from stn.tables.dashboard import PANELS, DashboardError, Template, build_report, save_report
 
     entity = entity or os.environ.get("WANDB_ENTITY")
     refuse(["--entity: give the W&B entity (user or team) that owns the project, or set WANDB_ENTITY"]

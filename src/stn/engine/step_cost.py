@@ -163,7 +163,7 @@ class KernelRecorder(TorchDispatchMode):
 
 
 def _count_at(cfg: Config, k: int, mode: str, batch: int) -> list[Kernel]:
-    from stn.batched import BatchedModels, EngineOptions
+    from stn.engine.batched import BatchedModels, EngineOptions
 
     cfgs = [dataclasses.replace(cfg, seed=seed, trainer=dataclasses.replace(cfg.trainer, batch_size=batch))
             for seed in range(k)]
@@ -365,8 +365,8 @@ class PathEstimate:
 
 def counted_kernels(cfg: Config, k: int, mode: str) -> list[Kernel]:
     """count_step, kept in stn's disk cache (a count is a pure function of the shapes, K, mode and code)."""
-    from stn.batched import shape_signature
     from stn.cache import memo
+    from stn.engine.batched import shape_signature
 
     if mode == "im2col":  # written out from the vmap count
         return im2col_kernels(counted_kernels(cfg, k, "vmap"))
@@ -410,7 +410,7 @@ def has_convolutions(kernels: Sequence[Kernel]) -> bool:
 
 
 def path_estimates(group: Any, costs: Any, device: DeviceSpec) -> dict[str, PathEstimate]:
-    """Each conv path's seconds per step for a plan group (stn.plan.Group) under a cost model (stn.plan.CostModel):
+    """Each conv path's seconds per step for a plan group (stn.engine.plan.Group) under a cost model (stn.engine.plan.CostModel):
     vmap from the measurement the cost model holds (a table run, a bench row, a bench row scaled by FLOPs) where
     it holds one, else like the others a roofline lower bound (`predict`). A group without convolutions has
     no im2col path (it would be its vmap path)."""

@@ -3,7 +3,7 @@
 Members: one per (row, column, seed) of a grid file (experiments/table1/grid.yaml), composed as
 `stn reproduce-table` composes its cells (`stn.grid.compose_cells`); further grids' members may be queued
 beside them (`unique_members`: a cell two grids share trains once).
-Groups: members whose models share every shape (`stn.batched.shape_signature`) and optimiser settings train
+Groups: members whose models share every shape (`stn.engine.batched.shape_signature`) and optimiser settings train
 together in one `BatchedModels`: a cell's seeds, and one architecture across the 28x28 datasets R, P and E
 (Table 1 at 3 seeds: 8 groups of 9 models on 28x28, 8 groups of 3 on RTS, 4 groups of 3 on TC).
 
@@ -11,12 +11,12 @@ Cost: seconds per step of a group measured in a table run (its results.json), el
 (`images_per_s` measured by `stn engine bench` per model kind, canvas size and K; the nearest K is used), else
 from FLOPs per image (torch's FlopCounterMode) at an assumed achieved FLOP/s. `stn engine plan` defaults to the
 first H200 loan's bench and table run; its per-conv-path predictions (roofline lower bounds for paths not
-measured) are `stn.step_cost`'s. `pack_chunks` cuts the remaining work into chunks of at most `budget_s` seconds in
+measured) are `stn.engine.step_cost`'s. `pack_chunks` cuts the remaining work into chunks of at most `budget_s` seconds in
 run order (shortest group first, so cells finish as early as possible), splitting a group at a step boundary
 when it does not fit; it is what tells how many loans a table needs.
 
 `run_table` executes from the saved progress until a deadline: groups in run order (partly trained groups
-first), up to `in_flight` of them at once (`stn.batched_run.InFlight`: round-robin, one CUDA stream each), each
+first), up to `in_flight` of them at once (`stn.engine.group_run.InFlight`: round-robin, one CUDA stream each), each
 trained until it finishes (then evaluated, its members' results written, the next group started) or the
 deadline would pass (then checkpointed). What travels between loans is `results.json` (every finished member:
 test error, steps, wall time, images/s, data streams and grouping) plus the partial files (`partial.pt`,
@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from stn.batched import BatchedModels, EngineError, EngineOptions, shape_signature
-from stn.batched_data import make_stream
-from stn.batched_run import GroupRun, InFlight
 from stn.config import OPTIMISER_KEYS, Config
+from stn.engine.batched import BatchedModels, EngineError, EngineOptions, shape_signature
+from stn.engine.group_run import GroupRun, InFlight
+from stn.engine.streams import make_stream
 from stn.grid import slug
 from stn.report import CellResult, render_csv, summarise
 from stn.runs import save_checkpoint, write_atomic
@@ -222,9 +222,9 @@ class CostModel:
         """`--mode auto`'s choice for a group: the mode the bench measured faster for this kind at this canvas
         size (or, in experiments/bench/engine_ab.py's cost table, the winner of the nearest measured analogue,
         marked inferred_from); where it has none (another size's row only scales a rate, not a choice of path), the rule
-        `stn.batched.conv_path_for`. The rule's "loop" is kept over a measured "im2col": it means this canvas's
+        `stn.engine.batched.conv_path_for`. The rule's "loop" is kept over a measured "im2col": it means this canvas's
         patch matrix exceeds the memory the rule allows (the TC CNN's is ~1.8 GB a step at K=3)."""
-        from stn.batched import conv_path_for
+        from stn.engine.batched import conv_path_for
 
         rule = conv_path_for(group.members[0].config, device_type)
         best, scaled = self._row(group)
@@ -522,7 +522,7 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
               unit_s: float | None = None) -> dict[str, Any]:
     """Train from the saved progress in `state_dir` until every group is done or `budget_s` is spent.
 
-    in_flight: groups trained at once (`stn.batched_run.InFlight`: round-robin, one CUDA stream each with
+    in_flight: groups trained at once (`stn.engine.group_run.InFlight`: round-robin, one CUDA stream each with
     group_streams); further capped so that their states fit `limits` (`pack_states`). A finished group is
     evaluated and the next in run order that fits is started; at the deadline every group in flight is
     checkpointed into the partial files. mode_for: the engine mode of each group (default: options.mode, or

@@ -1,4 +1,4 @@
-"""The batched engine's training data: K models' streams drawn together (`stn.batched.BatchedModels` eats them).
+"""The batched engine's training data: K models' streams drawn together (`stn.engine.batched.BatchedModels` eats them).
 
 Two kinds, chosen by `EngineOptions.data`: "exact" (`BatchedStream`: each model's batches are exactly its
 `stn train` stream's, the warps of one dataset fused into one call) and "block" (`BlockStream`: the same
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stn.batched import EngineError, EngineOptions
 from stn.config import Config, DatasetConfig
 from stn.data import TrainStream, seeded_generator
 from stn.distortions import draw_distortion, draws_whole_pixels
+from stn.engine.batched import EngineError, EngineOptions
 from stn.warp import apply_distortion
 
 
@@ -114,7 +114,7 @@ class BlockStream:
     reproducible and resumable (the state is the block's start and the offset in it), with the distribution
     `stn.distortions` defines; it is simply not the same sample as the exact streams. The draws depend on
     which models share the group (their seeds seed the generator) and on block_steps: the state and
-    `stn.plan`'s record say both.
+    `stn.engine.plan`'s record say both.
 
     Off the critical path (`prefetch`, default on CUDA): while the steps consume block n, block n+1 is drawn on
     a side CUDA stream of its own; the consuming stream waits for that block's event only when it reaches it,

@@ -4,7 +4,7 @@ Owns what Hydra's own command line would do for `stn train`, on top of stn.confi
 - Sweeps (`stn train -m dataset=R,RTS model=cnn,fcn`): the overrides are expanded exactly as Hydra's
   basic sweeper expands them (its parser and `BasicSweeper.split_arguments`: comma lists, `range()`,
   `choice()`, `glob()`; the cartesian product in the order given), and the members are trained through
-  stn.launch, the same executors (local processes, Slurm, debug) that run a table's cells. Without `-m` a
+  stn.launch.executors, the same executors (local processes, Slurm, debug) that run a table's cells. Without `-m` a
   sweep value is refused, naming `-m`, instead of Hydra's "Ambiguous value".
 - Output folders: `hydra.run.dir` is the run folder of one run (= `run_dir`); in a sweep, member `num` runs
   in `<hydra.sweep.dir>/<hydra.sweep.subdir>` (defaults `<runs_dir>/multirun/<date>/<time>` and
@@ -38,7 +38,7 @@ from typing import Any
 from stn.cache import cached_compose
 from stn.config import Config, ConfigError, UserError, to_dict
 from stn.hydra_record import override_dirname, write_overrides
-from stn.job import Job
+from stn.launch.job import Job
 from stn.validation import output_problems, validate
 
 CFG_CHOICES = ("job", "hydra", "all")
@@ -394,10 +394,10 @@ def _write_record(path: Path, command: str, members: Sequence[Member], report: S
 def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, executor: str = "local",
               parallel: int | None = None, slurm: Any = None, fit_fn: Callable[[Config], dict] | None = None,
               poll_s: float = 1.0, log: Callable[[str], None] = print) -> SweepReport:
-    """Train every member through stn.launch (local processes, Slurm jobs or in-process), at most `parallel`
+    """Train every member through stn.launch.executors (local processes, Slurm jobs or in-process), at most `parallel`
     at once; a failed member never stops the others. Returns each member's summary (status done / failed /
     interrupted); sweep.json in `sweep_dir` says where each member is and how it ended."""
-    from stn.launch import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
+    from stn.launch.executors import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
     from stn.train import eval_key
 
     problems = _problems(members)

@@ -6,13 +6,13 @@ shape: the same base rate, divided by 10 after one and two thirds of the steps. 
 (experiments/convergence/study.yaml) names the Table 1 rows and columns (from the grid file, which also holds
 the paper's numbers), the budgets and the seeds. `run_study` trains the cells in order of budget, then seed,
 then column, then row (so the cheapest complete picture comes first), one after the other or `parallel` at
-once (stn.launch's worker processes), and appends one row per finished cell (with its distortion-recovery
+once (stn.launch.executors's worker processes), and appends one row per finished cell (with its distortion-recovery
 headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and
 a rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
 continues from it on the next call. Two study processes on one record keep each other's rows (the record is
 locked while a row is added) and leave each other's cells alone. Every row names the CPU (or GPU) and the
 precision it ran in: one study keeps one precision (the study file pins it). Reading the record back into
-pictures and a table is `stn.convergence_plot`'s; training the cells is `stn.convergence_run`'s.
+pictures and a table is `stn.convergence.plot`'s; training the cells is `stn.convergence.run`'s.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from stn.config import Config
 from stn.grid import CellComposeError, TableError, compose_cells
-from stn.job import Job
+from stn.launch.job import Job
 from stn.runs import write_atomic
 
 PAPER_STEPS, PAPER_BATCH = 150_000, 256

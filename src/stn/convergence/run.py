@@ -1,5 +1,5 @@
 """Training a convergence study's cells (`stn convergence run`): one after the other or `parallel` at once
-through stn.launch, one record row per finished cell. What a study is, its plan and its record: stn.convergence."""
+through stn.launch.executors, one record row per finished cell. What a study is, its plan and its record: stn.convergence.study."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stn.config import Config
-from stn.convergence import (
+from stn.convergence.study import (
     Cell,
     Study,
     StudyError,
@@ -25,7 +25,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
               log: Callable[[str], None] = print, max_cells: int | None = None, parallel: int = 1,
               executor: str = "local") -> StudyReport:
     """Train the cells not yet in the record, appending each finished one; stop at the first interruption.
-    `parallel` > 1 trains that many at once as worker processes (stn.launch, `executor` local or debug), each
+    `parallel` > 1 trains that many at once as worker processes (stn.launch.executors, `executor` local or debug), each
     with its share of the cores; the record is written by this process alone, as each cell finishes."""
     report = StudyReport()
     from stn.device import code_commit
@@ -82,11 +82,18 @@ def _record(study: Study, cell: Cell, summary: dict[str, Any], commit: str, repo
 def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, commit: str,
                   fit_fn: Callable[[Config], dict] | None, log: Callable[[str], None], parallel: int,
                   executor: str) -> StudyReport:
-    """`parallel` cells at a time through stn.launch (the fan-out that tables and sweeps use). Ctrl-C or
+    """`parallel` cells at a time through stn.launch.executors (the fan-out that tables and sweeps use). Ctrl-C or
     SIGTERM stops the cells in flight with their checkpoints."""
     from collections import deque
 
-    from stn.launch import SlurmOptions, Stopped, run_jobs, sigterm_as_interrupt, start_pool, stop_code
+    from stn.launch.executors import (
+        SlurmOptions,
+        Stopped,
+        run_jobs,
+        sigterm_as_interrupt,
+        start_pool,
+        stop_code,
+    )
 
     if executor not in ("local", "debug"):
         raise StudyError(f"executor {executor!r}: a study runs its cells on this machine (local or debug)")

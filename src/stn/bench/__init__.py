@@ -1,0 +1,1 @@
+"""`stn bench`: our training and data pipelines against the usual way of writing them, side by side."""

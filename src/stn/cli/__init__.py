@@ -1,0 +1,1 @@
+"""The `stn` command line: one module per command group (`main` holds the app and `stn train`)."""
