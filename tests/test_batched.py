@@ -4,7 +4,7 @@ Tolerances. The equality tests build both sides in float64, where a dot product 
 n * 2.2e-16 of its terms' magnitude; the largest reductions here (a conv input gradient, a 784-wide linear
 layer, a batch mean) have n <= 2e4, so one op is exact to ~5e-12 relative, and a few layers and steps stay
 far below RTOL = 1e-9 (relative to each tensor's largest entry). The loss is float32 on both sides (as
-`stn.train.train_step` computes it), from logits equal to 1e-15, so both round them to the same float32
+`stn.step.train_step` computes it), from logits equal to 1e-15, so both round them to the same float32
 values and get the same float32 gradient. Nothing is tuned to this machine: the observed gaps are 1e-16 to
 1e-15.
 
@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from engine_setup import CPU, KINDS, configs
 from stn.compose import compose
 from stn.data import TrainStream, make_test_set
-from stn.engine.batched import BatchedModels, EngineError, EngineOptions, StackedSGD, shape_signature
+from stn.engine.batched import BatchedModels
+from stn.engine.options import EngineError, EngineOptions, shape_signature
+from stn.engine.stacked_sgd import StackedSGD
 from stn.engine.streams import BatchedStream
 from stn.mnist import load_mnist
 from stn.models import build_model
-from stn.train import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model
+from stn.step import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model
 
 RTOL = 1e-9
 STEPS = 5  # with lr_step=2: the rate changes twice; with 24 digits and batch 8: an epoch ends every 3 steps

@@ -8,7 +8,7 @@ import torch
 
 from engine_setup import CPU, KINDS, configs
 from stn.data import TrainStream
-from stn.engine.batched import EngineError
+from stn.engine.options import EngineError
 from stn.engine.streams import BatchedStream, BlockStream
 
 

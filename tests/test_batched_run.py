@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from engine_setup import CPU, KINDS, configs
-from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.batched import BatchedModels
 from stn.engine.group_run import GroupRun, InFlight, train_for
+from stn.engine.options import EngineOptions
 from stn.engine.streams import BatchedStream, make_stream
 
 

@@ -81,7 +81,7 @@ def test_choice_types_match_what_they_choose_from() -> None:
     from stn.cli import main as cli
     from stn.compose import group_choices
     from stn.config import TRAINER_PRESETS
-    from stn.engine.batched import EngineOptions
+    from stn.engine.options import EngineOptions
     from stn.launch.executors import EXECUTORS
 
     assert sorted(TRAINER_PRESETS) == sorted(group_choices("trainer"))

@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from stn.compose import compose
-from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.batched import BatchedModels
 from stn.engine.group_run import GroupRun, train_for
+from stn.engine.options import EngineOptions
 from stn.engine.streams import BatchedStream
 from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
@@ -262,7 +263,9 @@ def test_groups_in_flight_train_as_one_after_another_on_cuda(data_dir, tmp_path)
     streams) gives the results of the same table run one group after another, float64."""
     import json
 
-    from stn.engine.plan import RESULTS, CostModel, Member, make_groups, run_table
+    from stn.engine.plan import CostModel, Member, make_groups
+    from stn.engine.record import RESULTS
+    from stn.engine.table_run import run_table
 
     members = []
     for label, seeds in (("FCN", (0, 1)), ("ST-CNN Aff", (0,))):
@@ -307,12 +310,12 @@ def test_block_data_drawn_ahead_on_a_side_stream_equals_drawn_inline(dataset: st
 def test_gpu_paths_equal_the_cpu_vmap_engine(label: str, dataset: str, mode: str) -> None:
     """The paths `conv_path_for` picks on CUDA (im2col; loop with channels_last and cudnn.benchmark for the TC CNN)
     equal the CPU's vmap engine in float64 (noise images: no max-pool ties), eager and CUDA-graphed."""
-    from stn.engine.batched import conv_path_for, engine_options_for
+    from stn.engine.conv_paths import conv_path_for, options_for_mode
 
     cfgs = configs(label, (0, 1), dataset)
     paper = compose([f"dataset={dataset}", *KINDS[label]])  # the rule reads the paper's batch of 256
     assert conv_path_for(paper, "cuda") == mode
-    options = engine_options_for(paper, "cuda", dtype=torch.float64)
+    options = options_for_mode(EngineOptions(dtype=torch.float64), conv_path_for(paper, "cuda"), "cuda")
     assert options.channels_last == (mode == "loop")
     gpu = BatchedModels(cfgs, CUDA, options)
     graph = BatchedModels(cfgs, CUDA, dataclasses.replace(options, cuda_graph=True))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from stn.engine import bench as engine_bench
-from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.batched import BatchedModels
+from stn.engine.options import EngineOptions
 
 
 def tiny_bench(data_dir: Path, **kwargs):

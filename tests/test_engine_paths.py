@@ -22,17 +22,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine_setup import CPU, KINDS, configs
 from stn.compose import compose
-from stn.engine.batched import (
-    IM2COL_PATCH_LIMIT,
-    BatchedModels,
-    EngineOptions,
-    conv_path_for,
-    engine_options_for,
-    im2col_patch_bytes,
-)
+from stn.engine.batched import BatchedModels
+from stn.engine.conv_paths import IM2COL_PATCH_LIMIT, conv_path_for, im2col_patch_bytes, options_for_mode
 from stn.engine.im2col import PoolRelu
+from stn.engine.options import EngineOptions
 from stn.engine.streams import BatchedStream
-from stn.train import build_optimizer, build_scheduler, prepare_model
+from stn.step import build_optimizer, build_scheduler, prepare_model
 from test_batched import assert_same_weights, batched_losses, reference_runs
 
 STEPS = 3  # with lr_step=2 the rate changes once; weight decay and momentum act from step 2
@@ -227,16 +222,16 @@ def test_patch_bytes_follow_the_convolution_arithmetic() -> None:
     assert conv_path_for(_cfg("TC", "CNN", "trainer.batch_size=64"), "cuda") == "im2col"
 
 
-def test_engine_options_for_adds_channels_last_to_cuda_loop_only() -> None:
-    loop = engine_options_for(_cfg("TC", "CNN"), "cuda", amp=True)
+def test_options_for_mode_adds_channels_last_to_cuda_loop_only() -> None:
+    loop = options_for_mode(EngineOptions(amp=True), conv_path_for(_cfg("TC", "CNN"), "cuda"), "cuda")
     assert (loop.mode, loop.channels_last, loop.amp) == ("loop", True, True)
-    im2col = engine_options_for(_cfg("R", "CNN"), "cuda")
+    im2col = options_for_mode(EngineOptions(), conv_path_for(_cfg("R", "CNN"), "cuda"), "cuda")
     assert (im2col.mode, im2col.channels_last) == ("im2col", False)
-    assert engine_options_for(_cfg("TC", "CNN"), "cpu").mode == "vmap"
+    assert options_for_mode(EngineOptions(), "loop", "cpu").channels_last is False
 
 
 def test_unknown_mode_is_refused_with_the_known_ones() -> None:
-    from stn.engine.batched import EngineError
+    from stn.engine.options import EngineError
 
     with pytest.raises(EngineError, match="vmap, loop, im2col"):
         BatchedModels(configs(KINDS["CNN"], seeds=(0,)), CPU, EngineOptions(mode="grouped"))

@@ -620,7 +620,7 @@ def test_auto_precision_reads_the_cpus_bf16_flags(tmp_path: Path, monkeypatch: p
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cwd: Path, data_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import stn.runs
-    from stn.runs import load_checkpoint
+    from stn.checkpoints import load_checkpoint
 
     real_fsync, checkpoints = os.fsync, []
 

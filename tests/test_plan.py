@@ -13,28 +13,20 @@ import pytest
 import torch
 
 from stn.compose import compose
-from stn.engine.batched import EngineOptions
-from stn.engine.plan import (
+from stn.engine.options import EngineOptions
+from stn.engine.plan import CostModel, Group, Member, PlanError, make_groups, pack_chunks, table_members
+from stn.engine.record import RESULTS, TABLE_CSV
+from stn.engine.states import (
     PARTIAL,
-    PROGRESS,
-    RESULTS,
     STATE_OVERHEAD_BYTES,
-    TABLE_CSV,
-    CostModel,
-    Group,
-    Member,
-    PlanError,
     StateLimits,
     load_partials,
-    make_groups,
     next_to_start,
-    pack_chunks,
     pack_states,
-    run_table,
     save_partials,
     state_bytes,
-    table_members,
 )
+from stn.engine.table_run import PROGRESS, run_table
 from stn.report import parse_errors
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
@@ -361,7 +353,7 @@ def test_auto_mode_takes_the_measured_path_at_this_size_else_the_rule() -> None:
     """`--mode auto` on the paper table: a kind measured at its own canvas takes the measured mode; one measured
     only at another size (a row that scales a rate) takes stn.engine.batched.conv_path_for's; a measured im2col never
     overrides the rule's loop (the TC CNN's patch matrix, the memory the rule guards)."""
-    from stn.engine.batched import conv_path_for
+    from stn.engine.conv_paths import conv_path_for
 
     groups = {(g.kind, g.size): g for g in make_groups(table_members(GRID, seeds=(0, 1, 2), preset="paper"))}
     cnn_r, cnn_rts, cnn_tc = groups[("CNN", 28)], groups[("CNN", 42)], groups[("CNN", 60)]

@@ -17,7 +17,8 @@ from stn.config import ConfigError
 from stn.data import build_data
 from stn.mnist import load_mnist
 from stn.runs import CheckpointError
-from stn.train import TrainingInterrupted, build_optimizer, build_scheduler, fit, train_step
+from stn.step import build_optimizer, build_scheduler, train_step
+from stn.train import TrainingInterrupted, fit
 
 
 def one_cycle_lr(step: int, total: int, peak: float) -> float:
@@ -165,8 +166,8 @@ def test_grad_clip_scales_the_step_to_the_global_norm_written_out(clip):
 def test_ema_is_the_recurrence_written_out_and_what_evaluation_sees(small):
     """With trainer.ema_decay d the evaluated weights are a_1 = w_1, a_t = d a_{t-1} + (1 - d) w_t over the
     trained weights w_t after each step; evaluations and the checkpoint's evaluated weights are the average's."""
-    from stn.runs import evaluated_weights, load_checkpoint
-    from stn.train import build_average, fit_step
+    from stn.checkpoints import evaluated_weights, load_checkpoint
+    from stn.step import build_average, fit_step
 
     cfg = small("dataset.train_limit=512", "trainer.ema_decay=0.9", "model=fcn")
     torch.manual_seed(0)
@@ -203,7 +204,7 @@ def test_an_ema_run_resumes_exactly(small):
     with pytest.raises(TrainingInterrupted) as stopped:
         fit(small(*recipe, "trainer.stop_after=7"))
     resumed = fit(small(*recipe, "trainer.resume=true", f"run_dir={stopped.value.run_dir}"))
-    from stn.runs import load_checkpoint
+    from stn.checkpoints import load_checkpoint
 
     a = load_checkpoint(Path(whole["run_dir"]) / "checkpoints" / "last.pt", "cpu")
     b = load_checkpoint(Path(resumed["run_dir"]) / "checkpoints" / "last.pt", "cpu")

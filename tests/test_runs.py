@@ -10,14 +10,7 @@ import pytest
 
 from stn.compose import compose
 from stn.config import Config, schema_keys, to_dict, to_yaml
-from stn.runs import (
-    RunFolderError,
-    check_usable,
-    is_stale,
-    key_class,
-    may_resume,
-    write_atomic,
-)
+from stn.runs import RunFolderError, check_usable, is_stale, key_class, may_resume, write_atomic
 
 
 def test_every_config_key_has_exactly_one_class() -> None:

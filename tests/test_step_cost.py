@@ -10,17 +10,12 @@ from typer.testing import CliRunner
 
 from stn.cli.engine import LOAN_BENCH, LOAN_TABLE_RUN, engine_app
 from stn.compose import compose
+from stn.engine.kernels import Kernel, conv_flops, count_step, extrapolate, im2col_conv, im2col_kernels
 from stn.engine.plan import CostModel, Group, Member, table_run_seconds
 from stn.engine.step_cost import (
     DeviceSpec,
-    Kernel,
     StepPrediction,
-    conv_flops,
-    count_step,
-    extrapolate,
     fit_latency,
-    im2col_conv,
-    im2col_kernels,
     in_flight_seconds,
     path_estimates,
     predict,
@@ -85,7 +80,7 @@ def test_counted_step_matches_an_independent_flop_count_and_extrapolates_exactly
     """The vmap step's FLOPs equal K x B x FlopCounterMode's count on one unbatched model (torch's own
     convolution_backward formula would count vmap's grouped backward K times over); the count at batch 6,
     extrapolated from batches 2 and 4, equals a count made at batch 6."""
-    from stn.engine.step_cost import _count_at
+    from stn.engine.kernels import _count_at
 
     k, batch = 2, 6
     cfg = cnn_config(batch)
@@ -155,7 +150,7 @@ def test_pool_relu_fusion_by_hand() -> None:
     """c = 800 bytes of conv output (bf16), n = 100 pooled elements: relu reads and writes c, the pool reads c and
     writes 2n + 8n; fused: c + 3n (values and a 1-byte code). Backward: pool backward 2c + 10n, threshold 3c;
     fused: 3n + c."""
-    from stn.engine.step_cost import fuse_pool_relu
+    from stn.engine.kernels import fuse_pool_relu
 
     c, n = 800.0, 100.0
     forward = [Kernel("im2col.baddbmm", 1.0, 1.0), Kernel("relu", 0, 2 * c), Kernel("max_pool2d_with_indices", 0,
@@ -172,7 +167,7 @@ def test_recorder_counts_kernels_and_bytes_by_hand() -> None:
     writes its first; a view, a reshape of a contiguous tensor and an allocation launch nothing."""
     import torch
 
-    from stn.engine.step_cost import KernelRecorder
+    from stn.engine.kernels import KernelRecorder
 
     a, b = torch.ones(10, 10), torch.ones(10, 10)
     with KernelRecorder() as recorder:

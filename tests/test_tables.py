@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from stn.cli.main import app
 from stn.compose import compose
-from stn.config import TRAINER_PRESETS, Config, to_yaml
+from stn.config import TRAINER_PRESETS, Config, to_dict, to_yaml
 from stn.grid import TableError, cell_name, load_grid, select_cells
 from stn.report import mean_std, summarise
 from stn.tables.reproduce import plan_jobs, reproduce
@@ -170,6 +170,18 @@ def test_table_with_stand_in_fit_writes_after_each_cell_and_resumes(tmp_path: Pa
         -0.15
     )
     assert (out / "ours_vs_paper.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each cell's .hydra/overrides.yaml holds the words that composed it: composed again, they give the
+    # config the cell trained (up to what the table sets itself: folder, name, resume, W&B group and cell).
+    import yaml
+
+    folder = out / "cells" / cell_name("ST-CNN Aff", "R") / "seed1"
+    words = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+    assert "trainer=smoke" in words and "logger.mode=disabled" in words and words[-1] == "seed=1"
+    again, trained = to_dict(compose(words)), yaml.safe_load((folder / "config.yaml").read_text())
+    assert again["model"] == trained["model"] and again["model"]["name"] == "st_cnn"
+    for section in ("dataset", "transformer", "seed"):
+        assert again[section] == trained[section], section
+    assert {**again["trainer"], "resume": True} == trained["trainer"]
 
     # Rerun: the five finished runs are read back, only the failed one runs again (and fails again).
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/summary.json")}

@@ -96,7 +96,7 @@ def test_offline_run_holds_what_fit_wrote(tmp_path: Path, monkeypatch: pytest.Mo
     assert model["files"] == ["config.yaml", "last.pt", "summary.json"]
     assert model["metadata"]["test_error"] == summary["test_error"] and model["metadata"]["steps"] == 20
     # What `wandb sync` uploads is the checkpoint itself, which `stn visualize` loads (the colleague's side).
-    from stn.runs import load_model
+    from stn.checkpoints import load_model
 
     staged = Path(model["staged"]["last.pt"])
     assert staged.read_bytes() == (Path(summary["run_dir"]) / "checkpoints" / "last.pt").read_bytes()
@@ -257,7 +257,8 @@ def test_online_without_a_reachable_server_falls_back_to_offline(
 def test_a_stopped_and_resumed_training_is_one_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
     """Stop at step 8 (trainer.stop_after), resume to 20: both invocations log to one W&B run id (kept in
     the checkpoint), the second resumes it, and together their offline logs hold every step once."""
-    from stn.runs import CHECKPOINT, load_checkpoint
+    from stn.checkpoints import load_checkpoint
+    from stn.runs import CHECKPOINT
     from stn.train import TrainingInterrupted
 
     monkeypatch.chdir(tmp_path)

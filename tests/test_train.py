@@ -19,23 +19,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import stn.progress as progress_module
-import stn.train as train_module
+import stn.step as step_module
+from stn.checkpoints import load_checkpoint
 from stn.compose import ComposeError, compose, from_container
 from stn.config import Config, to_dict
 from stn.data import TestSet, make_test_set
 from stn.launch.executors import run_cell
 from stn.mnist import MNISTDataError, load_mnist
 from stn.models import build_model, count_parameters
-from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, load_checkpoint, newest_run_dir
-from stn.train import (
-    TrainingError,
-    TrainingInterrupted,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    fit,
-    train_step,
-)
+from stn.runs import CHECKPOINT, CheckpointError, RunFolderError, newest_run_dir
+from stn.step import build_optimizer, build_scheduler, evaluate, train_step
+from stn.train import TrainingError, TrainingInterrupted, fit
 from stn.validation import problems
 
 SUMMARY_KEYS = {
@@ -322,7 +316,7 @@ def test_a_diverging_run_stops_at_the_nan_and_keeps_the_last_good_checkpoint(tmp
 
 
 def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small) -> None:
-    real_step = train_module.train_step
+    real_step = step_module.train_step
     calls = []
 
     def step_then_ctrl_c(*args: object, **kwargs: object) -> torch.Tensor:
@@ -331,7 +325,7 @@ def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch:
             signal.raise_signal(signal.SIGINT)  # as if Ctrl-C arrived during the third step
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(step_module, "train_step", step_then_ctrl_c)
     cfg = small(f"run_dir={tmp_path / 'run'}")
     # What SIGINT did before: Python's default handler in a terminal, SIG_IGN when pytest runs in the background.
     before = signal.getsignal(signal.SIGINT)
@@ -339,7 +333,7 @@ def test_sigint_stops_with_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch:
         fit(cfg)
     assert stopped.value.exit_code == 130 and stopped.value.step == 3
     assert signal.getsignal(signal.SIGINT) is before  # fit's handler is gone, the previous one is back
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    monkeypatch.setattr(step_module, "train_step", real_step)
     assert fit(with_trainer(cfg, resume=True))["resumed_from"] == 3
 
 

@@ -44,7 +44,7 @@ def test_draw_transformations_writes_a_png(tmp_path, variant):
 
 
 def test_visualize_checkpoint_and_cli(tmp_path):
-    from stn.runs import load_model
+    from stn.checkpoints import load_model
     from stn.visualize import render_checkpoint
 
     cfg = config("dataset=P", "model=st_fcn", "transformer=projective")
@@ -70,7 +70,8 @@ def test_visualize_checkpoint_and_cli(tmp_path):
 def test_visualize_rejects_bad_checkpoints(tmp_path):
     from functools import partial
 
-    from stn.runs import CheckpointError, load_model
+    from stn.checkpoints import load_model
+    from stn.runs import CheckpointError
 
     load_checkpoint = partial(load_model, need_transformer=True)
 

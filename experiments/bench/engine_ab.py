@@ -120,8 +120,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from stn.engine.batched import EngineOptions
     from stn.engine.bench import bench_engine, format_engine_table
+    from stn.engine.options import EngineOptions
 
     configs = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2])) for c in args.configs.split(",") if c] \
         or list(CONFIGS)

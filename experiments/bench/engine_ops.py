@@ -34,7 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stn.compose import compose
-from stn.engine.batched import ENGINE_MODES, BatchedModels, EngineOptions
+from stn.engine.batched import BatchedModels
+from stn.engine.options import ENGINE_MODES, EngineOptions
 from stn.engine.streams import BatchedStream, BlockStream
 from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
@@ -51,7 +52,7 @@ class Count(TorchDispatchMode):
 
 
 def model_paths(labels: list[str]) -> None:
-    from stn.engine.step_cost import PATHS, count_step
+    from stn.engine.kernels import PATHS, count_step
 
     kinds = dict(TABLE1_MODELS)
     print("| model | dataset | K | path | kernels | GFLOP | GB | largest kernels (MB) |")

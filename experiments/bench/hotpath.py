@@ -4,7 +4,7 @@
         [--dataset R] [--batch-size 256] [--rounds 5] [--steps 4] [--default-allocator] [--compile]
 
 Variants per model, all fed by the same kind of TrainStream (on-device distortion) and stepped by
-`stn.train.train_step` (+ the scheduler, as `fit_step`), alternating in rounds:
+`stn.step.train_step` (+ the scheduler, as `fit_step`), alternating in rounds:
 - before: the paper's layer order, plain nn.Conv2d, NCHW (what `fit` ran on the CPU before issue 6);
 - fast layout: pool before ReLU + InputGradConv2d, NCHW;
 - after: fast layout in channels_last (what `fit` runs now on the CPU: `prepare_model` + `fit_step`);
@@ -33,7 +33,7 @@ from stn.device import keep_freed_memory
 from stn.grid import TABLE1_MODELS
 from stn.mnist import load_mnist
 from stn.models import build_model
-from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model
+from stn.step import build_optimizer, build_scheduler, fit_step, prepare_model
 
 SLUGS = {label.lower().replace("-", "_").replace(" ", "_"): choice for label, choice in TABLE1_MODELS}
 

@@ -34,7 +34,7 @@ def train_for(model: str, dataset: str, batch: int, threads: int, seconds: float
     from stn.data import TrainStream
     from stn.device import keep_freed_memory
     from stn.mnist import load_mnist
-    from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model
+    from stn.step import build_optimizer, build_scheduler, fit_step, prepare_model
 
     keep_freed_memory()
     cfg = compose([f"dataset={dataset}", *SLUGS[model], "trainer=quick", "trainer.device=cpu",

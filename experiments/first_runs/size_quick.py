@@ -17,7 +17,7 @@ import torch
 from stn.compose import compose
 from stn.data import build_data
 from stn.models import build_model
-from stn.train import build_optimizer, evaluate, train_step
+from stn.step import build_optimizer, evaluate, train_step
 
 ROWS = {
     "FCN": ["model=fcn"],

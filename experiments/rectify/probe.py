@@ -57,7 +57,7 @@ from stn.data import build_data  # noqa: E402
 from stn.device import keep_freed_memory  # noqa: E402
 from stn.models import Standardize, fc_localisation  # noqa: E402
 from stn.spatial import SpatialTransformer  # noqa: E402
-from stn.train import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model  # noqa: E402
+from stn.step import build_optimizer, build_scheduler, evaluate, fit_step, prepare_model  # noqa: E402
 
 VARIANTS = ("paper", "loc_lr10", "loc_lr01", "loc_kaiming", "no_pool", "loc_fc", "loc_frozen")
 

@@ -67,7 +67,7 @@ def count_step_flops(model: torch.nn.Module, images: Tensor, labels: Tensor) -> 
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stn.train import train_step
+    from stn.step import train_step
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the count leaves the weights as they are
     with FlopCounterMode(display=False) as counter:

@@ -286,14 +286,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def recovery_checkpoint(path: Any, data_dir: str | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Load a training checkpoint (`stn.runs.load_model`, as `stn visualize` does); measure its recovery on
+    """Load a training checkpoint (`stn.checkpoints.load_model`, as `stn visualize` does); measure its recovery on
     its test set."""
     import os
 
+    from stn.checkpoints import load_model
     from stn.config import DATA_DIR_ENV
     from stn.data import make_test_set
     from stn.mnist import load_mnist
-    from stn.runs import load_model
 
     model, cfg, _ = load_model(path, need_transformer=True)
     root = data_dir or os.environ.get(DATA_DIR_ENV) or cfg.data_dir

@@ -8,7 +8,7 @@ transformer.placement=features the "input" is the feature maps after the first c
 mean over channels.
 
 `draw_transformations(model, images, labels, out)` takes any batch; `render_checkpoint(path, out)` loads
-a training checkpoint once (`stn.runs.load_model`), draws the first digits of the configured fixed test set
+a training checkpoint once (`stn.checkpoints.load_model`), draws the first digits of the configured fixed test set
 and measures the model's distortion recovery (`stn.recovery`) for the title (`stn visualize --wandb` logs it). `overlay_grid` draws
 the same T(G) lines into an enlarged image with PIL (the W&B sample images of `stn.panels`). `preview(cfg, out)` draws a grid of a dataset's
 samples with their labels (`stn data preview`).
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stn.checkpoints import load_model
 from stn.config import DATA_DIR_ENV, Config
 from stn.models import DigitClassifier
-from stn.runs import load_model
 from stn.spatial import norm_to_pixel
 
 GRID_LINES = 7  # grid rows/columns drawn inside the outline

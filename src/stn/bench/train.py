@@ -79,7 +79,7 @@ class Side:
 
 def _ours(cfg: Config, digits: Tensor, labels: Tensor, device: torch.device) -> Side:
     """The training loop of `stn.train.fit`, minus logging, evaluation and checkpoints."""
-    from stn.train import build_optimizer, build_scheduler, fit_step, prepare_model
+    from stn.step import build_optimizer, build_scheduler, fit_step, prepare_model
 
     amp, channels_last = runtime_flags(cfg.trainer, device, cfg.model)
     model = prepare_model(cfg, device)

@@ -40,7 +40,7 @@ DataChoice = Literal["exact", "block"]  # stn.engine.batched.EngineOptions.data
 
 def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,
              data: str = "exact", block_steps: int = 128):
-    from stn.engine.batched import EngineOptions
+    from stn.engine.options import EngineOptions
 
     return EngineOptions(amp=amp, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph, mode=mode,
                          data=data, block_steps=block_steps)
@@ -92,7 +92,7 @@ def _engine_errors(state: Path | None = None, plan_code: int = 1) -> Iterator[No
     """The commands' errors as every stn command reports them (stn.cli.common.reported): exit 2 for input, 1 for
     a failed run (the engine's and the plan's errors; `plan_code` 2 where nothing runs, e.g. a --budget too short
     for one chunk), 128+N for a signal (SIGTERM 143, Ctrl-C 130)."""
-    from stn.engine.batched import EngineError
+    from stn.engine.options import EngineError
     from stn.engine.plan import PlanError
     from stn.launch.executors import sigterm_as_interrupt, stop_code
 
@@ -372,7 +372,10 @@ def run(grid: Grid = GRID, preset: Preset = "paper", seeds: Seeds = "0,1,2", row
            + _count_problems("--block-steps", block_steps, 1, MAX_STEPS)
            + _count_problems("--in-flight", in_flight, 1, MAX_K) + _count_problems("--state-files", state_files, 1, 8)
            + folder_problems("--state", state, label=f"--state {state}"))
-    from stn.engine.plan import CostModel, StateLimits, make_groups, run_table, unique_members, write_tables
+    from stn.engine.plan import CostModel, make_groups, unique_members
+    from stn.engine.record import write_tables
+    from stn.engine.states import StateLimits
+    from stn.engine.table_run import run_table
 
     device = _device(device)
     with reported():

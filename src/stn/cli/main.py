@@ -179,7 +179,8 @@ def _train(overrides: list[str], multirun: bool, cfg: bool, executor: str, paral
     config = members[0].config
     refuse(output_problems(config))
     from stn.hydra_record import overrides_recorded
-    from stn.train import TrainingInterrupted, eval_key, fit
+    from stn.step import eval_key
+    from stn.train import TrainingInterrupted, fit
 
     with reported(), command_recorded(command), overrides_recorded(members[0].overrides):
         try:

@@ -391,7 +391,7 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
     import torch
 
     from stn.device import machine_name
-    from stn.train import eval_key
+    from stn.step import eval_key
 
     device = str(summary.get("device", "cpu"))
     return {

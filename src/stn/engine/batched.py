@@ -6,13 +6,13 @@ function, `vmap(functional_call)`: PyTorch's batching rules turn the K convoluti
 convolution and the K linear layers into one batched matmul, so a step costs one set of kernel launches for
 all K models instead of K. Each model keeps everything that makes it itself:
 
-- its initialisation: built exactly as `stn.train.prepare_model` builds it (`torch.manual_seed(cfg.seed)`,
+- its initialisation: built exactly as `stn.step.prepare_model` builds it (`torch.manual_seed(cfg.seed)`,
   then `build_model`), with the paper's layer order and plain nn.Conv2d (`build_model(cfg, fast=False)`:
   the fast layout's `autograd.Function` does not run under torch.func; same state dict either way);
 - its data stream: batch b of epoch e of model k is `TrainStream(seed=cfg_k.seed)`'s batch, drawn from the
   same per-(seed, epoch, batch) generators; the draws are per model (small), the warps of every model that
   shares a dataset are one `grid_sample` over all their images (`stn.engine.streams.BatchedStream`);
-- its loss (cross-entropy in float32 as `stn.train.train_step` computes it), its momentum buffer and its
+- its loss (cross-entropy in float32 as `stn.step.train_step` computes it), its momentum buffer and its
   learning-rate schedule (`StackedSGD`: torch.optim.SGD's arithmetic, momentum, weight decay, StepLR).
 
 The summed loss's gradient w.r.t. model k's slice of the stacked parameters is model k's own gradient (the
@@ -31,140 +31,38 @@ the whole step (forward, backward, SGD update; data is generated eagerly into th
 The step never reads anything back to the host: the per-model losses accumulate on the device and are read
 every `log_every` steps; a non-finite loss is pinned to its step per model on the device.
 
-This module owns the model stack: which configs can be batched, the stacked SGD, the options and
-`BatchedModels` (forward, step, CUDA graph, evaluation, state). The data streams are `stn.engine.streams`'s, and
+This module owns the model stack, `BatchedModels` (forward, step, CUDA graph, evaluation, state); which
+configs can be batched and the options are `stn.engine.options`', the stacked SGD `stn.engine.stacked_sgd`'s,
+the rule that picks a conv path `stn.engine.conv_paths`'. The data streams are `stn.engine.streams`'s, and
 a group being trained to a deadline is `stn.engine.group_run`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stn.config import OPTIMISER_KEYS, Config, TrainerConfig
+from stn.config import OPTIMISER_KEYS, Config
+from stn.engine.options import ENGINE_MODES, EngineError, EngineOptions, shape_signature
+from stn.engine.stacked_sgd import StackedSGD
 
 ENGINE_STATE_VERSION = 1
-ENGINE_MODES = ("vmap", "loop", "im2col")  # EngineOptions.mode
-
-
-class EngineError(RuntimeError):
-    """Models that cannot be batched together, or a state that does not fit; the message says why."""
 
 
 # ------------------------------------------------------------------------------------------- model shape
 
 
-def shape_signature(cfg: Config) -> str:
-    """What must agree for two configs to be batched: the module tree with every layer's shape, the input size
-    and the transformer's pooling. Built on the meta device (no memory, no initialisation); once per config
-    up to its seed, which changes no shape (a plan asks for the same few configs many times)."""
-    key = repr(dataclasses.replace(cfg, seed=0))
-    if key not in _SIGNATURES:
-        from stn.models import build_model
-
-        with torch.device("meta"):
-            model = build_model(cfg, fast=False)
-        shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-        _SIGNATURES[key] = f"size={cfg.dataset.size}|pool={cfg.dataset.st_output_pool}|{model!r}|{shapes}"
-    return _SIGNATURES[key]
-
-
-_SIGNATURES: dict[str, str] = {}
-
-
 # ----------------------------------------------------------------------------------------- conv paths
-
-# Above this many bytes of explicit patches for one model's step, a group takes "loop" on CUDA (cuDNN's implicit
-# GEMM never writes them). The patch matrix is written once and read once forward, and its gradient written and
-# folded back once backward: ~4x its size in memory traffic, against a GEMM of only O (= 64) FLOP per patch
-# element, so on a GPU each of these convolutions is bound by that traffic. At batch 256 in bf16 the CNN on TC's
-# second conv has 612 MiB per model (1.8 GiB, ~1.9 GB, for K = 3); every other convolution of the table stays
-# under 190 MiB (the CNN on RTS: 185 MiB).
-IM2COL_PATCH_LIMIT = 256 * 2**20
-
-
-def _conv_inputs(cfg: Config) -> tuple[tuple[int, int, int, int, int], ...]:
-    """(C, H, W, kh, kw) of each convolution's input in one model, traced by one forward of one image (once
-    per config up to its seed, which changes no shape)."""
-    key = repr(dataclasses.replace(cfg, seed=0))
-    if key in _CONV_INPUTS:
-        return _CONV_INPUTS[key]
-    from stn.models import build_model
-
-    with torch.device("meta"):  # no initialisation (and no draw from the global generator)
-        model = build_model(cfg, fast=False)
-    model = model.to_empty(device="cpu")  # meta tensors cannot pass autocast's guard in the transformer
-    seen: list[tuple[int, int, int, int, int]] = []
-
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        c, h, w = inputs[0].shape[1:]
-        seen.append((int(c), int(h), int(w), *module.kernel_size))  # type: ignore[union-attr]
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 1, cfg.dataset.size, cfg.dataset.size))  # values unused: shapes only
-    finally:
-        for handle in handles:
-            handle.remove()
-    _CONV_INPUTS[key] = tuple(seen)
-    return _CONV_INPUTS[key]
-
-
-_CONV_INPUTS: dict[str, tuple[tuple[int, int, int, int, int], ...]] = {}
-
-
-def im2col_patch_bytes(cfg: Config, *, bytes_per_element: int = 2) -> int:
-    """The largest patch matrix the "im2col" path builds for one model of `cfg` in one step, in bytes.
-
-    batch * H' * W' * C * kh * kw elements of the biggest convolution (bf16 by default, what a GPU run's
-    autocast builds); 0 for a model without convolutions (FCN, ST-FCN).
-    """
-    sizes = [(h - kh + 1) * (w - kw + 1) * c * kh * kw
-             for c, h, w, kh, kw in _conv_inputs(cfg)]
-    return max(sizes, default=0) * cfg.trainer.batch_size * bytes_per_element
-
-
-def conv_path_for(cfg: Config, device_type: str) -> str:
-    """The engine mode ("im2col" | "loop" | "vmap") a group of `cfg`'s models takes on `device_type`.
-
-    - Not CUDA (the CPU): "vmap". oneDNN runs vmap's grouped convolutions well, and faster than the explicit
-      im2col (measured outside the repo; experiments/bench/engine.md); vmap is the path the CPU table ran.
-    - CUDA, no convolution anywhere (FCN, ST-FCN: Linear layers only, in the classifier and in the
-      localisation net): "vmap". Its batching rules make each layer one batched matmul, which is all the
-      im2col path would do, and it is the path the finished FCN cells ran on the H200.
-    - CUDA, convolutions (CNN, ST-CNN: the classifier's, and the localisation net's for ST-CNNs, every
-      transformer, every P reading and canvas): "im2col" while its largest patch matrix per model and step
-      stays under IM2COL_PATCH_LIMIT, else "loop" (each model through cuDNN's own convolutions, cudnn.benchmark
-      on; `engine_options_for` adds channels_last). At the paper's batch of 256 that is: R, P (every reading),
-      E (largest 24.5 MiB) and RTS (42 px; the CNN's 185 MiB) im2col for every conv kind; TC (60 px) loop for
-      the CNN (612 MiB) and im2col for the ST-CNNs, whose classifier reads the transformer's output pooled to
-      30 px and whose localisation net reads the input max-pooled to 30 px (largest 39.5 MiB).
-    """
-    if device_type != "cuda" or im2col_patch_bytes(cfg) == 0:
-        return "vmap"
-    return "im2col" if im2col_patch_bytes(cfg) <= IM2COL_PATCH_LIMIT else "loop"
-
-
-def engine_options_for(cfg: Config, device_type: str, **options: Any) -> EngineOptions:
-    """EngineOptions(**options) with `conv_path_for`'s mode; on CUDA, "loop" also gets channels_last (cuDNN's
-    NHWC convolutions are its fast ones for bf16)."""
-    mode = conv_path_for(cfg, device_type)
-    if mode == "loop" and device_type == "cuda":
-        options.setdefault("channels_last", True)
-    return EngineOptions(mode=mode, **options)
 
 
 def build_member(cfg: Config) -> nn.Module:
-    """Model k as `stn.train.prepare_model` initialises it (seeded by cfg.seed), paper layer order, on the CPU."""
+    """Model k as `stn.step.prepare_model` initialises it (seeded by cfg.seed), paper layer order, on the CPU."""
     from stn.models import build_model
 
     torch.manual_seed(cfg.seed)
@@ -174,104 +72,7 @@ def build_member(cfg: Config) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- the SGD
 
 
-class StackedSGD:
-    """torch.optim.SGD (momentum, dampening 0, no Nesterov, weight decay) + StepLR for stacked parameters.
-
-    The arithmetic is torch's: d = g + wd * p; b = momentum * b + d (b = d on the first step); p -= lr * b.
-    The momentum buffers start at zero, so the first update's `0 * momentum + d` is d exactly, as torch's
-    clone. The rate follows StepLR's recursion (lr *= gamma every lr_step steps, on the host), so step s
-    (1-based) trains with the same float as torch's scheduler gives it. `lr_tensor` holds the same rate on
-    the device for the CUDA-graph step, which cannot take a new Python float per replay.
-    """
-
-    def __init__(self, params: Sequence[Tensor], trainer: TrainerConfig) -> None:
-        self.params = list(params)
-        self.momentum, self.weight_decay = float(trainer.momentum), float(trainer.weight_decay)
-        self.base_lr, self.lr_step, self.gamma = float(trainer.lr), int(trainer.lr_step), float(trainer.lr_gamma)
-        self.lr = self.base_lr
-        self.steps = 0  # updates done so far
-        self.buffers = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.lr_tensor = torch.full((), self.lr, dtype=torch.float64, device=self.params[0].device)
-
-    def _directions(self) -> list[Tensor]:
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            raise EngineError("a stacked parameter has no gradient: call backward before the update")
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
-        if self.momentum:
-            torch._foreach_mul_(self.buffers, self.momentum)
-            torch._foreach_add_(self.buffers, grads)
-            return self.buffers
-        return grads
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """p -= lr * direction with the host's rate (bitwise torch.optim.SGD's single-tensor arithmetic)."""
-        torch._foreach_add_(self.params, self._directions(), alpha=-self.lr)
-
-    @torch.no_grad()
-    def update_from_tensor(self) -> None:
-        """The same update reading the rate from `lr_tensor` (capturable in a CUDA graph)."""
-        directions = self._directions()
-        scale = (-self.lr_tensor).to(self.params[0].dtype)
-        torch._foreach_add_(self.params, torch._foreach_mul(directions, scale))
-
-    def advance(self) -> None:
-        """The scheduler's step, once per iteration after the update (StepLR's recursive form)."""
-        self.steps += 1
-        if self.steps % self.lr_step == 0:
-            self.lr = self.lr * self.gamma
-            self.lr_tensor.fill_(self.lr)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "steps": self.steps, "buffers": [b.detach().clone() for b in self.buffers]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["buffers"]) != len(self.buffers):
-            raise EngineError("optimizer state has another number of parameters")
-        with torch.no_grad():
-            for mine, saved in zip(self.buffers, state["buffers"], strict=True):
-                mine.copy_(saved)
-        self.lr, self.steps = float(state["lr"]), int(state["steps"])
-        self.lr_tensor.fill_(self.lr)
-
-
 # ---------------------------------------------------------------------------------------------- engine
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How the batched step runs. Defaults: eager float32 (the CPU path, bit-for-bit torch's arithmetic).
-
-    amp under vmap on the CPU is float32 arithmetic: under `torch.autocast("cpu", torch.bfloat16)` a vmapped
-    conv2d and a vmapped linear both return float32 from float32 inputs, where the same ops outside vmap
-    return bf16 (torch 2.14.1; tests/test_engine_paths.py asserts both; for the conv, the batching rule's
-    grouped aten::convolution is not on CPU autocast's list). So the engine's CPU "bf16" vmap steps ran their
-    convolutions and matmuls in float32. "loop" (plain per-model calls) and "im2col" (baddbmm, its patches
-    cast to autocast's dtype first) honour autocast on the CPU and on CUDA; theta, grids and sampling stay
-    float32 on every path. Whether CUDA autocast reaches vmap's convolutions is not checked (no GPU here).
-    """
-
-    dtype: torch.dtype = torch.float32  # parameter dtype (float64 for the equality tests)
-    amp: bool = False  # bf16 autocast of the forward (CUDA); theta, grids and sampling stay float32
-    channels_last: bool = False  # each model's images and conv weights in NHWC layout
-    compile: bool = False  # torch.compile the loss function (forward + loss)
-    compile_backend: str = "inductor"  # e.g. "eager" to check tracing without a C++ compiler
-    cuda_graph: bool = False  # capture forward + backward + update as one CUDA graph (CUDA only)
-    fused_data: bool = True  # one warp per dataset for all models (see BatchedStream)
-    # "vmap": one batched call per layer (grouped convs, batched matmuls); "loop": a Python loop over the
-    # K models, each through the same kernels as `stn train` (the exactness reference and the K-runs baseline;
-    # on CUDA it turns cudnn.benchmark on); "im2col": explicit patches @ weights per conv, one baddbmm for the
-    # K models (stn.engine.im2col). `conv_path_for` is the rule that picks one per group.
-    mode: str = "vmap"
-    # "exact": each model's batches are its `stn train` stream's (BatchedStream); "block": drawn block_steps
-    # steps at a time per dataset (BlockStream: same epoch order, other distortion samples, ~K*T fewer launches)
-    data: str = "exact"
-    # 128: a block's launches barely depend on its length, so per step they fall from 6-16 at 32 (the first
-    # loan's README) to ~1.5-4; memory is two blocks per group in flight (BlockStream's docstring)
-    block_steps: int = 128
-    prefetch: bool | None = None  # block data: draw the next block ahead on a side stream (None: on CUDA only)
 
 
 def _nhwc(x: Tensor) -> Tensor:
@@ -462,7 +263,7 @@ class BatchedModels:
     @torch.no_grad()
     def evaluate(self, test_sets: Sequence[Any], batch_size: int = 1000) -> list[float]:
         """Test error (%) of each model on its own test set (`stn.data.TestSet`, one per model; shared sets
-        are read once per chunk). The same argmax rule as `stn.train.evaluate`."""
+        are read once per chunk). The same argmax rule as `stn.step.evaluate`."""
         if len(test_sets) != self.k:
             raise EngineError(f"{len(test_sets)} test sets for {self.k} models")
         count = {len(t) for t in test_sets}

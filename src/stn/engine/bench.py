@@ -28,7 +28,8 @@ import torch
 
 from stn.compose import compose
 from stn.device import cpu_model, sync
-from stn.engine.batched import BatchedModels, EngineOptions
+from stn.engine.batched import BatchedModels
+from stn.engine.options import EngineOptions
 from stn.engine.streams import BlockStream, make_stream
 from stn.grid import TABLE1_MODELS
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from stn.config import Config, DatasetConfig
 from stn.data import TrainStream, seeded_generator
 from stn.distortions import draw_distortion, draws_whole_pixels
-from stn.engine.batched import EngineError, EngineOptions
+from stn.engine.options import EngineError, EngineOptions
 from stn.warp import apply_distortion
 
 

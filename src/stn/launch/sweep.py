@@ -398,7 +398,7 @@ def run_sweep(members: Sequence[Member], sweep_dir: Path, *, command: str, execu
     at once; a failed member never stops the others. Returns each member's summary (status done / failed /
     interrupted); sweep.json in `sweep_dir` says where each member is and how it ended."""
     from stn.launch.executors import SlurmOptions, run_jobs, sigterm_as_interrupt, start_pool
-    from stn.train import eval_key
+    from stn.step import eval_key
 
     problems = _problems(members)
     if problems:

@@ -43,6 +43,7 @@ from stn.grid import (
     load_grid,
     select_cells,
 )
+from stn.hydra_record import write_overrides
 from stn.launch.executors import (
     EXECUTORS,
     FitFn,
@@ -77,6 +78,9 @@ class CellJob(Job):
     cell: str
     seed: int
     config: Config
+    # the words that composed it (row, column, preset, the user's, seed): its .hydra/overrides.yaml, as Hydra
+    # records a job's overrides
+    overrides: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -127,7 +131,8 @@ def plan_jobs(
         raise TableError("\n".join(dict.fromkeys(problems)))
     table_dir = table_dir.resolve()
     jobs = []
-    for item in compose_cells(grid, cells, seeds, [f"trainer={preset}", *overrides]):
+    words = [f"trainer={preset}", *overrides]
+    for item in compose_cells(grid, cells, seeds, words):
         base, name = item.config, cell_name(item.row, item.column)
         # What a group's dashboard groups the cell runs by (W&B config keys and tags, stn.tracking).
         cell = {"table": grid.name, "row": item.row, "column": item.column, "cell": name,
@@ -141,7 +146,9 @@ def plan_jobs(
             trainer=dataclasses.replace(base.trainer, resume=True),
             logger=dataclasses.replace(base.logger, group=group, cell=cell),
         )
-        jobs.append(CellJob(row=item.row, column=item.column, cell=name, seed=item.seed, config=config))
+        composed = (*grid.rows[item.row], *grid.columns[item.column], *words, f"seed={item.seed}")
+        jobs.append(CellJob(row=item.row, column=item.column, cell=name, seed=item.seed, config=config,
+                            overrides=composed))
     return jobs
 
 
@@ -307,6 +314,7 @@ def reproduce(
         if state == "cached":
             runs[(job.cell, job.seed)] = _record(job, "done", "cached", _read_summary(job.run_dir / "summary.json"))
         else:
+            write_overrides(job.run_dir, job.overrides)  # what this invocation trains it with (a finished cell keeps its own)
             queue.append((job, state))
             runs[(job.cell, job.seed)] = _record(job, "pending", state)
     report = TableReport(table_dir=table_dir, group=group, cells=[], runs=[], cached=len(jobs) - len(queue))
