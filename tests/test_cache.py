@@ -41,6 +41,26 @@ def test_a_hit_is_the_composed_config_without_composing(folder: Path, monkeypatc
         cached_compose([*OVERRIDES, "seed=4"])
 
 
+def test_a_user_config_dir_is_part_of_the_key(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stn train --config-dir DIR`: DIR's files key the entry, so an edit between two commands is a miss and
+    no edit a hit."""
+    from stn.compose import user_config_set
+
+    mine = tmp_path / "mine" / "trainer" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("defaults:\n  - quick\n  - _self_\nlr: 0.123\n")
+    with user_config_set(tmp_path / "mine", None):
+        assert cached_compose(["trainer=mine"]).trainer.lr == 0.123
+        mine.write_text(mine.read_text().replace("0.123", "0.456"))
+        assert cached_compose(["trainer=mine"]).trainer.lr == 0.456
+        assert len(entries(folder)) == 2
+        monkeypatch.setattr(cache, "compose_many", lambda overrides: pytest.fail("composed again"))
+        assert cached_compose(["trainer=mine"]).trainer.lr == 0.456
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="mine"):  # without DIR its entries are not served: no trainer `mine`
+        cached_compose(["trainer=mine"])
+
+
 def test_the_environment_code_and_interpolations_are_part_of_the_key(folder: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_PROJECT", "first")

@@ -56,12 +56,24 @@ COMPOSE_SOURCES = ("compose.py", "config.py", "validation.py")
 
 def code_digest(kind: str = "") -> str:
     """A digest of everything a cached result of `kind` is computed from, other than its arguments and the
-    environment: conf/, the versions of Python and of the libraries that compose and count, and stn's Python
-    files (for composed configs only COMPOSE_SOURCES)."""
-    from stn.compose import conf_dir
+    environment: conf/, the versions of Python and of the libraries that compose and count, stn's Python
+    files (for composed configs only COMPOSE_SOURCES), and the YAML files of the user's --config-dir when one
+    is in force (read on every call: a user edits those between commands of one session)."""
+    from stn.compose import conf_dir, user_config
 
     package = str(Path(__file__).resolve().parent)
-    return _digest(str(conf_dir().resolve()), package, COMPOSE_SOURCES if kind == "compose" else None)
+    code = _digest(str(conf_dir().resolve()), package, COMPOSE_SOURCES if kind == "compose" else None)
+    user_dir = user_config()[0]
+    if user_dir is None:
+        return code
+    digest = hashlib.sha256(code.encode())
+    _add_files(digest, Path(user_dir), sorted(Path(user_dir).rglob("*.yaml")))
+    return digest.hexdigest()
+
+
+def _add_files(digest: Any, root: Path, paths: Sequence[Path]) -> None:
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
 
 
 @functools.cache  # per process, config folder and scope: files are read once
@@ -72,8 +84,7 @@ def _digest(conf_path: str, package_path: str, sources: tuple[str, ...] | None) 
     package, conf = Path(package_path), Path(conf_path)
     python = sorted(package.rglob("*.py")) if sources is None else [package / name for name in sources]
     for root, paths in ((package, python), (conf, sorted(conf.rglob("*.yaml")))):
-        for path in paths:
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        _add_files(digest, root, paths)
     digest.update(str(conf).encode() + sys.version.encode())
     for name in ("hydra-core", "omegaconf", "torch"):
         try:

@@ -190,11 +190,8 @@ def resolve_dir(key: str, value: str, job: dict[str, Any]) -> str:
 
 
 def _compose(overrides: list[str], where: str) -> Config:
-    from stn.compose import compose, user_config
-
     try:
-        # The disk cache knows conf/, not a user's --config-dir: compose those afresh.
-        return cached_compose(overrides) if user_config() == (None, "config") else compose(overrides)
+        return cached_compose(overrides)  # a user's --config-dir files are part of the cache key
     except ConfigError as err:
         raise ConfigError(f"{where}{err}" if where else str(err)) from None
 
