@@ -530,7 +530,7 @@ def sigterm_self(*args: object, **kwargs: object) -> None:
 
 def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's table: 128+N for a signal, SIGTERM 143 (reproduce-table and convergence run said 130)."""
-    import stn.engine.plan
+    import stn.engine.table_run
     import stn.tables.reproduce
     import stn.train
     from stn.train import TrainingInterrupted
@@ -544,7 +544,7 @@ def test_sigterm_exits_143_in_the_fan_out_commands(cwd: Path, monkeypatch: pytes
         assert stop(), "SIGTERM did not reach run_table's stop"
         return {"done": 0, "partial": []}
 
-    monkeypatch.setattr(stn.engine.plan, "run_table", run_table_until_stopped)
+    monkeypatch.setattr(stn.engine.table_run, "run_table", run_table_until_stopped)
     result = runner.invoke(app, ["engine", "run", "--grid", str(TABLE1), "--rows", "CNN", "--columns", "R",
                                  "--seeds", "0", "--preset", "smoke", "--device", "cpu", "--state", "state",
                                  "--no-record"])
