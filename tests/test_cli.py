@@ -77,15 +77,15 @@ def test_choice_types_match_what_they_choose_from() -> None:
     """The CLI's Literal choices are the config groups and module constants they stand for."""
     from typing import get_args
 
+    from stn.cli import common
     from stn.cli import engine as engine_cli
-    from stn.cli import main as cli
     from stn.compose import group_choices
     from stn.config import TRAINER_PRESETS
     from stn.engine.options import EngineOptions
     from stn.launch.executors import EXECUTORS
 
     assert sorted(TRAINER_PRESETS) == sorted(group_choices("trainer"))
-    assert get_args(cli.Executor) == EXECUTORS
+    assert get_args(common.Executor) == EXECUTORS
     assert get_args(engine_cli.Mode)[0] == EngineOptions().mode and get_args(engine_cli.DataChoice)[0] == EngineOptions().data
 
 

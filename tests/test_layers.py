@@ -134,3 +134,49 @@ def test_stn_has_no_import_circle() -> None:
     assert graph["cli.main"] >= {"cli.common", "tables.dashboard", "launch.sweep"}
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def defined_names(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """stn module -> the names its own top level defines (functions, classes, assignments): not what it imports."""
+    found: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.parse(path.read_text(), filename=str(path)).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+        found[".".join(["stn", *filter(None, [module_name(path, package)])])] = names
+    return found
+
+
+def borrowed_imports(roots: list[Path], package: Path = PACKAGE) -> list[str]:
+    """Every `from stn.x import name` (in the files under `roots`) where stn.x does not define `name` itself but
+    only imports it: a re-export, which hides where the name lives (and kept the old homes of moved code alive)."""
+    defined = defined_names(package)
+    borrowed = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in defined:
+                    borrowed += [f"{path}:{node.lineno}: {node.module}.{alias.name}" for alias in node.names
+                                 if alias.name not in defined[node.module]
+                                 and f"{node.module}.{alias.name}" not in defined]  # a submodule
+    return borrowed
+
+
+def test_the_borrowed_import_check_finds_a_re_export(tmp_path: Path) -> None:
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("")
+    (tmp_path / "engine" / "options.py").write_text("class EngineError(Exception):\n    pass\n")
+    (tmp_path / "engine" / "batched.py").write_text("from stn.engine.options import EngineError\nK = 1\n")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "a.py").write_text("from stn.engine.batched import K, EngineError\nfrom stn.engine import options\n")
+    assert borrowed_imports([user], tmp_path) == [f"{user / 'a.py'}:1: stn.engine.batched.EngineError"]
+
+
+def test_every_stn_import_names_the_module_that_defines_it() -> None:
+    root = PACKAGE.parents[1]
+    assert borrowed_imports([root / "src", root / "tests", root / "experiments", root / "tools"]) == []

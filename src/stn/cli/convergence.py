@@ -113,7 +113,8 @@ def convergence_plot(
 ) -> None:
     """Per-dataset PNGs (plots/<study>/, test error vs training images, log-log, the paper dashed) and <study>.md
     beside the record (mean ± std per budget, and the orderings the paper claims); and the same to W&B."""
-    from stn.compose import ConfigError, compose
+    from stn.compose import compose
+    from stn.config import ConfigError
     from stn.convergence.extrapolate import extrapolation_table
     from stn.convergence.plot import (
         log_study_to_wandb,

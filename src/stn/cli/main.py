@@ -24,21 +24,18 @@ import typer
 
 from stn.cli import help_format
 from stn.cli.bench import bench_app
-from stn.cli.common import (  # noqa: F401  (Executor, Split: the CLI's choice types, re-exported)
+from stn.cli.common import (
     OVERRIDES_HELP,
     DatasetName,
-    Executor,
     ExecutorOption,
     ParallelOption,
     SlurmCpus,
     SlurmGpus,
     SlurmPartition,
     SlurmTime,
-    Split,
     fail,
     groups_help,
     launch_options,
-    load_config,
     refuse,
     reported,
     typed_command,

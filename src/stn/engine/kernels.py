@@ -36,8 +36,6 @@ from stn.config import Config
 PATHS = ("vmap", "loop", "im2col")  # the engine's conv paths (EngineOptions.mode)
 
 COUNT_BATCHES = (2, 4)  # the two small batches the affine extrapolation is fitted on
-
-
 ELEMENT_BYTES = 2  # bf16: the analytic im2col kernels' element size (the counted ones carry their own)
 
 

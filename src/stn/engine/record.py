@@ -16,11 +16,7 @@ from stn.report import CellResult, render_csv, summarise
 from stn.runs import write_atomic
 
 RESULTS = "results.json"
-
-
 TABLE_CSV = "results.csv"
-
-
 PLAN_VERSION = 1
 
 

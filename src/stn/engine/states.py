@@ -13,12 +13,10 @@ from typing import Any
 import torch
 
 from stn.checkpoints import save_checkpoint
-from stn.engine.batched import shape_signature
+from stn.engine.options import shape_signature
 from stn.engine.plan import Group, PlanError
 
 PARTIAL = "partial.pt"
-
-
 PARTIAL_VERSION = 2  # partial files holding several groups each (1: one group per partial.pt)
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from stn.config import Config
-from stn.engine.batched import BatchedModels, EngineError, EngineOptions
+from stn.engine.batched import BatchedModels
 from stn.engine.conv_paths import options_for_mode
 from stn.engine.group_run import GroupRun, InFlight
+from stn.engine.options import EngineError, EngineOptions
 from stn.engine.plan import CostModel, Group, Member, PlanError, pack_chunks, run_order
 from stn.engine.record import TABLE_CSV, load_results, save_results, table_csv
 from stn.engine.states import (
