@@ -1,9 +1,13 @@
 #!/bin/bash
-# Train recipe-ablation studies (files in experiments/recipes/ablation/), one after the other, on this machine: two queues of
-# `stn convergence run`, one per core (OMP_NUM_THREADS=1), on the same study; a cell one queue is training is
-# locked, so the other skips it and each cell trains once. R and P first, RTS (whose CNN costs ~5x an R cell) last.
-# Resumable: run it again and it continues from the record and the cells' checkpoints. SIGTERM stops both queues
-# with checkpoints. Run it from a worktree pinned to a commit, so code moved meanwhile cannot break it:
+# Train recipe-ablation studies (files in experiments/recipes/ablation/) on this machine: two queues, one per
+# core (OMP_NUM_THREADS=1), each running `stn convergence run` over every study in turn; a cell one queue is
+# training is locked, so the other skips it and each cell trains once. Every study's R and P cells come before any
+# study's RTS cell (its CNN costs ~5x an R cell), so each piece has a first verdict on two datasets early. The
+# queues never wait for each other: when one has nothing left in a study it moves on to the next, so no core idles
+# while the other finishes a study's last cell.
+# Resumable: run it again and it continues from the record and the cells' checkpoints. SIGTERM (or Ctrl-C) stops
+# both queues, each training process checkpointing first. Run it from a worktree pinned to a commit, so code
+# moved meanwhile cannot break it:
 #   git worktree add --detach ../wt-train HEAD && cd ../wt-train && experiments/recipes/ablate.sh <study.yaml> ...
 # The order the pieces are queued in (cheapest evidence first):
 #   experiments/recipes/ablate.sh experiments/recipes/ablation/{onecycle,ema,label_smoothing,loc_lr,weight_decay,grad_clip,warmup}.yaml
@@ -12,17 +16,24 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: experiments/recipes/ablate.sh experiments/recipes/ablation/<piece>.yaml [...]" >&2; exit 2; }
 stn=${STN:-.venv/bin/stn}
 export OMP_NUM_THREADS=1
+
+queue() {  # every study's R and P cells, then every study's RTS cells; a stop is passed to the running child
+  local child=
+  trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait; exit 143' TERM INT
+  for columns in R,P RTS; do
+    for study in "$@"; do
+      $stn convergence run --study "$study" --columns "$columns" --parallel 1 &
+      child=$!
+      wait "$child"
+    done
+  done
+}
+
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 143' TERM INT
-# Every study's R and P cells before any RTS cell: the cheap datasets give each piece a first verdict early.
-for columns in R,P RTS; do
-  for study in "$@"; do
-    pids=()
-    for queue in 1 2; do
-      $stn convergence run --study "$study" --columns "$columns" --parallel 1 &
-      pids+=($!)
-      sleep 30  # the second queue starts after the first has locked its cell
-    done
-    wait
-  done
-done
+queue "$@" &
+pids+=($!)
+sleep "${QUEUE_GAP_S:-30}"  # the second queue starts after the first has locked its cell
+queue "$@" &
+pids+=($!)
+wait
