@@ -271,7 +271,7 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path: Path) -> None:
         assert message in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["convergence", "run", "--study", str(path), "--dry-run", "--rows", "CNN",
                                  "--columns", "R", "--seeds", "0"])
-    assert result.exit_code == 0 and result.output.count("to train") == 2
+    assert result.exit_code == 0 and result.output.count("steps  to train") == 2
     assert not (tmp_path / "runs").exists()  # a dry run trains and writes nothing
 
 
@@ -316,3 +316,62 @@ def test_a_cell_that_does_not_compose_is_named(tmp_path: Path) -> None:
                                    parts="\n  - {rows: [CNN, ST-CNN], columns: [R], budgets: ['1/250']}"))
     with pytest.raises(StudyError, match=r"^ST-CNN / R at 1/250: .*transformer"):
         plan(study)
+
+
+# --------------------------------------------------------------------------------- expected time (dry run)
+
+
+def write_rates(path: Path, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """A record with (model, dataset, images_per_s, threads, cpu) rows; the other columns filler."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("recipe,dataset,model,budget,seed,test_error,images_per_s,threads,cpu\n" + "".join(
+        f"paper-sgd,{dataset},{model},1/50,{k},1.0,{rate},{threads},\"{cpu}\"\n"
+        for k, (model, dataset, rate, threads, cpu) in enumerate(rows)))
+
+
+def test_rates_are_the_median_of_one_thread_rows_on_this_cpu_kind(tmp_path: Path) -> None:
+    from stn.convergence.estimate import one_thread_rates
+
+    here, other = "AMD EPYC (AVX2, 2 cores)", "Intel Xeon (AVX512, 2 cores)"
+    record = tmp_path / "results.csv"
+    write_rates(record, [("CNN", "R", "100", "1", here), ("CNN", "R", "300", "1", here),
+                         ("CNN", "R", "200", "", here),  # no threads recorded: one (older rows)
+                         ("CNN", "R", "900", "2", here),  # two threads: another setting, left out
+                         ("CNN", "R", "5000", "1", other),  # another CPU, while this one has rows
+                         ("FCN", "R", "7000", "1", other), ("FCN", "R", "9000", "1", other)])
+    rates = one_thread_rates(record, here)
+    assert rates[("CNN", "R")].images_per_s == 200 and rates[("CNN", "R")].rows == 3 and rates[("CNN", "R")].same_cpu
+    assert rates[("FCN", "R")].images_per_s == 8000 and not rates[("FCN", "R")].same_cpu  # only other CPUs' rows
+
+
+def test_wall_time_is_the_cells_in_order_on_the_first_free_queue() -> None:
+    from stn.convergence.estimate import duration_text, wall_seconds
+
+    # queue 0 takes 3 then 2 then 2 (free at 3, 5, 7), queue 1 takes 3 then 2 (free at 3, 5): done at 7
+    assert wall_seconds([3, 3, 2, 2, 2], 2) == 7
+    assert wall_seconds([3, 3, 2, 2, 2], 1) == 12 and wall_seconds([], 2) == 0
+    assert wall_seconds([10, 1, 1, 1], 2) == 10  # one long cell bounds it, whatever the others do
+    assert duration_text(30 * 60) == "~30 min" and duration_text(3 * 3600) == "~3.0 h"
+
+
+def test_dry_run_states_each_cells_time_and_the_total_from_the_record(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cell's time from its own record's rate, else the main study's record's; the total on two cores."""
+    import stn.convergence.estimate as estimate
+    from stn.device import machine_name
+
+    cpu = machine_name("cpu")
+    (tmp_path / "main").mkdir()
+    main = write_study(tmp_path / "main")
+    write_rates(tmp_path / "main" / "record" / "results.csv", [("FCN", "R", "1536", "1", cpu)])
+    monkeypatch.setattr(estimate, "DEFAULT_STUDY", main)
+    path = write_study(tmp_path, parts="\n  - {rows: [CNN, FCN, ST-CNN Aff], columns: [R], budgets: ['1/250']}")
+    # 1/250 at batch 128 = 1200 steps = 153,600 images: 1280 s at 120 images/s, 100 s at 1536
+    write_rates(tmp_path / "record" / "results.csv", [("CNN", "R", "120", "1", cpu)])
+    result = runner.invoke(app, ["convergence", "run", "--study", str(path), "--dry-run", "--seeds", "0"])
+    assert result.exit_code == 0, result.output
+    cells = {line.split("steps")[0].split()[-2]: line for line in result.output.splitlines() if "steps" in line}
+    assert "to train, ~21 min" in cells["CNN"] and "to train, ~2 min" in cells["FCN"], result.output
+    assert "no rate recorded" in cells["Aff"]  # ST-CNN Aff: no row in either record
+    assert "3 cells to train: ~23 min one cell at a time, ~21 min with 2 at once (--parallel 2); 1 without a " \
+           "recorded rate, not counted" in result.output

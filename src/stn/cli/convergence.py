@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -59,10 +59,7 @@ def convergence_run(
         typer.secho(f"error: --max-cells {max_cells} must be at least 1", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     if dry_run:
-        for cell in cells:
-            state = "recorded" if cell.key in done else "to train"
-            typer.echo(f"{cell.budget:>6} seed {cell.seed} {cell.column:>4} {cell.row:<12} "
-                       f"{cell.config.trainer.iterations:>6} steps  {state}")
+        _print_plan(loaded, cells, done, parallel)
         return
     try:
         with reported():  # a full disk, a folder removed meanwhile: one line, exit 1
@@ -83,6 +80,44 @@ def convergence_run(
         raise typer.Exit(report.stop_code)  # 128 + the signal: Ctrl-C 130, SIGTERM 143
     if report.failed:
         raise typer.Exit(1)
+
+
+def _print_plan(study: Any, cells: list[Any], done: set[Any], parallel: int) -> None:
+    """The dry run: each cell, recorded or to train with its expected time, then the total on this many
+    queues (stn.convergence.estimate: the record's own images/s)."""
+    from stn.convergence.estimate import cell_seconds, duration_text, study_rates, wall_seconds
+    from stn.device import machine_name
+
+    cpu = machine_name("cpu")
+    rates = study_rates(study, cpu)
+    expected: list[float] = []
+    unknown = 0
+    for cell in cells:
+        state, seconds = "recorded", None
+        if cell.key not in done:
+            seconds = cell_seconds(cell, rates)
+            state = f"to train, {duration_text(seconds)}" if seconds is not None else "to train, no rate recorded"
+            if seconds is None:
+                unknown += 1
+            else:
+                expected.append(seconds)
+        typer.echo(f"{cell.budget:>6} seed {cell.seed} {cell.column:>4} {cell.row:<12} "
+                   f"{cell.config.trainer.iterations:>6} steps  {state}")
+    to_train = len(expected) + unknown
+    if not to_train:
+        typer.echo("nothing to train: every cell is recorded")
+        return
+    used = [rates[(cell.row, cell.column)] for cell in cells
+            if cell.key not in done and (cell.row, cell.column) in rates]
+    sources = sorted({str(rate.source) for rate in used})
+    other_cpu = sum(not rate.same_cpu for rate in used)
+    queues = parallel if parallel > 1 else 2  # a 2-core machine's way: two cells at once, one per core
+    typer.echo(f"{to_train} cells to train: {duration_text(sum(expected))} one cell at a time"
+               + f", {duration_text(wall_seconds(expected, queues))} with {queues} at once (--parallel {queues})"
+               + (f"; {unknown} without a recorded rate, not counted" if unknown else "")
+               + f". From the median images/s of one-thread rows in {', '.join(sources) or 'no record'} on "
+               + f"{cpu}" + (f" ({other_cpu} cells from other CPUs' rows)" if other_cpu else "")
+               + ", measured beside the other trainings of their day (the record's load column).")
 
 
 def tracked_by_git(paths: list[Path]) -> list[Path]:
