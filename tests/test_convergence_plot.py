@@ -192,3 +192,53 @@ def test_plot_takes_out_and_says_when_it_rewrites_tracked_files(tmp_path: Path, 
     assert result.exit_code == 0 and "git tracks" not in result.stderr
     assert (tmp_path / "elsewhere" / "demo.md").is_file() and list((tmp_path / "elsewhere" / "plots" / "demo").glob("*.png"))
     assert before == {p: p.stat().st_mtime_ns for p in before}  # the record's folder is untouched
+
+
+def write_two_recipes(record: Path) -> None:
+    """A laptop-like recipe's R cells at 1/20 beside the paper's recipe's ST-CNN Aff cell at the same budget."""
+    images = int(parse_budget("1/20") * PAPER_IMAGES)
+    rows = [("laptop", "ST-CNN Aff", 0, 0.60, 30.0), ("laptop", "ST-CNN Aff", 1, 0.70, 32.0),
+            ("laptop", "ST-CNN Aff", 2, 0.80, 34.0), ("laptop", "CNN", 0, 1.0, None), ("laptop", "CNN", 1, 1.1, None),
+            ("laptop", "CNN", 2, 1.2, None), ("paper-sgd", "ST-CNN Aff", 0, 1.10, 44.0),
+            ("paper-sgd", "ST-CNN Aff", 1, 1.16, 46.0), ("paper-sgd", "ST-CNN Aff", 2, 1.22, 48.0)]
+    with record.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["recipe", "dataset", "model", "budget", "images", "seed", "test_error", "paper", "recovery",
+                         "recovery_before"])
+        for recipe, model, seed, error, rotation in rows:
+            recovery = ("", "") if rotation is None else (f"rotation_std_deg={rotation}", "rotation_std_deg=51.7")
+            writer.writerow([recipe, "R", model, "1/20", images, seed, error, 0.7 if model != "CNN" else 1.2, *recovery])
+
+
+def test_a_second_recipe_is_set_against_the_paper_and_the_papers_recipe(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from stn.convergence.beside import beside_rows
+    from stn.convergence.study import read_results
+
+    record = tmp_path / "results.csv"
+    write_two_recipes(record)
+    rows = read_results(record)
+    found = beside_rows(rows, rows)
+    # ST-CNN Aff: 0.70 ± 0.10 against 1.16 ± 0.06; 2·max(0.10, 0.06)/√3 = 0.115 < 0.46: ours lower.
+    # Recovery: the seeds' mean rotation spread, 32 against 46, the untouched digits' 51.7.
+    assert found == [
+        ["laptop", "R", "CNN", "1/20", "1.10 ± 0.10 (3)", "1.2", "0.92x", "", "", "", ""],
+        ["laptop", "R", "ST-CNN Aff", "1/20", "0.70 ± 0.10 (3)", "0.7", "1.00x", "1.16 ± 0.06 (3)", "ours lower", "0.12",
+         "rotation_std_deg 32 / 46 (51.7)"],
+    ]
+
+    monkeypatch.chdir(tmp_path)  # no main convergence record here: the paper's recipe comes from the study's own rows
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: demo\nrecipe: laptop\ngrid: {GRID}\nbatch_size: 128\nresults: results.csv\n"
+                     "seeds: [0, 1, 2]\nparts:\n  - {rows: [CNN, ST-CNN Aff], columns: [R], budgets: ['1/20']}\n")
+    result = CliRunner().invoke(app, ["convergence", "plot", "--study", str(study), "--no-wandb"])
+    assert result.exit_code == 0, result.output
+    summary = (tmp_path / "demo.md").read_text()
+    assert "## Against the paper, beside the paper's recipe at the same budget" in summary
+    assert "| laptop | R | ST-CNN Aff | 1/20 | 0.70 ± 0.10 (3) | 0.7 | 1.00x | 1.16 ± 0.06 (3) | ours lower |" in summary
+    chart = tmp_path / "plots" / "demo" / "against_paper.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "against_paper.png" in result.output
+
+    write_record(record)  # the paper's recipe only: nothing to set against it
+    result = CliRunner().invoke(app, ["convergence", "plot", "--study", str(study), "--no-wandb"])
+    assert result.exit_code == 0 and "## Against the paper" not in (tmp_path / "demo.md").read_text()

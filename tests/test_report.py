@@ -26,6 +26,20 @@ def test_the_chart_has_a_log_error_axis_spanning_sub_percent_and_tens_of_percent
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_third_series_sits_between_ours_and_the_paper() -> None:
+    fig = bars_figure(cells(), "t", beside=[2.0, 0.7, float("nan")], beside_label="paper-sgd", ours_label="laptop")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["laptop", "paper-sgd", "paper"]
+    from matplotlib.container import BarContainer
+
+    ours, beside, paper = [c for c in ax.containers if isinstance(c, BarContainer)]
+    heights = [[bar.get_height() for bar in group] for group in (beside, paper)]
+    assert heights[0][:2] == [2.0, 0.7] and heights[1] == [1.2, 0.5, 13.2]
+    centres = [[bar.get_x() + bar.get_width() / 2 for bar in group] for group in (ours, beside, paper)]
+    assert all(a < b < c for a, b, c in zip(*centres, strict=True))  # ours, beside, paper, left to right per cell
+    plt.close(fig)
+
+
 def test_summarise_plans_seeds_per_cell_and_keeps_steps_only_when_they_agree() -> None:
     from stn.report import summarise
 

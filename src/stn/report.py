@@ -236,11 +236,12 @@ def write_table(folder: Path, grid: Grid, results: Sequence[CellResult], meta: d
     return files
 
 
-def plot_bars(results: Sequence[CellResult], path: Path, title: str = "") -> Path:
+def plot_bars(results: Sequence[CellResult], path: Path, title: str = "", *, beside: Sequence[float] | None = None,
+              beside_label: str = "", ours_label: str = "ours") -> Path:
     """Grouped bars per cell, written to `path` as a PNG (see `bars_figure`)."""
     import matplotlib.pyplot as plt
 
-    fig = bars_figure(results, title)
+    fig = bars_figure(results, title, beside=beside, beside_label=beside_label, ours_label=ours_label)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
@@ -248,9 +249,11 @@ def plot_bars(results: Sequence[CellResult], path: Path, title: str = "") -> Pat
     return path
 
 
-def bars_figure(results: Sequence[CellResult], title: str = "") -> Any:
+def bars_figure(results: Sequence[CellResult], title: str = "", *, beside: Sequence[float] | None = None,
+                beside_label: str = "", ours_label: str = "ours") -> Any:
     """Ours (error bar = std over seeds) beside the paper's number, per cell, on a log axis: the paper's
-    errors go down to 0.5% and ours up to 50%, so a linear axis would flatten every sub-1% cell."""
+    errors go down to 0.5% and ours up to 50%, so a linear axis would flatten every sub-1% cell. `beside`: a
+    third bar per cell between the two (NaN: none), e.g. the paper's recipe at the same budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,11 +265,15 @@ def bars_figure(results: Sequence[CellResult], title: str = "") -> Any:
     ours = [math.nan if x.mean is None else x.mean for x in results]
     spread = [0.0 if x.std is None else x.std for x in results]
     paper = [math.nan if x.paper is None else x.paper for x in results]
-    width = 0.4
+    series = [(ours, spread, ours_label, None), *([(list(beside), None, beside_label, "0.35")] if beside else []),
+              (paper, None, "paper", "0.6")]
+    width = 0.8 / len(series)
     positions = list(range(len(results)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(results) + 2), 4.5))
-    ax.bar([p - width / 2 for p in positions], ours, width, yerr=spread, capsize=2, label="ours")
-    ax.bar([p + width / 2 for p in positions], paper, width, label="paper", color="0.6")
+    for index, (values, errors, label, color) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * width
+        ax.bar([p + offset for p in positions], values, width, yerr=errors, capsize=2 if errors else 0, label=label,
+               color=color)
     ax.set_xticks(positions)
     ax.set_xticklabels(labels, rotation=90 if many else 0, fontsize=7)
     ax.set_yscale("log")

@@ -120,6 +120,23 @@ def _print_plan(study: Any, cells: list[Any], done: set[Any], parallel: int) -> 
                + ", measured beside the other trainings of their day (the record's load column).")
 
 
+def _against_paper(study: Any, plots: Path) -> tuple[str, Path | None]:
+    """The section of a study with a recipe other than the paper's (stn.convergence.beside), and its chart; the
+    paper's recipe comes from the study's own rows and the main convergence record's."""
+    from stn.convergence.beside import beside_table, plot_beside
+    from stn.convergence.study import DEFAULT_STUDY, load_study, read_results
+
+    rows = read_results(study.results)
+    reference = list(rows)
+    main = load_study(DEFAULT_STUDY).results if DEFAULT_STUDY.is_file() else None
+    if main is not None and main.resolve() != study.results.resolve():
+        reference += read_results(main)
+    table = beside_table(rows, reference)
+    if not table:
+        return "", None
+    return table, plot_beside(rows, reference, plots / "against_paper.png")
+
+
 def tracked_by_git(paths: list[Path]) -> list[Path]:
     """Those of `paths` that git tracks (in the checkout holding them); [] where git or a checkout is missing."""
     import subprocess
@@ -175,6 +192,7 @@ def convergence_plot(
         schedule_cells = read_paper_schedule(loaded.paper_schedule)
         endpoints = paper_schedule_table(schedule_cells, papers) if loaded.paper_schedule else ""
         extrapolated = extrapolation_table(read_results(loaded.results), schedule_cells)
+        against, against_chart = _against_paper(loaded, target / "plots" / loaded.name)
         logger = compose(list(loaded.overrides)).logger if wandb else None
     except (StudyError, ConfigError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -205,7 +223,16 @@ def convergence_plot(
                               "precision and device). No prediction where the errors do not fall at every budget or "
                               "do not flatten: a law with a floor below zero would cross zero. A prediction is a "
                               "reading of the curve's shape, not a "
-                              f"result.\n\n{extrapolated}\n"))
+                              f"result.\n\n{extrapolated}\n")
+                           + ("" if not against else
+                              "\n## Against the paper, beside the paper's recipe at the same budget\n\nEvery cell of "
+                              "a recipe other than the paper's: its ratio to the paper's error, the paper's recipe "
+                              "(paper-sgd) at the same share of the paper's images, and which is lower by the criterion "
+                              "above; for transformer cells, the distortion recovery (each metric's mean over seeds: "
+                              "ours / the paper's recipe, the untouched digits' value in brackets; lower is more "
+                              f"rectified). Chart: plots/{loaded.name}/{against_chart.name}.\n\n{against}\n"))
+        if against_chart is not None:
+            written.append(against_chart)
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(p) for p in [*written, summary]))
     tracked = tracked_by_git([*written, summary])

@@ -51,8 +51,9 @@ def study_rates(study: Study, cpu: str) -> dict[tuple[str, str], Rate]:
     """The study's own rates, completed by the main convergence record's for what the study has not measured
     (or measured on another kind of CPU only, when the main record has this kind)."""
     rates = one_thread_rates(study.results, cpu)
-    if study.results.resolve() != Path(DEFAULT_STUDY).resolve() and Path(DEFAULT_STUDY).is_file():
-        for key, rate in one_thread_rates(load_study(DEFAULT_STUDY).results, cpu).items():
+    main = load_study(DEFAULT_STUDY).results if Path(DEFAULT_STUDY).is_file() else None
+    if main is not None and main.resolve() != study.results.resolve():
+        for key, rate in one_thread_rates(main, cpu).items():
             if key not in rates or (rate.same_cpu and not rates[key].same_cpu):
                 rates[key] = rate
     return rates
