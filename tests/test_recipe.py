@@ -248,3 +248,78 @@ def test_the_ablation_table_keeps_only_a_piece_that_helps_beyond_the_spread(tmp_
     assert decided["onecycle+unstable"].startswith("dropped: 2 seed(s) collapsed")
     assert decided["onecycle+partial"].startswith("undecided")
     assert any("| onecycle+good | R | CNN | 1/50 | 1.55 ± 0.05 (3) | 2.10 ± 0.10 (3) | -0.55 |" in line for line in lines)
+
+
+def ablation_table_module():
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "ablation_table.py"
+    spec = importlib.util.spec_from_file_location("ablation_table", script)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+def val_rows(errors: dict[tuple[str, str], tuple[float, ...]]) -> list[dict[str, str]]:
+    """Record rows of the CNN at 1/50: (recipe, dataset) -> the seeds' validation errors."""
+    from stn.convergence.study import COLUMNS
+
+    return [{c: "" for c in COLUMNS if c != "test_error"} | {
+        "recipe": recipe, "dataset": dataset, "model": "CNN", "budget": "1/50", "images": "768000",
+        "seed": str(seed), "val_error": str(e)}
+        for (recipe, dataset), seeds in errors.items() for seed, e in enumerate(seeds)]
+
+
+def test_a_cell_counts_only_with_every_seed_of_the_study_in_so_a_drop_is_final() -> None:
+    """With the study's cells (R, P, RTS at 3 seeds) planned: a piece higher beyond the spread on R with every seed
+    in is dropped whatever RTS will say; higher with two seeds only, or lower on R and P with RTS (base or piece)
+    untrained, is undecided, never kept early."""
+    table = ablation_table_module()
+    planned = {recipe: ({(d, "CNN", "1/50") for d in ("R", "P", "RTS")}, 3)
+               for recipe in ("onecycle", "onecycle+worse", "onecycle+early", "onecycle+better")}
+    base = {("onecycle", "R"): (2.0, 2.1, 2.2), ("onecycle", "P"): (1.0, 1.1, 1.2)}
+    rows = val_rows(base | {("onecycle+worse", "R"): (3.0, 3.1, 3.2), ("onecycle+worse", "P"): (1.0, 1.1, 1.2),
+                            ("onecycle+early", "R"): (3.0, 3.1), ("onecycle+better", "R"): (1.0, 1.1, 1.2),
+                            ("onecycle+better", "P"): (0.5, 0.6, 0.7)})
+    _, decided = table.verdicts(rows, "onecycle", planned)
+    assert decided["onecycle+worse"] == "dropped: higher beyond the spread in 1 cell(s)"
+    assert decided["onecycle+early"] == "undecided: 3 cell(s) not yet trained with 3 seeds"
+    assert decided["onecycle+better"] == "undecided: 1 cell(s) not yet trained with 3 seeds"  # RTS: neither side
+    rows += val_rows({("onecycle", "RTS"): (1.5, 1.6, 1.7), ("onecycle+better", "RTS"): (1.5, 1.6, 1.7)})
+    _, decided = table.verdicts(rows, "onecycle", planned)
+    assert decided["onecycle+better"] == "kept: lower beyond the spread in 2 cell(s), higher in none"
+
+
+def test_dropped_answers_for_a_study_file_by_its_exit_code(tmp_path: Path) -> None:
+    """`ablation_table.py --dropped STUDY`: 0 and the reason for a dropped piece (ablate.sh then skips its RTS
+    cells), 1 for one not dropped (yet) and for the base, 2 for a file that is not a study."""
+    import subprocess
+    import sys
+
+    from stn.convergence.study import COLUMNS
+
+    studies = tmp_path / "ablation"
+    studies.mkdir()
+    grid = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+    for name in ("onecycle", "onecycle+worse", "onecycle+open"):
+        (studies / f"{name}.yaml").write_text(
+            f"name: s{len(name)}\nrecipe: {name}\ngrid: {grid}\nresults: {tmp_path / 'ablation.csv'}\n"
+            "validation: 10000\nbatch_size: 128\nseeds: [0, 1, 2]\n"
+            "parts:\n  - {rows: [CNN], columns: [R, RTS], budgets: ['1/50']}\n")
+    rows = val_rows({("onecycle", "R"): (2.0, 2.1, 2.2), ("onecycle+worse", "R"): (3.0, 3.1, 3.2),
+                     ("onecycle+open", "R"): (2.0, 2.1, 2.2)})
+    with (tmp_path / "ablation.csv").open("w") as handle:
+        columns = [c for c in COLUMNS if c != "test_error"] + ["val_error"]
+        handle.write(",".join(columns) + "\n" + "".join(",".join(r.get(c, "") for c in columns) + "\n" for r in rows))
+    script = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "ablation_table.py"
+
+    def dropped(study: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "--record", str(tmp_path / "ablation.csv"), "--studies",
+                               str(studies), "--dropped", str(study)], capture_output=True, text=True, timeout=120)
+
+    worse = dropped(studies / "onecycle+worse.yaml")
+    assert worse.returncode == 0 and "onecycle+worse: dropped: higher beyond the spread in 1 cell(s)" in worse.stdout
+    assert dropped(studies / "onecycle+open.yaml").returncode == 1  # R within the spread, RTS to come
+    assert dropped(studies / "onecycle.yaml").returncode == 1
+    missing = dropped(tmp_path / "nothing.yaml")
+    assert missing.returncode == 2 and "no study file" in missing.stderr

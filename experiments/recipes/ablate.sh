@@ -5,6 +5,8 @@
 # study's RTS cell (its CNN costs ~5x an R cell), so each piece has a first verdict on two datasets early. The
 # queues never wait for each other: when one has nothing left in a study it moves on to the next, so no core idles
 # while the other finishes a study's last cell.
+# A piece the keep rule has already dropped on R and P (experiments/recipes/ablation_table.py --dropped: a collapsed
+# seed, or a cell higher beyond the spread with every seed in) is not trained on RTS: no RTS cell can keep it.
 # Resumable: run it again and it continues from the record and the cells' checkpoints. SIGTERM (or Ctrl-C) stops
 # both queues, each training process checkpointing first. Run it from a worktree pinned to a commit, so code
 # moved meanwhile cannot break it:
@@ -15,6 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: experiments/recipes/ablate.sh experiments/recipes/ablation/<piece>.yaml [...]" >&2; exit 2; }
 stn=${STN:-.venv/bin/stn}
+python=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 
 queue() {  # every study's R and P cells, then every study's RTS cells; a stop is passed to the running child
@@ -22,6 +25,10 @@ queue() {  # every study's R and P cells, then every study's RTS cells; a stop i
   trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait; exit 143' TERM INT
   for columns in R,P RTS; do
     for study in "$@"; do
+      if [ "$columns" = RTS ] && why=$($python experiments/recipes/ablation_table.py --dropped "$study"); then
+        echo "$study: not trained on RTS ($why)"
+        continue
+      fi
       $stn convergence run --study "$study" --columns "$columns" --parallel 1 &
       child=$!
       wait "$child"

@@ -9,6 +9,14 @@ A difference counts only beyond the seed spread (`stn.convergence.plot.compare`:
 collapsed (a constant prediction is 88.65-90.2% on MNIST's classes). The rule a piece is kept by, fixed before
 any piece was scored: it is kept when it is lower beyond the spread in at least one cell, higher beyond the
 spread in none, and no seed of it collapses; cells not yet trained leave it undecided.
+
+Which cells a piece is scored on are its study file's (experiments/recipes/ablation/<piece>.yaml: datasets,
+models, seeds), and a cell counts only once both the piece and the base have all its seeds: before that it is
+"not yet trained", whatever two seeds say. So every "dropped" is final: a collapsed seed, a cell higher beyond the
+spread with all seeds in, or all cells in and none lower. `--dropped STUDY` exits 0 when that study's piece is
+dropped (ablate.sh then skips its RTS cells: the rule cannot keep it any more), 1 when it is not (yet).
+
+    python experiments/recipes/ablation_table.py --dropped experiments/recipes/ablation/ema.yaml
 """
 
 from __future__ import annotations
@@ -23,27 +31,35 @@ from stn.convergence.study import read_results
 COLLAPSED = 50.0  # % validation error: far above any trained cell, far below a constant prediction's ~89%
 
 
-def verdicts(rows: list[dict[str, str]], base: str) -> tuple[list[str], dict[str, str]]:
-    """(Markdown table lines, piece -> verdict) for every recipe in `rows` other than `base`."""
+Cell = tuple[str, str, str]  # (dataset, model, budget)
+
+
+def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set[Cell], int]] | None = None
+             ) -> tuple[list[str], dict[str, str]]:
+    """(Markdown table lines, piece -> verdict) for every recipe in `rows` other than `base`. planned: recipe ->
+    (the cells its study scores it on, its seed count), from the study files; a recipe without an entry is
+    scored on the base's cells at 3 seeds."""
     table = aggregate(rows, error="val_error")
-    cells = sorted({(k[1], k[2], k[3]) for k in table if k[0] == base})
-    pieces = sorted({k[0] for k in table if k[0] != base})
+    base_cells = {(k[1], k[2], k[3]) for k in table if k[0] == base}
+    pieces = sorted({k[0] for k in table if k[0] != base} | {r for r in (planned or {}) if r != base})
     lines = [f"| piece | dataset | model | budget | piece val error | {base} val error | difference | 2·s/√n | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     decided: dict[str, str] = {}
     for piece in pieces:
+        cells, seeds = (planned or {}).get(piece, (base_cells, 3))
         lower = higher = missing = 0
         collapsed = [e for k, v in table.items() if k[0] == piece for e in v["errors"] if e > COLLAPSED]
-        for dataset, model, budget in cells:
+        for dataset, model, budget in sorted(cells):
             a, b = table.get((piece, dataset, model, budget)), table.get((base, dataset, model, budget))
-            if a is None:
-                if any(k[0] == piece and k[2] == model for k in table):  # a piece scored on this model only
-                    missing += 1
+            if a is None or b is None or min(len(a["errors"]), len(b["errors"])) < seeds:
+                missing += 1  # counts only with every seed of both sides in
+                if a is not None and b is not None:
+                    lines.append(f"| {piece} | {dataset} | {model} | {budget} | {mean_std_text(a)} | "
+                                 f"{mean_std_text(b)} | {a['mean'] - b['mean']:+.2f} |  | not yet {seeds} seeds |")
                 continue
             verdict, threshold = compare(a, b)
             lower += verdict == "first lower"
             higher += verdict == "second lower"
-            missing += verdict == "one seed: unresolved"
             lines.append(f"| {piece} | {dataset} | {model} | {budget} | {mean_std_text(a)} | {mean_std_text(b)} | "
                          f"{a['mean'] - b['mean']:+.2f} | {'' if threshold is None else f'{threshold:.2f}'} | "
                          f"{verdict.replace('first', 'piece').replace('second', base)} |")
@@ -52,7 +68,7 @@ def verdicts(rows: list[dict[str, str]], base: str) -> tuple[list[str], dict[str
         elif higher:
             decided[piece] = f"dropped: higher beyond the spread in {higher} cell(s)"
         elif missing:
-            decided[piece] = f"undecided: {missing} cell(s) not yet trained with 3 seeds"
+            decided[piece] = f"undecided: {missing} cell(s) not yet trained with {seeds} seeds"
         elif lower:
             decided[piece] = f"kept: lower beyond the spread in {lower} cell(s), higher in none"
         else:
@@ -60,16 +76,48 @@ def verdicts(rows: list[dict[str, str]], base: str) -> tuple[list[str], dict[str
     return lines, decided
 
 
+def planned_cells(study_files: list[Path]) -> dict[str, tuple[set[Cell], int]]:
+    """recipe -> (its study's cells, its seed count), for each study file."""
+    from stn.convergence.study import load_study
+
+    out = {}
+    for path in study_files:
+        study = load_study(path)
+        cells = {(column, row, budget) for part in study.parts for row in part.rows for column in part.columns
+                 for budget in part.budgets}
+        out[study.recipe] = (cells, len(study.seeds))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", type=Path, default=Path("experiments/recipes/ablation.csv"))
     parser.add_argument("--base", default="onecycle")
+    parser.add_argument("--studies", type=Path, default=Path("experiments/recipes/ablation"),
+                        help="the folder of the pieces' study files (which cells and seeds each is scored on)")
+    parser.add_argument("--dropped", type=Path, metavar="STUDY",
+                        help="exit 0 if this study's piece is dropped by the rule, 1 if not (yet); print why")
     args = parser.parse_args(argv)
     rows = read_results(args.record)
-    if not any(r.get("val_error") for r in rows):
+    if rows and not any(r.get("val_error") for r in rows):
         print(f"error: {args.record} holds no validation errors (a recipe-ablation record)", file=sys.stderr)
         return 2
-    lines, decided = verdicts(rows, args.base)
+    planned = planned_cells(sorted(args.studies.glob("*.yaml")))
+    lines, decided = verdicts(rows, args.base, planned)
+    if args.dropped is not None:
+        from stn.convergence.study import StudyError, load_study
+
+        if not args.dropped.is_file():
+            print(f"error: no study file {args.dropped}", file=sys.stderr)
+            return 2
+        try:
+            recipe = load_study(args.dropped).recipe
+        except StudyError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        verdict = decided.get(recipe, "the base recipe: never dropped")
+        print(f"{recipe}: {verdict}")
+        return 0 if verdict.startswith("dropped") else 1
     base = aggregate([r for r in rows if r["recipe"] == args.base], error="val_error")
     print(f"# Recipe ablation: validation error (%) at 1/50 of the paper's images\n\nGenerated by "
           f"`python experiments/recipes/ablation_table.py` from {args.record}.\n\n## {args.base}\n\n"
