@@ -357,14 +357,14 @@ def test_wall_time_is_the_cells_in_order_on_the_first_free_queue() -> None:
 def test_dry_run_states_each_cells_time_and_the_total_from_the_record(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Each cell's time from its own record's rate, else the main study's record's; the total on two cores."""
-    import stn.convergence.estimate as estimate
+    import stn.convergence.study as study_module
     from stn.device import machine_name
 
     cpu = machine_name("cpu")
     (tmp_path / "main").mkdir()
     main = write_study(tmp_path / "main")
     write_rates(tmp_path / "main" / "record" / "results.csv", [("FCN", "R", "1536", "1", cpu)])
-    monkeypatch.setattr(estimate, "DEFAULT_STUDY", main)
+    monkeypatch.setattr(study_module, "DEFAULT_STUDY", main)
     path = write_study(tmp_path, parts="\n  - {rows: [CNN, FCN, ST-CNN Aff], columns: [R], budgets: ['1/250']}")
     # 1/250 at batch 128 = 1200 steps = 153,600 images: 1280 s at 120 images/s, 100 s at 1536
     write_rates(tmp_path / "record" / "results.csv", [("CNN", "R", "120", "1", cpu)])

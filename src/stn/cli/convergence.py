@@ -124,13 +124,11 @@ def _against_paper(study: Any, plots: Path) -> tuple[str, Path | None]:
     """The section of a study with a recipe other than the paper's (stn.convergence.beside), and its chart; the
     paper's recipe comes from the study's own rows and the main convergence record's."""
     from stn.convergence.beside import beside_table, plot_beside
-    from stn.convergence.study import DEFAULT_STUDY, load_study, read_results
+    from stn.convergence.study import main_record, read_results
 
     rows = read_results(study.results)
-    reference = list(rows)
-    main = load_study(DEFAULT_STUDY).results if DEFAULT_STUDY.is_file() else None
-    if main is not None and main.resolve() != study.results.resolve():
-        reference += read_results(main)
+    main = main_record(study)
+    reference = rows + (read_results(main) if main is not None else [])
     table = beside_table(rows, reference)
     if not table:
         return "", None

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stn.convergence.study import DEFAULT_STUDY, Cell, Study, load_study, read_results
+from stn.convergence.study import Cell, Study, main_record, read_results
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def study_rates(study: Study, cpu: str) -> dict[tuple[str, str], Rate]:
     """The study's own rates, completed by the main convergence record's for what the study has not measured
     (or measured on another kind of CPU only, when the main record has this kind)."""
     rates = one_thread_rates(study.results, cpu)
-    main = load_study(DEFAULT_STUDY).results if Path(DEFAULT_STUDY).is_file() else None
-    if main is not None and main.resolve() != study.results.resolve():
+    main = main_record(study)
+    if main is not None:
         for key, rate in one_thread_rates(main, cpu).items():
             if key not in rates or (rate.same_cpu and not rates[key].same_cpu):
                 rates[key] = rate

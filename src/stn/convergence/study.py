@@ -299,6 +299,15 @@ def cell_dir(study: Study, row: str, column: str, budget: str, seed: int) -> Pat
 # -------------------------------------------------------------------------------------------- the record
 
 
+def main_record(study: Study) -> Path | None:
+    """The main convergence study's record (the paper's recipe at every budget), when this checkout has it and
+    it is not `study`'s own: what another study's rows are read beside."""
+    if not DEFAULT_STUDY.is_file():
+        return None
+    record = load_study(DEFAULT_STUDY).results
+    return None if record.resolve() == study.results.resolve() else record
+
+
 def read_results(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
