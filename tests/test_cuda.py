@@ -259,7 +259,7 @@ def test_kernels_of_two_groups_in_flight_overlap(cuda_graph: bool, data_dir, tmp
 
 
 def test_groups_in_flight_train_as_one_after_another_on_cuda(data_dir, tmp_path) -> None:
-    """stn.engine.plan.run_table with two groups in flight (streams, CUDA graphs, block data drawn ahead on side
+    """stn.engine.table_run.run_table with two groups in flight (streams, CUDA graphs, block data drawn ahead on side
     streams) gives the results of the same table run one group after another, float64."""
     import json
 

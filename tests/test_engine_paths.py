@@ -1,5 +1,5 @@
 """The batched engine's three paths (vmap, loop, im2col) against `stn train`'s single-model step, and the rule
-that picks one per group (`stn.engine.batched.conv_path_for`).
+that picks one per group (`stn.engine.conv_paths.conv_path_for`).
 
 Every path, every Table 1 kind, every canvas (R 28 px, RTS 42 px, TC 60 px): K = 2 models trained a few SGD
 steps in float64 must hold the weights `stn train`'s own pieces give each model alone (vmap and loop on R are

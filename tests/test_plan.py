@@ -351,7 +351,7 @@ def test_auto_mode_trains_each_group_in_its_measured_mode(tmp_path: Path, data_d
 
 def test_auto_mode_takes_the_measured_path_at_this_size_else_the_rule() -> None:
     """`--mode auto` on the paper table: a kind measured at its own canvas takes the measured mode; one measured
-    only at another size (a row that scales a rate) takes stn.engine.batched.conv_path_for's; a measured im2col never
+    only at another size (a row that scales a rate) takes stn.engine.conv_paths.conv_path_for's; a measured im2col never
     overrides the rule's loop (the TC CNN's patch matrix, the memory the rule guards)."""
     from stn.engine.conv_paths import conv_path_for
 

@@ -15,7 +15,7 @@ stored elements once, an overlapping window view, as im2col's patch copy reads, 
 largest ops by bytes. Counted at batches 16 and 32 per model and extrapolated to 256: every tensor of a step
 is either batch-independent or proportional to the batch, so bytes are affine in it (checked at batch 48:
 the script stops if the prediction misses by a byte) and kernel counts do not depend on it. --amp counts under
-CPU bf16 autocast (vmap then stays float32 on the CPU: see stn.engine.batched.EngineOptions).
+CPU bf16 autocast (vmap then stays float32 on the CPU: see stn.engine.options.EngineOptions).
 
 --model-paths: the cost model's view (`stn.engine.step_cost`, which `stn engine plan --predict` turns into times): per
 path the kernels, GFLOP and GB of one step at batch 256 (floats at 2 bytes, as bf16), vmap and loop counted,

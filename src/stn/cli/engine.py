@@ -33,9 +33,9 @@ from stn.validation import file_problems, folder_problems  # noqa: E402
 engine_app = typer.Typer(help="The batched engine: K same-shape models per process (bench, plan, run).",
                          no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-Mode = Literal["vmap", "loop", "im2col"]  # stn.engine.batched.EngineOptions.mode (ENGINE_MODES)
-RunMode = Literal["vmap", "loop", "im2col", "auto"]  # auto: stn.engine.plan.run_table picks per group from the cost table
-DataChoice = Literal["exact", "block"]  # stn.engine.batched.EngineOptions.data
+Mode = Literal["vmap", "loop", "im2col"]  # stn.engine.options.EngineOptions.mode (ENGINE_MODES)
+RunMode = Literal["vmap", "loop", "im2col", "auto"]  # auto: stn.engine.table_run.run_table picks per group from the cost table
+DataChoice = Literal["exact", "block"]  # stn.engine.options.EngineOptions.data
 
 
 def _options(device: str, amp: bool, channels_last: bool, compile: bool, cuda_graph: bool, mode: str,

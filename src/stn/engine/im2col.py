@@ -20,7 +20,7 @@ slow path (pytorch/pytorch issues 70954, 95604). Here every convolution of the K
 
 Under autocast (bf16, CPU or CUDA) the patch matrices are built in the autocast dtype (the copy is half the
 bytes) and every baddbmm runs in it; the vmap path, on the CPU, does not honour autocast at all (see
-`stn.engine.batched.EngineOptions`). The values equal the single-model `stn train` step to float rounding
+`stn.engine.options.EngineOptions`). The values equal the single-model `stn train` step to float rounding
 (tests/test_engine_paths.py, float64). Nothing here is a speed claim on the CPU, where oneDNN's grouped
 convolutions are faster: the path exists for the GPU (experiments/bench/engine.md).
 """

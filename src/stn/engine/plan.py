@@ -3,7 +3,7 @@
 Members: one per (row, column, seed) of a grid file (experiments/table1/grid.yaml), composed as
 `stn reproduce-table` composes its cells (`stn.grid.compose_cells`); further grids' members may be queued
 beside them (`unique_members`: a cell two grids share trains once).
-Groups: members whose models share every shape (`stn.engine.batched.shape_signature`) and optimiser settings train
+Groups: members whose models share every shape (`stn.engine.options.shape_signature`) and optimiser settings train
 together in one `BatchedModels`: a cell's seeds, and one architecture across the 28x28 datasets R, P and E
 (Table 1 at 3 seeds: 8 groups of 9 models on 28x28, 8 groups of 3 on RTS, 4 groups of 3 on TC).
 
@@ -199,7 +199,7 @@ class CostModel:
         """`--mode auto`'s choice for a group: the mode the bench measured faster for this kind at this canvas
         size (or, in experiments/bench/engine_ab.py's cost table, the winner of the nearest measured analogue,
         marked inferred_from); where it has none (another size's row only scales a rate, not a choice of path), the rule
-        `stn.engine.batched.conv_path_for`. The rule's "loop" is kept over a measured "im2col": it means this canvas's
+        `stn.engine.conv_paths.conv_path_for`. The rule's "loop" is kept over a measured "im2col": it means this canvas's
         patch matrix exceeds the memory the rule allows (the TC CNN's is ~1.8 GB a step at K=3)."""
         from stn.engine.conv_paths import conv_path_for
 
