@@ -8,6 +8,7 @@ from the source with `ast`, so it sees imports that only run inside a function.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "stn"
@@ -180,3 +181,72 @@ def test_the_borrowed_import_check_finds_a_re_export(tmp_path: Path) -> None:
 def test_every_stn_import_names_the_module_that_defines_it() -> None:
     root = PACKAGE.parents[1]
     assert borrowed_imports([root / "src", root / "tests", root / "experiments", root / "tools"]) == []
+
+
+# Dotted names in text that are not stn's modules: OmegaConf resolvers registered under "stn." (conf/logger).
+NOT_MODULES = {"stn.wandb_mode", "stn.wandb_tags"}
+HISTORY = ("experiments/refactor/README.md",)  # records of the old layout, kept as written
+DOTTED = re.compile(r"\bstn(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def bound_names(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """stn module -> every name its top level binds (definitions and imports) and, for its classes,
+    "Class.member" for their methods and fields."""
+    found: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.parse(path.read_text(), filename=str(path)).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+                for member in node.body if isinstance(node, ast.ClassDef) else []:
+                    if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        names.add(f"{node.name}.{member.name}")
+                    elif isinstance(member, ast.AnnAssign) and isinstance(member.target, ast.Name):
+                        names.add(f"{node.name}.{member.target.id}")
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+        found[".".join(["stn", *filter(None, [module_name(path, package)])])] = names
+    return found
+
+
+def dangling_references(files: list[Path], package: Path = PACKAGE) -> list[str]:
+    """Every `stn.module.name` written in `files` (docstrings, comments, READMEs) whose module or name does not
+    exist: text that sends a reader to where code used to be."""
+    bound = bound_names(package)
+    modules = sorted(bound, key=len, reverse=True)
+    dangling = []
+    for path in files:
+        for match in DOTTED.finditer(path.read_text()):
+            reference = match.group(0)
+            if reference in NOT_MODULES or reference in bound:
+                continue
+            module = next((m for m in modules if reference.startswith(m + ".")), None)
+            rest = reference[len(module) + 1:].split(".") if module else []
+            if module is None or not (rest[0] in bound[module] or ".".join(rest[:2]) in bound[module]
+                                      or f"{module}.{rest[0]}" in bound or rest[0].startswith("__")):
+                dangling.append(f"{path}: {reference}")
+    return dangling
+
+
+def test_the_reference_check_finds_a_name_that_moved(tmp_path: Path) -> None:
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("")
+    (tmp_path / "engine" / "options.py").write_text("import os\nclass EngineOptions:\n    mode: str = 'vmap'\n")
+    (tmp_path / "engine" / "batched.py").write_text("from stn.engine.options import EngineOptions\n")
+    doc = tmp_path / "notes.md"
+    doc.write_text("`stn.engine.options.EngineOptions.mode`, `stn.engine.options.os`, `stn.engine.batched`;\n"
+                   "`stn.engine.options.conv_path_for` and `stn.plan.run_table` moved or never were.\n")
+    assert dangling_references([doc], tmp_path) == [f"{doc}: stn.engine.options.conv_path_for",
+                                                     f"{doc}: stn.plan.run_table"]
+
+
+def test_every_stn_name_in_the_docs_and_docstrings_exists() -> None:
+    root = PACKAGE.parents[1]
+    files = [root / "README.md", *sorted((root / "src").rglob("*.py")), *sorted((root / "conf").rglob("*.yaml"))]
+    files += [path for path in sorted((root / "experiments").rglob("*")) if path.suffix in (".md", ".py", ".sh")
+              and "loan-" not in str(path) and not str(path).endswith(HISTORY)]
+    files += [path for path in sorted((root / "tests").glob("*.py")) if path.name != "test_layers.py"]
+    assert dangling_references(files) == []
