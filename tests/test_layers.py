@@ -137,14 +137,22 @@ def test_stn_has_no_import_circle() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
-def defined_names(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """stn module -> the names its own top level defines (functions, classes, assignments): not what it imports."""
+def top_level_names(package: Path = PACKAGE, *, with_imports: bool = False) -> dict[str, set[str]]:
+    """stn module -> the names its top level defines (functions, classes, assignments; for classes also
+    "Class.member" for their methods and fields), and with_imports the names it imports too."""
     found: dict[str, set[str]] = {}
     for path in package.rglob("*.py"):
         names: set[str] = set()
         for node in ast.parse(path.read_text(), filename=str(path)).body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and with_imports:
+                names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
+                for member in node.body if isinstance(node, ast.ClassDef) else []:
+                    if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        names.add(f"{node.name}.{member.name}")
+                    elif isinstance(member, ast.AnnAssign) and isinstance(member.target, ast.Name):
+                        names.add(f"{node.name}.{member.target.id}")
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
@@ -152,10 +160,18 @@ def defined_names(package: Path = PACKAGE) -> dict[str, set[str]]:
     return found
 
 
+def fake_engine(tmp_path: Path, modules: dict[str, str]) -> None:
+    """A made-up stn package under tmp_path with an `engine` subpackage holding `modules` (name -> source)."""
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("")
+    for name, source in modules.items():
+        (tmp_path / "engine" / f"{name}.py").write_text(source)
+
+
 def borrowed_imports(roots: list[Path], package: Path = PACKAGE) -> list[str]:
     """Every `from stn.x import name` (in the files under `roots`) where stn.x does not define `name` itself but
     only imports it: a re-export, which hides where the name lives (and kept the old homes of moved code alive)."""
-    defined = defined_names(package)
+    defined = top_level_names(package)
     borrowed = []
     for root in roots:
         for path in sorted(root.rglob("*.py")):
@@ -168,10 +184,8 @@ def borrowed_imports(roots: list[Path], package: Path = PACKAGE) -> list[str]:
 
 
 def test_the_borrowed_import_check_finds_a_re_export(tmp_path: Path) -> None:
-    (tmp_path / "engine").mkdir()
-    (tmp_path / "engine" / "__init__.py").write_text("")
-    (tmp_path / "engine" / "options.py").write_text("class EngineError(Exception):\n    pass\n")
-    (tmp_path / "engine" / "batched.py").write_text("from stn.engine.options import EngineError\nK = 1\n")
+    fake_engine(tmp_path, {"options": "class EngineError(Exception):\n    pass\n",
+                           "batched": "from stn.engine.options import EngineError\nK = 1\n"})
     user = tmp_path / "user"
     user.mkdir()
     (user / "a.py").write_text("from stn.engine.batched import K, EngineError\nfrom stn.engine import options\n")
@@ -189,33 +203,10 @@ HISTORY = ("experiments/refactor/README.md",)  # records of the old layout, kept
 DOTTED = re.compile(r"\bstn(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
-def bound_names(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """stn module -> every name its top level binds (definitions and imports) and, for its classes,
-    "Class.member" for their methods and fields."""
-    found: dict[str, set[str]] = {}
-    for path in package.rglob("*.py"):
-        names: set[str] = set()
-        for node in ast.parse(path.read_text(), filename=str(path)).body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-                for member in node.body if isinstance(node, ast.ClassDef) else []:
-                    if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                        names.add(f"{node.name}.{member.name}")
-                    elif isinstance(member, ast.AnnAssign) and isinstance(member.target, ast.Name):
-                        names.add(f"{node.name}.{member.target.id}")
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
-        found[".".join(["stn", *filter(None, [module_name(path, package)])])] = names
-    return found
-
-
 def dangling_references(files: list[Path], package: Path = PACKAGE) -> list[str]:
     """Every `stn.module.name` written in `files` (docstrings, comments, READMEs) whose module or name does not
     exist: text that sends a reader to where code used to be."""
-    bound = bound_names(package)
+    bound = top_level_names(package, with_imports=True)
     modules = sorted(bound, key=len, reverse=True)
     dangling = []
     for path in files:
@@ -232,10 +223,8 @@ def dangling_references(files: list[Path], package: Path = PACKAGE) -> list[str]
 
 
 def test_the_reference_check_finds_a_name_that_moved(tmp_path: Path) -> None:
-    (tmp_path / "engine").mkdir()
-    (tmp_path / "engine" / "__init__.py").write_text("")
-    (tmp_path / "engine" / "options.py").write_text("import os\nclass EngineOptions:\n    mode: str = 'vmap'\n")
-    (tmp_path / "engine" / "batched.py").write_text("from stn.engine.options import EngineOptions\n")
+    fake_engine(tmp_path, {"options": "import os\nclass EngineOptions:\n    mode: str = 'vmap'\n",
+                           "batched": "from stn.engine.options import EngineOptions\n"})
     doc = tmp_path / "notes.md"
     doc.write_text("`stn.engine.options.EngineOptions.mode`, `stn.engine.options.os`, `stn.engine.batched`;\n"
                    "`stn.engine.options.conv_path_for` and `stn.plan.run_table` moved or never were.\n")
