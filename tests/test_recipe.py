@@ -5,6 +5,7 @@ digits and draws, what a validation run records, and the bad inputs."""
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -323,3 +324,32 @@ def test_dropped_answers_for_a_study_file_by_its_exit_code(tmp_path: Path) -> No
     assert dropped(studies / "onecycle.yaml").returncode == 1
     missing = dropped(tmp_path / "nothing.yaml")
     assert missing.returncode == 2 and "no study file" in missing.stderr
+
+
+def test_ablate_sh_queues_r_and_p_first_a_study_without_them_whole_then_rts(tmp_path: Path) -> None:
+    """ablate.sh's order (with a stand-in for `stn` that only logs what it is asked): every study's R and P in the
+    order given, a study with neither (the validation's E and TC) whole in its place, then each study's RTS;
+    a study without RTS gets no second pass. Two queues run the same order; the first appearance of each call
+    is that order."""
+    import subprocess
+    import sys
+
+    grid = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
+    studies = {"a": "[R, P, RTS]", "v": "[E, TC]", "b": "[P, RTS, R]"}
+    for name, columns in studies.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\nrecipe: onecycle+{name}\ngrid: {grid}\nresults: {tmp_path / 'record.csv'}\n"
+            "validation: 10000\nbatch_size: 128\nseeds: [0]\n"
+            f"parts:\n  - {{rows: [CNN], columns: {columns}, budgets: ['1/50']}}\n")
+    log = tmp_path / "calls.log"
+    stand_in = tmp_path / "stn"
+    stand_in.write_text(f'#!/bin/bash\necho "$(basename "$4") $6" >> {log}\n')  # convergence run --study S --columns C
+    stand_in.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "ablate.sh"
+    env = {**os.environ, "STN": str(stand_in), "PYTHON": sys.executable, "QUEUE_GAP_S": "0"}
+    done = subprocess.run(["bash", str(script), *(str(tmp_path / f"{n}.yaml") for n in studies)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 * 5  # each queue: three first passes, two RTS passes
+    assert list(dict.fromkeys(calls)) == ["a.yaml R,P", "v.yaml E,TC", "b.yaml P,R", "a.yaml RTS", "b.yaml RTS"]

@@ -2,7 +2,9 @@
 # Train recipe-ablation studies (files in experiments/recipes/ablation/) on this machine: two queues, one per
 # core (OMP_NUM_THREADS=1), each running `stn convergence run` over every study in turn; a cell one queue is
 # training is locked, so the other skips it and each cell trains once. Every study's R and P cells come before any
-# study's RTS cell (its CNN costs ~5x an R cell), so each piece has a first verdict on two datasets early. The
+# study's RTS cell (its CNN costs ~5x an R cell), so each piece has a first verdict on two datasets early; a study
+# with neither R nor P (experiments/recipes/validation/onecycle.yaml: E and TC) runs whole in its place in the
+# first pass. The
 # queues never wait for each other: when one has nothing left in a study it moves on to the next, so no core idles
 # while the other finishes a study's last cell.
 # A piece the keep rule has already dropped on R and P (experiments/recipes/ablation_table.py --dropped: a collapsed
@@ -12,7 +14,8 @@
 # moved meanwhile cannot break it:
 #   git worktree add --detach ../wt-train HEAD && cd ../wt-train && experiments/recipes/ablate.sh <study.yaml> ...
 # The order the pieces are queued in (cheapest evidence first):
-#   experiments/recipes/ablate.sh experiments/recipes/ablation/{onecycle,ema,label_smoothing,loc_lr,weight_decay,grad_clip,warmup}.yaml
+#   experiments/recipes/ablate.sh experiments/recipes/ablation/{onecycle,ema}.yaml experiments/recipes/validation/onecycle.yaml \
+#     experiments/recipes/ablation/{label_smoothing,loc_lr,weight_decay,grad_clip,warmup}.yaml
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: experiments/recipes/ablate.sh experiments/recipes/ablation/<piece>.yaml [...]" >&2; exit 2; }
@@ -20,14 +23,30 @@ stn=${STN:-.venv/bin/stn}
 python=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 
-queue() {  # every study's R and P cells, then every study's RTS cells; a stop is passed to the running child
+study_columns() {  # the study's columns, comma-separated, in its order
+  $python - "$1" <<'PY'
+import sys
+from stn.convergence.study import load_study
+print(",".join(dict.fromkeys(c for part in load_study(sys.argv[1]).parts for c in part.columns)))
+PY
+}
+
+queue() {  # every study's first-pass cells, then every study's RTS cells; a stop is passed to the running child
   local child=
   trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait; exit 143' TERM INT
-  for columns in R,P RTS; do
+  for pass in first RTS; do
     for study in "$@"; do
-      if [ "$columns" = RTS ] && why=$($python experiments/recipes/ablation_table.py --dropped "$study"); then
+      all=$(study_columns "$study") || exit 1
+      if [ "$pass" = first ]; then  # its R and P, or all its columns when it has neither
+        columns=$(tr , '\n' <<< "$all" | grep -x -e R -e P | paste -sd,)
+        columns=${columns:-$all}
+      elif ! tr , '\n' <<< "$all" | grep -qx RTS; then
+        continue
+      elif why=$($python experiments/recipes/ablation_table.py --dropped "$study"); then
         echo "$study: not trained on RTS ($why)"
         continue
+      else
+        columns=RTS
       fi
       $stn convergence run --study "$study" --columns "$columns" --parallel 1 &
       child=$!

@@ -20,7 +20,9 @@ kind = "val_error" if "val_error" in r else "test_error"
 print(f"{r['recipe']} {r['dataset']} {r['model']} {r['budget']} seed {r['seed']}: {kind} {r[kind]}%, {r['wall_time_s']} s")
 PY
 )
-    git commit -q -m "Record: $row" -- "$target" || echo "commit_rows: could not commit $target" >&2
+    # add first: a record new to this checkout is not yet tracked, and `git commit -- <file>` needs a tracked file
+    { git add -- "$target" && git commit -q -m "Record: $row" -- "$target"; } ||
+      echo "commit_rows: could not commit $target" >&2
   fi
   sleep "$every"
 done
