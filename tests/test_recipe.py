@@ -5,8 +5,8 @@ digits and draws, what a validation run records, and the bad inputs."""
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -353,3 +353,27 @@ def test_ablate_sh_queues_r_and_p_first_a_study_without_them_whole_then_rts(tmp_
     calls = log.read_text().splitlines()
     assert len(calls) == 2 * 5  # each queue: three first passes, two RTS passes
     assert list(dict.fromkeys(calls)) == ["a.yaml R,P", "v.yaml E,TC", "b.yaml P,R", "a.yaml RTS", "b.yaml RTS"]
+
+
+def test_whole_recipe_validation_rule_accepts_rejects_and_waits() -> None:
+    """validation_verdict: a candidate higher than the base beyond the spread on one dataset, or with one collapsed
+    seed anywhere, is rejected; lower or within the spread everywhere with every seed in is accepted; a missing seed
+    leaves it undecided; the base alone is judged by collapses only."""
+    table = ablation_table_module()
+    cells = {(d, "CNN", "1/50") for d in ("R", "TC")}
+    base = {("onecycle", "R"): (2.0, 2.1, 2.2), ("onecycle", "TC"): (3.0, 3.2, 3.4)}
+    rows = val_rows(base | {("good", "R"): (1.5, 1.6, 1.7), ("good", "TC"): (3.1, 3.2, 3.3),
+                            ("worse", "R"): (1.5, 1.6, 1.7), ("worse", "TC"): (4.0, 4.1, 4.2),
+                            ("unstable", "R"): (1.5, 1.6, 1.7), ("unstable", "TC"): (3.1, 3.2, 89.4),
+                            ("early", "R"): (1.5, 1.6, 1.7), ("early", "TC"): (3.1, 3.2)})
+    verdict = {name: table.validation_verdict(rows, "onecycle", name, cells, 3)[1]
+               for name in ("good", "worse", "unstable", "early", "onecycle")}
+    assert verdict["good"] == ("accepted: no seed collapsed in 2 cells, higher than onecycle beyond the spread in "
+                               "none (lower in 1)")
+    assert verdict["worse"] == "rejected: higher than onecycle beyond the spread in 1 cell(s)"
+    assert verdict["unstable"] == "rejected: 1 seed(s) collapsed (89.4%)"
+    assert verdict["early"] == "undecided: 1 cell(s) not yet trained with 3 seeds"
+    assert verdict["onecycle"] == "accepted: no seed collapsed in 2 cells"
+    collapsed_base = val_rows({("onecycle", "R"): (2.0, 2.1, 2.2), ("onecycle", "TC"): (3.0, 89.4)})
+    assert table.validation_verdict(collapsed_base, "onecycle", "onecycle", cells, 3)[1] == \
+        "rejected: 1 seed(s) collapsed (89.4%)"  # caught with the third seed still to come

@@ -17,6 +17,10 @@ spread with all seeds in, or all cells in and none lower. `--dropped STUDY` exit
 dropped (ablate.sh then skips its RTS cells: the rule cannot keep it any more), 1 when it is not (yet).
 
     python experiments/recipes/ablation_table.py --dropped experiments/recipes/ablation/ema.yaml
+
+Last, the whole recipe's validation (`validation_verdict`, its rule in experiments/recipes/README.md): each study
+file of experiments/recipes/validation/ on every dataset against the base, from both records (the base's R, P
+and RTS cells are the ablation's, its E and TC cells validation.csv's).
 """
 
 from __future__ import annotations
@@ -76,6 +80,47 @@ def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set
     return lines, decided
 
 
+def validation_verdict(rows: list[dict[str, str]], base: str, candidate: str, cells: set[Cell], seeds: int
+                       ) -> tuple[list[str], str]:
+    """(Markdown table lines, verdict) of the whole recipe's validation, by the rule fixed before any of its cells
+    was trained: `candidate` (the kept pieces combined; `base` itself when none was kept) is accepted when, on every
+    one of `cells` with all `seeds` in, no seed of it collapses and it is higher than `base` beyond the spread in
+    no cell; rejected (back to the pieces) at the first collapsed seed or higher cell; undecided before that."""
+    table = aggregate(rows, error="val_error")
+    alone = candidate == base  # the base's own cells: only collapses can reject it
+    lines = ([f"| dataset | model | budget | {base} val error | verdict |", "|---|---|---|---|---|"] if alone else
+             [f"| dataset | model | budget | {candidate} val error | {base} val error | difference | 2·s/√n | "
+              "verdict |", "|---|---|---|---|---|---|---|---|"])
+    higher = lower = missing = 0
+    collapsed: list[float] = []
+    for dataset, model, budget in sorted(cells):
+        a, b = table.get((candidate, dataset, model, budget)), table.get((base, dataset, model, budget))
+        down = [e for e in (a or {}).get("errors", []) if e > COLLAPSED]
+        collapsed += down
+        first = f"| {dataset} | {model} | {budget} | {'' if a is None else mean_std_text(a)} |"
+        if not alone:
+            first += f" {'' if b is None else mean_std_text(b)} |"
+        if a is None or b is None or min(len(a["errors"]), len(b["errors"])) < seeds:
+            missing += 1
+            lines.append(first + ("" if alone else "  |  |") + f" {'collapsed' if down else f'not yet {seeds} seeds'} |")
+        elif alone:
+            lines.append(first + f" {'collapsed' if down else 'no seed collapsed'} |")
+        else:
+            verdict, threshold = compare(a, b)
+            lower += verdict == "first lower"
+            higher += verdict == "second lower"
+            lines.append(first + f" {a['mean'] - b['mean']:+.2f} | {'' if threshold is None else f'{threshold:.2f}'} | "
+                         f"{verdict.replace('first', candidate).replace('second', base)} |")
+    if collapsed:
+        return lines, f"rejected: {len(collapsed)} seed(s) collapsed ({', '.join(f'{e:.1f}' for e in collapsed)}%)"
+    if higher:
+        return lines, f"rejected: higher than {base} beyond the spread in {higher} cell(s)"
+    if missing:
+        return lines, f"undecided: {missing} cell(s) not yet trained with {seeds} seeds"
+    against = "" if alone else f", higher than {base} beyond the spread in none (lower in {lower})"
+    return lines, f"accepted: no seed collapsed in {len(cells)} cells{against}"
+
+
 def planned_cells(study_files: list[Path]) -> dict[str, tuple[set[Cell], int]]:
     """recipe -> (its study's cells, its seed count), for each study file."""
     from stn.convergence.study import load_study
@@ -97,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the folder of the pieces' study files (which cells and seeds each is scored on)")
     parser.add_argument("--dropped", type=Path, metavar="STUDY",
                         help="exit 0 if this study's piece is dropped by the rule, 1 if not (yet); print why")
+    parser.add_argument("--validation-record", type=Path, default=Path("experiments/recipes/validation.csv"))
+    parser.add_argument("--validation-studies", type=Path, default=Path("experiments/recipes/validation"),
+                        help="the whole recipe's validation study files: the base's side and the candidate's")
     args = parser.parse_args(argv)
     rows = read_results(args.record)
     if rows and not any(r.get("val_error") for r in rows):
@@ -127,7 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Each piece against it\n\n" + "\n".join(lines) + "\n\n## Verdicts\n")
     for piece, verdict in decided.items():
         print(f"- {piece}: {verdict}")
+    print_validation(rows + read_results(args.validation_record), args.base,
+                     planned_cells(sorted(args.validation_studies.glob("*.yaml"))), planned)
     return 0
+
+
+def print_validation(rows: list[dict[str, str]], base: str, validation: dict[str, tuple[set[Cell], int]],
+                     ablation: dict[str, tuple[set[Cell], int]]) -> None:
+    """The whole recipe's validation section: each validation study's recipe on every dataset (its E and TC cells
+    and the ablation's R, P and RTS ones), against the base; the base's own cells first (a collapse there is
+    known before the pieces are combined)."""
+    if not validation:
+        return
+    base_cells = set().union(*(plan[base][0] for plan in (ablation, validation) if base in plan))
+    print("\n## The whole recipe's validation (every dataset)\n")
+    for recipe in sorted(validation, key=lambda r: (r != base, r)):
+        cells, seeds = validation[recipe]
+        lines, verdict = validation_verdict(rows, base, recipe, cells | base_cells if recipe == base else cells, seeds)
+        print(f"### {recipe}\n\n" + "\n".join(lines) + f"\n\n{recipe}: {verdict}\n")
 
 
 if __name__ == "__main__":
