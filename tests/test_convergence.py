@@ -375,3 +375,40 @@ def test_dry_run_states_each_cells_time_and_the_total_from_the_record(tmp_path: 
     assert "no rate recorded" in cells["Aff"]  # ST-CNN Aff: no row in either record
     assert "3 cells to train: ~23 min one cell at a time, ~21 min with 2 at once (--parallel 2); 1 without a " \
            "recorded rate, not counted" in result.output
+
+
+def fit_diverging_on_cnn(cfg):  # a stand-in for fit: the CNN's loss becomes NaN at step 7, the FCN trains
+    from stn.train import TrainingDiverged
+
+    if cfg.model.name == "cnn":
+        raise TrainingDiverged(f"{cfg.run_name}: the loss became NaN/inf at step 7", 7)
+    return fake_summary(1.0)
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_diverged_seed_is_recorded_as_nan_and_not_trained_again(tmp_path: Path, parallel: int) -> None:
+    """A NaN/inf loss replays on resume, so the study records that seed with error nan (it is a result: the
+    recipe diverged there) instead of failing it and retrying at every rerun; tables count it, never average it."""
+    import cloudpickle
+
+    from stn.convergence.plot import aggregate, diverged_cells, mean_std_text, summary_table
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    study = load_study(write_study(tmp_path))
+    cells = plan(study, budgets=["1/250"], columns=["R"])  # FCN and CNN on R, seeds 0 and 1
+    lines: list[str] = []
+    report = run_study(study, cells, fit_fn=fit_diverging_on_cnn, log=lines.append, parallel=parallel,
+                       executor="debug")
+    assert sorted(c.key for c in report.diverged) == [("CNN", "R", "1/250", 0), ("CNN", "R", "1/250", 1)]
+    assert not report.failed and len(report.done) == 2
+    assert any("DIVERGED" in line and "not retried" in line for line in lines)
+    rows = read_results(study.results)
+    assert sorted((r["model"], r["seed"], r["test_error"]) for r in rows) == [
+        ("CNN", "0", "nan"), ("CNN", "1", "nan"), ("FCN", "0", "1.00"), ("FCN", "1", "1.00")]
+    again = run_study(study, cells, fit_fn=lambda cfg: pytest.fail("trained again"), log=lines.append)
+    assert again.skipped == 4
+    assert ("paper-sgd", "R", "CNN", "1/250") not in aggregate(rows)  # no finite seed: no mean
+    assert diverged_cells(rows) == {("paper-sgd", "R", "CNN", "1/250"): 2}
+    assert "Every seed diverged (loss NaN/inf): paper-sgd R CNN at 1/250 (2 seed(s))" in summary_table(study.results)
+    half = [r | {"test_error": "1.50"} if r["model"] == "CNN" and r["seed"] == "0" else r for r in rows]
+    assert mean_std_text(aggregate(half)[("paper-sgd", "R", "CNN", "1/250")]) == "1.50 (1 + 1 diverged)"

@@ -377,3 +377,16 @@ def test_whole_recipe_validation_rule_accepts_rejects_and_waits() -> None:
     collapsed_base = val_rows({("onecycle", "R"): (2.0, 2.1, 2.2), ("onecycle", "TC"): (3.0, 89.4)})
     assert table.validation_verdict(collapsed_base, "onecycle", "onecycle", cells, 3)[1] == \
         "rejected: 1 seed(s) collapsed (89.4%)"  # caught with the third seed still to come
+
+
+def test_a_diverged_seed_counts_as_collapsed_in_both_rules() -> None:
+    """A seed recorded with val_error nan (its loss became NaN/inf, stn.convergence.study.diverged_row) drops a
+    piece and rejects a whole recipe, like a seed stuck at a constant prediction."""
+    table = ablation_table_module()
+    rows = val_rows({("onecycle", "R"): (2.0, 2.1, 2.2), ("onecycle+nan", "R"): (1.5, 1.6)})
+    rows += val_rows({("onecycle+nan", "R"): (math.nan,)})
+    rows[-1]["seed"] = "2"
+    _, decided = table.verdicts(rows, "onecycle", {"onecycle+nan": ({("R", "CNN", "1/50")}, 3)})
+    assert decided["onecycle+nan"] == "dropped: 1 seed(s) collapsed (diverged)"
+    verdict = table.validation_verdict(rows, "onecycle", "onecycle+nan", {("R", "CNN", "1/50")}, 3)[1]
+    assert verdict == "rejected: 1 seed(s) collapsed (diverged)"

@@ -26,10 +26,11 @@ and RTS cells are the ablation's, its E and TC cells validation.csv's).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from stn.convergence.plot import aggregate, compare, mean_std_text
+from stn.convergence.plot import aggregate, compare, diverged_cells, mean_std_text
 from stn.convergence.study import read_results
 
 COLLAPSED = 50.0  # % validation error: far above any trained cell, far below a constant prediction's ~89%
@@ -38,12 +39,17 @@ COLLAPSED = 50.0  # % validation error: far above any trained cell, far below a 
 Cell = tuple[str, str, str]  # (dataset, model, budget)
 
 
+def collapsed_text(errors: list[float]) -> str:
+    """The collapsed seeds' validation errors, a diverged one (nan: its loss became NaN/inf) as "diverged"."""
+    return ", ".join("diverged" if math.isnan(e) else f"{e:.1f}%" for e in errors)
+
+
 def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set[Cell], int]] | None = None
              ) -> tuple[list[str], dict[str, str]]:
     """(Markdown table lines, piece -> verdict) for every recipe in `rows` other than `base`. planned: recipe ->
     (the cells its study scores it on, its seed count), from the study files; a recipe without an entry is
     scored on the base's cells at 3 seeds."""
-    table = aggregate(rows, error="val_error")
+    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
     base_cells = {(k[1], k[2], k[3]) for k in table if k[0] == base}
     pieces = sorted({k[0] for k in table if k[0] != base} | {r for r in (planned or {}) if r != base})
     lines = [f"| piece | dataset | model | budget | piece val error | {base} val error | difference | 2·s/√n | verdict |",
@@ -53,6 +59,7 @@ def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set
         cells, seeds = (planned or {}).get(piece, (base_cells, 3))
         lower = higher = missing = 0
         collapsed = [e for k, v in table.items() if k[0] == piece for e in v["errors"] if e > COLLAPSED]
+        collapsed += [math.nan] * sum(n for k, n in diverged.items() if k[0] == piece)  # loss NaN/inf: collapsed too
         for dataset, model, budget in sorted(cells):
             a, b = table.get((piece, dataset, model, budget)), table.get((base, dataset, model, budget))
             if a is None or b is None or min(len(a["errors"]), len(b["errors"])) < seeds:
@@ -68,7 +75,7 @@ def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set
                          f"{a['mean'] - b['mean']:+.2f} | {'' if threshold is None else f'{threshold:.2f}'} | "
                          f"{verdict.replace('first', 'piece').replace('second', base)} |")
         if collapsed:
-            decided[piece] = f"dropped: {len(collapsed)} seed(s) collapsed ({', '.join(f'{e:.1f}' for e in collapsed)}%)"
+            decided[piece] = f"dropped: {len(collapsed)} seed(s) collapsed ({collapsed_text(collapsed)})"
         elif higher:
             decided[piece] = f"dropped: higher beyond the spread in {higher} cell(s)"
         elif missing:
@@ -86,7 +93,7 @@ def validation_verdict(rows: list[dict[str, str]], base: str, candidate: str, ce
     was trained: `candidate` (the kept pieces combined; `base` itself when none was kept) is accepted when, on every
     one of `cells` with all `seeds` in, no seed of it collapses and it is higher than `base` beyond the spread in
     no cell; rejected (back to the pieces) at the first collapsed seed or higher cell; undecided before that."""
-    table = aggregate(rows, error="val_error")
+    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
     alone = candidate == base  # the base's own cells: only collapses can reject it
     lines = ([f"| dataset | model | budget | {base} val error | verdict |", "|---|---|---|---|---|"] if alone else
              [f"| dataset | model | budget | {candidate} val error | {base} val error | difference | 2·s/√n | "
@@ -96,6 +103,7 @@ def validation_verdict(rows: list[dict[str, str]], base: str, candidate: str, ce
     for dataset, model, budget in sorted(cells):
         a, b = table.get((candidate, dataset, model, budget)), table.get((base, dataset, model, budget))
         down = [e for e in (a or {}).get("errors", []) if e > COLLAPSED]
+        down += [math.nan] * diverged.get((candidate, dataset, model, budget), 0)  # loss NaN/inf: collapsed too
         collapsed += down
         first = f"| {dataset} | {model} | {budget} | {'' if a is None else mean_std_text(a)} |"
         if not alone:
@@ -112,7 +120,7 @@ def validation_verdict(rows: list[dict[str, str]], base: str, candidate: str, ce
             lines.append(first + f" {a['mean'] - b['mean']:+.2f} | {'' if threshold is None else f'{threshold:.2f}'} | "
                          f"{verdict.replace('first', candidate).replace('second', base)} |")
     if collapsed:
-        return lines, f"rejected: {len(collapsed)} seed(s) collapsed ({', '.join(f'{e:.1f}' for e in collapsed)}%)"
+        return lines, f"rejected: {len(collapsed)} seed(s) collapsed ({collapsed_text(collapsed)})"
     if higher:
         return lines, f"rejected: higher than {base} beyond the spread in {higher} cell(s)"
     if missing:

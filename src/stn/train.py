@@ -89,6 +89,15 @@ class TrainingError(RunError):
     """A run that cannot go on; the message names the step or file and what to do."""
 
 
+class TrainingDiverged(TrainingError):
+    """The loss became NaN/inf at `step`: the run cannot go on from its last checkpoint with the same settings (a
+    resume replays the same steps), so a study records the seed as diverged instead of retrying it."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class TrainingInterrupted(TrainingError):
     """The run stopped early on request (signal or trainer.stop_after), with a checkpoint to resume from."""
 
@@ -233,7 +242,7 @@ class Meter:
         return record
 
     def check_finite(self, before_checkpoint: bool = False) -> None:
-        """Stop with a TrainingError at the first non-finite loss (or, before a checkpoint, parameter)."""
+        """Stop with TrainingDiverged at the first non-finite loss (or, before a checkpoint, parameter)."""
         first_bad, session = int(self.bad_step), self.session  # the sync
         if first_bad < 0 and not (before_checkpoint and not all_finite(session.model)):
             return
@@ -241,8 +250,9 @@ class Meter:
         saved = session.folder / CHECKPOINT
         kept = (f"the last good checkpoint {saved} (step {load_checkpoint(saved, torch.device('cpu'))['step']}) "
                 f"is kept" if saved.is_file() else "no checkpoint was written before it")
-        raise TrainingError(f"{session.cfg.run_name}: the loss became NaN/inf at {at} with trainer.lr="
-                            f"{session.cfg.trainer.lr}; {kept}. Lower trainer.lr and start a new run")
+        raise TrainingDiverged(f"{session.cfg.run_name}: the loss became NaN/inf at {at} with trainer.lr="
+                               f"{session.cfg.trainer.lr}; {kept}. Lower trainer.lr and start a new run",
+                               first_bad if first_bad >= 0 else session.step)
 
 
 def fit(cfg: Config) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def convergence_run(
                     err=True)
         raise typer.Exit(stop_code(stopped)) from None
     typer.echo(f"{len(report.done)} cells trained, {report.skipped} already recorded, {len(report.failed)} failed"
+               + (f", {len(report.diverged)} diverged (recorded as nan)" if report.diverged else "")
                + (f", {len(report.busy)} left to the other process training them" if report.busy else "")
                + (", one stopped with a checkpoint (rerun to continue)" if report.stopped else "")
                + f"; record: {loaded.results}")

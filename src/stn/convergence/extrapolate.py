@@ -112,6 +112,8 @@ def extrapolate_record(rows: Sequence[dict[str, str]],
     papers: dict[tuple[str, str, str], str] = {}
     for r in rows:
         cell = (r["recipe"], r["dataset"], r["model"])
+        if math.isnan(float(r["test_error"])):  # a diverged seed (the summary table counts it): no curve to fit
+            continue
         by_cell.setdefault(cell, {}).setdefault(r["budget"], {})[int(r["seed"])] = float(r["test_error"])
         if r.get("paper"):
             papers[cell] = r["paper"]

@@ -9,6 +9,7 @@ models the paper ranks, with the seed-noise criterion the write-ups use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,21 @@ from stn.report import mean_std, parse_errors
 
 def aggregate(rows: Sequence[dict[str, str]], error: str = "test_error"
               ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
-    """(recipe, dataset, model, budget) -> {images, errors, mean, std, paper}; `error` names the record's error
-    column (val_error for a validation study)."""
+    """(recipe, dataset, model, budget) -> {images, errors, diverged, mean, std, paper}; `error` names the record's
+    error column (val_error for a validation study). A diverged seed (error nan: its loss became NaN/inf,
+    stn.convergence.study.diverged_row) is counted in `diverged`, not averaged; a cell whose every seed diverged
+    has no entry here (`diverged_cells` names it)."""
     out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in rows:
         key = (r["recipe"], r["dataset"], r["model"], r["budget"])
-        entry = out.setdefault(key, {"images": int(r["images"]), "errors": [], "paper": r.get("paper") or None})
-        entry["errors"].append(float(r[error]))
+        entry = out.setdefault(key, {"images": int(r["images"]), "errors": [], "diverged": 0,
+                                     "paper": r.get("paper") or None})
+        value = float(r[error])
+        if math.isnan(value):
+            entry["diverged"] += 1
+        else:
+            entry["errors"].append(value)
+    out = {key: entry for key, entry in out.items() if entry["errors"]}
     for entry in out.values():
         entry["mean"], entry["std"] = mean_std(entry["errors"])
         entry["paper"] = None if entry["paper"] in (None, "") else float(entry["paper"])
@@ -75,9 +84,20 @@ def paper_schedule_table(table: dict[tuple[str, str], dict[str, Any]],
 
 
 def mean_std_text(entry: dict[str, Any]) -> str:
-    """An `aggregate` entry as "mean ± std (n)", or "mean (1)" for one seed."""
+    """An `aggregate` entry as "mean ± std (n)", or "mean (1)" for one seed; "+ k diverged" after the count."""
     spread = "" if entry["std"] is None else f" ± {entry['std']:.2f}"
-    return f"{entry['mean']:.2f}{spread} ({len(entry['errors'])})"
+    diverged = f" + {entry['diverged']} diverged" if entry.get("diverged") else ""
+    return f"{entry['mean']:.2f}{spread} ({len(entry['errors'])}{diverged})"
+
+
+def diverged_cells(rows: Sequence[dict[str, str]], error: str = "test_error") -> dict[tuple[str, str, str, str], int]:
+    """(recipe, dataset, model, budget) -> how many of its seeds diverged (error nan), for every such cell."""
+    found: dict[tuple[str, str, str, str], int] = {}
+    for r in rows:
+        if math.isnan(float(r[error])):
+            key = (r["recipe"], r["dataset"], r["model"], r["budget"])
+            found[key] = found.get(key, 0) + 1
+    return found
 
 
 def plot_study(results: Path, out_dir: Path, paper_schedule: Sequence[Path] = ()) -> list[Path]:
@@ -147,7 +167,8 @@ def plot_study(results: Path, out_dir: Path, paper_schedule: Sequence[Path] = ()
 
 def summary_table(results: Path) -> str:
     """Markdown: per (dataset, model), mean ± std (n) at every budget, beside the paper."""
-    table = aggregate(read_results(results))
+    rows = read_results(results)
+    table = aggregate(rows)
     budgets = sorted({k[3] for k in table}, key=parse_budget)
     head = ["recipe", "dataset", "model", *budgets, "paper (1/1)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -162,7 +183,10 @@ def summary_table(results: Path) -> str:
             paper = entry["paper"] if entry["paper"] is not None else paper
             cells.append(mean_std_text(entry))
         lines.append("| " + " | ".join([recipe, dataset, model, *cells, "" if paper is None else f"{paper}"]) + " |")
-    return "\n".join(lines)
+    lost = [f"{recipe} {dataset} {model} at {budget} ({n} seed(s))"
+            for (recipe, dataset, model, budget), n in sorted(diverged_cells(rows).items())
+            if (recipe, dataset, model, budget) not in table]
+    return "\n".join(lines) + (f"\n\nEvery seed diverged (loss NaN/inf): {'; '.join(lost)}" if lost else "")
 
 
 # The comparisons Table 1 is read for: each baseline against the model that adds to it, and the two transformers.

@@ -14,6 +14,7 @@ from stn.convergence.study import (
     StudyReport,
     append_result,
     check_record_kind,
+    diverged_row,
     recorded_keys,
     result_row,
     row_key,
@@ -40,7 +41,7 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
     chosen = todo[:max_cells] if max_cells else todo
     if parallel > 1:
         return _run_parallel(study, chosen, report, commit, fit_fn, log, parallel, executor)
-    from stn.train import TrainingError, TrainingInterrupted
+    from stn.train import TrainingDiverged, TrainingError, TrainingInterrupted
 
     if fit_fn is None:
         from stn.train import fit as fit_fn
@@ -62,6 +63,9 @@ def run_study(study: Study, cells: Sequence[Cell], *, fit_fn: Callable[[Config],
             report.busy.append(cell)
             log(f"{what}: skipped, {err}")
             continue
+        except TrainingDiverged as err:
+            _record_diverged(study, cell, commit, report, what, str(err), log)
+            continue
         except (TrainingError, RunFolderError) as err:  # RunFolderError: a cell folder that does not match
             report.failed.append((cell, str(err)))
             log(f"{what}: FAILED: {err}")
@@ -77,6 +81,13 @@ def _record(study: Study, cell: Cell, summary: dict[str, Any], commit: str, repo
     report.done.append(row)
     split = "validation " if study.validation else ""
     log(f"{what}: {split}{row[study.error_column]}% (paper {cell.paper}), {row['wall_time_s']} s")
+
+
+def _record_diverged(study: Study, cell: Cell, commit: str, report: StudyReport, what: str, error: str,
+                     log: Callable[[str], None]) -> None:
+    append_result(study.results, diverged_row(study, cell, commit), study.columns)
+    report.diverged.append(cell)
+    log(f"{what}: DIVERGED, recorded with {study.error_column} nan (not retried): {error}")
 
 
 def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, commit: str,
@@ -117,6 +128,8 @@ def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, comm
                     log(f"{what}: stopped with a checkpoint ({error}); rerun to continue")
                     if summary.get("signal") and executor == "debug":
                         raise Stopped(report.stop_code)  # in-process, fit's handler caught the study's signal
+                elif error.startswith("TrainingDiverged:"):
+                    _record_diverged(study, cell, commit, report, what, error, log)
                 elif error.startswith(f"{RunFolderBusy.__name__}:"):
                     report.busy.append(cell)
                     log(f"{what}: skipped, {error}")
@@ -127,6 +140,7 @@ def _run_parallel(study: Study, cells: Sequence[Cell], report: StudyReport, comm
         report.stop_code = stop_code(err)
         log("stopped: the cells in flight keep their checkpoints; rerun to continue")
         if report.stopped is None:  # the first cell this call left unfinished
-            ended = {row_key(r) for r in report.done} | {c.key for c in report.busy} | {c.key for c, _ in report.failed}
+            ended = {row_key(r) for r in report.done} | {c.key for c in report.busy + report.diverged} | \
+                {c.key for c, _ in report.failed}
             report.stopped = next((c for c in cells if c.key not in ended), None)
     return report

@@ -8,7 +8,8 @@ the paper's numbers), the budgets and the seeds. `run_study` trains the cells in
 then column, then row (so the cheapest complete picture comes first), one after the other or `parallel` at
 once (stn.launch.executors's worker processes), and appends one row per finished cell (with its distortion-recovery
 headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and
-a rerun trains only what it lacks. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
+a rerun trains only what it lacks. A seed whose loss became NaN/inf is recorded too, with error nan
+(`diverged_row`): a resume would replay the same steps, and a table must show the seed, not drop it. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
 continues from it on the next call. Two study processes on one record keep each other's rows (the record is
 locked while a row is added) and leave each other's cells alone. Every row names the CPU (or GPU) and the
 precision it ran in: one study keeps one precision (the study file pins it). Reading the record back into
@@ -115,6 +116,7 @@ class StudyReport:
     stopped: Cell | None = None  # interrupted (checkpointed) cell, if any
     stop_code: int = 130  # the exit code of the stop: 128 + the signal's number (Ctrl-C 130, SIGTERM 143)
     failed: list[tuple[Cell, str]] = field(default_factory=list)
+    diverged: list[Cell] = field(default_factory=list)  # a NaN/inf loss: recorded with error nan, not retried
 
 
 # ---------------------------------------------------------------------------------------------- budgets
@@ -419,6 +421,22 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
         "recovery": recovery_text(summary, "recovery/"), "recovery_before": recovery_text(summary, "recovery/before/"),
         "threads": summary.get("torch_threads", ""),
         "load": "" if summary.get("load_mean") is None else f"{float(summary['load_mean']):.2f}",
+    }  # fmt: skip
+
+
+def diverged_row(study: Study, cell: Cell, commit: str) -> dict[str, Any]:
+    """The row of a seed whose loss became NaN/inf: its error is recorded as nan (as the engine's records do), so
+    the cell is not trained again (a resume would replay the same steps) and every table counts the seed as
+    diverged instead of leaving it out (`stn.convergence.plot.aggregate`)."""
+    from stn.device import machine_name
+
+    return {
+        "recipe": study.recipe, "dataset": cell.column, "model": cell.row, "budget": cell.budget,
+        "images": cell.config.trainer.iterations * cell.config.trainer.batch_size,
+        "steps": cell.config.trainer.iterations, "batch_size": cell.config.trainer.batch_size, "seed": cell.seed,
+        study.error_column: "nan", "paper": "" if cell.paper is None else cell.paper,
+        "device": cell.config.trainer.device, "cpu": machine_name(cell.config.trainer.device), "commit": commit,
+        "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
     }  # fmt: skip
 
 
