@@ -328,14 +328,14 @@ def test_dropped_answers_for_a_study_file_by_its_exit_code(tmp_path: Path) -> No
 
 def test_ablate_sh_queues_r_and_p_first_a_study_without_them_whole_then_rts(tmp_path: Path) -> None:
     """ablate.sh's order (with a stand-in for `stn` that only logs what it is asked): every study's R and P in the
-    order given, a study with neither (the validation's E and TC) whole in its place, then each study's RTS;
-    a study without RTS gets no second pass. Two queues run the same order; the first appearance of each call
+    order given, a study with neither (the validation's E and TC) whole in its place, then each study's other
+    columns (RTS, and any other it has: none is left out); a study run whole gets no second pass. Two queues run the same order; the first appearance of each call
     is that order."""
     import subprocess
     import sys
 
     grid = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "grid.yaml"
-    studies = {"a": "[R, P, RTS]", "v": "[E, TC]", "b": "[P, RTS, R]"}
+    studies = {"a": "[R, P, RTS]", "v": "[E, TC]", "b": "[P, RTS, R, E]"}
     for name, columns in studies.items():
         (tmp_path / f"{name}.yaml").write_text(
             f"name: {name}\nrecipe: onecycle+{name}\ngrid: {grid}\nresults: {tmp_path / 'record.csv'}\n"
@@ -352,7 +352,7 @@ def test_ablate_sh_queues_r_and_p_first_a_study_without_them_whole_then_rts(tmp_
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     assert len(calls) == 2 * 5  # each queue: three first passes, two RTS passes
-    assert list(dict.fromkeys(calls)) == ["a.yaml R,P", "v.yaml E,TC", "b.yaml P,R", "a.yaml RTS", "b.yaml RTS"]
+    assert list(dict.fromkeys(calls)) == ["a.yaml R,P", "v.yaml E,TC", "b.yaml P,R", "a.yaml RTS", "b.yaml RTS,E"]
 
 
 def test_whole_recipe_validation_rule_accepts_rejects_and_waits() -> None:

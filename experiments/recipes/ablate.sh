@@ -4,9 +4,9 @@
 # training is locked, so the other skips it and each cell trains once. Every study's R and P cells come before any
 # study's RTS cell (its CNN costs ~5x an R cell), so each piece has a first verdict on two datasets early; a study
 # with neither R nor P (experiments/recipes/validation/onecycle.yaml: E and TC) runs whole in its place in the
-# first pass. The
-# queues never wait for each other: when one has nothing left in a study it moves on to the next, so no core idles
-# while the other finishes a study's last cell.
+# first pass, and the second pass gives every other study the rest of its columns (RTS, or any other). The queues
+# never wait for each other: when one has nothing left in a study it moves on to the next, so no core idles while
+# the other finishes a study's last cell.
 # A piece the keep rule has already dropped on R and P (experiments/recipes/ablation_table.py --dropped: a collapsed
 # seed, or a cell higher beyond the spread with every seed in) is not trained on RTS: no RTS cell can keep it.
 # Resumable: run it again and it continues from the record and the cells' checkpoints. SIGTERM (or Ctrl-C) stops
@@ -31,22 +31,23 @@ print(",".join(dict.fromkeys(c for part in load_study(sys.argv[1]).parts for c i
 PY
 }
 
-queue() {  # every study's first-pass cells, then every study's RTS cells; a stop is passed to the running child
+queue() {  # every study's first-pass cells, then every study's other cells; a stop is passed to the running child
   local child=
   trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait; exit 143' TERM INT
-  for pass in first RTS; do
+  for pass in first rest; do
     for study in "$@"; do
       all=$(study_columns "$study") || exit 1
-      if [ "$pass" = first ]; then  # its R and P, or all its columns when it has neither
-        columns=$(tr , '\n' <<< "$all" | grep -x -e R -e P | paste -sd,)
-        columns=${columns:-$all}
-      elif ! tr , '\n' <<< "$all" | grep -qx RTS; then
-        continue
-      elif why=$($python experiments/recipes/ablation_table.py --dropped "$study"); then
-        echo "$study: not trained on RTS ($why)"
-        continue
-      else
-        columns=RTS
+      first=$(tr , '\n' <<< "$all" | grep -x -e R -e P | paste -sd,)
+      first=${first:-$all}  # its R and P, or all its columns when it has neither
+      if [ "$pass" = first ]; then
+        columns=$first
+      else  # the rest of its columns (RTS in the ablation's study files)
+        columns=$(tr , '\n' <<< "$all" | grep -vx -e R -e P | paste -sd,)
+        [ "$first" != "$all" ] && [ -n "$columns" ] || continue
+        if why=$($python experiments/recipes/ablation_table.py --dropped "$study"); then
+          echo "$study: not trained on $columns ($why)"
+          continue
+        fi
       fi
       $stn convergence run --study "$study" --columns "$columns" --parallel 1 &
       child=$!
