@@ -248,6 +248,98 @@ def _record(
     return record
 
 
+def _checked_arguments(grid: Grid, rows: Sequence[str] | None, columns: Sequence[str] | None,
+                       seeds: Sequence[int], preset: str, overrides: Sequence[str], executor: str
+                       ) -> tuple[list[tuple[str, str]], list[int], Config]:
+    """The cells, the seeds and the settings every cell shares (where runs go, the W&B project and mode), or a
+    TableError naming the bad argument, before anything is written."""
+    cells = select_cells(grid, rows, columns)
+    check_overrides(overrides, "overrides")
+    if executor not in EXECUTORS:
+        raise TableError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if preset not in TRAINER_PRESETS:
+        raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(TRAINER_PRESETS)}")
+    chosen = [int(s) for s in seeds]
+    repeated = sorted({seed for seed in chosen if chosen.count(seed) > 1})
+    if repeated or any(seed < 0 for seed in chosen):
+        raise TableError(f"seeds {chosen}: each seed must be 0 or more and given once (one run folder per seed)")
+    try:
+        template = cached_compose([f"trainer={preset}", *overrides])
+    except ConfigError as err:
+        raise TableError(str(err)) from None
+    return cells, chosen, template
+
+
+@dataclass
+class _TableRecord:
+    """A table's runs as they finish, and the files and W&B run that show them: rewritten after every run, so an
+    interrupted table loses at most the runs in flight."""
+
+    grid: Grid
+    cells: list[tuple[str, str]]
+    seeds: list[int]
+    meta: dict[str, Any]
+    template: Config
+    report: TableReport
+    runs: dict[tuple[str, int], dict[str, Any]]
+
+    def refresh(self) -> list[CellResult]:
+        report = self.report
+        report.runs = list(self.runs.values())
+        report.cells = summarise({cell: self.grid.cells[cell] for cell in self.cells}, self.seeds, report.runs)
+        report.files.update(write_results(report.table_dir, self.grid, report.cells, report.runs, self.meta))
+        return report.cells
+
+    def log_wandb(self, chart: Path | None = None) -> None:
+        """Update the table's W&B run with the results so far (one step further) and record where it is."""
+        self.meta["wandb_step"] += 1
+        folder = log_table_to_wandb(self.grid, self.report.cells, chart, self.meta, self.template)
+        if folder is not None:
+            self.meta["wandb_dir"] = str(folder)
+            self.report.wandb_dir = folder
+        self.refresh()
+
+    def finished(self, job: CellJob, source: str, summary: dict[str, Any], where: str,
+                 log: Callable[[str], None]) -> None:
+        """Record one run's end (done, interrupted with a checkpoint, or failed) and show it."""
+        status, report = summary.get("status"), self.report
+        if status == "done":
+            self.runs[(job.cell, job.seed)] = _record(job, "done", source, summary)
+            setattr(report, source, getattr(report, source) + 1)
+            paper = paper_text(self.grid.cells[(job.row, job.column)])
+            log(f"  {where}: {float(summary['test_error']):.2f}% (paper {paper})")
+        elif status == "interrupted":
+            self.runs[(job.cell, job.seed)] = _record(job, "interrupted", source, error=summary["error"])
+            report.stopped += 1
+            log(f"  {where} stopped at step {summary.get('step')} with a checkpoint; rerun to go on")
+        else:
+            self.runs[(job.cell, job.seed)] = _record(job, "failed", source, error=summary.get("error", ""))
+            report.failed += 1
+            log(f"  {where} FAILED: {summary.get('error')} (run folder {job.run_dir}, "
+                f"job logs {report.table_dir / 'submitit'})")  # fmt: skip
+        self.refresh()
+        self.log_wandb()  # its W&B run shows every finished cell
+
+    def close(self, preset: str, overrides: Sequence[str], log: Callable[[str], None]) -> None:
+        """The bar chart of ours vs the paper's, the last W&B update (skipped when nothing new ran), and the end of
+        this invocation's W&B folder."""
+        from stn.tracking import finish_kept  # (imports torch: only once a table has run)
+
+        report, meta = self.report, self.meta
+        chart = plot_bars(self.refresh(), report.table_dir / "ours_vs_paper.png",
+                          f"{self.grid.title} [{preset}: {meta['steps']} steps of {meta['batch_size']}"
+                          + "".join(f", {item}" for item in overrides) + "]")
+        report.files["ours_vs_paper.png"] = chart
+        previous = meta.get("wandb_dir")
+        if report.ran == 0 and previous and Path(previous).is_dir():
+            # Nothing changed since the table's W&B run was last logged: don't log the same results again.
+            report.wandb_dir = Path(previous)
+            log(f"nothing new ran; the table's W&B run is still {previous}")
+        else:
+            self.log_wandb(chart)
+        finish_kept(meta["wandb_id"])  # one W&B folder per invocation, finished once (stn.report)
+
+
 def reproduce(
     grid_path: Path | str = DEFAULT_GRID,
     *,
@@ -269,20 +361,7 @@ def reproduce(
     `fit_fn` replaces `stn.train.fit` (tests); with the local or slurm executor it must be picklable.
     """
     grid = load_grid(grid_path)
-    cells = select_cells(grid, rows, columns)
-    check_overrides(overrides, "overrides")
-    if executor not in EXECUTORS:
-        raise TableError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if preset not in TRAINER_PRESETS:
-        raise TableError(f"unknown preset {preset!r}; choose one of {', '.join(TRAINER_PRESETS)}")
-    seeds = [int(s) for s in seeds]
-    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-    if repeated or any(seed < 0 for seed in seeds):
-        raise TableError(f"seeds {seeds}: each seed must be 0 or more and given once (one run folder per seed)")
-    try:  # the settings shared by every cell: where runs go, the W&B project and mode
-        template = cached_compose([f"trainer={preset}", *overrides])
-    except ConfigError as err:
-        raise TableError(str(err)) from None
+    cells, seeds, template = _checked_arguments(grid, rows, columns, seeds, preset, overrides, executor)
     note = schedule_warning(overrides, template)
     if note:
         log(note)
@@ -318,27 +397,10 @@ def reproduce(
             queue.append((job, state))
             runs[(job.cell, job.seed)] = _record(job, "pending", state)
     report = TableReport(table_dir=table_dir, group=group, cells=[], runs=[], cached=len(jobs) - len(queue))
-
-    def refresh() -> list[CellResult]:
-        report.runs = list(runs.values())
-        report.cells = summarise({cell: grid.cells[cell] for cell in cells}, seeds, report.runs)
-        report.files.update(write_results(table_dir, grid, report.cells, report.runs, meta))
-        return report.cells
-
-    def log_wandb(chart: Path | None = None) -> None:
-        """Update the table's W&B run with the results so far (one step further) and record where it is."""
-        meta["wandb_step"] += 1
-        folder = log_table_to_wandb(grid, report.cells, chart, meta, template)
-        if folder is not None:
-            meta["wandb_dir"] = str(folder)
-            report.wandb_dir = folder
-        refresh()
-
-    pool, width = None, 1
-    threads: int | None = None
-    if queue:
-        pool, width, threads = start_pool(executor, len(queue), parallel, table_dir / "submitit", slurm)
-    refresh()
+    record = _TableRecord(grid, cells, seeds, meta, template, report, runs)
+    pool, width, threads = (start_pool(executor, len(queue), parallel, table_dir / "submitit", slurm) if queue
+                            else (None, 1, None))
+    record.refresh()
     log(
         f"table {grid.name} ({preset}): {len(cells)} cells x {len(seeds)} seeds = {len(jobs)} runs; "
         f"{report.cached} already done, {len(queue)} to run -> {table_dir}"
@@ -350,52 +412,16 @@ def reproduce(
                 finished = run_jobs(pool, queue, width, threads, fit_fn, poll_s, log)
                 for count, (job, source, summary) in enumerate(finished, start=1):
                     where = f"[{count}/{total}] {job.row} / {job.column} seed {job.seed}"
-                    status = summary.get("status")
-                    if status == "done":
-                        runs[(job.cell, job.seed)] = _record(job, "done", source, summary)
-                        setattr(report, source, getattr(report, source) + 1)
-                        paper = paper_text(grid.cells[(job.row, job.column)])
-                        log(f"  {where}: {float(summary['test_error']):.2f}% (paper {paper})")
-                    elif status == "interrupted":
-                        runs[(job.cell, job.seed)] = _record(
-                            job, "interrupted", source, error=summary["error"]
-                        )
-                        report.stopped += 1
-                        log(
-                            f"  {where} stopped at step {summary.get('step')} with a checkpoint; rerun to go on"
-                        )
-                    else:
-                        runs[(job.cell, job.seed)] = _record(
-                            job, "failed", source, error=summary.get("error", "")
-                        )
-                        report.failed += 1
-                        log(f"  {where} FAILED: {summary.get('error')} (run folder {job.run_dir}, "
-                            f"job logs {table_dir / 'submitit'})")  # fmt: skip
-                    refresh()  # an interrupted table loses at most the runs in flight
-                    log_wandb()  # and its W&B run shows every finished cell
-                    if status == "interrupted" and summary.get("signal") and executor == "debug":
+                    record.finished(job, source, summary, where, log)
+                    if summary.get("status") == "interrupted" and summary.get("signal") and executor == "debug":
                         # In-process, fit's own handler caught the Ctrl-C (or SIGTERM) meant for the whole table.
                         raise Stopped(summary.get("exit_code") or 130)
         except KeyboardInterrupt:
-            refresh()
-            from stn.tracking import finish_kept  # (imports torch: only once a table has run)
+            record.refresh()
+            from stn.tracking import finish_kept
 
             finish_kept(meta["wandb_id"], exit_code=1)  # the table's W&B run, open for this invocation
             log("interrupted: the runs in flight stopped with a checkpoint; rerun the same command to resume")
             raise
-    results = refresh()
-    chart = plot_bars(results, table_dir / "ours_vs_paper.png",
-                      f"{grid.title} [{preset}: {meta['steps']} steps of {meta['batch_size']}"
-                      + "".join(f", {item}" for item in overrides) + "]")
-    report.files["ours_vs_paper.png"] = chart
-    previous = meta.get("wandb_dir")
-    if report.ran == 0 and previous and Path(previous).is_dir():
-        # Nothing changed since the table's W&B run was last logged: don't log the same results again.
-        report.wandb_dir = Path(previous)
-        log(f"nothing new ran; the table's W&B run is still {previous}")
-    else:
-        log_wandb(chart)
-    from stn.tracking import finish_kept
-
-    finish_kept(meta["wandb_id"])  # one W&B folder per invocation, finished once (stn.report)
+    record.close(preset, overrides, log)
     return report
