@@ -9,8 +9,8 @@ then column, then row (so the cheapest complete picture comes first), one after 
 once (stn.launch.executors's worker processes), and appends one row per finished cell (with its distortion-recovery
 headline, `stn.recovery`) to the study's results.csv at once: the CSV is the record, committed as it grows, and
 a rerun trains only what it lacks. A seed whose loss became NaN/inf is recorded too, with error nan
-(`diverged_row`): a resume would replay the same steps, and a table must show the seed, not drop it. A cell stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and
-continues from it on the next call. Two study processes on one record keep each other's rows (the record is
+(`diverged_row`): a resume would replay the same steps, and a table must show the seed, not drop it. A cell
+stopped by SIGTERM/Ctrl-C keeps its checkpoint in its run folder and continues from it on the next call. Two study processes on one record keep each other's rows (the record is
 locked while a row is added) and leave each other's cells alone. Every row names the CPU (or GPU) and the
 precision it ran in: one study keeps one precision (the study file pins it). Reading the record back into
 pictures and a table is `stn.convergence.plot`'s; training the cells is `stn.convergence.run`'s.
@@ -406,11 +406,8 @@ def result_row(study: Study, cell: Cell, summary: dict[str, Any], commit: str) -
 
     device = str(summary.get("device", "cpu"))
     return {
-        "recipe": study.recipe, "dataset": cell.column, "model": cell.row, "budget": cell.budget,
-        "images": cell.config.trainer.iterations * cell.config.trainer.batch_size,
-        "steps": cell.config.trainer.iterations, "batch_size": cell.config.trainer.batch_size, "seed": cell.seed,
+        **cell_fields(study, cell),
         study.error_column: f"{float(summary[eval_key(cell.config)]):.2f}",
-        "paper": "" if cell.paper is None else cell.paper,
         "wall_time_s": f"{float(summary.get('wall_time_s') or 0):.0f}",
         "train_time_s": f"{float(summary.get('train_time_s') or 0):.0f}",
         "images_per_s": f"{float(summary.get('images_per_s') or 0):.0f}",
@@ -428,16 +425,21 @@ def diverged_row(study: Study, cell: Cell, commit: str) -> dict[str, Any]:
     """The row of a seed whose loss became NaN/inf: its error is recorded as nan (as the engine's records do), so
     the cell is not trained again (a resume would replay the same steps) and every table counts the seed as
     diverged instead of leaving it out (`stn.convergence.plot.aggregate`)."""
-    from stn.device import machine_name
+    from stn.device import machine_name, resolve_device
 
-    return {
-        "recipe": study.recipe, "dataset": cell.column, "model": cell.row, "budget": cell.budget,
-        "images": cell.config.trainer.iterations * cell.config.trainer.batch_size,
-        "steps": cell.config.trainer.iterations, "batch_size": cell.config.trainer.batch_size, "seed": cell.seed,
-        study.error_column: "nan", "paper": "" if cell.paper is None else cell.paper,
-        "device": cell.config.trainer.device, "cpu": machine_name(cell.config.trainer.device), "commit": commit,
-        "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
-    }  # fmt: skip
+    device = resolve_device(cell.config.trainer.device)
+    return {**cell_fields(study, cell), study.error_column: "nan", "device": device.type,
+            "cpu": machine_name(device), "commit": commit,
+            "finished_at": dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def cell_fields(study: Study, cell: Cell) -> dict[str, Any]:
+    """What a record row says of its cell whatever the run gave: recipe, dataset, model, budget, images, steps,
+    batch size, seed and the paper's error."""
+    trainer = cell.config.trainer
+    return {"recipe": study.recipe, "dataset": cell.column, "model": cell.row, "budget": cell.budget,
+            "images": trainer.iterations * trainer.batch_size, "steps": trainer.iterations,
+            "batch_size": trainer.batch_size, "seed": cell.seed, "paper": "" if cell.paper is None else cell.paper}
 
 
 def recovery_text(summary: dict[str, Any], prefix: str) -> str:
