@@ -29,6 +29,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from stn.convergence.plot import aggregate, compare, diverged_cells, mean_std_text
 from stn.convergence.study import read_results
@@ -44,36 +45,63 @@ def collapsed_text(errors: list[float]) -> str:
     return ", ".join("diverged" if math.isnan(e) else f"{e:.1f}%" for e in errors)
 
 
+class Scored(NamedTuple):
+    """One cell of a recipe against the base: both sides' aggregates (None: no finite seed), the recipe's collapsed
+    seeds there, and the comparison (None until every seed of both sides is in)."""
+
+    cell: Cell
+    ours: dict | None
+    base: dict | None
+    collapsed: list[float]
+    verdict: str | None  # stn.convergence.plot.compare's: "first lower", "second lower", "within ..."
+    threshold: float | None
+
+
+def score(rows: list[dict[str, str]], recipe: str, base: str, cells: set[Cell], seeds: int) -> list[Scored]:
+    """`recipe` against `base` on `cells` (sorted), each compared only with `seeds` seeds of both sides in; a seed
+    above COLLAPSED or diverged (error nan: its loss became NaN/inf) counts as collapsed."""
+    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
+    scored = []
+    for cell in sorted(cells):
+        ours, theirs = table.get((recipe, *cell)), table.get((base, *cell))
+        collapsed = [e for e in (ours or {}).get("errors", []) if e > COLLAPSED]
+        collapsed += [math.nan] * diverged.get((recipe, *cell), 0)
+        complete = ours is not None and theirs is not None and min(len(ours["errors"]), len(theirs["errors"])) >= seeds
+        scored.append(Scored(cell, ours, theirs, collapsed, *(compare(ours, theirs) if complete else (None, None))))
+    return scored
+
+
+def _compared(entry: Scored, first: str, second: str) -> str:
+    """'| difference | 2·s/√n | verdict |' of a compared cell."""
+    threshold = "" if entry.threshold is None else f"{entry.threshold:.2f}"
+    return (f" {entry.ours['mean'] - entry.base['mean']:+.2f} | {threshold} | "
+            f"{entry.verdict.replace('first', first).replace('second', second)} |")
+
+
 def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set[Cell], int]] | None = None
              ) -> tuple[list[str], dict[str, str]]:
     """(Markdown table lines, piece -> verdict) for every recipe in `rows` other than `base`. planned: recipe ->
     (the cells its study scores it on, its seed count), from the study files; a recipe without an entry is
     scored on the base's cells at 3 seeds."""
-    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
+    table = aggregate(rows, error="val_error")
     base_cells = {(k[1], k[2], k[3]) for k in table if k[0] == base}
-    pieces = sorted({k[0] for k in table if k[0] != base} | {r for r in (planned or {}) if r != base})
+    pieces = sorted({r["recipe"] for r in rows if r["recipe"] != base} | {r for r in (planned or {}) if r != base})
     lines = [f"| piece | dataset | model | budget | piece val error | {base} val error | difference | 2·s/√n | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     decided: dict[str, str] = {}
     for piece in pieces:
         cells, seeds = (planned or {}).get(piece, (base_cells, 3))
-        lower = higher = missing = 0
-        collapsed = [e for k, v in table.items() if k[0] == piece for e in v["errors"] if e > COLLAPSED]
-        collapsed += [math.nan] * sum(n for k, n in diverged.items() if k[0] == piece)  # loss NaN/inf: collapsed too
-        for dataset, model, budget in sorted(cells):
-            a, b = table.get((piece, dataset, model, budget)), table.get((base, dataset, model, budget))
-            if a is None or b is None or min(len(a["errors"]), len(b["errors"])) < seeds:
-                missing += 1  # counts only with every seed of both sides in
-                if a is not None and b is not None:
-                    lines.append(f"| {piece} | {dataset} | {model} | {budget} | {mean_std_text(a)} | "
-                                 f"{mean_std_text(b)} | {a['mean'] - b['mean']:+.2f} |  | not yet {seeds} seeds |")
+        scored = score(rows, piece, base, cells, seeds)
+        for entry in scored:
+            if entry.ours is None or entry.base is None:
                 continue
-            verdict, threshold = compare(a, b)
-            lower += verdict == "first lower"
-            higher += verdict == "second lower"
-            lines.append(f"| {piece} | {dataset} | {model} | {budget} | {mean_std_text(a)} | {mean_std_text(b)} | "
-                         f"{a['mean'] - b['mean']:+.2f} | {'' if threshold is None else f'{threshold:.2f}'} | "
-                         f"{verdict.replace('first', 'piece').replace('second', base)} |")
+            head = f"| {piece} | {' | '.join(entry.cell)} | {mean_std_text(entry.ours)} | {mean_std_text(entry.base)} |"
+            lines.append(head + (_compared(entry, "piece", base) if entry.verdict else
+                                 f" {entry.ours['mean'] - entry.base['mean']:+.2f} |  | not yet {seeds} seeds |"))
+        collapsed = [e for entry in scored for e in entry.collapsed]
+        higher = sum(entry.verdict == "second lower" for entry in scored)
+        lower = sum(entry.verdict == "first lower" for entry in scored)
+        missing = sum(entry.verdict is None for entry in scored)  # counts only with every seed of both sides in
         if collapsed:
             decided[piece] = f"dropped: {len(collapsed)} seed(s) collapsed ({collapsed_text(collapsed)})"
         elif higher:
@@ -93,32 +121,26 @@ def validation_verdict(rows: list[dict[str, str]], base: str, candidate: str, ce
     was trained: `candidate` (the kept pieces combined; `base` itself when none was kept) is accepted when, on every
     one of `cells` with all `seeds` in, no seed of it collapses and it is higher than `base` beyond the spread in
     no cell; rejected (back to the pieces) at the first collapsed seed or higher cell; undecided before that."""
-    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
     alone = candidate == base  # the base's own cells: only collapses can reject it
     lines = ([f"| dataset | model | budget | {base} val error | verdict |", "|---|---|---|---|---|"] if alone else
              [f"| dataset | model | budget | {candidate} val error | {base} val error | difference | 2·s/√n | "
               "verdict |", "|---|---|---|---|---|---|---|---|"])
-    higher = lower = missing = 0
-    collapsed: list[float] = []
-    for dataset, model, budget in sorted(cells):
-        a, b = table.get((candidate, dataset, model, budget)), table.get((base, dataset, model, budget))
-        down = [e for e in (a or {}).get("errors", []) if e > COLLAPSED]
-        down += [math.nan] * diverged.get((candidate, dataset, model, budget), 0)  # loss NaN/inf: collapsed too
-        collapsed += down
-        first = f"| {dataset} | {model} | {budget} | {'' if a is None else mean_std_text(a)} |"
+    scored = score(rows, candidate, base, cells, seeds)
+    for entry in scored:
+        head = f"| {' | '.join(entry.cell)} | {'' if entry.ours is None else mean_std_text(entry.ours)} |"
         if not alone:
-            first += f" {'' if b is None else mean_std_text(b)} |"
-        if a is None or b is None or min(len(a["errors"]), len(b["errors"])) < seeds:
-            missing += 1
-            lines.append(first + ("" if alone else "  |  |") + f" {'collapsed' if down else f'not yet {seeds} seeds'} |")
+            head += f" {'' if entry.base is None else mean_std_text(entry.base)} |"
+        if entry.verdict is None:
+            lines.append(head + ("" if alone else "  |  |")
+                         + f" {'collapsed' if entry.collapsed else f'not yet {seeds} seeds'} |")
         elif alone:
-            lines.append(first + f" {'collapsed' if down else 'no seed collapsed'} |")
+            lines.append(head + f" {'collapsed' if entry.collapsed else 'no seed collapsed'} |")
         else:
-            verdict, threshold = compare(a, b)
-            lower += verdict == "first lower"
-            higher += verdict == "second lower"
-            lines.append(first + f" {a['mean'] - b['mean']:+.2f} | {'' if threshold is None else f'{threshold:.2f}'} | "
-                         f"{verdict.replace('first', candidate).replace('second', base)} |")
+            lines.append(head + _compared(entry, candidate, base))
+    collapsed = [e for entry in scored for e in entry.collapsed]
+    higher = 0 if alone else sum(entry.verdict == "second lower" for entry in scored)
+    lower = sum(entry.verdict == "first lower" for entry in scored)
+    missing = sum(entry.verdict is None for entry in scored)
     if collapsed:
         return lines, f"rejected: {len(collapsed)} seed(s) collapsed ({collapsed_text(collapsed)})"
     if higher:
