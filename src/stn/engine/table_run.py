@@ -97,64 +97,100 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
     Returns the progress record also written to <state_dir>/progress.json: groups done / partial / left,
     seconds used, and the estimate of what is left (`pack_chunks`).
     """
-    from stn.mnist import load_mnist
-
-    options = options or EngineOptions()
     started = clock()
-    deadline = started + budget_s
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     costs = costs or CostModel()
     if in_flight < 1:
         raise PlanError(f"in_flight={in_flight}: at least one group must be in flight")
-    results = load_results(state_dir)
-    partials = load_partials(state_dir)
-    check_partials(partials, groups, state_dir)
-    sizes = {g.gid: state_bytes(g, options.dtype) for g in groups}
-    for gid, entry in partials.items():
-        entry.setdefault("bytes", sizes[gid])  # files of 2026-11-30 did not record it
-    finished_before = [gid for gid in partials if group_done(next(g for g in groups if g.gid == gid), results)]
-    for gid in finished_before:  # saved as finished after its last checkpoint (a chunk killed in between)
-        del partials[gid]
-    if finished_before:
-        save_partials(state_dir, partials, limits, log)
-    pending = [g for g in run_order(groups, costs, first=list(partials)) if not group_done(g, results)]
-    flight = InFlight(device, streams=group_streams and in_flight > 1, clock=clock,
-                      unit_s=unit_s if unit_s is not None else (0.05 if device.type == "cuda" else None))
-    flight.stopping = stop
-    flying: dict[str, _Flying] = {}
-    cache: dict = {}
-    admitted = 0
+    table = _TableRun(groups, Path(state_dir), options or EngineOptions(), costs, device, log, clock,
+                      deadline=started + budget_s, limits=limits, in_flight=in_flight, max_groups=max_groups,
+                      stop=stop, mode_for=mode_for, streams=group_streams and in_flight > 1, unit_s=unit_s)
+    while True:
+        table.admit()
+        if not table.flying:
+            break
+        done_runs = table.flight.train(table.deadline - table.held())
+        if not done_runs:
+            break
+        for run in done_runs:
+            table.finish(run)
+            write_progress(groups, table.state_dir, table.results, costs, budget_s, clock() - started, device)
+    if table.flying:  # the deadline: every group in flight is checkpointed (with those saved before and not started)
+        table.checkpoint_flying()
+    return write_progress(groups, table.state_dir, table.results, costs, budget_s, clock() - started, device)
 
-    def reserve(group: Group) -> float:
-        return costs.seconds_per_step(group) * 10 + 2.0  # ~10k test images, forward only, + slack
 
-    def admit() -> None:
-        nonlocal admitted
-        while (max_groups is None or admitted < max_groups) and not stop():
-            group = next_to_start(pending, list(flying), sizes, limits, in_flight)
+class _TableRun:
+    """One call of `run_table`: the results and partial states read from `state_dir`, the groups left in run
+    order, the groups in flight, and what starts, reports, finishes and checkpoints them."""
+
+    def __init__(self, groups: Sequence[Group], state_dir: Path, options: EngineOptions, costs: CostModel,
+                 device: torch.device, log: Callable[[str], None], clock: Callable[[], float], *, deadline: float,
+                 limits: StateLimits, in_flight: int, max_groups: int | None, stop: Callable[[], bool],
+                 mode_for: Callable[[Group], str] | None, streams: bool, unit_s: float | None) -> None:
+        self.state_dir, self.options, self.costs, self.device, self.log, self.clock = (
+            state_dir, options, costs, device, log, clock)
+        self.deadline, self.limits, self.in_flight, self.max_groups, self.stop, self.mode_for = (
+            deadline, limits, in_flight, max_groups, stop, mode_for)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.results = load_results(state_dir)
+        self.partials = load_partials(state_dir)
+        check_partials(self.partials, groups, state_dir)
+        self.sizes = {g.gid: state_bytes(g, options.dtype) for g in groups}
+        for gid, entry in self.partials.items():
+            entry.setdefault("bytes", self.sizes[gid])  # files of 2026-11-30 did not record it
+        finished_before = [gid for gid in self.partials
+                           if group_done(next(g for g in groups if g.gid == gid), self.results)]
+        for gid in finished_before:  # saved as finished after its last checkpoint (a chunk killed in between)
+            del self.partials[gid]
+        if finished_before:
+            save_partials(state_dir, self.partials, limits, log)
+        self.pending = [g for g in run_order(groups, costs, first=list(self.partials))
+                        if not group_done(g, self.results)]
+        self.flying: dict[str, _Flying] = {}
+        self.flight = InFlight(device, streams=streams, clock=clock,
+                               unit_s=unit_s if unit_s is not None else (0.05 if device.type == "cuda" else None))
+        self.flight.stopping = stop
+        self.cache: dict = {}  # test sets, one per dataset config
+        self.admitted = 0
+
+    def reserve(self, group: Group) -> float:
+        """Seconds kept back for evaluating `group`: ~10k test images, forward only, + slack."""
+        return self.costs.seconds_per_step(group) * 10 + 2.0
+
+    def held(self) -> float:
+        return sum(self.reserve(f.group) for f in self.flying.values())
+
+    def admit(self) -> None:
+        """Start groups in run order while the in-flight count, the state limits and the deadline allow."""
+        while (self.max_groups is None or self.admitted < self.max_groups) and not self.stop():
+            group = next_to_start(self.pending, list(self.flying), self.sizes, self.limits, self.in_flight)
             if group is None:
                 return
-            if pack_states({group.gid: sizes[group.gid]}, limits) is None:
-                log(f"warning: {group.gid}'s state ({sizes[group.gid] / 2**20:.1f} MiB) exceeds {limits}: alone")
-            held = sum(reserve(f.group) for f in flying.values())
-            if clock() + held + reserve(group) + costs.seconds_per_step(group) * 2 > deadline:
-                log(f"{group.gid}: no time left in this chunk")
+            if pack_states({group.gid: self.sizes[group.gid]}, self.limits) is None:
+                self.log(f"warning: {group.gid}'s state ({self.sizes[group.gid] / 2**20:.1f} MiB) exceeds "
+                         f"{self.limits}: alone")
+            if self.clock() + self.held() + self.reserve(group) + self.costs.seconds_per_step(group) * 2 > \
+                    self.deadline:
+                self.log(f"{group.gid}: no time left in this chunk")
                 return
-            flying[group.gid] = _start(group)
-            pending.remove(group)
-            admitted += 1
+            self.flying[group.gid] = self.start(group)
+            self.pending.remove(group)
+            self.admitted += 1
 
-    def _start(group: Group) -> _Flying:
+    def start(self, group: Group) -> _Flying:
+        """Build `group`'s engine and data stream (resumed from its partial state when it has one) and put it in
+        flight."""
+        from stn.mnist import load_mnist
+
         cfgs = [m.config for m in group.members]
         digits, labels = load_mnist(cfgs[0].data_dir, train=True)
         # mode "auto": each group in the mode the cost table measured faster for its kind, else the rule's
         # (every mode trains the same models, tests/test_engine_paths.py; a group may change mode between chunks)
-        mode = mode_for(group) if mode_for is not None else \
-            (costs.auto_mode(group, device.type) if options.mode == "auto" else options.mode)
-        group_options = options_for_mode(options, mode, device.type)
-        entry = partials.get(group.gid)
+        mode = self.mode_for(group) if self.mode_for is not None else \
+            (self.costs.auto_mode(group, self.device.type) if self.options.mode == "auto" else self.options.mode)
+        group_options = options_for_mode(self.options, mode, self.device.type)
+        entry = self.partials.get(group.gid)
         if entry is not None:
             # a resumed group keeps the data streams its blocks were drawn with (block draws depend on
             # block_steps and on the group's members, checked above)
@@ -162,71 +198,66 @@ def run_table(groups: Sequence[Group], state_dir: str | Path, *, budget_s: float
             drawn = dataclasses.replace(group_options, data=data["mode"],
                                         block_steps=data["block_steps"] or group_options.block_steps)
             if (drawn.data, drawn.block_steps) != (group_options.data, group_options.block_steps):
-                log(f"{group.gid}: resumes with the data it was drawn with ({drawn.data}"
-                    f"{f', blocks of {drawn.block_steps}' if drawn.data == 'block' else ''})")
+                self.log(f"{group.gid}: resumes with the data it was drawn with ({drawn.data}"
+                         f"{f', blocks of {drawn.block_steps}' if drawn.data == 'block' else ''})")
             group_options = drawn
-        engine = BatchedModels(cfgs, device, group_options)
-        stream = make_stream(cfgs, digits, labels, device, group_options)
+        engine = BatchedModels(cfgs, self.device, group_options)
+        stream = make_stream(cfgs, digits, labels, self.device, group_options)
         run = GroupRun(engine, stream, iterations=group.iterations, log_every=group.trainer.log_every)
         if entry is not None:
             try:
                 run.load_state_dict(entry["state"])
             except (EngineError, ValueError) as err:
-                raise PlanError(f"{state_dir / entry['file']}: group {group.gid!r} cannot resume ({err}); delete "
-                                f"the file to retrain it") from None
-            log(f"{group.gid}: resuming at step {run.step}/{group.iterations}")
-        flight.add(run)
-        return _Flying(group, run, group_options, clock(), run.step)
+                raise PlanError(f"{self.state_dir / entry['file']}: group {group.gid!r} cannot resume ({err}); "
+                                f"delete the file to retrain it") from None
+            self.log(f"{group.gid}: resuming at step {run.step}/{group.iterations}")
+        self.flight.add(run)
+        return _Flying(group, run, group_options, self.clock(), run.step)
 
-    def report(f: _Flying) -> float:
+    def report(self, f: _Flying) -> float:
+        """Log a group's steps, speed and losses so far; returns its images/s (all models)."""
         run = f.run
         rate = run.images / run.train_seconds if run.train_seconds else float("nan")
-        log(f"{f.group.gid}: K={f.group.k} {f.options.mode} steps {f.first_step}->{run.step}/{f.group.iterations} "
-            f"in {clock() - f.began:.1f} s ({rate:,.0f} images/s all models, {len(flying)} in flight), "
-            f"losses {[round(x, 4) for x in run.read_losses()]}")
+        self.log(f"{f.group.gid}: K={f.group.k} {f.options.mode} steps {f.first_step}->{run.step}/"
+                 f"{f.group.iterations} in {self.clock() - f.began:.1f} s ({rate:,.0f} images/s all models, "
+                 f"{len(self.flying)} in flight), losses {[round(x, 4) for x in run.read_losses()]}")
         return rate
 
-    while True:
-        admit()
-        if not flying:
-            break
-        held = sum(reserve(f.group) for f in flying.values())
-        done_runs = flight.train(deadline - held)
-        if not done_runs:
-            break
-        for run in done_runs:
-            f = next(f for f in flying.values() if f.run is run)
-            group = f.group
-            rate = report(f)
-            flight.remove(run)
-            cfgs = [m.config for m in group.members]
-            with run.lane():
-                test_sets = _test_sets(group.members, cfgs[0].data_dir, device, cache)
-                errors = run.engine.evaluate(test_sets, cfgs[0].trainer.eval_batch_size)
-                records = member_records(group, run.engine, run, errors, test_sets, f.options, rate, device)
-            for record in records.values():
-                # the groups trained beside this one, and the models drawn together (block draws depend on them)
-                record.update({"in_flight": in_flight, "grouping": [m.key for m in group.members]})
-            results.update(records)
-            save_results(state_dir, results)
-            del flying[group.gid]
-            if group.gid in partials:
-                del partials[group.gid]
-                save_partials(state_dir, partials, limits, log)
-            log(f"{group.gid}: test error {[round(e, 2) for e in errors]}")
-            write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
-    if flying:  # the deadline: every group in flight is checkpointed (with those saved before and not started)
-        flight.drain()
-        for f in flying.values():
-            report(f)
-            partials[f.group.gid] = {
-                "gid": f.group.gid, "members": [m.key for m in f.group.members], "bytes": sizes[f.group.gid],
+    def finish(self, run: GroupRun) -> None:
+        """A group trained to the end: evaluate it, record its members' results, drop its partial state."""
+        f = next(f for f in self.flying.values() if f.run is run)
+        group = f.group
+        rate = self.report(f)
+        self.flight.remove(run)
+        cfgs = [m.config for m in group.members]
+        with run.lane():
+            test_sets = _test_sets(group.members, cfgs[0].data_dir, self.device, self.cache)
+            errors = run.engine.evaluate(test_sets, cfgs[0].trainer.eval_batch_size)
+            records = member_records(group, run.engine, run, errors, test_sets, f.options, rate, self.device)
+        for record in records.values():
+            # the groups trained beside this one, and the models drawn together (block draws depend on them)
+            record.update({"in_flight": self.in_flight, "grouping": [m.key for m in group.members]})
+        self.results.update(records)
+        save_results(self.state_dir, self.results)
+        del self.flying[group.gid]
+        if group.gid in self.partials:
+            del self.partials[group.gid]
+            save_partials(self.state_dir, self.partials, self.limits, self.log)
+        self.log(f"{group.gid}: test error {[round(e, 2) for e in errors]}")
+
+    def checkpoint_flying(self) -> None:
+        """At the deadline (or a stop): every group in flight saved into the partial files, beside those saved
+        before and not started."""
+        self.flight.drain()
+        for f in self.flying.values():
+            self.report(f)
+            self.partials[f.group.gid] = {
+                "gid": f.group.gid, "members": [m.key for m in f.group.members], "bytes": self.sizes[f.group.gid],
                 "data": {"mode": f.options.data,
                          "block_steps": f.options.block_steps if f.options.data == "block" else None},
                 "state": f.run.state_dict()}  # fmt: skip
-        for path in save_partials(state_dir, partials, limits, log):
-            log(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB")
-    return write_progress(groups, state_dir, results, costs, budget_s, clock() - started, device)
+        for path in save_partials(self.state_dir, self.partials, self.limits, self.log):
+            self.log(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB")
 
 
 def write_progress(groups: Sequence[Group], state_dir: Path, results: dict[str, dict[str, Any]], costs: CostModel,
