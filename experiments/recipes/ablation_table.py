@@ -57,10 +57,10 @@ class Scored(NamedTuple):
     threshold: float | None
 
 
-def score(rows: list[dict[str, str]], recipe: str, base: str, cells: set[Cell], seeds: int) -> list[Scored]:
-    """`recipe` against `base` on `cells` (sorted), each compared only with `seeds` seeds of both sides in; a seed
-    above COLLAPSED or diverged (error nan: its loss became NaN/inf) counts as collapsed."""
-    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
+def score(table: dict, diverged: dict, recipe: str, base: str, cells: set[Cell], seeds: int) -> list[Scored]:
+    """`recipe` against `base` on `cells` (sorted), from the record's `aggregate` and `diverged_cells`, each cell
+    compared only with `seeds` seeds of both sides in; a seed above COLLAPSED or diverged (error nan: its loss
+    became NaN/inf) counts as collapsed."""
     scored = []
     for cell in sorted(cells):
         ours, theirs = table.get((recipe, *cell)), table.get((base, *cell))
@@ -83,7 +83,7 @@ def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set
     """(Markdown table lines, piece -> verdict) for every recipe in `rows` other than `base`. planned: recipe ->
     (the cells its study scores it on, its seed count), from the study files; a recipe without an entry is
     scored on the base's cells at 3 seeds."""
-    table = aggregate(rows, error="val_error")
+    table, diverged = aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error")
     base_cells = {(k[1], k[2], k[3]) for k in table if k[0] == base}
     pieces = sorted({r["recipe"] for r in rows if r["recipe"] != base} | {r for r in (planned or {}) if r != base})
     lines = [f"| piece | dataset | model | budget | piece val error | {base} val error | difference | 2·s/√n | verdict |",
@@ -91,7 +91,7 @@ def verdicts(rows: list[dict[str, str]], base: str, planned: dict[str, tuple[set
     decided: dict[str, str] = {}
     for piece in pieces:
         cells, seeds = (planned or {}).get(piece, (base_cells, 3))
-        scored = score(rows, piece, base, cells, seeds)
+        scored = score(table, diverged, piece, base, cells, seeds)
         for entry in scored:
             if entry.ours is None or entry.base is None:
                 continue
@@ -125,7 +125,8 @@ def validation_verdict(rows: list[dict[str, str]], base: str, candidate: str, ce
     lines = ([f"| dataset | model | budget | {base} val error | verdict |", "|---|---|---|---|---|"] if alone else
              [f"| dataset | model | budget | {candidate} val error | {base} val error | difference | 2·s/√n | "
               "verdict |", "|---|---|---|---|---|---|---|---|"])
-    scored = score(rows, candidate, base, cells, seeds)
+    scored = score(aggregate(rows, error="val_error"), diverged_cells(rows, error="val_error"), candidate, base,
+                   cells, seeds)
     for entry in scored:
         head = f"| {' | '.join(entry.cell)} | {'' if entry.ours is None else mean_std_text(entry.ours)} |"
         if not alone:
